@@ -1,0 +1,99 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), loaded newest-good-first.
+
+A checkpoint holds the model (queue and pointer included), optimizer, grad scaler, position
+(epoch, step within epoch, global step), the running epoch sums, RNG states and the resolved config.
+Loading uses `torch.load(weights_only=True)`: no code runs from a checkpoint file.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+FORMAT = "moco-harness/checkpoint/1"
+_NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _fault(point: str) -> None:
+    """Test-only fault injection: HARNESS_FAULT=<point> kills this process (SIGKILL) there."""
+    if os.environ.get("HARNESS_FAULT") == point:
+        os.kill(os.getpid(), 9)
+
+
+def rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"ckpt-{state['global_step']:09d}.pt"
+    tmp = directory / f".{final.name}.tmp"
+    with open(tmp, "wb") as fh:
+        torch.save({"format": FORMAT, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fault("checkpoint-before-rename")
+    os.replace(tmp, final)  # atomic: a reader sees the old set of files or the new one
+    for old in checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files, newest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
+
+
+def load_file(path: Path, map_location="cpu") -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not usable"
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a moco-harness checkpoint (no format tag {FORMAT!r})")
+    return state
+
+
+def load_latest(directory: Path, map_location="cpu") -> Optional[dict[str, Any]]:
+    """The newest checkpoint that loads; unusable newer ones are skipped with a warning."""
+    for path in checkpoints(directory):
+        try:
+            state = load_file(path, map_location)
+        except CheckpointError as exc:
+            warnings.warn(f"skipping {exc}; falling back to the previous checkpoint", stacklevel=2)
+            continue
+        state["path"] = str(path)
+        return state
+    return None

@@ -1,0 +1,299 @@
+"""Typed run configuration: recipes (YAML data files), dotted overrides, validation.
+
+A run is fully described by one `RunConfig`. Recipes live in `studies/recipes/<name>.yaml`
+and are plain data (loaded with `yaml.safe_load`: no code runs from a recipe). Every error
+names the field and says how to fix it, and is raised before any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "studies" / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion_mnist"
+    root: Optional[str] = None  # None: the dataset's default location (see harness.data)
+    train_subset: Optional[int] = None  # first N of a fixed seeded permutation; None = all
+    test_subset: Optional[int] = None
+    image_size: int = 28  # crop size of the pretraining views
+    augmentation: Literal["v1", "v2", "cifar"] = "cifar"
+    num_workers: int = 2  # DataLoader workers for the per-image path
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet_tiny", "resnet18", "resnet50"] = "resnet_tiny"
+    stem: Literal["imagenet", "cifar"] = "cifar"  # cifar: 3x3 conv1, stride 1, no max-pool
+
+
+@dataclass
+class MocoConfig:
+    dim: int = 128  # feature dimension of q and k
+    queue_size: int = 4096  # K: number of negative keys
+    momentum: float = 0.99  # m: key encoder EMA coefficient
+    temperature: float = 0.1  # tau
+    mlp: bool = False  # MoCo v2 projection head
+    key_encoder: Literal["momentum", "shared", "end_to_end"] = "momentum"
+    shuffle_bn: Literal["ddp", "split", "none"] = "split"
+    bn_splits: int = 8
+    symmetric: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 256  # global batch, over all processes
+    lr: float = 0.06  # learning rate at batch `lr_batch`; scaled linearly with batch_size
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # epochs, for `step`
+    warmup_epochs: int = 0
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 1  # epochs between kNN monitor evaluations; 0 = never
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_features: Literal["backbone", "head"] = "backbone"
+    knn_train_subset: Optional[int] = None  # memory bank size cap (None = the training set)
+    knn_test_subset: Optional[int] = None
+    probe: Literal["fast", "standard", "none"] = "fast"
+    probe_epochs: int = 100  # standard protocol
+    probe_lr: float = 30.0
+    probe_batch_size: int = 256
+    probe_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of epochs
+    pixel_floor: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    channels_last: Literal["auto", "yes", "no"] = "auto"
+    checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # 0 = only at epoch boundaries
+    keep_checkpoints: int = 2
+    log_every: int = 20  # steps between loss read-backs (and NaN checks)
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    recipe: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def scaled_lr(self) -> float:
+        return self.optim.lr * self.optim.batch_size / self.optim.lr_batch
+
+
+# ---------------------------------------------------------------- building from data
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: {value!r} is not allowed; use one of {choices}.")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}; write e.g. {path}=[1,2].")
+        return [_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}.")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names)} "
+                              f"Valid keys here: {', '.join(sorted(names))}.")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(path, value, tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe_data(name: str) -> dict:
+    path = RECIPE_DIR / f"{name}.yaml"
+    if "/" in name or "\\" in name or ".." in name or not path.is_file():
+        raise ConfigError(f"unknown recipe '{name}'.{_suggest(name, recipe_names())} "
+                          f"Available recipes: {', '.join(recipe_names())}.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level.")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """'moco.momentum=0.99' -> {'moco': {'momentum': 0.99}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected the form section.key=value, e.g. moco.momentum=0.99.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': the key is empty or malformed; e.g. moco.momentum=0.99.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc.problem}).") from None
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None) -> RunConfig:
+    """Recipe + overrides -> validated RunConfig (raises ConfigError)."""
+    data = load_recipe_data(recipe)
+    data = _merge(data, {"recipe": recipe})
+    for override in overrides:
+        data = _merge(data, parse_override(override) if isinstance(override, str) else override)
+    if name is not None:
+        data["name"] = name
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- semantic validation
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Checks that need more than one field. `world_size` is checked once it is known."""
+    m, o, d = cfg.moco, cfg.optim, cfg.data
+    _require(0.0 <= m.momentum <= 1.0,
+             f"moco.momentum: m={m.momentum} is outside [0, 1]; the paper uses 0.999 (ImageNet) or 0.99 (CIFAR).")
+    _require(m.temperature > 0,
+             f"moco.temperature: tau={m.temperature} must be > 0; the paper uses 0.07 (v1) or 0.2 (v2).")
+    _require(m.dim > 0, f"moco.dim: must be > 0 (the paper uses 128), got {m.dim}.")
+    _require(o.batch_size > 0, f"optim.batch_size: must be > 0, got {o.batch_size}.")
+    _require(o.epochs > 0, f"optim.epochs: must be > 0, got {o.epochs}.")
+    _require(o.lr > 0 and o.lr_batch > 0, "optim.lr and optim.lr_batch: must be > 0.")
+    _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}.")
+    _require(0 <= o.warmup_epochs < o.epochs,
+             f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
+    _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(d, key)
+        _require(value is None or value > 0, f"data.{key}: must be positive or null, got {value}.")
+    if m.key_encoder == "end_to_end":
+        # Negatives are the other keys of the batch; the queue is not used.
+        _require(not m.symmetric, "moco.symmetric: not defined for key_encoder=end_to_end; set moco.symmetric=false.")
+    else:
+        keys_per_step = o.batch_size * (2 if m.symmetric else 1)
+        _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")
+        _require(m.queue_size % keys_per_step == 0,
+                 f"moco.queue_size: K={m.queue_size} is not a multiple of the keys enqueued per step "
+                 f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''}); "
+                 f"the queue would wrap mid-batch. Use K={_nearest_multiple(m.queue_size, keys_per_step)} "
+                 f"or change optim.batch_size.")
+    if m.shuffle_bn == "split":
+        _require(m.bn_splits >= 1, f"moco.bn_splits: must be >= 1, got {m.bn_splits}.")
+    if world_size is not None:
+        _require(o.batch_size % world_size == 0,
+                 f"optim.batch_size: {o.batch_size} is not divisible by the {world_size} processes.")
+        per_rank = o.batch_size // world_size
+        if m.shuffle_bn == "split":
+            _require(per_rank % m.bn_splits == 0,
+                     f"moco.bn_splits: the per-process batch {per_rank} is not divisible by bn_splits={m.bn_splits}.")
+        if m.shuffle_bn == "ddp":
+            _require(world_size > 1,
+                     "moco.shuffle_bn: 'ddp' shuffles keys across processes but this run has one process; "
+                     "use moco.shuffle_bn=split (SplitBatchNorm, as the CIFAR Colab) on a single device.")
+
+
+def _nearest_multiple(k: int, b: int) -> int:
+    return max(b, round(k / b) * b)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

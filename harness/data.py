@@ -1,0 +1,276 @@
+"""Datasets by name, and the two-view batch sources the trainer iterates.
+
+In-memory datasets (Fashion-MNIST, CIFAR-10/100, STL-10) are held once as a uint8 tensor on the
+training device and augmented there in batch (`InMemoryViews`). Image folders (ImageNet,
+ImageNet-100) go through a DataLoader with per-image transforms (`FolderViews`).
+
+Every random choice of a step (data order, augmentation) derives from (seed, epoch, step, rank),
+so a run resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .augment import RECIPES, BatchAugment, center_view, eval_transform, per_image_transform
+from .config import ConfigError, RunConfig
+
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
+
+NORMALIZATION = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "stl10": 3, "imagefolder": 3}
+NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU generator whose seed is a stable hash of `key` (same on every machine and run)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def default_root(dataset: str) -> Path:
+    base = Path(os.environ.get("HARNESS_DATA", "~/.cache/harness/data")).expanduser()
+    return base / dataset
+
+
+# ---------------------------------------------------------------- loading files
+
+@dataclass
+class TensorSplits:
+    """uint8 images (N, C, H, W) and int64 labels; `pretrain` may hold unlabelled images."""
+    pretrain: torch.Tensor
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def _missing(dataset: str, root: Path, expected: str) -> ConfigError:
+    return ConfigError(
+        f"data.root: {dataset} files not found under {root} (expected {expected}). This machine cannot "
+        f"download them: copy the files there, or set data.root=<dir> (or HARNESS_DATA=<dir>).")
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+        raw = fh.read()
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic == 2049:  # labels
+        return torch.frombuffer(bytearray(raw[8:]), dtype=torch.uint8).long()
+    if magic == 2051:  # images
+        rows, cols = struct.unpack(">II", raw[8:16])
+        return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(count, 1, rows, cols)
+    raise ConfigError(f"data.root: {path} is not an IDX file (magic {magic}).")
+
+
+def _fashion_mnist_dir(root: Optional[str]) -> Optional[Path]:
+    candidates = [Path(root).expanduser()] if root else [FASHION_MNIST_DEBIAN, default_root("fashion_mnist")]
+    for base in candidates:
+        for sub in (base, base / "FashionMNIST" / "raw"):
+            for suffix in (".gz", ""):
+                if (sub / f"train-images-idx3-ubyte{suffix}").exists():
+                    return sub
+    return None
+
+
+def _load_fashion_mnist(root: Optional[str]) -> TensorSplits:
+    where = _fashion_mnist_dir(root)
+    if where is None:
+        shown = root or f"{FASHION_MNIST_DEBIAN} or {default_root('fashion_mnist')}"
+        raise _missing("Fashion-MNIST", Path(shown), "train-images-idx3-ubyte.gz etc.; "
+                       "on Debian: apt-get install dataset-fashion-mnist")
+    gz = ".gz" if (where / "train-images-idx3-ubyte.gz").exists() else ""
+    read = lambda stem: _read_idx(where / f"{stem}{gz}")  # noqa: E731
+    train_x, train_y = read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte")
+    return TensorSplits(train_x, train_x, train_y, read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte"))
+
+
+def _load_torchvision(dataset: str, root: Optional[str]) -> TensorSplits:
+    from torchvision import datasets
+
+    base = Path(root).expanduser() if root else default_root(dataset)
+    expected = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/"}
+    if not (base / expected[dataset]).exists():
+        raise _missing(dataset, base, expected[dataset])
+
+    def hwc(array) -> torch.Tensor:
+        return torch.as_tensor(array).permute(0, 3, 1, 2).contiguous()
+
+    if dataset == "stl10":
+        unl = datasets.STL10(str(base), split="unlabeled", download=False)
+        tr = datasets.STL10(str(base), split="train", download=False)
+        te = datasets.STL10(str(base), split="test", download=False)
+        train_x = torch.as_tensor(tr.data)
+        pretrain = torch.cat([train_x, torch.as_tensor(unl.data)])  # 'train+unlabeled', as the paper
+        return TensorSplits(pretrain, train_x, torch.as_tensor(tr.labels).long(),
+                            torch.as_tensor(te.data), torch.as_tensor(te.labels).long())
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    tr, te = cls(str(base), train=True, download=False), cls(str(base), train=False, download=False)
+    train_x = hwc(tr.data)
+    return TensorSplits(train_x, train_x, torch.tensor(tr.targets), hwc(te.data), torch.tensor(te.targets))
+
+
+def _subset(n_total: int, n: Optional[int], seed_key: str) -> Optional[torch.Tensor]:
+    if n is None or n >= n_total:
+        return None
+    return torch.randperm(n_total, generator=seeded_generator("subset", seed_key))[:n].sort().values
+
+
+def load_tensors(cfg: RunConfig) -> TensorSplits:
+    d = cfg.data
+    splits = _load_fashion_mnist(d.root) if d.dataset == "fashion_mnist" else _load_torchvision(d.dataset, d.root)
+    # Subsets are fixed (seeded by dataset name, not by the run seed) so every run of a study sees
+    # the same images.
+    same_pretrain = splits.pretrain is splits.train_images
+    idx = _subset(len(splits.train_images), d.train_subset, d.dataset + "/train")
+    if idx is not None:
+        splits.train_images, splits.train_labels = splits.train_images[idx], splits.train_labels[idx]
+        if same_pretrain:
+            splits.pretrain = splits.train_images
+    if not same_pretrain:
+        pidx = _subset(len(splits.pretrain), d.train_subset, d.dataset + "/pretrain")
+        if pidx is not None:
+            splits.pretrain = splits.pretrain[pidx]
+    tidx = _subset(len(splits.test_images), d.test_subset, d.dataset + "/test")
+    if tidx is not None:
+        splits.test_images, splits.test_labels = splits.test_images[tidx], splits.test_labels[tidx]
+    return splits
+
+
+def check_dataset(cfg: RunConfig) -> None:
+    """Cheap existence check, run before anything is submitted (raises ConfigError)."""
+    d = cfg.data
+    if d.dataset == "fashion_mnist":
+        if _fashion_mnist_dir(d.root) is None:
+            _load_fashion_mnist(d.root)  # raises the descriptive error
+    elif d.dataset == "imagefolder":
+        _folder_root(d.root)
+    else:
+        base = Path(d.root).expanduser() if d.root else default_root(d.dataset)
+        expected = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
+        if not (base / expected[d.dataset]).exists():
+            raise _missing(d.dataset, base, expected[d.dataset] + "/")
+
+
+def _folder_root(root: Optional[str]) -> Path:
+    if not root:
+        raise ConfigError("data.root: the imagefolder dataset needs data.root=<dir> holding train/ and val/ "
+                          "class folders (the ImageNet layout).")
+    base = Path(root).expanduser()
+    for split in ("train", "val"):
+        if not (base / split).is_dir():
+            raise _missing("imagefolder", base, f"{split}/<class>/<image> folders")
+    return base
+
+
+# ---------------------------------------------------------------- two-view sources
+
+class InMemoryViews:
+    """Pretraining batches from a uint8 tensor on the device, both views augmented in batch."""
+
+    def __init__(self, images: torch.Tensor, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
+        self.images = images.to(device)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        mean, std = NORMALIZATION[cfg.data.dataset]
+        self.augment = BatchAugment(RECIPES[cfg.data.augmentation], cfg.data.image_size, mean, std)
+        self.steps_per_epoch = len(images) // cfg.optim.batch_size  # drop_last: K % B stays aligned
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the "
+                              f"{len(images)} training images; lower it or enlarge data.train_subset.")
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        seed, batch = self.cfg.runtime.seed, self.cfg.optim.batch_size
+        order = torch.randperm(len(self.images), generator=seeded_generator("order", seed, epoch))
+        per_rank = batch // self.world
+        for step in range(start_step, self.steps_per_epoch):
+            lo = step * batch + self.rank * per_rank
+            idx = order[lo:lo + per_rank].to(self.images.device)
+            images = self.images[idx]
+            g = seeded_generator("augment", seed, epoch, step, self.rank)
+            yield self.augment(images, g), self.augment(images, g)
+
+
+class _TwoViewFolder(torch.utils.data.Dataset):
+    """ImageFolder item -> two views; its sampler passes (seed key, index) so each item's
+    augmentation is reproducible whichever worker draws it."""
+
+    def __init__(self, folder, transform):
+        self.folder, self.transform = folder, transform
+
+    def __len__(self):
+        return len(self.folder)
+
+    def __getitem__(self, key):
+        seed_key, index = key
+        image, _ = self.folder[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeded_generator("item", *seed_key, index).initial_seed())
+            return self.transform(image), self.transform(image)
+
+
+class FolderViews:
+    """Pretraining batches from an image folder through a DataLoader (workers, pinned memory)."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
+        from torchvision import datasets
+
+        base = _folder_root(cfg.data.root)
+        mean, std = NORMALIZATION["imagefolder"]
+        transform = per_image_transform(RECIPES[cfg.data.augmentation], cfg.data.image_size, mean, std)
+        self.dataset = _TwoViewFolder(datasets.ImageFolder(str(base / "train")), transform)
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.steps_per_epoch = len(self.dataset) // cfg.optim.batch_size
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        seed, batch = self.cfg.runtime.seed, self.cfg.optim.batch_size
+        order = torch.randperm(len(self.dataset), generator=seeded_generator("order", seed, epoch)).tolist()
+        per_rank = batch // self.world
+        batches = [[((seed, epoch, step), i) for i in order[step * batch + self.rank * per_rank:][:per_rank]]
+                   for step in range(start_step, self.steps_per_epoch)]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for x_q, x_k in loader:
+            yield x_q.to(self.device, non_blocking=True), x_k.to(self.device, non_blocking=True)
+
+
+def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, splits=None):
+    if cfg.data.dataset == "imagefolder":
+        return FolderViews(cfg, device, rank, world)
+    splits = splits or load_tensors(cfg)
+    return InMemoryViews(splits.pretrain, cfg, device, rank, world)
+
+
+# ---------------------------------------------------------------- evaluation views
+
+def labelled_batches(images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, device, batch_size: int = 512):
+    """Un-augmented, normalised (image, label) batches of an in-memory split."""
+    mean, std = NORMALIZATION[cfg.data.dataset]
+    for lo in range(0, len(images), batch_size):
+        x = center_view(images[lo:lo + batch_size].to(device), cfg.data.image_size, mean, std)
+        yield x, labels[lo:lo + batch_size].to(device)
+
+
+def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256):
+    from torchvision import datasets
+
+    base = _folder_root(cfg.data.root)
+    mean, std = NORMALIZATION["imagefolder"]
+    size = cfg.data.image_size
+    folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=int(size * 256 / 224)))
+    return torch.utils.data.DataLoader(folder, batch_size=batch_size, num_workers=cfg.data.num_workers,
+                                       pin_memory=device.type == "cuda")

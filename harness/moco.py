@@ -1,0 +1,129 @@
+"""MoCo (He et al. 2019, Algorithm 1; Chen et al. 2020 for v2): one module, read top to bottom.
+
+Where the ablated factors act:
+  m   (momentum)     -> `_momentum_update_key_encoder`
+  K   (queue size)   -> `queue` buffer, `_dequeue_and_enqueue`
+  tau (temperature)  -> `_infonce`
+  encoder sharing    -> `_keys` (key_encoder = momentum | shared | end_to_end)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributed import concat_all_gather, concat_all_gather_with_grad, rank
+from .shuffle_bn import encode_shuffled
+
+KEY_ENCODERS = ("momentum", "shared", "end_to_end")
+
+
+class MoCo(nn.Module):
+    def __init__(self, make_encoder: Callable[[], nn.Module], dim: int = 128, queue_size: int = 65536,
+                 momentum: float = 0.999, temperature: float = 0.07, key_encoder: str = "momentum",
+                 shuffle_bn: str = "split", symmetric: bool = False):
+        super().__init__()
+        if key_encoder not in KEY_ENCODERS:
+            raise ValueError(f"key_encoder must be one of {KEY_ENCODERS}, got {key_encoder!r}")
+        self.m, self.T, self.K = momentum, temperature, queue_size
+        self.key_encoder, self.shuffle_bn, self.symmetric = key_encoder, shuffle_bn, symmetric
+
+        self.encoder_q = make_encoder()
+        if key_encoder == "momentum":
+            # theta_k starts as a copy of theta_q and is only ever changed by the momentum update.
+            self.encoder_k = copy.deepcopy(self.encoder_q)
+            for p in self.encoder_k.parameters():
+                p.requires_grad_(False)
+        if key_encoder != "end_to_end":
+            # Buffers, so checkpoints carry the queue and its pointer.
+            self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # -- Algorithm 1, step by step ------------------------------------------------------------
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (BN statistics are the key
+        encoder's own, from its own forward passes)."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = list(self.encoder_q.parameters())
+        torch._foreach_mul_(k_params, self.m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.m)
+
+    def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        """k = normalize(f_k(x_k)), encoded under Shuffle BN."""
+        if self.key_encoder == "end_to_end":  # same encoder, gradient flows through keys
+            return F.normalize(encode_shuffled(self.encoder_q, x_k, self.shuffle_bn, differentiable=True), dim=1)
+        encoder = self.encoder_k if self.key_encoder == "momentum" else self.encoder_q
+        with torch.no_grad():  # momentum: no gradient to f_k; shared: stop-gradient (the paper's m = 0)
+            return F.normalize(encode_shuffled(encoder, x_k, self.shuffle_bn), dim=1)
+
+    def _infonce(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, 1 + negatives), positive in column 0, divided by T; cross-entropy loss."""
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
+        if self.key_encoder == "end_to_end":
+            # Negatives: every other key of the global batch (no queue).
+            k_all = concat_all_gather_with_grad(k)
+            sim = torch.einsum("nc,mc->nm", q, k_all)  # N x G
+            n = q.shape[0]
+            own = torch.arange(n, device=q.device) + rank() * n
+            keep = torch.ones_like(sim, dtype=torch.bool)
+            keep[torch.arange(n, device=q.device), own] = False
+            l_neg = sim[keep].view(n, -1)  # N x (G - 1)
+        else:
+            # The queue as it was before this step: enqueue happens after both losses.
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # N x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest keys with this step's keys from every rank; advance the pointer."""
+        keys = concat_all_gather(keys)
+        batch = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.K % batch == 0, "validated in config: K is a multiple of the keys per step"
+        self.queue[:, ptr:ptr + batch] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + batch) % self.K
+
+    def _one_direction(self, x_q: torch.Tensor, x_k: torch.Tensor):
+        q = F.normalize(self.encoder_q(x_q), dim=1)  # N x C, with gradient
+        k = self._keys(x_k)  # N x C
+        loss, logits = self._infonce(q, k)
+        return loss, logits, k
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.key_encoder == "momentum":
+            self._momentum_update_key_encoder()  # uses theta_q as left by the last SGD step
+        loss, logits, k = self._one_direction(x_q, x_k)
+        keys = k
+        if self.symmetric:  # swap the crops; both losses see the same (old) queue
+            loss_21, _, k_1 = self._one_direction(x_k, x_q)
+            loss = loss + loss_21
+            keys = torch.cat([k, k_1])
+        if self.key_encoder != "end_to_end":
+            self._dequeue_and_enqueue(keys.detach())
+        # Pretext accuracy: how often the positive wins (near 100 % hints at BN "cheating").
+        accuracy = (logits.argmax(dim=1) == 0).float().mean()
+        return {"loss": loss, "accuracy": accuracy.detach()}
+
+
+def build_moco(cfg) -> MoCo:
+    """MoCo from a RunConfig (the encoder factory lives here so both encoders match)."""
+    from .backbones import Encoder, build_backbone
+    from .data import CHANNELS
+
+    mc = cfg.moco
+    splits = mc.bn_splits if mc.shuffle_bn == "split" else 1
+
+    def make_encoder() -> nn.Module:
+        backbone = build_backbone(cfg.model.arch, cfg.model.stem, CHANNELS[cfg.data.dataset], splits)
+        return Encoder(backbone, mc.dim, mc.mlp)
+
+    return MoCo(make_encoder, dim=mc.dim, queue_size=mc.queue_size, momentum=mc.momentum,
+                temperature=mc.temperature, key_encoder=mc.key_encoder, shuffle_bn=mc.shuffle_bn,
+                symmetric=mc.symmetric)

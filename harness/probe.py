@@ -1,0 +1,248 @@
+"""Linear probes on a frozen backbone: `python -m harness.probe RUN_DIR --protocol fast|standard`.
+
+* standard: the paper's protocol (main_lincls): backbone frozen in eval mode, fc ~ N(0, 0.01) with
+  zero bias, SGD lr 30, momentum 0.9, wd 0, step x0.1 at 60 % and 80 % of the epochs, train views
+  RandomResizedCrop + flip, test centre view; best and last top-1/top-5.
+* fast: features extracted once (no augmentation) and cached on the device; multinomial logistic
+  regression by full-batch L-BFGS; its L2 strength is chosen on a held-out 20 % of the TRAINING
+  split, then refit on the whole training split and evaluated once on the test split.
+
+Both write probe.json (the protocol the run's config names; another protocol writes
+probe-<protocol>.json) with a raw-pixel floor: the fast probe on pixels, cached per dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from . import runio
+from .augment import RECIPES, BatchAugment
+from .config import ConfigError, RunConfig, config_from_dict
+from .data import NORMALIZATION, NUM_CLASSES, load_tensors, seeded_generator
+from .features import extract, split_batches
+
+FAST_L2_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
+
+
+class ProbeError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------- fast protocol
+
+def _topk(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, iters: int = 100) -> nn.Linear:
+    """Multinomial logistic regression, full-batch L-BFGS (deterministic, no learning rate to tune)."""
+    fc = nn.Linear(x.shape[1], classes).to(x.device)
+    nn.init.zeros_(fc.weight)
+    nn.init.zeros_(fc.bias)
+    opt = torch.optim.LBFGS(fc.parameters(), lr=1.0, max_iter=iters, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(fc(x), y) + 0.5 * l2 * fc.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return fc
+
+
+def fast_probe(train_x, train_y, test_x, test_y, classes: int, seed: int = 0) -> dict:
+    """Choose L2 on a held-out part of the training features only; refit; test once."""
+    mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp(min=1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std  # statistics of train only
+    n = train_x.shape[0]
+    perm = torch.randperm(n, generator=seeded_generator("holdout", seed)).to(train_x.device)
+    cut = int(0.8 * n)
+    fit_idx, val_idx = perm[:cut], perm[cut:]
+    scores = {}
+    for l2 in FAST_L2_GRID:
+        fc = fit_logistic(train_x[fit_idx], train_y[fit_idx], classes, l2)
+        with torch.no_grad():
+            scores[l2] = _topk(fc(train_x[val_idx]), train_y[val_idx], 1)
+    best_l2 = max(FAST_L2_GRID, key=lambda v: (scores[v], v))  # ties: the stronger regulariser
+    fc = fit_logistic(train_x, train_y, classes, best_l2)
+    with torch.no_grad():
+        logits = fc(test_x)
+    return {"top1": _topk(logits, test_y, 1), "top5": _topk(logits, test_y, 5), "l2": best_l2,
+            "holdout_top1": {str(k): v for k, v in scores.items()}}
+
+
+# ---------------------------------------------------------------- standard protocol
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes: int) -> dict:
+    e = cfg.eval
+    if splits is None:
+        raise ProbeError("the standard probe on image folders is not implemented yet; use --protocol fast")
+    before = _snapshot(backbone)
+    backbone.eval()  # frozen, BN statistics included
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    fc = nn.Linear(backbone.out_dim, classes).to(device)
+    nn.init.normal_(fc.weight, 0.0, 0.01)
+    nn.init.zeros_(fc.bias)
+    opt = torch.optim.SGD(fc.parameters(), lr=e.probe_lr, momentum=0.9, weight_decay=0.0)
+    milestones = [round(f * e.probe_epochs) for f in e.probe_milestones]
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
+    mean, std = NORMALIZATION[cfg.data.dataset]
+    augment = BatchAugment(RECIPES["probe"], cfg.data.image_size, mean, std)
+    images, labels = splits.train_images.to(device), splits.train_labels.to(device)
+    bs = e.probe_batch_size
+    best, history = {"top1": -1.0}, []
+    for epoch in range(e.probe_epochs):
+        order = torch.randperm(len(images), generator=seeded_generator("probe", cfg.runtime.seed, epoch))
+        for step in range(len(images) // bs):
+            idx = order[step * bs:(step + 1) * bs].to(device)
+            x = augment(images[idx], seeded_generator("probe-aug", cfg.runtime.seed, epoch, step))
+            with torch.no_grad():
+                feats = backbone(x)
+            loss = F.cross_entropy(fc(feats), labels[idx])
+            if not torch.isfinite(loss):
+                raise ProbeError(f"standard probe diverged (loss {loss.item()}) at epoch {epoch}; "
+                                 f"lower eval.probe_lr (now {e.probe_lr}).")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        test_feats, test_labels = extract(backbone, split_batches(cfg, "test", device, splits), device)
+        with torch.no_grad():
+            logits = fc(test_feats)
+        current = {"epoch": epoch + 1, "top1": _topk(logits, test_labels, 1), "top5": _topk(logits, test_labels, 5)}
+        history.append(current)
+        if current["top1"] > best["top1"]:
+            best = current
+    # main_lincls's sanity check: the probe must not have touched the backbone.
+    after = backbone.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    if changed:
+        raise ProbeError(f"the backbone changed during the linear probe ({', '.join(changed[:3])}...)")
+    last = history[-1]
+    return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
+            "last_top1": last["top1"], "last_top5": last["top5"]}
+
+
+# ---------------------------------------------------------------- raw-pixel floor
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser()
+
+
+def pixel_floor(cfg: RunConfig, splits, device, classes: int) -> float:
+    """Fast probe on raw (normalised) pixels: what a representation must beat. Cached per dataset."""
+    d = cfg.data
+    key = hashlib.sha1(json.dumps([d.dataset, d.root, d.train_subset, d.test_subset, d.image_size]).encode())
+    path = _cache_dir() / "pixel_floor" / f"{d.dataset}-{key.hexdigest()[:12]}.json"
+    if path.exists():
+        return json.loads(path.read_text())["top1"]
+    flat = nn.Flatten()
+    tr_x, tr_y = extract(flat, split_batches(cfg, "train", device, splits), device)
+    te_x, te_y = extract(flat, split_batches(cfg, "test", device, splits), device)
+    result = fast_probe(tr_x, tr_y, te_x, te_y, classes)
+    runio.write_json(path, {"dataset": d.dataset, "top1": result["top1"], "l2": result["l2"]})
+    return result["top1"]
+
+
+# ---------------------------------------------------------------- entry points
+
+def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol: str) -> dict:
+    if splits is None and cfg.data.dataset != "imagefolder":
+        splits = load_tensors(cfg)
+    classes = NUM_CLASSES.get(cfg.data.dataset) or len(getattr(splits, "classes", [])) or 1000
+    tic = time.perf_counter()
+    if protocol == "fast":
+        tr_x, tr_y = extract(backbone, split_batches(cfg, "train", device, splits), device)
+        te_x, te_y = extract(backbone, split_batches(cfg, "test", device, splits), device)
+        if tr_x.shape[1] != backbone.out_dim:
+            raise ProbeError(f"feature dimension {tr_x.shape[1]} does not match the backbone's {backbone.out_dim}")
+        result = fast_probe(tr_x, tr_y, te_x, te_y, classes, cfg.runtime.seed)
+        sizes = (len(tr_y), len(te_y))
+    else:
+        result = standard_probe(cfg, backbone, splits, device, classes)
+        sizes = (len(splits.train_labels), len(splits.test_labels))
+    out = {"protocol": protocol, **result, "seconds": time.perf_counter() - tic,
+           "feature_dim": backbone.out_dim, "train_size": sizes[0], "test_size": sizes[1]}
+    if cfg.eval.pixel_floor and splits is not None:
+        out["pixel_floor_top1"] = pixel_floor(cfg, splits, device, classes)
+    return out
+
+
+def probe_path(cfg: RunConfig, run_dir: Path, protocol: str) -> Path:
+    return run_dir / ("probe.json" if protocol == cfg.eval.probe else f"probe-{protocol}.json")
+
+
+def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device, protocol: str | None = None,
+              epoch: int | None = None) -> dict:
+    protocol = protocol or cfg.eval.probe
+    result = probe_backbone(cfg, encoder.backbone, splits, device, protocol)
+    result["epoch"] = epoch if epoch is not None else cfg.optim.epochs
+    runio.write_json(probe_path(cfg, run_dir, protocol), result)
+    return result
+
+
+def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, int]:
+    """The query encoder of a run's newest good checkpoint. Never a fresh (random) one."""
+    import yaml
+
+    from .moco import build_moco
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.exists():
+        raise ProbeError(f"{run_dir}: no config.yaml; is this a run directory?")
+    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    state = ckpt.load_latest(run_dir / "checkpoints")
+    if state is None:
+        raise ProbeError(f"{run_dir}: no usable checkpoint in checkpoints/; there is no trained backbone to probe.")
+    model = build_moco(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ProbeError(f"{state['path']}: does not fit the model of config.yaml "
+                         f"(feature dimension or architecture differs): {str(exc).splitlines()[0]}") from None
+    if state["epoch"] < cfg.optim.epochs:
+        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {state['epoch']} of {cfg.optim.epochs})")
+    return cfg, model.encoder_q.to(device), state["epoch"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.probe", description="Linear probe of a finished run.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--protocol", choices=["fast", "standard"], help="default: the run config's eval.probe")
+    parser.add_argument("--epochs", type=int, help="standard protocol epochs (default: eval.probe_epochs)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
+        if args.epochs:
+            cfg.eval.probe_epochs = args.epochs
+        protocol = args.protocol or (cfg.eval.probe if cfg.eval.probe != "none" else "fast")
+        result = probe_run(cfg, args.run_dir, encoder, None, device, protocol, epoch)
+    except (ProbeError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
