@@ -47,10 +47,11 @@ def _torchvision_resnet(arch: str, stem: str, in_channels: int, norm_layer) -> n
     return net
 
 
-def build_backbone(arch: str, stem: str, in_channels: int, bn_splits: int = 1) -> nn.Module:
+def build_backbone(arch: str, stem: str, in_channels: int, bn_splits: int = 1,
+                   tiny_widths=(32, 64, 128)) -> nn.Module:
     norm_layer = partial(SplitBatchNorm, num_splits=bn_splits) if bn_splits > 1 else nn.BatchNorm2d
     if arch == "resnet_tiny":
-        return TinyResNet(in_channels, norm_layer)
+        return TinyResNet(in_channels, norm_layer, tuple(tiny_widths))
     return _torchvision_resnet(arch, stem, in_channels, norm_layer)
 
 

@@ -38,6 +38,7 @@ class DataConfig:
 class ModelConfig:
     arch: Literal["resnet_tiny", "resnet18", "resnet50"] = "resnet_tiny"
     stem: Literal["imagenet", "cifar"] = "cifar"  # cifar: 3x3 conv1, stride 1, no max-pool
+    tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # resnet_tiny stage widths
 
 
 @dataclass
@@ -224,6 +225,7 @@ def parse_override(text: str) -> dict:
 def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None) -> RunConfig:
     """Recipe + overrides -> validated RunConfig (raises ConfigError)."""
     data = load_recipe_data(recipe)
+    data.pop("resources", None)  # submission defaults for this scale (harness.studyfile), not run config
     data = _merge(data, {"recipe": recipe})
     for override in overrides:
         data = _merge(data, parse_override(override) if isinstance(override, str) else override)

@@ -151,6 +151,17 @@ def load_tensors(cfg: RunConfig) -> TensorSplits:
     return splits
 
 
+FULL_PRETRAIN_SIZE = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "stl10": 105000}
+
+
+def pretrain_size(cfg: RunConfig) -> Optional[int]:
+    """Images per pretraining epoch, where known without reading the files (in-memory datasets)."""
+    full = FULL_PRETRAIN_SIZE.get(cfg.data.dataset)
+    if full is None:
+        return None
+    return min(full, cfg.data.train_subset) if cfg.data.train_subset else full
+
+
 def check_dataset(cfg: RunConfig) -> None:
     """Cheap existence check, run before anything is submitted (raises ConfigError)."""
     d = cfg.data

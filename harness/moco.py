@@ -50,8 +50,9 @@ class MoCo(nn.Module):
         encoder's own, from its own forward passes)."""
         k_params = list(self.encoder_k.parameters())
         q_params = list(self.encoder_q.parameters())
+        # Two separately rounded products, as the official `k * m + q * (1 - m)` (no fused alpha).
         torch._foreach_mul_(k_params, self.m)
-        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.m)
+        torch._foreach_add_(k_params, torch._foreach_mul(q_params, 1.0 - self.m))
 
     def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
         """k = normalize(f_k(x_k)), encoded under Shuffle BN."""
@@ -121,7 +122,8 @@ def build_moco(cfg) -> MoCo:
     splits = mc.bn_splits if mc.shuffle_bn == "split" else 1
 
     def make_encoder() -> nn.Module:
-        backbone = build_backbone(cfg.model.arch, cfg.model.stem, CHANNELS[cfg.data.dataset], splits)
+        backbone = build_backbone(cfg.model.arch, cfg.model.stem, CHANNELS[cfg.data.dataset], splits,
+                                  cfg.model.tiny_widths)
         return Encoder(backbone, mc.dim, mc.mlp)
 
     return MoCo(make_encoder, dim=mc.dim, queue_size=mc.queue_size, momentum=mc.momentum,

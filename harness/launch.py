@@ -1,0 +1,147 @@
+"""submitit side: executors, the trial job a worker runs, and job states for re-attachment.
+
+The job is a thin shell around `harness.train.train`: everything it needs to resume lives in the
+run directory (config, checkpoints), so a requeued job (preemption, time limit) simply calls
+train again, which resumes from the newest good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from .studyfile import Resources, StudyError
+
+ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
+         "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
+
+
+def resolve_executor(kind: str) -> str:
+    if kind == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise StudyError("--executor slurm: sbatch/srun are not on PATH, so there is no SLURM here; "
+                         "use --executor local (or auto).")
+    return kind
+
+
+def make_executor(kind: str, folder: Path, res: Resources, name: str, parallel: int) -> submitit.Executor:
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=res.max_timeouts)
+    tasks = max(res.gpus, 1)  # one process per GPU: DDP
+    params: dict[str, Any] = dict(name=name, timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=tasks,
+                                  cpus_per_task=max(1, res.cpus // tasks), gpus_per_node=res.gpus or None)
+    if kind == "slurm":
+        params.update(mem_gb=res.mem_gb, slurm_array_parallelism=parallel, slurm_signal_delay_s=res.signal_delay_s)
+        if res.partition:
+            params["slurm_partition"] = res.partition
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def sbatch_parameters(executor: submitit.Executor) -> dict[str, Any]:
+    inner = getattr(executor, "_executor", executor)
+    return dict(getattr(inner, "parameters", {}))
+
+
+# ---------------------------------------------------------------- the job
+
+class TrialJob(submitit.helpers.Checkpointable):
+    """Pretrain + probe one trial. On preemption/timeout submitit requeues this same object;
+    `train` resumes from the run directory's checkpoint, so no state travels in the pickle."""
+
+    def __init__(self, run_dir: str, config: dict, storage_url: str, study_name: str, trial_id: int,
+                 prune: bool, threads: int = 0):
+        self.run_dir, self.config, self.storage_url = run_dir, config, storage_url
+        self.study_name, self.trial_id, self.prune, self.threads = study_name, trial_id, prune, threads
+
+    def __call__(self) -> dict:
+        from .config import config_from_dict
+        from .train import train
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # DDP across the job's tasks
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        run_dir = Path(self.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if env.global_rank == 0:
+            with open(run_dir / "attempts.jsonl", "a") as fh:
+                fh.write(json.dumps({"job_id": env.job_id, "host": socket.gethostname(), "start": time.time()}) + "\n")
+        cfg = config_from_dict(self.config)
+        if self.threads:
+            cfg.runtime.threads = self.threads
+        _maybe_inject_fault(run_dir)
+        callback = self._pruning_callback() if self.prune and env.global_rank == 0 else None
+        return train(cfg, run_dir, on_epoch=callback)
+
+    def _pruning_callback(self):
+        import optuna
+
+        from .storage import open_storage
+
+        study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url))
+        trial = optuna.trial.Trial(study, self.trial_id)
+
+        def on_epoch(epoch: int, record: dict):
+            if record.get("knn_top1") is None:
+                return None
+            trial.report(record["knn_top1"], step=epoch)
+            return "prune" if trial.should_prune() else None
+
+        return on_epoch
+
+
+def _maybe_inject_fault(run_dir: Path) -> None:
+    """Test-only: HARNESS_FAULT=raise-once makes the first attempt of each trial raise."""
+    if os.environ.get("HARNESS_FAULT") == "raise-once":
+        marker = run_dir / ".fault-injected"
+        if not marker.exists():
+            marker.touch()
+            raise RuntimeError("injected fault (HARNESS_FAULT=raise-once)")
+
+
+# ---------------------------------------------------------------- re-attachment
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """One sacct call for all jobs (array tasks included): {job id: state}. Missing ids are absent."""
+    if not job_ids:
+        return {}
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
+                         capture_output=True, text=True, timeout=60)
+    states = {}
+    for line in out.stdout.splitlines():
+        if "|" in line:
+            job_id, state = line.split("|", 1)
+            states[job_id.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
+    return states
+
+
+def local_alive(job_id: str) -> bool:
+    """A local submitit job is its controller process: alive while that PID runs submitit."""
+    try:
+        pid = int(job_id)
+        os.kill(pid, 0)
+        return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (ValueError, OSError):
+        return False
+
+
+def job_failure(kind: str, folder: Path, job_id: str, state: str) -> str:
+    """Why a finished job left no final status: the remote exception's last line, or its state."""
+    cls = submitit.SlurmJob if kind == "slurm" else submitit.local.local.LocalJob
+    path = cls(folder=str(folder), job_id=job_id).paths.result_pickle
+    if path.exists():
+        try:
+            outcome, value = submitit.core.utils.pickle_load(path)
+        except Exception:  # a result file cut short: fall through to the state
+            outcome, value = "unreadable", None
+        if outcome == "error":
+            lines = [line for line in str(value).strip().splitlines() if line.strip()]
+            return lines[-1][:500] if lines else "the job raised"
+    return f"the job ended in state {state} without a result"

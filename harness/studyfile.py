@@ -1,0 +1,273 @@
+"""Study files (`studies/<name>.yaml`): declarative data, validated on load.
+
+    description: what the study asks
+    recipe: fmnist-tiny              # base run recipe; --recipe swaps it
+    overrides: [optim.epochs=8]      # --set style, applied before the factors
+    sampler: grid                    # grid: every level x seed; tpe: a search
+    factors:                         # dotted config keys
+      moco.momentum: [0.0, 0.9, 0.99]                       # grid levels
+      moco.temperature: {type: float, low: 0.05, high: 0.5, log: true}   # search distribution
+    seeds: [0, 1]
+    n_trials: 20                     # tpe only (per seed list: each trial uses seeds[0])
+    objective: probe_top1            # probe_top1 | knn_top1
+    direction: maximize
+    pruner: none                     # none | median | hyperband | successive_halving
+    resources: {time_min: 600}      # per trial; overrides the recipe's own `resources` (its scale)
+    retries: 2
+    reference: {source: ..., metric: ..., values: {0.9: 55.2, 0.0: fail}}
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import ConfigError, RunConfig, load_recipe_data, make_config
+
+STUDY_DIR = Path(__file__).resolve().parent.parent / "studies"
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
+            "direction", "pruner", "resources", "retries", "reference"}
+RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "signal_delay_s", "max_timeouts"}
+OBJECTIVES = ("probe_top1", "knn_top1")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+
+
+class StudyError(ValueError):
+    """A study that cannot run; raised before anything is submitted."""
+
+
+@dataclass
+class Resources:
+    gpus: int = 0
+    cpus: int = 2
+    mem_gb: float = 8
+    time_min: int = 60
+    partition: Optional[str] = None
+    nodes: int = 1
+    signal_delay_s: int = 60
+    max_timeouts: int = 3
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    description: str
+    recipe: str
+    factors: dict[str, Any]
+    seeds: list[int]
+    sampler: str = "grid"
+    overrides: list[str] = field(default_factory=list)
+    n_trials: int = 0
+    objective: str = "probe_top1"
+    direction: str = "maximize"
+    pruner: str = "none"
+    resources: dict = field(default_factory=dict)  # overrides of the recipe's resources
+    retries: int = 2
+    reference: dict = field(default_factory=dict)
+
+    def resources_for(self, recipe: str | None = None) -> Resources:
+        """The recipe's resources (its scale: CPU minutes or GPU days), then the study's overrides."""
+        base = load_recipe_data(recipe or self.recipe).get("resources", {}) or {}
+        merged = {**base, **self.resources}
+        _check_resources(self.path, merged)
+        return Resources(**merged)
+
+    # -- trials ------------------------------------------------------------------------------
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of levels, times every seed, in file order."""
+        names = list(self.factors)
+        points = []
+        for levels in itertools.product(*(self.factors[n] for n in names)):
+            for seed in self.seeds:
+                points.append({**dict(zip(names, levels)), "seed": seed})
+        return points
+
+    def run_config(self, params: dict[str, Any], recipe: str | None = None, extra: list[str] = (),
+                   run_name: str | None = None) -> RunConfig:
+        overrides = [*self.overrides, *extra]
+        factor_values = {k: v for k, v in params.items() if k != "seed"}
+        nested: dict = {}
+        for key, value in factor_values.items():
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        nested.setdefault("runtime", {})["seed"] = params.get("seed", self.seeds[0])
+        return make_config(recipe or self.recipe, [*overrides, nested], name=run_name)
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    """A readable, filesystem-safe identity of a trial's parameters (its run directory name)."""
+    parts = []
+    for key in sorted(params):
+        value = params[key]
+        text = repr(value) if isinstance(value, float) else str(value)
+        parts.append(f"{key.split('.')[-1]}={text}")
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
+
+
+def study_names() -> list[str]:
+    return sorted(p.stem for p in STUDY_DIR.glob("*.yaml"))
+
+
+def _fail(path: Path, key: str, message: str) -> StudyError:
+    return StudyError(f"{path}: {key}: {message}")
+
+
+def _check_distribution(path: Path, key: str, spec: dict) -> None:
+    kind = spec.get("type")
+    if kind in ("float", "int"):
+        for bound in ("low", "high"):
+            if not isinstance(spec.get(bound), (int, float)) or isinstance(spec.get(bound), bool):
+                raise _fail(path, f"factors.{key}.{bound}", "a number is required for a float/int distribution.")
+        if spec["low"] >= spec["high"]:
+            raise _fail(path, f"factors.{key}", f"low ({spec['low']}) must be below high ({spec['high']}).")
+        unknown = set(spec) - {"type", "low", "high", "log", "step"}
+        if unknown:
+            raise _fail(path, f"factors.{key}", f"unknown keys {sorted(unknown)}; allowed: type, low, high, log, step.")
+    elif kind == "categorical":
+        if not isinstance(spec.get("choices"), list) or not spec["choices"]:
+            raise _fail(path, f"factors.{key}.choices", "a non-empty list is required.")
+    else:
+        raise _fail(path, f"factors.{key}.type", f"{kind!r} is not a distribution; use float, int or categorical.")
+
+
+def load_study(name: str) -> Study:
+    if not NAME.match(name) or ".." in name:
+        raise StudyError(f"study name {name!r}: use letters, digits, '-', '_' and '.' only (no paths).")
+    path = STUDY_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, study_names(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise StudyError(f"unknown study '{name}'.{hint} Available: {', '.join(study_names())}.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise StudyError(f"{path}: not valid YAML: {exc}") from None
+    return parse_study(name, path, data)
+
+
+def parse_study(name: str, path: Path, data: Any) -> Study:
+    if not isinstance(data, dict):
+        raise StudyError(f"{path}: expected a mapping at the top level.")
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        key = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(key, TOP_KEYS, n=1)
+        raise _fail(path, key, f"unknown key.{' Did you mean ' + repr(close[0]) + '?' if close else ''} "
+                    f"Allowed: {', '.join(sorted(TOP_KEYS))}.")
+    for required in ("description", "recipe", "factors", "seeds"):
+        if required not in data:
+            raise _fail(path, required, "missing; every study declares description, recipe, factors and seeds.")
+    sampler = data.get("sampler", "grid")
+    if sampler not in ("grid", "tpe"):
+        raise _fail(path, "sampler", f"{sampler!r}: use grid (ablations) or tpe (searches).")
+    factors = data["factors"]
+    if not isinstance(factors, dict) or not factors:
+        raise _fail(path, "factors", "a mapping of dotted config keys to levels is required.")
+    for key, levels in factors.items():
+        if sampler == "grid":
+            if not isinstance(levels, list) or not levels:
+                raise _fail(path, f"factors.{key}", "a grid study needs a non-empty list of levels.")
+            if len({json.dumps(v) for v in levels}) != len(levels):
+                raise _fail(path, f"factors.{key}", "levels repeat; list each level once.")
+        elif isinstance(levels, dict):
+            _check_distribution(path, key, levels)
+        elif not (isinstance(levels, list) and levels):
+            raise _fail(path, f"factors.{key}", "a distribution {type, low, high} or a list of choices is required.")
+    seeds = data["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise _fail(path, "seeds", "a non-empty list of integers is required, e.g. [0, 1, 2].")
+    objective = data.get("objective", "probe_top1")
+    if objective not in OBJECTIVES:
+        raise _fail(path, "objective", f"{objective!r}: use one of {', '.join(OBJECTIVES)}.")
+    direction = data.get("direction", "maximize")
+    if direction not in ("maximize", "minimize"):
+        raise _fail(path, "direction", f"{direction!r}: use maximize or minimize.")
+    pruner = data.get("pruner", "none")
+    if pruner not in PRUNERS:
+        raise _fail(path, "pruner", f"{pruner!r}: use one of {', '.join(PRUNERS)}.")
+    n_trials = data.get("n_trials", 0)
+    if sampler == "tpe" and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
+        raise _fail(path, "n_trials", "a search (sampler: tpe) needs n_trials >= 1.")
+    retries = data.get("retries", 2)
+    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 20:
+        raise _fail(path, "retries", "an integer from 0 to 20 is required.")
+    raw_res = data.get("resources", {}) or {}
+    _check_resources(path, raw_res)
+    overrides = data.get("overrides", []) or []
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise _fail(path, "overrides", "a list of 'section.key=value' strings is required.")
+    reference = data.get("reference", {}) or {}
+    if not isinstance(reference, dict):
+        raise _fail(path, "reference", "a mapping {source, metric, values} is required.")
+    return Study(name=name, path=path, description=str(data["description"]), recipe=str(data["recipe"]),
+                 factors=factors, seeds=seeds, sampler=sampler, overrides=overrides, n_trials=n_trials,
+                 objective=objective, direction=direction, pruner=pruner, resources=raw_res,
+                 retries=retries, reference=reference)
+
+
+def _check_resources(path: Path, res: Any) -> None:
+    if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
+        bad = sorted(set(res) - RESOURCE_KEYS) if isinstance(res, dict) else res
+        raise _fail(path, "resources", f"unknown entries {bad}; allowed: {', '.join(sorted(RESOURCE_KEYS))}.")
+    for key, value in res.items():
+        if key == "partition":
+            if value is not None and not isinstance(value, str):
+                raise _fail(path, "resources.partition", "a partition name (string) or null is required.")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise _fail(path, f"resources.{key}", f"a non-negative number is required, got {value!r}.")
+        elif key in ("gpus", "cpus", "nodes", "time_min", "max_timeouts") and value != int(value):
+            raise _fail(path, f"resources.{key}", f"a whole number is required, got {value!r}.")
+    if res.get("nodes", 1) < 1 or res.get("cpus", 1) < 1 or res.get("time_min", 1) < 1:
+        raise _fail(path, "resources", "nodes, cpus and time_min must be at least 1.")
+
+
+def validate_levels(study: Study, recipe: str | None, extra: list[str]) -> tuple[list[tuple[dict, RunConfig]], list[str]]:
+    """Build the run config of every grid point now, so an impossible level fails before submission.
+
+    Returns (points, notes). A queue larger than the pretraining set is skipped with a note: it
+    would hold several keys of the same image (a known trap on CIFAR with K = 65536)."""
+    from .data import pretrain_size
+
+    points = study.grid() if study.sampler == "grid" else [_search_corners(study)]
+    out, notes = [], []
+    for params in points:
+        try:
+            cfg = study.run_config(params, recipe, extra)
+        except ConfigError as exc:
+            shown = ", ".join(f"{k}={v}" for k, v in params.items())
+            raise StudyError(f"{study.path}: the level ({shown}) cannot run with recipe "
+                             f"'{recipe or study.recipe}': {exc}") from None
+        size = pretrain_size(cfg)
+        if "moco.queue_size" in params and size is not None and cfg.moco.queue_size > size:
+            note = (f"K={cfg.moco.queue_size} skipped: larger than the {size} pretraining images of "
+                    f"recipe '{recipe or study.recipe}'")
+            if note not in notes:
+                notes.append(note)
+            continue
+        out.append((params, cfg))
+    if not out:
+        raise StudyError(f"{study.path}: no level can run with recipe '{recipe or study.recipe}' ({'; '.join(notes)}).")
+    return out, notes
+
+
+def _search_corners(study: Study) -> dict:
+    """One representative point of a search space (its low corner), to validate keys early."""
+    params = {}
+    for key, spec in study.factors.items():
+        if isinstance(spec, dict) and spec.get("type") in ("float", "int"):
+            params[key] = spec["low"]
+        else:
+            params[key] = (spec["choices"] if isinstance(spec, dict) else spec)[0]
+    params["seed"] = study.seeds[0]
+    return params

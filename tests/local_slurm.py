@@ -1,0 +1,176 @@
+"""A real single-node Slurm cluster with accounting, in one private directory.
+
+munged + MariaDB + slurmdbd + slurmctld + slurmd from Debian's packages (Slurm 22.05), all
+configured through files under DIR and stopped by the PIDs they wrote. Used by the test suite;
+also by hand:
+
+    python tests/local_slurm.py start DIR     # prints: export SLURM_CONF=DIR/slurm.conf
+    python tests/local_slurm.py stop DIR
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DAEMONS = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]  # stop order
+PACKAGES = ["munge", "slurm-client", "slurmctld", "slurmd", "slurmdbd", "mariadb-server"]
+
+
+def available() -> bool:
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "sbatch"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"local slurm: timed out waiting for {what}")
+
+
+def _run(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), check=True, capture_output=True, text=True, env=env, timeout=120, **kw)
+
+
+class LocalSlurm:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.conf = self.root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    # -------------------------------------------------------------- start
+    def start(self) -> "LocalSlurm":
+        r = self.root
+        for sub in ("state", "spool", "log", "run", "munge-key"):
+            (r / sub).mkdir(parents=True, exist_ok=True)
+        (r / "munge-key").chmod(0o700)
+        (r / "run").chmod(0o755)
+        self._start_munge()
+        self._start_mariadb()
+        self._start_slurm()
+        return self
+
+    def _start_munge(self) -> None:
+        r = self.root
+        key = r / "munge-key" / "munge.key"
+        key.write_bytes(secrets.token_bytes(1024))
+        key.chmod(0o400)
+        os.chown(key, 0, 0)
+        self.munge_socket = r / "run" / "munge.socket"
+        _run("munged", f"--socket={self.munge_socket}", f"--key-file={key}", f"--pid-file={r / 'run/munged.pid'}",
+             f"--log-file={r / 'log/munged.log'}", f"--seed-file={r / 'run/munged.seed'}", "--force")
+        _wait(self.munge_socket.exists, "munged")
+
+    def _start_mariadb(self) -> None:
+        r = self.root
+        data = r / "mysql"
+        data.mkdir(exist_ok=True)
+        shutil.chown(data, "mysql", "mysql")
+        _run("mariadb-install-db", "--no-defaults", "--user=mysql", f"--datadir={data}", "--auth-root-authentication-method=socket")
+        run = r / "mysql-run"  # mariadbd runs as 'mysql': its socket and PID file live apart
+        run.mkdir(exist_ok=True)
+        shutil.chown(run, "mysql", "mysql")
+        self.db_port, self.db_socket = _free_port(), run / "mysql.sock"
+        log = open(r / "log" / "mariadb.log", "ab")
+        proc = subprocess.Popen(["mariadbd", "--no-defaults", "--user=mysql", f"--datadir={data}",
+                          f"--socket={self.db_socket}", "--bind-address=127.0.0.1", f"--port={self.db_port}",
+                          f"--pid-file={run / 'mariadbd.pid'}", "--skip-name-resolve"],
+                                stdout=log, stderr=log, start_new_session=True)
+        _wait(lambda: self.db_socket.exists() or proc.poll() is not None, "mariadbd")
+        if proc.poll() is not None:
+            raise RuntimeError(f"local slurm: mariadbd exited; see {r / 'log/mariadb.log'}")
+        self.db_password = secrets.token_hex(12)
+        sql = (f"CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '{self.db_password}';"
+               f"CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '{self.db_password}';"
+               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';"
+               "GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;")
+        _run("mariadb", "--no-defaults", f"--socket={self.db_socket}", "-u", "root", "-e", sql)
+
+    def _start_slurm(self) -> None:
+        r = self.root
+        host = socket.gethostname().split(".")[0]
+        self.dbd_port, ctld_port, slurmd_port = _free_port(), _free_port(), _free_port()
+        dbd = r / "slurmdbd.conf"
+        dbd.write_text("\n".join([
+            "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}",
+            "DbdHost=localhost", "DbdAddr=127.0.0.1", f"DbdPort={self.dbd_port}", "SlurmUser=root",
+            f"PidFile={r / 'run/slurmdbd.pid'}", f"LogFile={r / 'log/slurmdbd.log'}",
+            "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1", f"StoragePort={self.db_port}",
+            "StorageUser=slurm", f"StoragePass={self.db_password}", "StorageLoc=slurm_acct_db", ""]))
+        dbd.chmod(0o600)
+        self.conf.write_text("\n".join([
+            "ClusterName=harness", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={slurmd_port}", "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket},cred_expire=10",
+            "CredType=cred/munge", "SlurmUser=root", "SlurmdUser=root",
+            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmctldPidFile={r / 'run/slurmctld.pid'}", f"SlurmdPidFile={r / 'run/slurmd.pid'}",
+            f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd.log'}",
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
+            f"AccountingStoragePort={self.dbd_port}", f"AccountingStoragePass={self.munge_socket}",
+            "SchedulerParameters=bf_interval=2,sched_interval=2", "ReturnToService=2", "KillWait=5",
+            "MinJobAge=300", "MailProg=/bin/true", "MpiDefault=none", "JobRequeue=1",
+            "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny", "SlurmdParameters=config_overrides",
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+        _run("slurmdbd", env=self.env)
+        _wait(lambda: self._port_open(self.dbd_port), "slurmdbd")
+        _wait(lambda: subprocess.run(["sacctmgr", "-i", "add", "cluster", "harness"], env=self.env,
+                                     capture_output=True).returncode == 0, "sacctmgr add cluster")
+        _run("slurmctld", env=self.env)
+        _run("slurmd", env=self.env)
+        _wait(self._node_idle, "the node to become idle")
+
+    @staticmethod
+    def _port_open(port: int) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    def _node_idle(self) -> bool:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
+        return out.returncode == 0 and out.stdout.strip() in ("idle", "mix", "alloc")
+
+    # -------------------------------------------------------------- stop
+    def stop(self) -> None:
+        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
+        for name in DAEMONS:
+            pidfile = self.root / ("mysql-run" if name == "mariadbd" else "run") / f"{name}.pid"
+            if not pidfile.exists():
+                continue
+            try:
+                pid = int(pidfile.read_text().split()[0])
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except (ValueError, OSError, IndexError):
+                continue
+            if comm != name[:15]:  # the PID was reused: not ours
+                continue
+            os.kill(pid, 15)
+            deadline = time.monotonic() + 20
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if Path(f"/proc/{pid}").exists():
+                os.kill(pid, 9)
+
+
+if __name__ == "__main__":
+    action, directory = sys.argv[1], Path(sys.argv[2])
+    cluster = LocalSlurm(directory)
+    if action == "start":
+        cluster.start()
+        print(f"export SLURM_CONF={cluster.conf}")
+    else:
+        cluster.stop()

@@ -1,0 +1,99 @@
+"""Bad configuration fails before training, naming the field and the fix."""
+import subprocess
+import sys
+
+import pytest
+
+from harness.config import ConfigError, make_config, recipe_names, validate
+from harness.data import check_dataset
+
+
+def test_every_recipe_loads_and_validates():
+    assert {"fmnist-tiny", "cifar10-r18", "cifar10-r18-v2", "imagenet-r50-v1", "imagenet-r50-v2"} <= set(recipe_names())
+    for name in recipe_names():
+        cfg = make_config(name)
+        assert cfg.recipe == name
+
+
+def test_recipes_carry_the_paper_hyperparameters():
+    v1, v2 = make_config("imagenet-r50-v1"), make_config("imagenet-r50-v2")
+    assert (v1.moco.queue_size, v1.moco.momentum, v1.moco.temperature, v1.moco.mlp) == (65536, 0.999, 0.07, False)
+    assert (v2.moco.temperature, v2.moco.mlp, v2.data.augmentation, v2.optim.schedule) == (0.2, True, "v2", "cosine")
+    colab = make_config("cifar10-r18")
+    assert (colab.optim.batch_size, colab.scaled_lr(), colab.moco.queue_size, colab.moco.bn_splits) == (512, 0.06, 4096, 8)
+
+
+def test_dotted_overrides_are_typed():
+    cfg = make_config("fmnist-tiny", ["moco.momentum=0.999", "moco.mlp=true", "optim.milestones=[3, 6]"])
+    assert cfg.moco.momentum == 0.999 and cfg.moco.mlp is True and cfg.optim.milestones == [3, 6]
+
+
+def error_of(*overrides, recipe="fmnist-tiny") -> str:
+    with pytest.raises(ConfigError) as info:
+        make_config(recipe, list(overrides))
+    return str(info.value)
+
+
+def test_queue_not_a_multiple_of_the_global_batch():
+    msg = error_of("moco.queue_size=1000")
+    assert "moco.queue_size" in msg and "multiple" in msg and "K=1024" in msg
+
+
+def test_symmetric_loss_needs_a_multiple_of_twice_the_batch():
+    assert "symmetric" in error_of("moco.symmetric=true", "moco.queue_size=768")
+
+
+@pytest.mark.parametrize("m", [-0.1, 1.5])
+def test_momentum_outside_unit_interval(m):
+    assert "moco.momentum" in error_of(f"moco.momentum={m}")
+
+
+@pytest.mark.parametrize("t", [0, -0.2])
+def test_temperature_not_positive(t):
+    assert "moco.temperature" in error_of(f"moco.temperature={t}")
+
+
+def test_unknown_key_suggests_the_right_one():
+    msg = error_of("moco.momentun=0.9")
+    assert "moco.momentun" in msg and "momentum" in msg
+
+
+def test_wrong_type():
+    assert "moco.queue_size" in error_of("moco.queue_size=big")
+
+
+def test_unknown_dataset():
+    msg = error_of("data.dataset=imagenet21k")
+    assert "data.dataset" in msg and "fashion_mnist" in msg
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="unknown recipe 'fmnist-tiy'.*fmnist-tiny"):
+        make_config("fmnist-tiy")
+
+
+def test_missing_dataset_files(tmp_path):
+    cfg = make_config("cifar10-r18", [f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data.root: cifar10 files not found .*cannot download"):
+        check_dataset(cfg)
+    folder = make_config("imagenet-r50-v1", [f"data.root={tmp_path}"])
+    with pytest.raises(ConfigError, match="train/<class>"):
+        check_dataset(folder)
+
+
+def test_world_size_checks_batch_split_and_ddp_shuffle():
+    cfg = make_config("imagenet-r50-v1")
+    validate(cfg, world_size=8)
+    with pytest.raises(ConfigError, match="shuffle_bn.*one process"):
+        validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="not divisible by the 7 processes"):
+        validate(cfg, world_size=7)
+
+
+def test_cli_rejects_bad_input_before_creating_anything(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--set",
+                           "moco.temperature=0", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "moco.temperature" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,117 @@
+"""kNN monitor and linear probes."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.backbones import build_backbone
+from harness.config import make_config
+from harness.data import load_tensors
+from harness.knn import knn_predict
+from harness.probe import FAST_L2_GRID, ProbeError, fast_probe, load_trained_encoder, standard_probe
+
+
+def brute_force_knn(query, bank, labels, classes, k, t):
+    query, bank = F.normalize(query, dim=1), F.normalize(bank, dim=1)
+    out = torch.zeros(len(query), classes)
+    for i, q in enumerate(query):
+        sims = [(float(q @ b), j) for j, b in enumerate(bank)]
+        sims.sort(reverse=True)
+        for sim, j in sims[:k]:
+            out[i, labels[j]] += torch.exp(torch.tensor(sim / t))
+    return out
+
+
+def test_knn_matches_brute_force_reference_across_chunks():
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(60, 5, generator=g), torch.randn(25, 5, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    fast = knn_predict(query, bank, labels, 4, k=7, t=0.1, chunk=8)
+    ref = brute_force_knn(query, bank, labels, 4, 7, 0.1)
+    assert torch.allclose(fast, ref, rtol=1e-5)
+    assert torch.equal(fast.argmax(1), ref.argmax(1))
+
+
+def separable(n, dim=16, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, dim, generator=g) * 4
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centers[y] + 0.3 * torch.randn(n, dim, generator=g), y
+
+
+def test_fast_probe_reaches_full_accuracy_on_separable_features():
+    x, y = separable(600)
+    result = fast_probe(x[:400], y[:400], x[400:], y[400:], 4)
+    assert result["top1"] >= 0.99 and result["l2"] in FAST_L2_GRID
+
+
+def test_fast_probe_hyperparameters_do_not_depend_on_test_labels():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(500, 12, generator=g), torch.randint(0, 3, (500,), generator=g)
+    x[:, 0] += y  # weakly informative
+    tx, ty = torch.randn(200, 12, generator=g), torch.randint(0, 3, (200,), generator=g)
+    a = fast_probe(x, y, tx, ty, 3)
+    b = fast_probe(x, y, tx, ty[torch.randperm(200, generator=g)], 3)
+    assert a["l2"] == b["l2"] and a["holdout_top1"] == b["holdout_top1"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = make_config("fmnist-tiny", ["data.train_subset=512", "data.test_subset=256", "eval.probe_epochs=2",
+                                      "eval.probe_batch_size=128", "eval.probe_lr=1.0"])
+    return cfg, load_tensors(cfg)
+
+
+def test_standard_probe_leaves_backbone_unchanged_and_reports_best_and_last(tiny):
+    cfg, splits = tiny
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet_tiny", "cifar", 1)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    result = standard_probe(cfg, backbone, splits, torch.device("cpu"), 10)
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert {"top1", "top5", "last_top1", "last_top5", "best_epoch"} <= result.keys()
+    assert result["top1"] >= result["last_top1"] and result["top5"] >= result["top1"]
+
+
+def test_standard_probe_detects_a_backbone_that_changes(tiny):
+    cfg, splits = tiny
+
+    class Drifting(nn.Module):
+        out_dim = 784
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x):
+            self.calls += 1
+            return x.flatten(1)
+
+    with pytest.raises(ProbeError, match="backbone changed"):
+        standard_probe(cfg, Drifting(), splits, torch.device("cpu"), 10)
+
+
+def test_probe_refuses_a_run_without_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("recipe: fmnist-tiny\n")
+    with pytest.raises(ProbeError, match="no usable checkpoint"):
+        load_trained_encoder(run, torch.device("cpu"))
+    proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no usable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
+    run = tmp_path / "run"
+    small = ["data.train_subset=256", "data.test_subset=128", "optim.batch_size=64", "optim.epochs=1",
+             "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none"]
+    args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
+    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    config = (run / "config.yaml").read_text().replace("dim: 128", "dim: 64")
+    (run / "config.yaml").write_text(config)
+    with pytest.raises(ProbeError, match="does not fit the model"):
+        load_trained_encoder(run, torch.device("cpu"))

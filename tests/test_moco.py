@@ -1,0 +1,205 @@
+"""The MoCo step is exactly the paper's Algorithm 1."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.batchnorm import SplitBatchNorm
+from harness.moco import MoCo
+from harness.shuffle_bn import shuffle_single, unshuffle_single
+
+DIM, K, BATCH = 8, 32, 8
+
+
+def conv_encoder(bn=nn.BatchNorm2d):
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), bn(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, DIM))
+
+
+def make(key_encoder="momentum", m=0.9, T=0.2, shuffle_bn="split", symmetric=False, seed=0, bn=nn.BatchNorm2d):
+    torch.manual_seed(seed)
+    return MoCo(lambda: conv_encoder(bn), dim=DIM, queue_size=K, momentum=m, temperature=T,
+                key_encoder=key_encoder, shuffle_bn=shuffle_bn, symmetric=symmetric)
+
+
+def views(seed=1, n=BATCH):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 6, 6, generator=g), torch.randn(n, 3, 6, 6, generator=g)
+
+
+def sgd_step(model, x_q, x_k, lr=0.5):
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=lr, momentum=0.9)
+    out = model(x_q, x_k)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    return out["loss"].item()
+
+
+def test_key_encoder_starts_as_copy_without_gradients():
+    model = make()
+    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        assert torch.equal(pq, pk) and not pk.requires_grad
+
+
+def test_momentum_update_is_exact_ema_of_parameters_only():
+    model = make(m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    k_before = copy.deepcopy(model.encoder_k.state_dict())
+    q_params = dict(model.encoder_q.named_parameters())
+    model._momentum_update_key_encoder()
+    for name, pk in model.encoder_k.named_parameters():
+        expected = k_before[name] * 0.9 + q_params[name].detach() * (1.0 - 0.9)
+        assert torch.equal(pk, expected), name
+    # BN running statistics are not averaged: the key encoder keeps its own.
+    for name, buf in model.encoder_k.named_buffers():
+        assert torch.equal(buf, k_before[name]), name
+
+
+def test_queue_is_fifo_and_pointer_wraps():
+    model = make()
+    batches = [F.normalize(torch.randn(BATCH, DIM), dim=1) for _ in range(K // BATCH + 1)]
+    for i, keys in enumerate(batches[:-1]):
+        model._dequeue_and_enqueue(keys)
+        assert int(model.queue_ptr) == ((i + 1) * BATCH) % K
+        assert torch.equal(model.queue[:, i * BATCH:(i + 1) * BATCH], keys.T)
+    assert int(model.queue_ptr) == 0  # wrapped
+    model._dequeue_and_enqueue(batches[-1])  # overwrites the oldest (the first batch)
+    assert torch.equal(model.queue[:, :BATCH], batches[-1].T)
+    assert torch.equal(model.queue[:, BATCH:2 * BATCH], batches[1].T)
+
+
+def test_logits_put_positive_first_divide_by_T_and_loss_is_cross_entropy():
+    model = make(T=0.2)
+    q = F.normalize(torch.randn(BATCH, DIM), dim=1)
+    k = F.normalize(torch.randn(BATCH, DIM), dim=1)
+    loss, logits = model._infonce(q, k)
+    assert logits.shape == (BATCH, 1 + K)
+    assert torch.allclose(logits[:, 0], (q * k).sum(1) / 0.2, atol=1e-6)
+    assert torch.allclose(logits[:, 1:], q @ model.queue / 0.2, atol=1e-6)
+    # cross-entropy from scratch, label 0 for every row
+    manual = (-logits[:, 0] + torch.logsumexp(logits, dim=1)).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_forward_uses_queue_before_the_step_then_enqueues_keys():
+    model = make()
+    queue_before = model.queue.clone()
+    x_q, x_k = views()
+    captured = {}
+    original = model._infonce
+
+    def spy(q, k):
+        captured["queue_seen"] = model.queue.clone()
+        captured["k"] = k.detach().clone()
+        return original(q, k)
+
+    model._infonce = spy
+    model(x_q, x_k)
+    assert torch.equal(captured["queue_seen"], queue_before)
+    assert torch.equal(model.queue[:, :BATCH], captured["k"].T)
+    assert torch.equal(model.queue[:, BATCH:], queue_before[:, BATCH:])
+    assert int(model.queue_ptr) == BATCH
+
+
+def test_no_gradient_reaches_the_momentum_key_encoder():
+    model = make("momentum")
+    out = model(*views())
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+
+
+def test_end_to_end_gradient_flows_through_keys():
+    model = make("end_to_end")
+    x_q, x_k = views()
+    x_k.requires_grad_(True)
+    out = model(x_q, x_k)
+    out["loss"].backward()
+    assert x_k.grad is not None and x_k.grad.abs().sum() > 0
+    assert not hasattr(model, "queue")
+
+
+def test_end_to_end_negatives_are_the_other_keys_of_the_batch():
+    model = make("end_to_end", T=0.5)
+    q = F.normalize(torch.randn(BATCH, DIM), dim=1)
+    k = F.normalize(torch.randn(BATCH, DIM), dim=1)
+    _, logits = model._infonce(q, k)
+    assert logits.shape == (BATCH, BATCH)  # 1 positive + B - 1 negatives
+    sim = q @ k.T / 0.5
+    for i in range(BATCH):
+        assert torch.allclose(logits[i, 0], sim[i, i])
+        others = torch.cat([sim[i, :i], sim[i, i + 1:]])
+        assert torch.allclose(logits[i, 1:], others)
+
+
+def test_shared_stops_gradient_through_keys():
+    model = make("shared")
+    x_q, x_k = views()
+    x_k.requires_grad_(True)
+    model(x_q, x_k)["loss"].backward()
+    assert x_k.grad is None
+
+
+def test_momentum_zero_gives_the_same_losses_as_shared():
+    a, b = make("momentum", m=0.0), make("shared")
+    losses_a, losses_b = [], []
+    for step in range(4):
+        x_q, x_k = views(seed=10 + step)
+        torch.manual_seed(step)
+        losses_a.append(sgd_step(a, x_q, x_k))
+        torch.manual_seed(step)
+        losses_b.append(sgd_step(b, x_q, x_k))
+    assert losses_a == losses_b
+    assert torch.equal(a.queue, b.queue)
+
+
+def test_symmetric_loss_adds_both_directions_and_enqueues_both_key_sets():
+    model = make(symmetric=True)
+    x_q, x_k = views()
+    out = model(x_q, x_k)
+    assert int(model.queue_ptr) == 2 * BATCH
+    assert torch.isfinite(out["loss"])
+
+
+def test_split_shuffle_then_unshuffle_restores_order():
+    x = torch.arange(16.0).view(16, 1)
+    shuffled, undo = shuffle_single(x)
+    assert not torch.equal(shuffled, x)
+    assert torch.equal(unshuffle_single(shuffled, undo), x)
+
+
+def test_split_batchnorm_with_one_split_equals_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 5, 5)
+    plain, split = nn.BatchNorm2d(4), SplitBatchNorm(4, num_splits=1)
+    split.load_state_dict(plain.state_dict())
+    assert torch.equal(plain(x), split(x))
+    assert torch.equal(plain.running_mean, split.running_mean)
+    assert torch.equal(plain.running_var, split.running_var)
+
+
+def test_split_batchnorm_normalises_each_split_on_its_own():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    x[1::2] += 5.0  # split 1 (odd samples) has a different mean
+    bn = SplitBatchNorm(3, num_splits=2)
+    out = bn(x)
+    for s in range(2):
+        part = out[s::2]
+        assert torch.allclose(part.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    expected = 0.1 * torch.stack([x[0::2].mean((0, 2, 3)), x[1::2].mean((0, 2, 3))]).mean(0)
+    assert torch.allclose(bn.running_mean, expected, atol=1e-5)
+    bn.eval()
+    assert torch.equal(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+@pytest.mark.parametrize("key_encoder", ["momentum", "shared", "end_to_end"])
+def test_every_key_encoder_trains_with_split_bn(key_encoder):
+    model = make(key_encoder, bn=lambda c: SplitBatchNorm(c, num_splits=2))
+    losses = [sgd_step(model, *views(seed=3), lr=0.1) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))

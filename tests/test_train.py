@@ -1,0 +1,107 @@
+"""Training runs on real Fashion-MNIST: exact resume after SIGKILL, checkpoint fallback, divergence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import checkpoint as ckpt
+from harness.runio import read_jsonl
+
+SMALL = ["data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.epochs=2",
+         "moco.queue_size=256", "runtime.log_every=1", "eval.knn_every=0", "eval.probe=none",
+         "runtime.checkpoint_every=2", "runtime.checkpoint_every_steps=3", "runtime.threads=1"]
+
+
+def run_train(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if fault:
+        env["HARNESS_FAULT"] = fault
+    args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out), "--no-probe"]
+    for override in [*SMALL, *extra]:
+        args += ["--set", override]
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+
+
+def final_state(out: Path) -> dict:
+    return ckpt.load_latest(out / "checkpoints")
+
+
+def step_losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(straight).returncode == 0
+    # 8 steps per epoch; checkpoints every 3 steps: killed after step 11, it resumes from step 9 (mid-epoch).
+    killed = run_train(resumed, fault="after-step-11")
+    assert killed.returncode == -signal.SIGKILL
+    assert final_state(resumed)["global_step"] == 9
+    again = run_train(resumed)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout
+
+    a, b = final_state(straight), final_state(resumed)
+    assert a["global_step"] == b["global_step"] == 16
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:  # parameters, BN statistics, queue and queue_ptr
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert step_losses(straight) == step_losses(resumed)  # no duplicated or missing steps either
+    epochs = [r["epoch"] for r in read_jsonl(resumed / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epochs == [1, 2]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(out, "optim.epochs=1").returncode == 0
+    newest, previous = ckpt.checkpoints(out / "checkpoints")[:2]
+    newest.write_bytes(newest.read_bytes()[:1000])  # a torn write
+    with pytest.warns(UserWarning, match="unreadable checkpoint"):
+        state = ckpt.load_latest(out / "checkpoints")
+    assert state["path"] == str(previous)
+    foreign = out / "checkpoints" / "ckpt-999999999.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.warns(UserWarning, match="not a moco-harness checkpoint"):
+        assert ckpt.load_latest(out / "checkpoints")["path"] == str(previous)
+
+
+def test_interrupted_checkpoint_write_leaves_previous_usable(tmp_path):
+    out = tmp_path / "run"
+    killed = run_train(out, "optim.epochs=1", fault="checkpoint-before-rename")
+    assert killed.returncode == -signal.SIGKILL
+    assert ckpt.checkpoints(out / "checkpoints") == []  # only the temporary file was written
+    assert run_train(out, "optim.epochs=1").returncode == 0
+
+
+def test_divergence_is_recorded_not_a_crash(tmp_path):
+    out = tmp_path / "run"
+    proc = run_train(out, "optim.lr=1.0e+30", "optim.epochs=1")
+    status = json.loads((out / "status.json").read_text())
+    assert status["status"] == "diverged", proc.stderr
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+
+
+def test_rerun_with_a_different_config_refuses_to_mix_runs(tmp_path):
+    out = tmp_path / "run"
+    assert run_train(out, "optim.epochs=1").returncode == 0
+    proc = run_train(out, "optim.epochs=1", "moco.momentum=0.9")
+    assert proc.returncode == 2 and "moco.momentum" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fmnist_tiny_recipe_trains_with_decreasing_loss_and_beats_pixels(tmp_path):
+    out = tmp_path / "fmnist-tiny"
+    proc = subprocess.run([sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert len(epochs) == 8
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    assert epochs[-1]["knn_top1"] > epochs[0]["knn_top1"]
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["protocol"] == "fast" and probe["top1"] > probe["pixel_floor_top1"]
