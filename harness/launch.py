@@ -23,12 +23,28 @@ ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZIN
          "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
 
 
+def slurm_problem() -> str | None:
+    """None when a Slurm controller answers here; otherwise what is missing."""
+    if not (shutil.which("sbatch") and shutil.which("srun") and shutil.which("sinfo")):
+        return "sbatch/srun are not on PATH"
+    try:
+        probe = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 20 s"
+    if probe.returncode != 0:
+        lines = probe.stderr.strip().splitlines()
+        return f"the Slurm controller does not answer (sinfo: {lines[-1] if lines else probe.returncode})"
+    return None
+
+
 def resolve_executor(kind: str) -> str:
+    """auto = slurm where a controller answers, else local."""
     if kind == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
-    if kind == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
-        raise StudyError("--executor slurm: sbatch/srun are not on PATH, so there is no SLURM here; "
-                         "use --executor local (or auto).")
+        return "local" if slurm_problem() else "slurm"
+    if kind == "slurm":
+        problem = slurm_problem()
+        if problem:
+            raise StudyError(f"--executor slurm: no SLURM here: {problem}. Use --executor local (or auto).")
     return kind
 
 

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,6 @@ class Driver:
                 if self.study.sampler == "tpe" and (search_budget() <= 0 or not retries_left):
                     break
             time.sleep(self.args.poll)
-        view.done(self.trials())
 
 
 def _attempt_attrs(run_dir: Path) -> dict:
@@ -352,9 +352,6 @@ class ProgressView:
             print(head, flush=True)
         self.last = head
 
-    def done(self, trials) -> None:
-        print(self.summary(trials), flush=True)
-
 
 def status_table(driver: Driver) -> str:
     rows = []
@@ -382,8 +379,9 @@ def dry_run(driver: Driver) -> str:
     else:
         n = s.n_trials
         lines.append(f"{n} trials chosen by TPE over {', '.join(s.factors)}; pruner {s.pruner}")
-    executor = launch.make_executor(driver.kind, driver.dir / "jobs", res, driver.name, driver.parallel)
-    lines.append(f"job parameters: {json.dumps(launch.sbatch_parameters(executor), default=str)}")
+    with tempfile.TemporaryDirectory() as scratch:  # a dry run leaves nothing behind
+        executor = launch.make_executor(driver.kind, Path(scratch), res, driver.name, driver.parallel)
+        lines.append(f"job parameters ({driver.kind}): {json.dumps(launch.sbatch_parameters(executor), default=str)}")
     gpu_hours = n * res.gpus * res.nodes * res.time_min / 60
     lines.append(f"GPU-hours: at most {gpu_hours:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
                  f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}")
@@ -392,7 +390,7 @@ def dry_run(driver: Driver) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.study", description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a study in studies/ (e.g. momentum_sweep)")
+    parser.add_argument("name", help="a study in studies/ (e.g. momentum_sweep), or a study file's path")
     parser.add_argument("--recipe", help="swap the study's base recipe (e.g. imagenet-r50-v1)")
     parser.add_argument("--executor", default="auto", choices=["auto", "slurm", "local", "debug"])
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/<study>/)")

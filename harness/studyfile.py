@@ -142,6 +142,15 @@ def _check_distribution(path: Path, key: str, spec: dict) -> None:
 
 
 def load_study(name: str) -> Study:
+    """A study by name (studies/<name>.yaml) or by the path of a study file."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        path = Path(name).resolve()
+        if not NAME.match(path.stem):
+            raise StudyError(f"{path}: the file name must be letters, digits, '-', '_' and '.' only.")
+        try:
+            return parse_study(path.stem, path, yaml.safe_load(path.read_text()))
+        except yaml.YAMLError as exc:
+            raise StudyError(f"{path}: not valid YAML: {exc}") from None
     if not NAME.match(name) or ".." in name:
         raise StudyError(f"study name {name!r}: use letters, digits, '-', '_' and '.' only (no paths).")
     path = STUDY_DIR / f"{name}.yaml"

@@ -41,8 +41,11 @@ def _wait(check, what: str, timeout: float = 60.0) -> None:
     raise RuntimeError(f"local slurm: timed out waiting for {what}")
 
 
-def _run(*args: str, env=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=True, capture_output=True, text=True, env=env, timeout=120, **kw)
+def _run(*args: str, env=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"local slurm: {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
+    return proc
 
 
 class LocalSlurm:

@@ -1,0 +1,185 @@
+"""`python -m harness.study`: real Optuna storage, real submitit jobs, a real Slurm."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from harness.runio import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def study_cmd(results: Path, *args: str, env_extra: dict | None = None, slurm=None):
+    env = {**os.environ, "HARNESS_RESULTS": str(results), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    if slurm is not None:
+        env.update(slurm.env)
+    return [sys.executable, "-m", "harness.study", *args, "--poll", "1", "--no-report"], env
+
+
+def run_study(results: Path, *args: str, timeout=600, **kw) -> subprocess.CompletedProcess:
+    cmd, env = study_cmd(results, *args, **kw)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def trials_of(results: Path, name: str = "smoke") -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{results / name / 'study.db'}"
+    return optuna.load_study(study_name=name, storage=storage).get_trials()
+
+
+def completed_keys(trials) -> list[str]:
+    return sorted(t.user_attrs["key"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+SMOKE_KEYS = sorted(f"momentum={m},seed={s}" for m in (0.9, 0.99) for s in (0, 1))
+
+
+def assert_every_trial_complete_once(trials):
+    assert completed_keys(trials) == SMOKE_KEYS  # no duplicated, no lost trial
+    for t in trials:
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert 0.0 < t.value <= 1.0 and t.value == t.user_attrs["probe_top1"]
+
+
+# ---------------------------------------------------------------- bad input: nothing submitted
+
+def test_unknown_study(tmp_path):
+    proc = run_study(tmp_path, "momentum_swep", "--executor", "local")
+    assert proc.returncode == 2 and "unknown study 'momentum_swep'" in proc.stderr and "momentum_sweep" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_unknown_factor(tmp_path):
+    bad = tmp_path / "badfactor.yaml"
+    bad.write_text("description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentun: [0.9]}\nseeds: [0]\n")
+    proc = run_study(tmp_path / "res", str(bad), "--executor", "local")
+    assert proc.returncode == 2
+    assert "moco.momentun" in proc.stderr and "momentum" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "res").exists()
+
+
+def test_level_that_violates_the_recipe(tmp_path):
+    proc = run_study(tmp_path, "smoke", "--executor", "local", "--set", "optim.batch_size=96")
+    assert proc.returncode == 2 and "moco.queue_size" in proc.stderr and "multiple" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_slurm_executor_without_slurm(tmp_path):
+    no_sbatch = run_study(tmp_path, "smoke", "--executor", "slurm", env_extra={"PATH": str(Path(sys.executable).parent)})
+    assert no_sbatch.returncode == 2 and "no SLURM here: sbatch/srun are not on PATH" in no_sbatch.stderr
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # client installed, no cluster configured
+    cmd = [sys.executable, "-m", "harness.study", "smoke", "--executor", "slurm"]
+    no_controller = subprocess.run(cmd, env={**env, "HARNESS_RESULTS": str(tmp_path)}, capture_output=True,
+                                   text=True, timeout=120, cwd=ROOT)
+    assert no_controller.returncode == 2 and "no SLURM here" in no_controller.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_storage_that_cannot_be_opened(tmp_path):
+    proc = run_study(tmp_path, "smoke", "--executor", "local", "--storage",
+                     "postgresql://harness:s3cret@127.0.0.1:9/optuna")
+    assert proc.returncode == 2 and "cannot open" in proc.stderr
+    assert "s3cret" not in proc.stderr + proc.stdout  # passwords never printed
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
+    proc = run_study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("momentum=") == 10 and "GPU-hours" in proc.stdout
+    paper = run_study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--recipe", "imagenet-r50-v1",
+                      "--set", "data.root=/nonexistent")
+    assert paper.returncode == 2 and "data.root" in paper.stderr  # the dataset is checked before anything runs
+    assert not (tmp_path / "momentum_sweep").exists()
+
+
+# ---------------------------------------------------------------- the smoke study, end to end
+
+@pytest.mark.slow
+def test_smoke_study_with_local_executor(tmp_path):
+    proc = run_study(tmp_path, "smoke", "--executor", "local", "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_every_trial_complete_once(trials_of(tmp_path))
+    again = run_study(tmp_path, "smoke", "--executor", "local")  # nothing left to do: nothing rerun
+    assert again.returncode == 0 and len(trials_of(tmp_path)) == 4
+
+
+@pytest.mark.slow
+def test_smoke_study_on_slurm_as_a_job_array(tmp_path, slurm):
+    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = trials_of(tmp_path)
+    assert_every_trial_complete_once(trials)
+    job_ids = {t.user_attrs["job_id"] for t in trials}
+    assert len({j.split("_")[0] for j in job_ids}) == 1 and all("_" in j for j in job_ids)  # one array
+    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", next(iter(job_ids)).split("_")[0]],
+                           env=slurm.env, capture_output=True, text=True).stdout
+    assert sacct.count("COMPLETED") == 4
+
+
+def wait_for(predicate, timeout=240, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, slurm):
+    longer = ["--set", "optim.epochs=4", "--set", "runtime.checkpoint_every=1"]
+    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", "--no-wait", *longer, slurm=slurm)
+    assert proc.returncode == 0, proc.stderr
+    run = tmp_path / "smoke" / "runs" / "momentum=0.9,seed=0"
+    epochs = lambda: [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa: E731
+    wait_for(lambda: len(epochs()) >= 1 and list((run / "checkpoints").glob("ckpt-*.pt")), what="first checkpoint")
+    job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)  # what preemption does
+    done = run_study(tmp_path, "smoke", "--executor", "slurm", *longer, slurm=slurm)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_every_trial_complete_once(trials_of(tmp_path))
+    assert epochs() == [1, 2, 3, 4]  # every epoch exactly once
+    attempts = read_jsonl(run / "attempts.jsonl")
+    assert len(attempts) == 2
+    log = "".join(p.read_text() for p in (tmp_path / "smoke" / "jobs").glob(f"{job_id}_*.out"))
+    assert "resumed from" in log
+
+
+@pytest.mark.slow
+def test_trial_that_raises_is_retried_with_its_reason(tmp_path, slurm):
+    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm,
+                     env_extra={"HARNESS_FAULT": "raise-once"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = trials_of(tmp_path)
+    assert_every_trial_complete_once(trials)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert sorted(t.user_attrs["key"] for t in failed) == SMOKE_KEYS
+    assert all("injected fault" in t.user_attrs["failure_reason"] for t in failed)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_study_finishes_without_duplicates(tmp_path, slurm):
+    cmd, env = study_cmd(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm)
+    driver = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def submitted() -> bool:
+        if not (tmp_path / "smoke" / "study.db").exists():
+            return False
+        try:
+            return any("job_id" in t.user_attrs for t in trials_of(tmp_path))
+        except KeyError:  # the storage exists, the study not yet
+            return False
+
+    wait_for(submitted, what="a submitted job")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    proc = run_study(tmp_path, "smoke", "--executor", "slurm", slurm=slurm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = trials_of(tmp_path)
+    assert_every_trial_complete_once(trials)
+    assert len(trials) == 4  # re-attached to the running jobs: nothing resubmitted
