@@ -88,7 +88,8 @@ class TrialJob(submitit.helpers.Checkpointable):
         run_dir.mkdir(parents=True, exist_ok=True)
         if env.global_rank == 0:
             with open(run_dir / "attempts.jsonl", "a") as fh:
-                fh.write(json.dumps({"job_id": env.job_id, "host": socket.gethostname(), "start": time.time()}) + "\n")
+                fh.write(json.dumps({"job_id": env.job_id, "host": socket.gethostname(), "start": time.time(),
+                                     "machine": machine_description()}) + "\n")
         cfg = config_from_dict(self.config)
         if self.threads:
             cfg.runtime.threads = self.threads
@@ -111,6 +112,26 @@ class TrialJob(submitit.helpers.Checkpointable):
             return "prune" if trial.should_prune() else None
 
         return on_epoch
+
+
+def machine_description() -> str:
+    """CPU model and cores, GPUs, torch version: what a report says the numbers came from."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpu_text = f", {len(gpus)} x {gpus[0]}" if gpus else ", no GPU"
+    return f"{cpu} ({cores} cores available to the job){gpu_text}, torch {torch.__version__}"
 
 
 def _maybe_inject_fault(run_dir: Path) -> None:

@@ -1,0 +1,425 @@
+"""`python -m harness.report NAME`: tables, plots and a verdict from a study's storage and run dirs.
+
+Writes results/<study>/report/: trials.csv, curves.csv, summary.csv (and .parquet with pyarrow),
+objective/curves/knn-vs-probe plots (PNG + SVG), report.md and a self-contained report.html.
+Works on partial studies: running, failed, diverged and pruned trials are shown as such.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from . import runio  # noqa: E402
+from .storage import default_url, open_storage, redact  # noqa: E402
+from .studyfile import StudyError, load_study  # noqa: E402
+
+RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
+METRICS = ("probe_top1", "knn_top1")
+
+
+# ---------------------------------------------------------------- tables
+
+def factor_names(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    names: list[str] = []
+    for t in trials:
+        for key in t.params:
+            if key != "seed" and key not in names:
+                names.append(key)
+    return names
+
+
+def trials_table(ostudy: optuna.Study) -> pd.DataFrame:
+    trials = ostudy.get_trials(deepcopy=False)
+    factors = factor_names(trials)
+    rows = []
+    for t in trials:
+        a = t.user_attrs
+        state = t.state.name
+        if state == "FAIL" and a.get("outcome") == "diverged":
+            state = "DIVERGED"
+        row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
+               "seed": t.params.get("seed", a.get("seed")), "state": state,
+               "failure_reason": a.get("failure_reason"), "probe_top1": a.get("probe_top1"),
+               "probe_top5": a.get("probe_top5"), "knn_top1": a.get("knn_top1"), "epochs": a.get("epochs"),
+               "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
+               "host": a.get("host"), "run_dir": a.get("run_dir")}
+        if t.state == optuna.trial.TrialState.RUNNING and a.get("run_dir"):
+            epochs = [r for r in runio.read_jsonl(Path(a["run_dir"]) / "metrics.jsonl") if r.get("kind") == "epoch"]
+            if epochs:
+                row.update(epochs=epochs[-1]["epoch"], knn_top1=epochs[-1].get("knn_top1"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def curves_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    rows = []
+    for _, t in trials.iterrows():
+        if not t.get("run_dir"):
+            continue
+        for r in runio.read_jsonl(Path(t["run_dir"]) / "metrics.jsonl"):
+            if r.get("kind") == "epoch":
+                rows.append({"trial": t["trial"], **{f: t[f] for f in factors}, "seed": t["seed"], "state": t["state"],
+                             "epoch": r["epoch"], "loss": r.get("loss"), "knn_top1": r.get("knn_top1"),
+                             "lr": r.get("lr")})
+    return pd.DataFrame(rows, columns=["trial", *factors, "seed", "state", "epoch", "loss", "knn_top1", "lr"])
+
+
+def summary_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """Per level (combination of factors): n, mean and std of probe top-1 and kNN, failures, GPU-hours."""
+    rows = []
+    for level, group in trials.groupby(factors, dropna=False, sort=True):
+        level = level if isinstance(level, tuple) else (level,)
+        done = group[group["state"] == "COMPLETE"]
+        row = dict(zip(factors, level))
+        row["n"] = len(done)
+        for metric in METRICS:
+            values = done[metric].dropna().astype(float)
+            row[f"{metric}_mean"] = values.mean() if len(values) else np.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+        row["failed"] = int((group["state"] == "FAIL").sum())
+        row["diverged"] = int((group["state"] == "DIVERGED").sum())
+        row["pruned"] = int((group["state"] == "PRUNED").sum())
+        row["running"] = int((group["state"] == "RUNNING").sum())
+        row["gpu_hours"] = float(group["gpu_hours"].fillna(0).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: bool = True) -> list[str]:
+    """Best level per factor and whether it beats the runner-up beyond seed noise (Welch's t-test)."""
+    from scipy import stats
+
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=[objective])
+    lines = []
+    for factor in factors:
+        groups = {lvl: g[objective].astype(float).to_numpy() for lvl, g in done.groupby(factor, sort=True)}
+        if not groups:
+            lines.append(f"{factor}: no completed trial yet.")
+            continue
+        ranked = sorted(groups, key=lambda lvl: groups[lvl].mean(), reverse=maximize)
+        best = ranked[0]
+        text = f"{factor}: best level {best} ({objective} {groups[best].mean():.4f}, n={len(groups[best])})"
+        if len(ranked) == 1:
+            lines.append(text + "; no other level completed to compare with.")
+            continue
+        second = ranked[1]
+        a, b = groups[best], groups[second]
+        diff = a.mean() - b.mean()
+        if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+            lines.append(text + f"; runner-up {second} ({b.mean():.4f}); too few seeds to test the difference.")
+            continue
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+        beyond = p < 0.05
+        lines.append(text + f"; runner-up {second} ({b.mean():.4f}), difference {diff:+.4f}, Welch's t-test "
+                     f"p = {p:.3g}: " + ("beyond seed noise." if beyond else "within seed noise."))
+    dead = trials[trials["state"] == "DIVERGED"]
+    for factor in factors:
+        for level, g in dead.groupby(factor):
+            lines.append(f"{factor} = {level}: {len(g)} run(s) diverged (loss NaN/inf) — reported as 'fail'.")
+    return lines
+
+
+# ---------------------------------------------------------------- plots
+
+def _axis(factor: str, values: pd.Series):
+    """Each factor on its natural axis: 1 - m on a log scale, K on log2, others linear/categorical."""
+    if factor.endswith("momentum"):
+        return (1.0 - values.astype(float)), "1 − m (log scale; m = 0 at 1)", "log10"
+    if factor.endswith("queue_size"):
+        return values.astype(float), "K (log2 scale)", "log2"
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return values.astype(float), factor, "linear"
+    return values.astype(str), factor, "category"
+
+
+def _apply_scale(ax, scale: str, ticks: pd.Series | None = None, factor: str = "") -> None:
+    if scale == "log10":
+        ax.set_xscale("log")
+    elif scale == "log2":
+        ax.set_xscale("log", base=2)
+    if ticks is not None and scale in ("log10", "log2"):
+        levels = sorted(set(ticks.astype(float)))
+        ax.set_xticks(levels)
+        if factor.endswith("momentum"):  # label the points by m itself
+            ax.set_xticklabels([f"m={1 - v:g}" for v in levels], rotation=30)
+        else:
+            ax.set_xticklabels([f"{v:g}" for v in levels])
+        ax.minorticks_off()
+
+
+def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, reference: dict, out: Path) -> list[Path]:
+    x_factor, hue = factors[0], (factors[1] if len(factors) > 1 else None)
+    df = trials.copy()
+    df["x"], xlabel, scale = _axis(x_factor, df[x_factor])
+    has_ref = bool(reference.get("values"))
+    fig, axes = plt.subplots(1, 2 if has_ref else 1, figsize=(11 if has_ref else 6.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    done = df[df["state"] == "COMPLETE"].dropna(subset=[objective])
+    hue_values = sorted(df[hue].dropna().unique(), key=str) if hue else [None]
+    palette = dict(zip(hue_values, sns.color_palette("deep", len(hue_values))))
+    for hv in hue_values:
+        part = done if hv is None else done[done[hue] == hv]
+        color = palette[hv]
+        label = None if hv is None else f"{hue} = {hv}"
+        if len(part):
+            stats_ = part.groupby("x")[objective].agg(["mean", "std"]).reset_index()
+            if scale == "category":
+                order = list(dict.fromkeys(df["x"]))
+                stats_["pos"] = stats_["x"].map(order.index)
+                pos = part["x"].map(order.index)
+            else:
+                stats_["pos"], pos = stats_["x"], part["x"]
+            ax.scatter(pos, part[objective], color=color, alpha=0.55, s=22, label=None)
+            ax.errorbar(stats_["pos"], stats_["mean"], yerr=stats_["std"].fillna(0), color=color, marker="o",
+                        capsize=4, lw=1.5, label=label or "mean ± std over seeds")
+    failed = df[df["state"].isin(["DIVERGED", "FAIL"])]
+    if len(failed):
+        y = (done[objective].min() if len(done) else 0.0)
+        xs = failed["x"] if scale != "category" else failed["x"].map(list(dict.fromkeys(df["x"])).index)
+        ax.scatter(xs, [y] * len(failed), marker="x", color="crimson", s=60, label="fail (diverged / error)")
+    if scale == "category":
+        order = list(dict.fromkeys(df["x"]))
+        ax.set_xticks(range(len(order)), order)
+    _apply_scale(ax, scale, df["x"], x_factor)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{objective} (this study)")
+    ax.set_title("This study: per-seed points, mean ± std")
+    ax.legend(fontsize=8)
+    if has_ref:
+        rax = axes[0][1]
+        ref = pd.DataFrame(reference["values"])
+        if x_factor in ref:
+            ref["x"], _, _ = _axis(x_factor, ref[x_factor])
+            ok = ref[pd.to_numeric(ref["value"], errors="coerce").notna()].copy()
+            ok["value"] = ok["value"].astype(float)
+            bad = ref[pd.to_numeric(ref["value"], errors="coerce").isna()]
+            rhue = hue if hue in ref else None
+            for hv, part in (ok.groupby(rhue) if rhue else [(None, ok)]):
+                part = part.sort_values("x")
+                pos = part["x"] if scale != "category" else part["x"].map(list(dict.fromkeys(df["x"])).index)
+                rax.plot(pos, part["value"], marker="s", ls="--", color=palette.get(hv, "gray"),
+                         label=f"{rhue} = {hv}" if rhue else "paper")
+            if len(bad):
+                pos = bad["x"] if scale != "category" else bad["x"].map(list(dict.fromkeys(df["x"])).index)
+                y = ok["value"].min() if len(ok) else 0
+                rax.scatter(pos, [y] * len(bad), marker="x", color="crimson", s=60, label="fail (paper)")
+            if scale == "category":
+                order = list(dict.fromkeys(df["x"]))
+                rax.set_xticks(range(len(order)), order)
+            _apply_scale(rax, scale, ref["x"], x_factor)
+            rax.set_xlabel(xlabel)
+            rax.set_ylabel(reference.get("metric", "paper"))
+            rax.set_title("Paper (different dataset and scale)", fontsize=10)
+            rax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out / "objective")
+
+
+def plot_curves(curves: pd.DataFrame, factors: list[str], out: Path) -> list[Path]:
+    if curves.empty:
+        return []
+    df = curves.copy()
+    df["level"] = df[factors].astype(str).agg(", ".join, axis=1)
+    metrics = [m for m in ("loss", "knn_top1") if df[m].notna().any()]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        sns.lineplot(data=df, x="epoch", y=metric, hue="level", errorbar="sd", marker="o", ax=ax)
+        ax.set_title(f"{metric} vs epoch (band: ± std over seeds)")
+        ax.legend(title=", ".join(factors), fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out / "curves")
+
+
+def plot_knn_vs_probe(trials: pd.DataFrame, factors: list[str], out: Path) -> list[Path]:
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=["knn_top1", "probe_top1"])
+    if done.empty:
+        return []
+    df = done.copy()
+    df["level"] = df[factors].astype(str).agg(", ".join, axis=1)
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    sns.scatterplot(data=df, x="knn_top1", y="probe_top1", hue="level", s=50, ax=ax)
+    ax.set_title("kNN monitor vs linear probe (final)")
+    fig.tight_layout()
+    return _save(fig, out / "knn_vs_probe")
+
+
+def plot_search(ostudy: optuna.Study, out: Path) -> list[Path]:
+    complete = [t for t in ostudy.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2:
+        return []
+    import warnings
+
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's matplotlib backend is "experimental"
+        ax = optuna.visualization.matplotlib.plot_optimization_history(ostudy)
+        paths += _save(ax.figure, out / "optimization_history")
+        try:
+            ax = optuna.visualization.matplotlib.plot_param_importances(ostudy)
+            paths += _save(ax.figure, out / "param_importances")
+        except (ValueError, RuntimeError):  # too few trials or a single parameter value
+            pass
+    return paths
+
+
+def _save(fig, stem: Path) -> list[Path]:
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=130)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------- documents
+
+def _md_table(df: pd.DataFrame) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.itertuples(index=False))
+
+
+def machine_summary(trials: pd.DataFrame) -> str:
+    hosts = sorted({h for h in trials["host"].dropna()})
+    machines = set()
+    for run_dir in trials["run_dir"].dropna():
+        for attempt in runio.read_jsonl(Path(run_dir) / "attempts.jsonl"):
+            if attempt.get("machine"):
+                machines.add(attempt["machine"])
+    return "; ".join(sorted(machines)) or (", ".join(hosts) if hosts else "unknown")
+
+
+def build_report(name: str, storage_url: str | None = None, out_dir: Path | None = None) -> Path:
+    study_dir = RESULTS / name
+    storage_url = storage_url or default_url(study_dir)
+    storage = open_storage(storage_url)
+    try:
+        ostudy = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise StudyError(f"no study '{name}' in {redact(storage_url)}; run it first (python -m harness.study "
+                         f"{name.split('@')[0]}).") from None
+    study_file = load_study(name.split("@")[0])
+    objective = ostudy.user_attrs.get("objective", study_file.objective)
+    out = out_dir or study_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    trials = trials_table(ostudy)
+    factors = factor_names(ostudy.get_trials(deepcopy=False)) or list(study_file.factors)
+    for f in factors:
+        if f not in trials:
+            trials[f] = None
+    curves = curves_table(trials, factors)
+    summary = summary_table(trials, factors) if len(trials) else pd.DataFrame()
+    trials.to_csv(out / "trials.csv", index=False)
+    curves.to_csv(out / "curves.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    try:
+        import pyarrow  # noqa: F401
+
+        for df, stem in ((trials, "trials"), (curves, "curves"), (summary, "summary")):
+            df.to_parquet(out / f"{stem}.parquet", index=False)
+    except ImportError:
+        pass
+
+    plots: list[Path] = []
+    if len(trials):
+        plots += plot_objective(trials, factors, objective, study_file.reference, out)
+        plots += plot_curves(curves, factors, out)
+        plots += plot_knn_vs_probe(trials, factors, out)
+    if study_file.sampler == "tpe":
+        plots += plot_search(ostudy, out)
+    verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
+
+    starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
+    ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
+    wall = (max(ends) - min(starts)).total_seconds() / 60 if starts and ends else float("nan")
+    signature = ostudy.user_attrs.get("signature", {})
+    counts = trials["state"].value_counts().to_dict() if len(trials) else {}
+    pngs = [p for p in plots if p.suffix == ".png"]
+
+    md = [f"# Study `{name}`", "", study_file.description.strip(), "",
+          f"- recipe: `{signature.get('recipe', study_file.recipe)}`; overrides: `{signature.get('overrides') or []}`",
+          f"- objective: {objective} ({study_file.direction}); trials: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+          f"- machine: {machine_summary(trials) if len(trials) else 'unknown'}",
+          f"- wall time, first trial start to last trial end: {wall:.1f} min", "",
+          "## Verdict", "", *[f"- {line}" for line in verdicts], "",
+          "## Summary (per level)", "", _md_table(summary) if len(summary) else "(no trials)", ""]
+    if study_file.reference.get("values"):
+        md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "
+               "is drawn in its own panel: a different dataset and scale, never on our y-axis.", ""]
+    failed = trials[trials["state"].isin(["FAIL", "DIVERGED", "PRUNED", "RUNNING"])] if len(trials) else trials
+    if len(failed):
+        md += ["## Trials not completed", "", _md_table(failed[["trial", "key", "state", "failure_reason"]]), ""]
+    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    (out / "report.html").write_text(_html(name, md, pngs))
+    return out
+
+
+def _html(name: str, md_lines: list[str], pngs: list[Path]) -> str:
+    """report.md rendered minimally, with every figure embedded (the file stands alone)."""
+    body = []
+    for line in md_lines:
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.startswith("|"):
+            rows = [r for r in line.strip().splitlines() if not r.startswith("|---")]
+            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
+                        + "</table>")
+        elif line.startswith("!["):
+            continue
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    for png in pngs:
+        data = base64.b64encode(png.read_bytes()).decode()
+        body.append(f'<figure><img alt="{png.stem}" src="data:image/png;base64,{data}"><figcaption>{png.stem}'
+                    f"</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;} table{border-collapse:collapse;} "
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;} img{max-width:100%;}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description="Report of a study.")
+    parser.add_argument("name", help="the study's name (as in results/<name>)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/<name>/)")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/<name>/report)")
+    args = parser.parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        out = build_report(args.name, args.storage, args.out)
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

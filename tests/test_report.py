@@ -1,0 +1,91 @@
+"""Reports from a small synthetic study made through the real Optuna API."""
+import json
+import re
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from harness.report import build_report
+
+LEVELS = [0.0, 0.9, 0.99]
+
+
+@pytest.fixture()
+def synthetic_study(tmp_path):
+    """3 momentum levels x 2 seeds: m=0 seed 0 diverged, m=0.9 seed 1 failed, the rest complete."""
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="momentum_sweep", storage=storage, direction="maximize")
+    study.set_user_attr("objective", "probe_top1")
+    rng = np.random.default_rng(0)
+    expected = {}
+    for m in LEVELS:
+        for seed in (0, 1):
+            study.enqueue_trial({"moco.momentum": m, "seed": seed})
+            trial = study.ask()
+            trial.suggest_categorical("moco.momentum", LEVELS)
+            trial.suggest_categorical("seed", [0, 1])
+            key = f"momentum={m},seed={seed}"
+            run = tmp_path / "runs" / key
+            run.mkdir(parents=True)
+            trial.set_user_attr("key", key)
+            trial.set_user_attr("run_dir", str(run))
+            losses = 6 - np.arange(1, 4) * 0.1 * (1 + m)
+            with open(run / "metrics.jsonl", "w") as fh:
+                for epoch, loss in enumerate(losses, 1):
+                    fh.write(json.dumps({"kind": "epoch", "epoch": epoch, "step": epoch * 10, "loss": loss,
+                                         "knn_top1": 0.5 + 0.05 * epoch + m / 10, "lr": 0.06}) + "\n")
+            if (m, seed) == (0.0, 0):
+                trial.set_user_attr("outcome", "diverged")
+                trial.set_user_attr("failure_reason", "diverged: the loss became NaN/inf (step 12)")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            elif (m, seed) == (0.9, 1):
+                trial.set_user_attr("outcome", "error")
+                trial.set_user_attr("failure_reason", "RuntimeError: node died")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                value = float(0.6 + m / 5 + rng.normal(0, 0.01))
+                for name, v in {"probe_top1": value, "probe_top5": 0.99, "knn_top1": 0.65 + m / 10,
+                                "epochs": 3, "gpu_hours": 0.5}.items():
+                    trial.set_user_attr(name, v)
+                study.tell(trial, value)
+                expected.setdefault(m, []).append(value)
+    return storage, expected
+
+
+def test_report_tables_match_independent_computation(tmp_path, synthetic_study):
+    storage, expected = synthetic_study
+    out = build_report("momentum_sweep", storage, tmp_path / "report")
+    summary = pd.read_csv(out / "summary.csv")
+    for m, values in expected.items():
+        row = summary[np.isclose(summary["moco.momentum"], m)].iloc[0]
+        assert row["n"] == len(values)
+        assert row["probe_top1_mean"] == pytest.approx(np.mean(values))
+        if len(values) > 1:
+            assert row["probe_top1_std"] == pytest.approx(np.std(values, ddof=1))
+        assert row["gpu_hours"] == pytest.approx(0.5 * len(values))
+    assert summary[summary["moco.momentum"] == 0.0].iloc[0]["diverged"] == 1
+    assert summary[np.isclose(summary["moco.momentum"], 0.9)].iloc[0]["failed"] == 1
+
+    trials = pd.read_csv(out / "trials.csv")
+    states = dict(zip(trials["key"], trials["state"]))
+    assert states["momentum=0.0,seed=0"] == "DIVERGED" and states["momentum=0.9,seed=1"] == "FAIL"
+    assert (trials["state"] == "COMPLETE").sum() == 4
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 6 * 3 and set(curves["epoch"]) == {1, 2, 3}
+
+
+def test_report_plots_exist_and_html_embeds_them(tmp_path, synthetic_study):
+    storage, _ = synthetic_study
+    out = build_report("momentum_sweep", storage, tmp_path / "report")
+    pngs = sorted(out.glob("*.png"))
+    assert {p.stem for p in pngs} >= {"objective", "curves", "knn_vs_probe"}
+    for p in pngs:
+        assert p.stat().st_size > 1000 and p.with_suffix(".svg").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)) == len(pngs)
+    md = (out / "report.md").read_text()
+    assert "DIVERGED" in md and "node died" in md and "diverged (loss NaN/inf)" in md
+    assert "best level 0.99" in md and "runner-up 0.9 " in md and "too few seeds" in md  # 0.9 has n = 1
+    assert "different dataset and scale" in md
