@@ -86,7 +86,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    return 0.299 * r + 0.587 * g + 0.114 * b
+    return 0.2989 * r + 0.587 * g + 0.114 * b  # the ITU-R 601 weights torchvision uses
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -121,6 +121,7 @@ def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by `shift` (shape (N, 1, 1, 1), in turns)."""
     hsv = _rgb_to_hsv(x)
     hsv = torch.cat([((hsv[:, :1] + shift) % 1.0), hsv[:, 1:]], 1)
     return _hsv_to_rgb(hsv)
@@ -192,7 +193,7 @@ class BatchAugment:
                 if s and c == 3:
                     jittered = torch.where(op == 2, _blend(jittered, _grayscale(jittered), sf), jittered)
                 if hue and c == 3:
-                    jittered = torch.where(op == 3, _adjust_hue(jittered, hf[:, :, 0]), jittered)
+                    jittered = torch.where(op == 3, _adjust_hue(jittered, hf), jittered)
             x = torch.where(apply, jittered, x)
 
         if spec.grayscale_p > 0 and c == 3:

@@ -31,6 +31,9 @@ class DataConfig:
     test_subset: Optional[int] = None
     image_size: int = 28  # crop size of the pretraining views
     augmentation: Literal["v1", "v2", "cifar"] = "cifar"
+    # batched: on-device augmentation of in-memory datasets; per_image: PIL + DataLoader workers
+    # (always used for image folders; for in-memory datasets it exists for comparison, see harness.bench).
+    loader: Literal["batched", "per_image"] = "batched"
     num_workers: int = 2  # DataLoader workers for the per-image path
 
 

@@ -2,7 +2,7 @@
 
 In-memory datasets (Fashion-MNIST, CIFAR-10/100, STL-10) are held once as a uint8 tensor on the
 training device and augmented there in batch (`InMemoryViews`). Image folders (ImageNet,
-ImageNet-100) go through a DataLoader with per-image transforms (`FolderViews`).
+ImageNet-100) go through a DataLoader with per-image transforms (`LoaderViews`).
 
 Every random choice of a step (data order, augmentation) derives from (seed, epoch, step, rank),
 so a run resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
@@ -215,34 +215,42 @@ class InMemoryViews:
             yield self.augment(images, g), self.augment(images, g)
 
 
-class _TwoViewFolder(torch.utils.data.Dataset):
-    """ImageFolder item -> two views; its sampler passes (seed key, index) so each item's
-    augmentation is reproducible whichever worker draws it."""
+class _TwoViews(torch.utils.data.Dataset):
+    """Image i -> two views; its sampler passes (seed key, index) so each item's augmentation is
+    reproducible whichever worker draws it."""
 
-    def __init__(self, folder, transform):
-        self.folder, self.transform = folder, transform
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
 
     def __len__(self):
-        return len(self.folder)
+        return len(self.images)
 
     def __getitem__(self, key):
         seed_key, index = key
-        image, _ = self.folder[index]
+        image = self.images[index]
+        if isinstance(image, tuple):  # ImageFolder: (PIL image, label)
+            image = image[0]
+        elif isinstance(image, torch.Tensor):  # in-memory uint8 CHW -> PIL, as a classic pipeline would
+            from torchvision.transforms.v2.functional import to_pil_image
+
+            image = to_pil_image(image)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seeded_generator("item", *seed_key, index).initial_seed())
             return self.transform(image), self.transform(image)
 
 
-class FolderViews:
-    """Pretraining batches from an image folder through a DataLoader (workers, pinned memory)."""
+class LoaderViews:
+    """Pretraining batches through a DataLoader with per-image (PIL) transforms in worker processes:
+    the path for image folders, and the comparison path for in-memory datasets."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
-        from torchvision import datasets
-
-        base = _folder_root(cfg.data.root)
-        mean, std = NORMALIZATION["imagefolder"]
+    def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, images=None):
+        mean, std = NORMALIZATION[cfg.data.dataset]
         transform = per_image_transform(RECIPES[cfg.data.augmentation], cfg.data.image_size, mean, std)
-        self.dataset = _TwoViewFolder(datasets.ImageFolder(str(base / "train")), transform)
+        if images is None:
+            from torchvision import datasets
+
+            images = datasets.ImageFolder(str(_folder_root(cfg.data.root) / "train"))
+        self.dataset = _TwoViews(images, transform)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.steps_per_epoch = len(self.dataset) // cfg.optim.batch_size
 
@@ -254,15 +262,18 @@ class FolderViews:
                    for step in range(start_step, self.steps_per_epoch)]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if self.cfg.data.num_workers else None)
         for x_q, x_k in loader:
             yield x_q.to(self.device, non_blocking=True), x_k.to(self.device, non_blocking=True)
 
 
 def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, splits=None):
     if cfg.data.dataset == "imagefolder":
-        return FolderViews(cfg, device, rank, world)
+        return LoaderViews(cfg, device, rank, world)
     splits = splits or load_tensors(cfg)
+    if cfg.data.loader == "per_image":
+        return LoaderViews(cfg, device, rank, world, images=splits.pretrain)
     return InMemoryViews(splits.pretrain, cfg, device, rank, world)
 
 

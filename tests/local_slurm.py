@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]  # stop order
-PACKAGES = ["munge", "slurm-client", "slurmctld", "slurmd", "slurmdbd", "mariadb-server"]
+PACKAGES = ["munge", "slurm-client", "slurmctld", "slurmd", "slurmdbd", "mariadb-server"]  # tests/apt-packages.txt
 
 
 def available() -> bool:

@@ -1,0 +1,235 @@
+"""`python -m harness.bench [train] [data] [probe] [overhead]`: throughput, measured, not guessed.
+
+  train     MoCo steps/s and images/s after warm-up, batched (on-device) vs per-image (PIL +
+            DataLoader) data path, median of repeats, synchronised timing; FLOP/s of the step
+  data      augmented image pairs/s: batched vs per-image
+  probe     fast vs standard linear probe on a trained run (--run DIR): seconds and top-1
+  overhead  submit -> trial-start latency per executor (debug, local, slurm when present)
+
+Prints a table and writes JSON to results/bench/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .config import make_config
+from .data import CHANNELS, TensorSplits, load_tensors, pretrain_views
+from .launch import machine_description
+from .moco import build_moco
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor figures
+SYNTHETIC_SHAPE = {"cifar10": (32, 32), "cifar100": (32, 32), "stl10": (96, 96), "fashion_mnist": (28, 28)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def synthetic_splits(dataset: str, n: int) -> TensorSplits:
+    """Random uint8 images of the dataset's shape (for machines without the files, e.g. a lent GPU)."""
+    g = torch.Generator().manual_seed(0)
+    h, w = SYNTHETIC_SHAPE[dataset]
+    images = torch.randint(0, 256, (n, CHANNELS[dataset], h, w), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return TensorSplits(images, images, labels, images[: n // 5], labels[: n // 5])
+
+
+def _setup(args, loader: str):
+    cfg = make_config(args.recipe, [*args.overrides, f"data.loader={loader}"])
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu")
+    splits = synthetic_splits(cfg.data.dataset, args.synthetic) if args.synthetic else load_tensors(cfg)
+    return cfg, device, splits
+
+
+def _median_rate(timings: list[float], units: float) -> float:
+    return units / statistics.median(timings)
+
+
+def bench_data(args) -> list[dict]:
+    rows = []
+    for loader in ("batched", "per_image"):
+        cfg, device, splits = _setup(args, loader)
+        views = pretrain_views(cfg, device, splits=splits)
+        it = iter(views.epoch(0))
+        for _ in range(args.warmup):
+            next(it)
+        timings = []
+        for _ in range(args.repeats):
+            _sync(device)
+            tic = time.perf_counter()
+            for _ in range(args.steps):
+                x_q, x_k = next(it)
+            _sync(device)
+            timings.append(time.perf_counter() - tic)
+        pairs = _median_rate(timings, args.steps * cfg.optim.batch_size)
+        rows.append({"part": "data", "path": loader, "pairs_per_s": pairs, "batch": cfg.optim.batch_size,
+                     "workers": cfg.data.num_workers if loader == "per_image" else 0, "device": str(device)})
+    return rows
+
+
+def _step_flops(model, x_q, x_k) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x_q, x_k)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def bench_train(args) -> list[dict]:
+    rows = []
+    for loader in ("batched", "per_image"):
+        cfg, device, splits = _setup(args, loader)
+        torch.manual_seed(0)
+        model = build_moco(cfg).to(device)
+        cuda = device.type == "cuda"
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
+                              foreach=True)
+        views = pretrain_views(cfg, device, splits=splits)
+        epochs = (views.epoch(e) for e in range(10_000))
+        batches = (b for epoch in epochs for b in epoch)
+
+        def step(x_q, x_k):
+            if cuda:
+                x_q, x_k = (x.contiguous(memory_format=torch.channels_last) for x in (x_q, x_k))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = model(x_q, x_k)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            return out["loss"]
+
+        first = next(batches)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            flops = _step_flops(model, *first)
+        for _ in range(args.warmup):
+            step(*next(batches))
+        timings = []
+        for _ in range(args.repeats):
+            _sync(device)
+            tic = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step(*next(batches))
+            loss.item()  # one read-back per repeat: the loop itself never syncs
+            _sync(device)
+            timings.append(time.perf_counter() - tic)
+        steps_per_s = _median_rate(timings, args.steps)
+        row = {"part": "train", "path": loader, "steps_per_s": steps_per_s,
+               "images_per_s": steps_per_s * cfg.optim.batch_size, "batch": cfg.optim.batch_size,
+               "recipe": cfg.recipe, "arch": cfg.model.arch, "device": str(device),
+               "step_tflop": flops / 1e12, "achieved_tflops": flops * steps_per_s / 1e12}
+        if cuda:
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+            row.update(gpu=name, bf16_peak_tflops=peak,
+                       fraction_of_peak=(row["achieved_tflops"] / peak) if peak else None)
+        rows.append(row)
+    return rows
+
+
+def bench_probe(args) -> list[dict]:
+    if not args.run:
+        raise SystemExit("error: bench probe needs --run DIR (a finished pretraining run)")
+    from .probe import load_trained_encoder, probe_backbone
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, encoder, _ = load_trained_encoder(Path(args.run), device)
+    if args.probe_epochs:
+        cfg.eval.probe_epochs = args.probe_epochs
+    cfg.eval.pixel_floor = False
+    rows = []
+    for protocol in ("fast", "standard"):
+        result = probe_backbone(cfg, encoder.backbone, None, device, protocol)
+        rows.append({"part": "probe", "protocol": protocol, "seconds": result["seconds"], "top1": result["top1"],
+                     "epochs": cfg.eval.probe_epochs if protocol == "standard" else None, "device": str(device)})
+    rows.append({"part": "probe", "protocol": "fast vs standard",
+                 "speedup": rows[1]["seconds"] / rows[0]["seconds"],
+                 "top1_difference_points": 100 * (rows[0]["top1"] - rows[1]["top1"])})
+    return rows
+
+
+def _started_at() -> float:
+    return time.time()
+
+
+def bench_overhead(args) -> list[dict]:
+    import shutil
+    import tempfile
+
+    import submitit
+
+    from .launch import slurm_problem
+
+    kinds = ["debug", "local"] + ([] if slurm_problem() else ["slurm"])
+    rows = []
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        for kind in kinds:
+            executor = submitit.AutoExecutor(folder=str(Path(folder) / kind), cluster=kind)
+            executor.update_parameters(timeout_min=5, cpus_per_task=1)
+            latencies = []
+            for _ in range(args.repeats):
+                tic = time.time()
+                job = executor.submit(_started_at)
+                latencies.append(job.result() - tic)
+            rows.append({"part": "overhead", "executor": kind, "submit_to_start_s": statistics.median(latencies),
+                         "repeats": args.repeats})
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+PARTS = {"train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead}
+
+
+def _format(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", default=["train", "data"], help=f"any of {', '.join(PARTS)}")
+    parser.add_argument("--recipe", default="fmnist-tiny")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--synthetic", type=int, default=0, metavar="N",
+                        help="use N random images of the dataset's shape instead of its files")
+    parser.add_argument("--run", help="a finished run directory (probe part)")
+    parser.add_argument("--probe-epochs", type=int, help="standard probe epochs (default: the run's config)")
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.parts if p not in PARTS]
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    results = {"machine": machine_description(), "python": platform.python_version(), "argv": sys.argv[1:],
+               "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": []}
+    print(f"machine: {results['machine']}")
+    for part in args.parts:
+        rows = PARTS[part](args)
+        results["rows"] += rows
+        print(_format(rows), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"bench-{'-'.join(args.parts)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
