@@ -16,18 +16,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from . import faults
+
 FORMAT = "moco-harness/checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fault(point: str) -> None:
-    """Test-only fault injection: HARNESS_FAULT=<point> kills this process (SIGKILL) there."""
-    if os.environ.get("HARNESS_FAULT") == point:
-        os.kill(os.getpid(), 9)
 
 
 def rng_state() -> dict[str, Any]:
@@ -61,7 +57,7 @@ def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
         torch.save({"format": FORMAT, **state}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    _fault("checkpoint-before-rename")
+    faults.kill_point("checkpoint-before-rename", directory.parent)
     os.replace(tmp, final)  # atomic: a reader sees the old set of files or the new one
     for old in checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)

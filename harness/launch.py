@@ -17,6 +17,7 @@ from typing import Any
 
 import submitit
 
+from . import faults
 from .studyfile import Resources, StudyError
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
@@ -93,7 +94,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         cfg = config_from_dict(self.config)
         if self.threads:
             cfg.runtime.threads = self.threads
-        _maybe_inject_fault(run_dir)
+        faults.raise_point("raise-once", run_dir)
         callback = self._pruning_callback() if self.prune and env.global_rank == 0 else None
         return train(cfg, run_dir, on_epoch=callback)
 
@@ -132,15 +133,6 @@ def machine_description() -> str:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     gpu_text = f", {len(gpus)} x {gpus[0]}" if gpus else ", no GPU"
     return f"{cpu} ({cores} cores available to the job){gpu_text}, torch {torch.__version__}"
-
-
-def _maybe_inject_fault(run_dir: Path) -> None:
-    """Test-only: HARNESS_FAULT=raise-once makes the first attempt of each trial raise."""
-    if os.environ.get("HARNESS_FAULT") == "raise-once":
-        marker = run_dir / ".fault-injected"
-        if not marker.exists():
-            marker.touch()
-            raise RuntimeError("injected fault (HARNESS_FAULT=raise-once)")
 
 
 # ---------------------------------------------------------------- re-attachment

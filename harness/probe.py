@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from . import runio
+from . import faults, runio
 from .augment import RECIPES, BatchAugment
 from .config import ConfigError, RunConfig, config_from_dict
 from .data import NORMALIZATION, NUM_CLASSES, load_tensors, seeded_generator
@@ -194,6 +194,7 @@ def probe_path(cfg: RunConfig, run_dir: Path, protocol: str) -> Path:
 def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device, protocol: str | None = None,
               epoch: int | None = None) -> dict:
     protocol = protocol or cfg.eval.probe
+    faults.kill_point("probe", run_dir)
     result = probe_backbone(cfg, encoder.backbone, splits, device, protocol)
     result["epoch"] = epoch if epoch is not None else cfg.optim.epochs
     runio.write_json(probe_path(cfg, run_dir, protocol), result)

@@ -23,7 +23,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_mod
-from . import runio
+from . import faults, runio
 from .config import ConfigError, RunConfig, dump_yaml, make_config, validate
 from .data import NUM_CLASSES, check_dataset, load_tensors, pretrain_views, seeded_generator
 from .features import encoder_features, extract, split_batches
@@ -214,7 +214,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
             every_steps = cfg.runtime.checkpoint_every_steps
             if every_steps and global_step % every_steps == 0 and not last_of_epoch:
                 save_checkpoint(epoch, step + 1)
-            ckpt._fault(f"after-step-{global_step}")
+            faults.kill_point(f"after-step-{global_step}", run_dir)
         if status != "completed":
             break
         seconds = time.perf_counter() - tic

@@ -1,0 +1,83 @@
+"""Crash matrix: a trial SIGKILLed at each dangerous point still finishes exactly as if nothing happened."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from harness import checkpoint as ckpt
+from harness.runio import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = """\
+description: one trial, checkpoints every 3 steps (8 steps per epoch, 2 epochs)
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
+            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, runtime.log_every=1,
+            runtime.checkpoint_every_steps=3, runtime.threads=1]
+factors: {moco.momentum: [0.99]}
+seeds: [0]
+retries: 2
+"""
+TIMING = {"epoch_seconds", "images_per_s", "seconds"}
+POINTS = {
+    "before the first checkpoint": "after-step-2",
+    "mid-epoch": "after-step-11",
+    "between checkpoint write and rename": "checkpoint-before-rename",
+    "during the final probe": "probe",
+}
+
+
+def run_study(results: Path, study_file: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HARNESS_RESULTS": str(results)}
+    env.pop("HARNESS_FAULT", None)
+    if fault:
+        env["HARNESS_FAULT"] = fault
+    cmd = [sys.executable, "-m", "harness.study", str(study_file), "--executor", "local", "--poll", "0.5",
+           "--no-report", "--parallel", "1"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def outcome(results: Path) -> dict:
+    run = results / "crash" / "runs" / "momentum=0.99,seed=0"
+    metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run / "metrics.jsonl")]
+    probes = sorted(p.name for p in run.glob("probe*.json"))
+    probe = json.loads((run / "probe.json").read_text())
+    study = optuna.load_study(study_name="crash", storage=f"sqlite:///{results / 'crash' / 'study.db'}")
+    return {"state": ckpt.load_latest(run / "checkpoints"), "metrics": metrics, "probes": probes,
+            "probe": {k: v for k, v in probe.items() if k not in TIMING}, "trials": study.get_trials()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    study = root / "crash.yaml"
+    study.write_text(STUDY)
+    proc = run_study(root / "results", study)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outcome(root / "results")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", list(POINTS))
+def test_trial_killed_finishes_identically(where, reference, tmp_path):
+    study = tmp_path / "crash.yaml"
+    study.write_text(STUDY)
+    proc = run_study(tmp_path / "results", study, fault=POINTS[where])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = outcome(tmp_path / "results")
+    states = [t.state for t in got["trials"]]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 1
+    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed attempt, retried
+    assert got["probes"] == ["probe.json"]
+    epochs = [r["epoch"] for r in got["metrics"] if r["kind"] == "epoch"]
+    steps = [r["step"] for r in got["metrics"] if r["kind"] == "step"]
+    assert epochs == [1, 2] and steps == sorted(set(steps)) and len(steps) == 16  # nothing duplicated
+    assert got["metrics"] == reference["metrics"]
+    assert got["probe"] == reference["probe"]
+    a, b = got["state"]["model"], reference["state"]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
