@@ -218,7 +218,8 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc.problem}).") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}).") from None
     out: dict = value
     for part in reversed(key.split(".")):
         out = {part: out}

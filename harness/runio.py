@@ -60,7 +60,17 @@ def read_status(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def check_writable(run_dir: Path) -> None:
-    probe = run_dir if run_dir.exists() else next((p for p in run_dir.parents if p.exists()), Path("."))
-    if not os.access(probe, os.W_OK):
-        raise ConfigError(f"--out {run_dir}: {probe} is not writable; choose another output directory.")
+def check_writable(directory: Path) -> None:
+    """Fail early, with the path named, where outputs could not be written (tried, not guessed:
+    permission bits say nothing for root or read-only mounts)."""
+    directory = Path(directory).absolute()
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise ConfigError(f"{directory}: not writable, {existing} is a file, not a directory; "
+                          f"choose another output location.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{directory}: not writable ({exc.strerror} in {existing}); "
+                          f"choose another output location.") from None
