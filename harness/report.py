@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import math
 import os
 import sys

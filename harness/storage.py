@@ -13,7 +13,7 @@ import optuna
 
 from .studyfile import StudyError
 
-HEARTBEAT_S, GRACE_S = 30, 120
+HEARTBEAT_S = 30  # a RUNNING trial whose worker is silent for 4 heartbeats is failed and retried
 
 
 def redact(url: str) -> str:
@@ -25,7 +25,9 @@ def default_url(study_dir: Path) -> str:
     return f"sqlite:///{(study_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, max_retry: int = 2):
+    """The storage for `url`. On PostgreSQL/MySQL, trials of workers that stopped beating are failed
+    and re-enqueued (up to `max_retry` times) by the next worker that looks."""
     try:
         if url.startswith("journal://"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -37,7 +39,9 @@ def open_storage(url: str):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         if re.match(r"^(postgresql|mysql)(\+\w+)?://", url):
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=4 * heartbeat_s,
+                                              heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # driver missing, server down, bad path: all "cannot open"
         raise StudyError(f"--storage {redact(url)}: cannot open ({type(exc).__name__}: "
                          f"{redact(str(exc).splitlines()[0])[:300]}).") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import math
 import os
 import sys
 import tempfile
@@ -29,10 +28,12 @@ from .config import ConfigError
 from .data import check_dataset
 from .storage import default_url, open_storage, redact
 from .studyfile import Study, StudyError, load_study, trial_key, validate_levels
+from .trial_result import read_trial_result
 
 RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
+WAITING = optuna.trial.TrialState.WAITING
 FAIL = optuna.trial.TrialState.FAIL
 
 
@@ -65,10 +66,12 @@ class Driver:
         self.resources = study.resources_for(self.recipe)
 
     # -------------------------------------------------------------- setup
-    def open(self) -> None:
+    def open(self, lock: bool = True) -> None:
         runio.check_writable(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        storage = open_storage(self.storage_url)
+        if lock:
+            self.lock()
+        storage = open_storage(self.storage_url, self.args.heartbeat, self.study.retries)
         sampler = (optuna.samplers.TPESampler(seed=0, constant_liar=True) if self.study.sampler == "tpe"
                    else optuna.samplers.RandomSampler(seed=0))  # grid points are enqueued, never sampled
         try:
@@ -116,7 +119,7 @@ class Driver:
         grouped, todo = self.by_key(), []
         for params, _ in self.points:
             tries = grouped.get(trial_key(params), [])
-            if any(t.state in FINAL or t.state == RUNNING for t in tries):
+            if any(t.state in FINAL or t.state in (RUNNING, WAITING) for t in tries):
                 continue
             if any(t.user_attrs.get("outcome") == "diverged" for t in tries):
                 continue  # a result ("fail" in the paper), not an accident: never retried
@@ -190,7 +193,8 @@ class Driver:
     # -------------------------------------------------------------- reconcile
     def reconcile(self) -> None:
         """Tell Optuna the outcome of every RUNNING trial whose job has ended (or vanished)."""
-        running = [t for t in self.trials() if t.state == RUNNING]
+        # Workers tell Optuna themselves (heartbeats cover the ones that die).
+        running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get("executor") != "worker"]
         states = {}
         if self.kind == "slurm":
             states = launch.slurm_states([t.user_attrs["job_id"] for t in running if "job_id" in t.user_attrs])
@@ -224,35 +228,52 @@ class Driver:
         self.ostudy.tell(t.number, state=FAIL)
 
     def finalize(self, t, state: str, job=None) -> None:
-        run_dir = Path(t.user_attrs["run_dir"])
-        status = runio.read_status(run_dir)
-        outcome = status.get("status")
-        attrs = {"outcome": outcome or "error", "epochs": status.get("epoch"), "final_loss": status.get("loss"),
-                 "knn_top1": status.get("knn_top1"), **_attempt_attrs(run_dir)}
-        probe_file = run_dir / "probe.json"
-        if probe_file.exists():
-            probe = json.loads(probe_file.read_text())
-            attrs.update(probe_top1=probe["top1"], probe_top5=probe["top5"], probe_protocol=probe["protocol"],
-                         pixel_floor_top1=probe.get("pixel_floor_top1"))
-        hours = sum(r.get("epoch_seconds", 0) for r in runio.read_jsonl(run_dir / "metrics.jsonl")
-                    if r.get("kind") == "epoch") / 3600
-        attrs["hours"] = hours
-        attrs["gpu_hours"] = hours * self.resources.gpus * self.resources.nodes
-        self._set_attrs(t, attrs)
-        if outcome == "completed":
-            value = attrs.get(self.study.objective)
-            if value is None:
-                self._tell_fail(t, f"completed without {self.study.objective}")
-            else:
-                self.ostudy.tell(t.number, value)
-        elif outcome == "pruned":
+        result = read_trial_result(Path(t.user_attrs["run_dir"]), self.study.objective,
+                                   self.resources.gpus * self.resources.nodes)
+        self._set_attrs(t, result.attrs)
+        if result.outcome == "completed":
+            self.ostudy.tell(t.number, result.value)
+        elif result.outcome == "pruned":
             self.ostudy.tell(t.number, state=optuna.trial.TrialState.PRUNED)
-        elif outcome == "diverged":
-            self._tell_fail(t, f"diverged: the loss became NaN/inf (step {status.get('global_step')})", "diverged")
+        elif result.outcome == "diverged":
+            self._tell_fail(t, result.reason, "diverged")
         else:
-            reason = (launch.job_failure(self.kind, self.dir / "jobs", t.user_attrs["job_id"], state)
-                      if self.kind != "debug" else _debug_reason(job))
+            reason = result.reason or (launch.job_failure(self.kind, self.dir / "jobs", t.user_attrs["job_id"], state)
+                                       if self.kind != "debug" else _debug_reason(job))
             self._tell_fail(t, reason)
+
+    # -------------------------------------------------------------- worker mode
+    def run_workers(self, wait: bool = True) -> None:
+        """Enqueue every pending grid point once, then let N workers pull them (see harness.worker)."""
+        from .worker import WorkerJob
+
+        if self.study.sampler != "grid":
+            raise StudyError("--workers: worker mode runs grid studies; searches use the default driver.")
+        view = ProgressView(self)
+        for _ in range(self.study.retries + 1):
+            for params in self.pending_grid():
+                key = trial_key(params)
+                self.ostudy.enqueue_trial(params, user_attrs={"key": key, "run_dir": str(self.run_dir(key))})
+            if not any(t.state == WAITING for t in self.trials()):
+                break
+            threads = max(1, (os.cpu_count() or 1) // self.args.workers) if self.kind != "slurm" else self.resources.cpus
+            job = WorkerJob(str(self.study.path), self.name, self.storage_url, self.args.recipe, self.extra,
+                            str(self.dir), threads, self.args.heartbeat, self.resources.gpus * self.resources.nodes)
+            if self.kind == "slurm":
+                with self.executor.batch():
+                    jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
+            else:
+                jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
+            if self.kind == "debug":
+                for j in jobs:
+                    j.result()
+            if not wait:
+                print(f"{len(jobs)} workers submitted; --status to check ({self.dir})")
+                return
+            while not all(j.done() for j in jobs):
+                view.show(self.trials())
+                time.sleep(self.args.poll)
+            view.show(self.trials())
 
     # -------------------------------------------------------------- main loop
     def run(self, wait: bool = True) -> None:
@@ -284,14 +305,6 @@ class Driver:
                 if self.study.sampler == "tpe" and (search_budget() <= 0 or not retries_left):
                     break
             time.sleep(self.args.poll)
-
-
-def _attempt_attrs(run_dir: Path) -> dict:
-    attempts = runio.read_jsonl(run_dir / "attempts.jsonl")
-    if not attempts:
-        return {}
-    return {"host": attempts[-1].get("host"), "attempts": len(attempts),
-            "job_ids": ",".join(str(a.get("job_id")) for a in attempts)}
 
 
 def _debug_reason(job) -> str:
@@ -400,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true", help="print the study's state, launch nothing")
     parser.add_argument("--no-wait", action="store_true", help="submit and return; rerun to re-attach")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="worker mode: N processes pull trials from the storage (grid studies)")
+    parser.add_argument("--heartbeat", type=int, default=30, metavar="S",
+                        help="worker heartbeat on PostgreSQL/MySQL; a trial silent for 4 beats is retried")
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -408,13 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(driver))
             return 0
-        driver.open()
+        driver.open(lock=not args.status)
         if args.status:
             print(ProgressView(driver).summary(driver.trials()))
             print(status_table(driver))
             return 0
-        driver.lock()
-        driver.run(wait=not args.no_wait)
+        if args.workers:
+            driver.run_workers(wait=not args.no_wait)
+        else:
+            driver.run(wait=not args.no_wait)
     except (StudyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

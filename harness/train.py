@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from .config import ConfigError, RunConfig, dump_yaml, make_config, validate
 from .data import NUM_CLASSES, check_dataset, load_tensors, pretrain_views, seeded_generator
 from .features import encoder_features, extract, split_batches
 from .knn import knn_accuracy
-from .moco import MoCo, build_moco
+from .moco import build_moco
 
 EpochCallback = Callable[[int, dict], Optional[str]]  # returns "prune" to stop the run
 

@@ -1,10 +1,8 @@
 """The DDP Shuffle BN path, with two real CPU processes (gloo)."""
-import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 from harness.moco import MoCo

@@ -1,5 +1,4 @@
 """kNN monitor and linear probes."""
-import json
 import subprocess
 import sys
 

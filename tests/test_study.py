@@ -1,5 +1,4 @@
 """`python -m harness.study`: real Optuna storage, real submitit jobs, a real Slurm."""
-import json
 import os
 import signal
 import subprocess

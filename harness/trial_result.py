@@ -1,0 +1,54 @@
+"""What a finished run directory says about its trial: the Optuna state, value and user attributes.
+
+Shared by the driver (which tells Optuna about submitted jobs) and by workers (which run trials
+themselves), so both record a trial the same way.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from . import runio
+
+
+@dataclass
+class TrialResult:
+    outcome: str  # completed | diverged | pruned | error
+    value: Optional[float]
+    attrs: dict = field(default_factory=dict)
+    reason: Optional[str] = None
+
+
+def _attempt_attrs(run_dir: Path) -> dict:
+    attempts = runio.read_jsonl(run_dir / "attempts.jsonl")
+    if not attempts:
+        return {}
+    return {"host": attempts[-1].get("host"), "attempts": len(attempts),
+            "job_ids": ",".join(str(a.get("job_id")) for a in attempts)}
+
+
+def read_trial_result(run_dir: Path, objective: str, gpus: int = 0) -> TrialResult:
+    status = runio.read_status(run_dir)
+    outcome = status.get("status") if status.get("status") in ("completed", "diverged", "pruned") else "error"
+    attrs = {"outcome": outcome, "epochs": status.get("epoch"), "final_loss": status.get("loss"),
+             "knn_top1": status.get("knn_top1"), **_attempt_attrs(run_dir)}
+    probe_file = run_dir / "probe.json"
+    if probe_file.exists():
+        probe = json.loads(probe_file.read_text())
+        attrs.update(probe_top1=probe["top1"], probe_top5=probe["top5"], probe_protocol=probe["protocol"],
+                     pixel_floor_top1=probe.get("pixel_floor_top1"))
+    hours = sum(r.get("epoch_seconds", 0) for r in runio.read_jsonl(run_dir / "metrics.jsonl")
+                if r.get("kind") == "epoch") / 3600
+    attrs.update(hours=hours, gpu_hours=hours * gpus)
+    attrs = {k: v for k, v in attrs.items() if v is not None}
+    value, reason = None, None
+    if outcome == "completed":
+        value = attrs.get(objective)
+        if value is None:
+            outcome, reason = "error", f"completed without {objective}"
+            attrs["outcome"] = outcome
+    elif outcome == "diverged":
+        reason = f"diverged: the loss became NaN/inf (step {status.get('global_step')})"
+    return TrialResult(outcome, value, attrs, reason)
