@@ -8,6 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/local_slurm.py
 
+import local_postgres  # noqa: E402
 from local_slurm import PACKAGES, LocalSlurm, available  # noqa: E402
 
 
@@ -27,4 +28,22 @@ def slurm():
         yield cluster
     finally:
         cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server on loopback for the session, stopped by PID afterwards."""
+    if not local_postgres.available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; .ci/run installs it")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    root = Path(tempfile.mkdtemp(prefix="harness-pg-"))
+    root.chmod(0o755)
+    server = local_postgres.LocalPostgres(root / "pg")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
