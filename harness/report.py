@@ -54,7 +54,8 @@ def trials_table(ostudy: optuna.Study) -> pd.DataFrame:
         row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
                "seed": t.params.get("seed", a.get("seed")), "state": state,
                "failure_reason": a.get("failure_reason"), "probe_top1": a.get("probe_top1"),
-               "probe_top5": a.get("probe_top5"), "knn_top1": a.get("knn_top1"), "epochs": a.get("epochs"),
+               "probe_top5": a.get("probe_top5"), "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
+               "chance_loss": _chance_loss(a.get("run_dir")), "epochs": a.get("epochs"),
                "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
                "host": a.get("host"), "run_dir": a.get("run_dir")}
         if t.state == optuna.trial.TrialState.RUNNING and a.get("run_dir"):
@@ -63,6 +64,18 @@ def trials_table(ostudy: optuna.Study) -> pd.DataFrame:
                 row.update(epochs=epochs[-1]["epoch"], knn_top1=epochs[-1].get("knn_top1"))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _chance_loss(run_dir: str | None) -> float | None:
+    """ln(K + 1): the InfoNCE loss of an encoder that cannot tell its positive from the K negatives."""
+    if not run_dir or not (Path(run_dir) / "config.yaml").exists():
+        return None
+    import yaml
+
+    moco = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("moco", {})
+    if moco.get("key_encoder") == "end_to_end":
+        return None
+    return math.log(moco.get("queue_size", 0) + 1) if moco.get("queue_size") else None
 
 
 def curves_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
@@ -90,6 +103,7 @@ def summary_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
             values = done[metric].dropna().astype(float)
             row[f"{metric}_mean"] = values.mean() if len(values) else np.nan
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+        row["final_loss_mean"] = done["final_loss"].dropna().astype(float).mean() if len(done) else np.nan
         row["failed"] = int((group["state"] == "FAIL").sum())
         row["diverged"] = int((group["state"] == "DIVERGED").sum())
         row["pruned"] = int((group["state"] == "PRUNED").sum())
@@ -126,6 +140,14 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
         beyond = p < 0.05
         lines.append(text + f"; runner-up {second} ({b.mean():.4f}), difference {diff:+.4f}, Welch's t-test "
                      f"p = {p:.3g}: " + ("beyond seed noise." if beyond else "within seed noise."))
+    done_all = trials[trials["state"] == "COMPLETE"].dropna(subset=["final_loss", "chance_loss"])
+    for factor in factors:
+        for level, g in done_all.groupby(factor):
+            ratio = (g["final_loss"] / g["chance_loss"]).mean()
+            if ratio > 0.9:
+                lines.append(f"{factor} = {level}: completed, but the final loss {g['final_loss'].mean():.2f} stayed "
+                             f"near ln(K+1) = {g['chance_loss'].mean():.2f} (the positive barely beats the negatives): "
+                             f"training did not converge, without diverging.")
     dead = trials[trials["state"] == "DIVERGED"]
     for factor in factors:
         for level, g in dead.groupby(factor):
@@ -162,10 +184,25 @@ def _apply_scale(ax, scale: str, ticks: pd.Series | None = None, factor: str = "
 
 
 def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, reference: dict, out: Path) -> list[Path]:
+    """Objective vs the first factor on its natural axis (hue: the second factor); the paper's values,
+    when the study file gives them, in a separate panel: a different dataset and scale."""
     x_factor, hue = factors[0], (factors[1] if len(factors) > 1 else None)
     df = trials.copy()
     df["x"], xlabel, scale = _axis(x_factor, df[x_factor])
-    has_ref = bool(reference.get("values"))
+    order = list(dict.fromkeys(df["x"])) if scale == "category" else None
+
+    def pos(xs: pd.Series) -> pd.Series:
+        return xs.map(order.index) if order else xs
+
+    def finish(ax, ticks: pd.Series, ylabel: str, title: str) -> None:
+        if order:
+            ax.set_xticks(range(len(order)), order)
+        _apply_scale(ax, scale, ticks, x_factor)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+
+    has_ref = bool(reference.get("values")) and x_factor in pd.DataFrame(reference.get("values") or [{}])
     fig, axes = plt.subplots(1, 2 if has_ref else 1, figsize=(11 if has_ref else 6.5, 4.2), squeeze=False)
     ax = axes[0][0]
     done = df[df["state"] == "COMPLETE"].dropna(subset=[objective])
@@ -173,58 +210,34 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
     palette = dict(zip(hue_values, sns.color_palette("deep", len(hue_values))))
     for hv in hue_values:
         part = done if hv is None else done[done[hue] == hv]
-        color = palette[hv]
-        label = None if hv is None else f"{hue} = {hv}"
-        if len(part):
-            stats_ = part.groupby("x")[objective].agg(["mean", "std"]).reset_index()
-            if scale == "category":
-                order = list(dict.fromkeys(df["x"]))
-                stats_["pos"] = stats_["x"].map(order.index)
-                pos = part["x"].map(order.index)
-            else:
-                stats_["pos"], pos = stats_["x"], part["x"]
-            ax.scatter(pos, part[objective], color=color, alpha=0.55, s=22, label=None)
-            ax.errorbar(stats_["pos"], stats_["mean"], yerr=stats_["std"].fillna(0), color=color, marker="o",
-                        capsize=4, lw=1.5, label=label or "mean ± std over seeds")
-    failed = df[df["state"].isin(["DIVERGED", "FAIL"])]
-    if len(failed):
-        y = (done[objective].min() if len(done) else 0.0)
-        xs = failed["x"] if scale != "category" else failed["x"].map(list(dict.fromkeys(df["x"])).index)
-        ax.scatter(xs, [y] * len(failed), marker="x", color="crimson", s=60, label="fail (diverged / error)")
-    if scale == "category":
-        order = list(dict.fromkeys(df["x"]))
-        ax.set_xticks(range(len(order)), order)
-    _apply_scale(ax, scale, df["x"], x_factor)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{objective} (this study)")
-    ax.set_title("This study: per-seed points, mean ± std")
-    ax.legend(fontsize=8)
+        if not len(part):
+            continue
+        agg = part.groupby("x")[objective].agg(["mean", "std"]).reset_index()
+        ax.scatter(pos(part["x"]), part[objective], color=palette[hv], alpha=0.55, s=22)
+        ax.errorbar(pos(agg["x"]), agg["mean"], yerr=agg["std"].fillna(0), color=palette[hv], marker="o",
+                    capsize=4, lw=1.5, label=f"{hue} = {hv}" if hue else "mean ± std over seeds")
+    floor = done[objective].min() if len(done) else 0.0
+    for state, color, label in (("DIVERGED", "crimson", "diverged (the paper's 'fail')"),
+                                ("FAIL", "gray", "failed (error, after retries)")):
+        bad = df[df["state"] == state]
+        if len(bad):
+            ax.scatter(pos(bad["x"]), [floor] * len(bad), marker="x", color=color, s=60, label=label)
+    finish(ax, df["x"], f"{objective} (this study)", "This study: per-seed points, mean ± std")
     if has_ref:
-        rax = axes[0][1]
         ref = pd.DataFrame(reference["values"])
-        if x_factor in ref:
-            ref["x"], _, _ = _axis(x_factor, ref[x_factor])
-            ok = ref[pd.to_numeric(ref["value"], errors="coerce").notna()].copy()
-            ok["value"] = ok["value"].astype(float)
-            bad = ref[pd.to_numeric(ref["value"], errors="coerce").isna()]
-            rhue = hue if hue in ref else None
-            for hv, part in (ok.groupby(rhue) if rhue else [(None, ok)]):
-                part = part.sort_values("x")
-                pos = part["x"] if scale != "category" else part["x"].map(list(dict.fromkeys(df["x"])).index)
-                rax.plot(pos, part["value"], marker="s", ls="--", color=palette.get(hv, "gray"),
-                         label=f"{rhue} = {hv}" if rhue else "paper")
-            if len(bad):
-                pos = bad["x"] if scale != "category" else bad["x"].map(list(dict.fromkeys(df["x"])).index)
-                y = ok["value"].min() if len(ok) else 0
-                rax.scatter(pos, [y] * len(bad), marker="x", color="crimson", s=60, label="fail (paper)")
-            if scale == "category":
-                order = list(dict.fromkeys(df["x"]))
-                rax.set_xticks(range(len(order)), order)
-            _apply_scale(rax, scale, ref["x"], x_factor)
-            rax.set_xlabel(xlabel)
-            rax.set_ylabel(reference.get("metric", "paper"))
-            rax.set_title("Paper (different dataset and scale)", fontsize=10)
-            rax.legend(fontsize=8)
+        ref["x"], _, _ = _axis(x_factor, ref[x_factor])
+        numeric = pd.to_numeric(ref["value"], errors="coerce")
+        ok, fails = ref[numeric.notna()].assign(value=numeric[numeric.notna()]), ref[numeric.isna()]
+        rhue = hue if hue in ref else None
+        rax = axes[0][1]
+        for hv, part in (ok.groupby(rhue) if rhue else [(None, ok)]):
+            part = part.sort_values("x")
+            rax.plot(pos(part["x"]), part["value"], marker="s", ls="--", color=palette.get(hv, "gray"),
+                     label=f"{rhue} = {hv}" if rhue else "paper")
+        if len(fails):
+            rax.scatter(pos(fails["x"]), [ok["value"].min() if len(ok) else 0] * len(fails), marker="x",
+                        color="crimson", s=60, label="fail (paper)")
+        finish(rax, ref["x"], reference.get("metric", "paper"), "Paper (different dataset and scale)")
     fig.tight_layout()
     return _save(fig, out / "objective")
 
