@@ -51,7 +51,7 @@ def resolve_executor(kind: str) -> str:
 
 def make_executor(kind: str, folder: Path, res: Resources, name: str, parallel: int) -> submitit.Executor:
     executor = submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=res.max_timeouts)
-    tasks = max(res.gpus, 1)  # one process per GPU: DDP
+    tasks = res.tasks or max(res.gpus, 1)  # one process per GPU: DDP
     params: dict[str, Any] = dict(name=name, timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=tasks,
                                   cpus_per_task=max(1, res.cpus // tasks), gpus_per_node=res.gpus or None)
     if kind == "slurm":

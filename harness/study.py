@@ -66,11 +66,10 @@ class Driver:
         self.resources = study.resources_for(self.recipe)
 
     # -------------------------------------------------------------- setup
-    def open(self, lock: bool = True) -> None:
+    def open(self) -> None:
         runio.check_writable(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        if lock:
-            self.lock()
+        self.lock()
         storage = open_storage(self.storage_url, self.args.heartbeat, self.study.retries)
         sampler = (optuna.samplers.TPESampler(seed=0, constant_liar=True) if self.study.sampler == "tpe"
                    else optuna.samplers.RandomSampler(seed=0))  # grid points are enqueued, never sampled
@@ -153,6 +152,14 @@ class Driver:
         chosen["seed"] = self.study.seeds[0]
         return trial, chosen
 
+    def _threads_per_process(self, concurrent: int) -> int:
+        """CPU threads for each training process: its share of the job's CPUs (SLURM), or of this
+        machine's cores when `concurrent` jobs share it (local)."""
+        tasks = self.resources.tasks or max(self.resources.gpus, 1)
+        if self.kind == "slurm":
+            return max(1, self.resources.cpus // tasks)
+        return max(1, (os.cpu_count() or 1) // (concurrent * tasks))
+
     def submit(self, todo: list[dict | None]) -> int:
         """Create one trial per entry and launch its jobs (a job array on SLURM)."""
         prepared = []
@@ -169,7 +176,7 @@ class Driver:
             for name, value in {"key": key, "run_dir": str(self.run_dir(key)), "executor": self.kind,
                                 "seed": params["seed"], "submitted": time.time()}.items():
                 trial.set_user_attr(name, value)
-            threads = self.resources.cpus // max(1, self.resources.gpus) if self.kind == "slurm" else max(1, (os.cpu_count() or 1) // self.parallel)
+            threads = self._threads_per_process(self.parallel)
             job = launch.TrialJob(str(self.run_dir(key)), cfg.to_dict(), self.storage_url, self.name,
                                   trial._trial_id, self.study.pruner != "none", threads)
             prepared.append((trial, job))
@@ -256,7 +263,7 @@ class Driver:
                 self.ostudy.enqueue_trial(params, user_attrs={"key": key, "run_dir": str(self.run_dir(key))})
             if not any(t.state == WAITING for t in self.trials()):
                 break
-            threads = max(1, (os.cpu_count() or 1) // self.args.workers) if self.kind != "slurm" else self.resources.cpus
+            threads = self._threads_per_process(self.args.workers)
             job = WorkerJob(str(self.study.path), self.name, self.storage_url, self.args.recipe, self.extra,
                             str(self.dir), threads, self.args.heartbeat, self.resources.gpus * self.resources.nodes)
             if self.kind == "slurm":
@@ -378,6 +385,18 @@ def status_table(driver: Driver) -> str:
     return "\n".join([header, *rows]) if rows else "(no trials yet)"
 
 
+def print_status(driver: Driver) -> int:
+    """Where the study stands, read-only: creates nothing, launches nothing."""
+    try:
+        driver.ostudy = optuna.load_study(study_name=driver.name, storage=open_storage(driver.storage_url))
+    except KeyError:
+        print(f"study '{driver.name}' has not started ({redact(driver.storage_url)}).")
+        return 0
+    print(ProgressView(driver).summary(driver.trials()))
+    print(status_table(driver))
+    return 0
+
+
 def dry_run(driver: Driver) -> str:
     s, res = driver.study, driver.resources
     lines = [f"study {driver.name}: {s.description}", f"recipe {driver.recipe}; storage {redact(driver.storage_url)}; "
@@ -425,11 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(driver))
             return 0
-        driver.open(lock=not args.status)
         if args.status:
-            print(ProgressView(driver).summary(driver.trials()))
-            print(status_table(driver))
-            return 0
+            return print_status(driver)
+        driver.open()
         if args.workers:
             driver.run_workers(wait=not args.no_wait)
         else:

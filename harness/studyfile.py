@@ -34,7 +34,7 @@ STUDY_DIR = Path(__file__).resolve().parent.parent / "studies"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
             "direction", "pruner", "resources", "retries", "reference"}
-RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "signal_delay_s", "max_timeouts"}
+RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "tasks", "signal_delay_s", "max_timeouts"}
 OBJECTIVES = ("probe_top1", "knn_top1")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 
@@ -45,8 +45,9 @@ class StudyError(ValueError):
 
 @dataclass
 class Resources:
-    gpus: int = 0
-    cpus: int = 2
+    gpus: int = 0  # per node
+    tasks: int = 0  # processes per node (DDP ranks); 0 = one per GPU, or one without GPUs
+    cpus: int = 2  # per node
     mem_gb: float = 8
     time_min: int = 60
     partition: Optional[str] = None
@@ -235,7 +236,7 @@ def _check_resources(path: Path, res: Any) -> None:
                 raise _fail(path, "resources.partition", "a partition name (string) or null is required.")
         elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise _fail(path, f"resources.{key}", f"a non-negative number is required, got {value!r}.")
-        elif key in ("gpus", "cpus", "nodes", "time_min", "max_timeouts") and value != int(value):
+        elif key in ("gpus", "cpus", "nodes", "tasks", "time_min", "max_timeouts") and value != int(value):
             raise _fail(path, f"resources.{key}", f"a whole number is required, got {value!r}.")
     if res.get("nodes", 1) < 1 or res.get("cpus", 1) < 1 or res.get("time_min", 1) < 1:
         raise _fail(path, "resources", "nodes, cpus and time_min must be at least 1.")

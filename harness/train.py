@@ -236,7 +236,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
             status = "pruned"
     progress.close()
 
-    result = {"status": status, "epoch": epoch, "global_step": global_step,
+    result = {"status": status, "epoch": epoch, "global_step": global_step, "world_size": world,
               "loss": last.get("loss"), "knn_top1": last.get("knn_top1")}
     if is_main:
         if status == "completed" and probe and cfg.eval.probe != "none" and not (run_dir / "probe.json").exists():

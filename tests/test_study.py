@@ -1,4 +1,5 @@
 """`python -m harness.study`: real Optuna storage, real submitit jobs, a real Slurm."""
+import json
 import os
 import signal
 import subprocess
@@ -182,3 +183,24 @@ def test_driver_killed_mid_study_finishes_without_duplicates(tmp_path, slurm):
     trials = trials_of(tmp_path)
     assert_every_trial_complete_once(trials)
     assert len(trials) == 4  # re-attached to the running jobs: nothing resubmitted
+
+
+@pytest.mark.slow
+def test_trial_with_two_processes_runs_ddp_through_submitit(tmp_path):
+    study = tmp_path / "ddp.yaml"
+    study.write_text("""\
+description: one trial as 2 DDP processes on CPU (gloo), keys shuffled across them (Shuffle BN 'ddp')
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=1,
+            moco.queue_size=256, moco.shuffle_bn=ddp, eval.pixel_floor=false]
+factors: {moco.momentum: [0.99]}
+seeds: [0]
+retries: 0
+resources: {tasks: 2, cpus: 2, time_min: 10}
+""")
+    proc = run_study(tmp_path / "results", str(study), "--executor", "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "results" / "ddp" / "runs" / "momentum=0.99,seed=0"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["world_size"] == 2
+    assert (run / "probe.json").exists()
