@@ -387,8 +387,11 @@ def status_table(driver: Driver) -> str:
 
 def print_status(driver: Driver) -> int:
     """Where the study stands, read-only: creates nothing, launches nothing."""
+    url = driver.storage_url
     try:
-        driver.ostudy = optuna.load_study(study_name=driver.name, storage=open_storage(driver.storage_url))
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+            raise KeyError(url)
+        driver.ostudy = optuna.load_study(study_name=driver.name, storage=open_storage(url))
     except KeyError:
         print(f"study '{driver.name}' has not started ({redact(driver.storage_url)}).")
         return 0
