@@ -74,9 +74,10 @@ class TrialJob(submitit.helpers.Checkpointable):
     `train` resumes from the run directory's checkpoint, so no state travels in the pickle."""
 
     def __init__(self, run_dir: str, config: dict, storage_url: str, study_name: str, trial_id: int,
-                 prune: bool, threads: int = 0):
+                 pruner: tuple | None, threads: int = 0):
+        """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning."""
         self.run_dir, self.config, self.storage_url = run_dir, config, storage_url
-        self.study_name, self.trial_id, self.prune, self.threads = study_name, trial_id, prune, threads
+        self.study_name, self.trial_id, self.pruner, self.threads = study_name, trial_id, pruner, threads
 
     def __call__(self) -> dict:
         from .config import config_from_dict
@@ -95,15 +96,18 @@ class TrialJob(submitit.helpers.Checkpointable):
         if self.threads:
             cfg.runtime.threads = self.threads
         faults.raise_point("raise-once", run_dir)
-        callback = self._pruning_callback() if self.prune and env.global_rank == 0 else None
+        # getattr: a job pickled by an older driver (one started before an upgrade) has no `pruner`
+        callback = self._pruning_callback() if getattr(self, "pruner", None) and env.global_rank == 0 else None
         return train(cfg, run_dir, on_epoch=callback)
 
     def _pruning_callback(self):
         import optuna
 
         from .storage import open_storage
+        from .studyfile import make_pruner
 
-        study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url))
+        study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url),
+                                  pruner=make_pruner(*self.pruner))
         trial = optuna.trial.Trial(study, self.trial_id)
 
         def on_epoch(epoch: int, record: dict):

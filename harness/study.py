@@ -27,7 +27,7 @@ from . import launch, runio
 from .config import ConfigError
 from .data import check_dataset
 from .storage import default_url, open_storage, redact
-from .studyfile import Study, StudyError, load_study, trial_key, validate_levels
+from .studyfile import Study, StudyError, load_study, make_pruner, trial_key, validate_levels
 from .trial_result import read_trial_result
 
 RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
@@ -35,16 +35,6 @@ FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
 WAITING = optuna.trial.TrialState.WAITING
 FAIL = optuna.trial.TrialState.FAIL
-
-
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
-    return optuna.pruners.NopPruner()
 
 
 class Driver:
@@ -76,7 +66,7 @@ class Driver:
         try:
             self.ostudy = optuna.create_study(study_name=self.name, storage=storage, load_if_exists=True,
                                               direction=self.study.direction, sampler=sampler,
-                                              pruner=make_pruner(self.study.pruner, self.epochs))
+                                              pruner=make_pruner(self.study.pruner, self.epochs, self.study.pruner_args))
         except Exception as exc:
             raise StudyError(f"--storage {redact(self.storage_url)}: cannot create the study ({exc})") from None
         signature = {"recipe": self.recipe, "overrides": self.extra, "study_file": self.study.path.read_text()}
@@ -177,8 +167,9 @@ class Driver:
                                 "seed": params["seed"], "submitted": time.time()}.items():
                 trial.set_user_attr(name, value)
             threads = self._threads_per_process(self.parallel)
+            pruner = (self.study.pruner, self.epochs, self.study.pruner_args) if self.study.pruner != "none" else None
             job = launch.TrialJob(str(self.run_dir(key)), cfg.to_dict(), self.storage_url, self.name,
-                                  trial._trial_id, self.study.pruner != "none", threads)
+                                  trial._trial_id, pruner, threads)
             prepared.append((trial, job))
         if not prepared:
             return 0

@@ -11,7 +11,8 @@
     n_trials: 20                     # tpe only (per seed list: each trial uses seeds[0])
     objective: probe_top1            # probe_top1 | knn_top1
     direction: maximize
-    pruner: none                     # none | median | hyperband | successive_halving
+    pruner: none                     # none | median | hyperband | successive_halving | threshold,
+                                     # or {type: median, n_startup_trials: 5} (arguments of Optuna's pruner)
     resources: {time_min: 600}      # per trial; overrides the recipe's own `resources` (its scale)
     retries: 2
     reference: {source: ..., metric: ..., values: {0.9: 55.2, 0.0: fail}}
@@ -36,7 +37,12 @@ TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds",
             "direction", "pruner", "resources", "retries", "reference"}
 RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "tasks", "signal_delay_s", "max_timeouts"}
 OBJECTIVES = ("probe_top1", "knn_top1")
-PRUNERS = ("none", "median", "hyperband", "successive_halving")
+PRUNER_ARGS = {  # the Optuna pruner arguments a study file may set
+    "none": set(), "median": {"n_startup_trials", "n_warmup_steps"},
+    "hyperband": {"min_resource", "reduction_factor"}, "successive_halving": {"min_resource", "reduction_factor"},
+    "threshold": {"lower", "upper", "n_warmup_steps"},
+}
+PRUNERS = tuple(PRUNER_ARGS)
 
 
 class StudyError(ValueError):
@@ -70,6 +76,7 @@ class Study:
     objective: str = "probe_top1"
     direction: str = "maximize"
     pruner: str = "none"
+    pruner_args: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)  # overrides of the recipe's resources
     retries: int = 2
     reference: dict = field(default_factory=dict)
@@ -203,9 +210,18 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
     direction = data.get("direction", "maximize")
     if direction not in ("maximize", "minimize"):
         raise _fail(path, "direction", f"{direction!r}: use maximize or minimize.")
-    pruner = data.get("pruner", "none")
+    pruner, pruner_args = data.get("pruner", "none"), {}
+    if isinstance(pruner, dict):
+        pruner_args = {k: v for k, v in pruner.items() if k != "type"}
+        pruner = pruner.get("type")
     if pruner not in PRUNERS:
-        raise _fail(path, "pruner", f"{pruner!r}: use one of {', '.join(PRUNERS)}.")
+        raise _fail(path, "pruner", f"{pruner!r}: use one of {', '.join(PRUNERS)} (or a mapping with 'type').")
+    for key, value in pruner_args.items():
+        if key not in PRUNER_ARGS[pruner]:
+            raise _fail(path, f"pruner.{key}", f"not an argument of the {pruner} pruner; allowed: "
+                        f"{', '.join(sorted(PRUNER_ARGS[pruner])) or 'none'}.")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _fail(path, f"pruner.{key}", f"a number is required, got {value!r}.")
     n_trials = data.get("n_trials", 0)
     if sampler == "tpe" and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
         raise _fail(path, "n_trials", "a search (sampler: tpe) needs n_trials >= 1.")
@@ -222,8 +238,25 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
         raise _fail(path, "reference", "a mapping {source, metric, values} is required.")
     return Study(name=name, path=path, description=str(data["description"]), recipe=str(data["recipe"]),
                  factors=factors, seeds=seeds, sampler=sampler, overrides=overrides, n_trials=n_trials,
-                 objective=objective, direction=direction, pruner=pruner, resources=raw_res,
+                 objective=objective, direction=direction, pruner=pruner, pruner_args=pruner_args, resources=raw_res,
                  retries=retries, reference=reference)
+
+
+def make_pruner(name: str, epochs: int, args: dict | None = None):
+    """The study's Optuna pruner. Pruners live in the driver and in every job's `load_study` alike
+    (Optuna does not store them), so both build them here. It sees the kNN monitor, once per epoch."""
+    import optuna
+
+    args = dict(args or {})
+    if name == "median":
+        return optuna.pruners.MedianPruner(**{"n_startup_trials": 3, "n_warmup_steps": 1, **args})
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(**{"min_resource": 1, "max_resource": epochs, **args})
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**{"min_resource": 1, **args})
+    if name == "threshold":
+        return optuna.pruners.ThresholdPruner(**args)
+    return optuna.pruners.NopPruner()
 
 
 def _check_resources(path: Path, res: Any) -> None:

@@ -19,7 +19,7 @@ import submitit
 
 from .launch import machine_description
 from .storage import open_storage
-from .studyfile import load_study, trial_key
+from .studyfile import load_study, make_pruner, trial_key
 from .trial_result import read_trial_result
 
 WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
@@ -39,7 +39,9 @@ class WorkerJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         study = load_study(self.study_file)
         storage = open_storage(self.storage_url, self.heartbeat_s, max_retry=study.retries)
-        ostudy = optuna.load_study(study_name=self.name, storage=storage)
+        epochs = study.run_config(study.grid()[0], self.recipe, self.extra).optim.epochs
+        ostudy = optuna.load_study(study_name=self.name, storage=storage,
+                                   pruner=make_pruner(study.pruner, epochs, study.pruner_args))
         done = 0
         while True:
             optuna.storages.fail_stale_trials(ostudy)  # no-op without heartbeats (SQLite, journal)

@@ -204,3 +204,31 @@ resources: {tasks: 2, cpus: 2, time_min: 10}
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "completed" and status["world_size"] == 2
     assert (run / "probe.json").exists()
+
+
+@pytest.mark.slow
+def test_pruner_decision_stops_the_running_trial(tmp_path):
+    """A search whose pruner (a kNN threshold no tiny run reaches) stops the trial after its first epoch."""
+    study = tmp_path / "prune.yaml"
+    study.write_text("""\
+description: TPE over tau with a pruner every trial fails
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
+            moco.queue_size=256, eval.pixel_floor=false]
+sampler: tpe
+n_trials: 1
+factors: {moco.temperature: {type: float, low: 0.1, high: 0.3}}
+seeds: [0]
+pruner: {type: threshold, lower: 0.99}
+retries: 0
+""")
+    proc = run_study(tmp_path / "results", str(study), "--executor", "local")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    storage = f"sqlite:///{tmp_path / 'results' / 'prune' / 'study.db'}"
+    (trial,) = optuna.load_study(study_name="prune", storage=storage).get_trials()
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1]  # the kNN of epoch 1 reached the pruner
+    run = Path(trial.user_attrs["run_dir"])
+    assert json.loads((run / "status.json").read_text())["status"] == "pruned"
+    assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"] == [1]
+    assert not (run / "probe.json").exists()
