@@ -1,6 +1,7 @@
 """Small, safe file operations on a run directory (atomic writes, JSON lines)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -74,3 +75,20 @@ def check_writable(directory: Path) -> None:
     except OSError as exc:
         raise ConfigError(f"{directory}: not writable ({exc.strerror} in {existing}); "
                           f"choose another output location.") from None
+
+
+def lock_run_dir(run_dir: Path):
+    """Hold an exclusive lock on a run directory while training in it (released when the process
+    ends, killed or not): a second process on the same run fails fast instead of interleaving."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunDirBusy(f"{run_dir}: another process is training in this run directory") from None
+    return handle
+
+
+class RunDirBusy(RuntimeError):
+    pass

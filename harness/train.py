@@ -126,6 +126,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
     bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and cuda)
     channels_last = cfg.runtime.channels_last == "yes" or (cfg.runtime.channels_last == "auto" and cuda)
 
+    run_lock = runio.lock_run_dir(run_dir) if is_main else None  # noqa: F841 (held until return)
     _prepare_run_dir(cfg, run_dir, is_main)
     splits = None if cfg.data.dataset == "imagefolder" else load_tensors(cfg)
     views = pretrain_views(cfg, device, rank, world, splits)
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.out or Path("results") / "runs" / args.recipe
         runio.check_writable(run_dir)
         result = train(cfg, run_dir, resume=args.resume, probe=not args.no_probe)
-    except ConfigError as exc:
+    except (ConfigError, runio.RunDirBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=str))

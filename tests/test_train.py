@@ -108,3 +108,17 @@ def test_fmnist_tiny_recipe_learns(tmp_path):
     assert epochs[-1]["knn_top1"] > epochs[0]["knn_top1"]
     probe = json.loads((out / "probe.json").read_text())
     assert probe["protocol"] == "fast" and 0.1 < probe["top1"] <= 1.0 and 0.5 < probe["pixel_floor_top1"] < 0.95
+
+
+def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
+    from harness.runio import RunDirBusy, lock_run_dir
+
+    held = lock_run_dir(tmp_path / "run")
+    proc = run_train(tmp_path / "run", "optim.epochs=1")
+    assert proc.returncode != 0 and "another process is training in this run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    held.close()
+    again = lock_run_dir(tmp_path / "run")  # free once its holder lets go
+    with pytest.raises(RunDirBusy):
+        lock_run_dir(tmp_path / "run")
+    again.close()
