@@ -126,7 +126,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
     bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and cuda)
     channels_last = cfg.runtime.channels_last == "yes" or (cfg.runtime.channels_last == "auto" and cuda)
 
-    run_lock = runio.lock_run_dir(run_dir) if is_main else None  # noqa: F841 (held until return)
+    run_lock = runio.lock_run_dir(run_dir) if is_main else None  # held until the run returns
     _prepare_run_dir(cfg, run_dir, is_main)
     splits = None if cfg.data.dataset == "imagefolder" else load_tensors(cfg)
     views = pretrain_views(cfg, device, rank, world, splits)
@@ -247,6 +247,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
         runio.write_status(run_dir, status, **{k: v for k, v in result.items() if k != "status"})
     if world > 1:
         torch.distributed.barrier()
+    if run_lock is not None:
+        run_lock.close()
     return result
 
 
