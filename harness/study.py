@@ -330,7 +330,7 @@ class ProgressView:
 
     def __init__(self, driver: Driver):
         self.driver, self.tty = driver, sys.stdout.isatty()
-        self.last, self.lines, self.started = None, 0, time.time()
+        self.last, self.lines = None, 0
 
     def summary(self, trials) -> str:
         count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
@@ -343,10 +343,10 @@ class ProgressView:
         total = len(self.driver.points) if self.driver.study.sampler == "grid" else self.driver.study.n_trials
         running = count(RUNNING)
         eta = ""
-        if done and running:
-            per = (time.time() - self.started) / max(len(done), 1)
+        if done and running:  # mean trial duration x trials left / trials running at once
+            per = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / len(done)
             remaining = max(total - len(done), 0)
-            eta = f" | ETA ~{per * remaining / 60:.0f} min"
+            eta = f" | ETA ~{per * remaining / running / 60:.0f} min"
         return (f"[study {self.driver.name}] done {len(done)}/{total} running {running} "
                 f"failed {count(FAIL)} pruned {count(optuna.trial.TrialState.PRUNED)}{best}{eta}")
 
