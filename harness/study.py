@@ -121,11 +121,10 @@ class Driver:
     def _new_trial(self, params: dict | None) -> tuple[optuna.trial.Trial, dict]:
         if params is not None:  # grid: fixed parameters
             self.ostudy.enqueue_trial(params)
-            trial = self.ostudy.ask()
-            for key, levels in self.study.factors.items():
-                trial.suggest_categorical(key, levels)
-            trial.suggest_categorical("seed", self.study.seeds)
-            return trial, params
+            trial = self.ostudy.ask()  # pops the oldest waiting trial: ours, or one left waiting earlier
+            fixed = {key: trial.suggest_categorical(key, levels) for key, levels in self.study.factors.items()}
+            fixed["seed"] = trial.suggest_categorical("seed", self.study.seeds)
+            return trial, fixed
         trial = self.ostudy.ask()  # search: the sampler chooses
         chosen: dict[str, Any] = {}
         for key, spec in self.study.factors.items():
