@@ -119,9 +119,10 @@ class Driver:
 
     # -------------------------------------------------------------- submit
     def _new_trial(self, params: dict | None) -> tuple[optuna.trial.Trial, dict]:
-        if params is not None:  # grid: fixed parameters
-            self.ostudy.enqueue_trial(params)
-            trial = self.ostudy.ask()  # pops the oldest waiting trial: ours, or one left waiting earlier
+        if params is not None:  # grid: fixed parameters ({} = a trial already waiting in the storage)
+            if params:
+                self.ostudy.enqueue_trial(params)
+            trial = self.ostudy.ask()  # pops the oldest waiting trial
             fixed = {key: trial.suggest_categorical(key, levels) for key, levels in self.study.factors.items()}
             fixed["seed"] = trial.suggest_categorical("seed", self.study.seeds)
             return trial, fixed
@@ -281,7 +282,9 @@ class Driver:
             self.reconcile()
             running = sum(t.state == RUNNING for t in self.trials())
             if self.study.sampler == "grid":
-                todo = self.pending_grid()
+                # Trials left WAITING (e.g. by a worker-mode run) go first, then new grid points.
+                waiting = sum(t.state == WAITING for t in self.trials())
+                todo = [{}] * waiting + self.pending_grid()
                 if self.kind != "slurm":
                     todo = todo[:max(0, self.parallel - running)]
                 if todo:
@@ -297,7 +300,8 @@ class Driver:
                 print(f"submitted; rerun the same command to re-attach, or --status to check ({self.dir})")
                 return
             if not any(t.state == RUNNING for t in trials):
-                if self.study.sampler == "grid" and not self.pending_grid():
+                if self.study.sampler == "grid" and not self.pending_grid() \
+                        and not any(t.state == WAITING for t in trials):
                     break
                 if self.study.sampler == "tpe" and (search_budget() <= 0 or not retries_left):
                     break

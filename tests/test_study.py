@@ -232,3 +232,20 @@ retries: 0
     assert json.loads((run / "status.json").read_text())["status"] == "pruned"
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"] == [1]
     assert not (run / "probe.json").exists()
+
+
+@pytest.mark.slow
+def test_trials_left_waiting_by_worker_mode_are_run_by_the_driver(tmp_path):
+    """Enqueued-but-never-run trials (a worker-mode driver that died before its workers started)
+    are neither lost nor duplicated when the default driver takes over."""
+    storage = f"sqlite:///{tmp_path / 'smoke' / 'study.db'}"
+    (tmp_path / "smoke").mkdir()
+    study = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
+    for momentum in (0.9, 0.99):
+        params = {"moco.momentum": momentum, "seed": 0}
+        study.enqueue_trial(params, user_attrs={"key": f"momentum={momentum},seed=0"})
+    proc = run_study(tmp_path, "smoke", "--executor", "local", "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = trials_of(tmp_path)
+    assert_every_trial_complete_once(trials)
+    assert len(trials) == 4
