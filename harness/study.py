@@ -193,6 +193,8 @@ class Driver:
         """Tell Optuna the outcome of every RUNNING trial whose job has ended (or vanished)."""
         # Workers tell Optuna themselves (heartbeats cover the ones that die).
         running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get("executor") != "worker"]
+        if any("job_id" not in t.user_attrs for t in running):
+            self._recover_job_ids(running)
         states = {}
         if self.kind == "slurm":
             states = launch.slurm_states([t.user_attrs["job_id"] for t in running if "job_id" in t.user_attrs])
@@ -214,6 +216,24 @@ class Driver:
             else:
                 state = "LOST"
             self.finalize(t, state)
+
+    def _recover_job_ids(self, running) -> None:
+        """A driver killed between submitting and recording job ids left trials without one; find
+        their jobs in submitit's own records (each submitted pickle holds its TrialJob)."""
+        import submitit
+
+        by_trial = {}
+        for path in (self.dir / "jobs").glob("*_submitted.pkl"):
+            try:
+                job = submitit.core.utils.pickle_load(path).function
+            except Exception:  # a pickle being written, or not ours
+                continue
+            if isinstance(job, launch.TrialJob):
+                by_trial[job.trial_id] = path.name[: -len("_submitted.pkl")]
+        for t in running:
+            if "job_id" not in t.user_attrs and t._trial_id in by_trial:
+                self._set_attrs(t, {"job_id": by_trial[t._trial_id]})
+                t.user_attrs["job_id"] = by_trial[t._trial_id]
 
     def _set_attrs(self, t, attrs: dict) -> None:
         """User attributes of a trial still RUNNING (Optuna freezes them once told)."""
