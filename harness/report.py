@@ -10,7 +10,6 @@ import argparse
 import base64
 import html
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from . import runio  # noqa: E402
 from .storage import default_url, open_storage, redact  # noqa: E402
 from .studyfile import StudyError, load_study  # noqa: E402
 
-RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
 METRICS = ("probe_top1", "knn_top1")
 
 
@@ -320,7 +318,7 @@ def machine_summary(trials: pd.DataFrame) -> str:
 
 
 def build_report(name: str, storage_url: str | None = None, out_dir: Path | None = None) -> Path:
-    study_dir = RESULTS / name
+    study_dir = runio.RESULTS / name
     storage_url = storage_url or default_url(study_dir)
     storage = open_storage(storage_url)
     try:

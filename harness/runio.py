@@ -10,6 +10,9 @@ from pathlib import Path
 
 from .config import ConfigError
 
+# Where studies keep their storage, run directories and reports (results/<study>/).
+RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
+
 
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

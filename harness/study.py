@@ -30,7 +30,6 @@ from .storage import default_url, open_storage, redact
 from .studyfile import Study, StudyError, load_study, make_pruner, trial_key, validate_levels
 from .trial_result import read_trial_result
 
-RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
 WAITING = optuna.trial.TrialState.WAITING
@@ -44,7 +43,7 @@ class Driver:
         self.extra = list(args.overrides)
         suffix = "" if self.recipe == study.recipe else f"@{self.recipe}"
         self.name = study.name + suffix
-        self.dir = (RESULTS / self.name).resolve()
+        self.dir = (runio.RESULTS / self.name).resolve()
         self.points, self.notes = validate_levels(study, args.recipe, self.extra)  # impossible levels fail here
         for note in self.notes:
             print(f"note: {note}", file=sys.stderr)
