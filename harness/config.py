@@ -83,6 +83,11 @@ class EvalConfig:
     probe_lr: float = 30.0
     probe_batch_size: int = 256
     probe_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of epochs
+    # main_lincls's train crop; small images (28-32 px) lose too much at 0.08 (see the fmnist-tiny recipe).
+    probe_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # BatchNorm without affine before the fc (the MAE linear probe): standardises the frozen features so
+    # one lr suits any backbone. Off = main_lincls exactly.
+    probe_feature_bn: bool = False
     pixel_floor: bool = True
 
 
@@ -271,6 +276,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)
         _require(value is None or value > 0, f"data.{key}: must be positive or null, got {value}.")
+    e = cfg.eval
+    _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k and eval.knn_t: must be > 0 (InstDisc: k=200, t=0.1).")
+    _require(e.probe_epochs > 0 and e.probe_batch_size > 0,
+             "eval.probe_epochs and eval.probe_batch_size: must be > 0.")
+    _require(e.probe_lr > 0, f"eval.probe_lr: must be > 0 (main_lincls uses 30), got {e.probe_lr}.")
+    _require(len(e.probe_crop_scale) == 2 and 0 < e.probe_crop_scale[0] <= e.probe_crop_scale[1] <= 1,
+             f"eval.probe_crop_scale: expected [low, high] with 0 < low <= high <= 1 (main_lincls: [0.08, 1]), "
+             f"got {e.probe_crop_scale}.")
     if m.key_encoder == "end_to_end":
         # Negatives are the other keys of the batch; the queue is not used.
         _require(not m.symmetric, "moco.symmetric: not defined for key_encoder=end_to_end; set moco.symmetric=false.")

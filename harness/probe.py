@@ -2,7 +2,9 @@
 
 * standard: the paper's protocol (main_lincls): backbone frozen in eval mode, fc ~ N(0, 0.01) with
   zero bias, SGD lr 30, momentum 0.9, wd 0, step x0.1 at 60 % and 80 % of the epochs, train views
-  RandomResizedCrop + flip, test centre view; best and last top-1/top-5.
+  RandomResizedCrop + flip, test centre view; best and last top-1/top-5. Small-image recipes scale
+  it with eval.probe_crop_scale / probe_epochs / probe_lr and may standardise the features first
+  (eval.probe_feature_bn, the MAE probe's BatchNorm without affine).
 * fast: features extracted once (no augmentation) and cached on the device; multinomial logistic
   regression by full-batch L-BFGS; its L2 strength is chosen on a held-out 20 % of the TRAINING
   split, then refit on the whole training split and evaluated once on the test split.
@@ -13,6 +15,7 @@ probe-<protocol>.json) with a raw-pixel floor: the fast probe on pixels, cached 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -99,14 +102,20 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
     backbone.eval()  # frozen, BN statistics included
     for p in backbone.parameters():
         p.requires_grad_(False)
-    fc = nn.Linear(backbone.out_dim, classes).to(device)
-    nn.init.normal_(fc.weight, 0.0, 0.01)
-    nn.init.zeros_(fc.bias)
-    opt = torch.optim.SGD(fc.parameters(), lr=e.probe_lr, momentum=0.9, weight_decay=0.0)
+    fc = nn.Linear(backbone.out_dim, classes)
+    with torch.no_grad():  # N(0, 0.01), zero bias; seeded so that a probe is reproducible
+        g = seeded_generator("probe-fc", cfg.runtime.seed)
+        fc.weight.copy_(0.01 * torch.randn(fc.weight.shape, generator=g))
+        fc.bias.zero_()
+    # The classifier is the only trained part; with probe_feature_bn it standardises its input first.
+    classifier = (nn.Sequential(nn.BatchNorm1d(backbone.out_dim, affine=False), fc) if e.probe_feature_bn
+                  else fc).to(device)
+    opt = torch.optim.SGD(classifier.parameters(), lr=e.probe_lr, momentum=0.9, weight_decay=0.0)
     milestones = [round(f * e.probe_epochs) for f in e.probe_milestones]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
     mean, std = NORMALIZATION[cfg.data.dataset]
-    augment = BatchAugment(RECIPES["probe"], cfg.data.image_size, mean, std)
+    spec = dataclasses.replace(RECIPES["probe"], crop_scale=tuple(e.probe_crop_scale))
+    augment = BatchAugment(spec, cfg.data.image_size, mean, std)
     images, labels = splits.train_images.to(device), splits.train_labels.to(device)
     bs = e.probe_batch_size
     best, history = {"top1": -1.0}, []
@@ -117,7 +126,7 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
             x = augment(images[idx], seeded_generator("probe-aug", cfg.runtime.seed, epoch, step))
             with torch.no_grad():
                 feats = backbone(x)
-            loss = F.cross_entropy(fc(feats), labels[idx])
+            loss = F.cross_entropy(classifier(feats), labels[idx])
             if not torch.isfinite(loss):
                 raise ProbeError(f"standard probe diverged (loss {loss.item()}) at epoch {epoch}; "
                                  f"lower eval.probe_lr (now {e.probe_lr}).")
@@ -126,8 +135,10 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
             opt.step()
         sched.step()
         test_feats, test_labels = extract(backbone, split_batches(cfg, "test", device, splits), device)
+        classifier.eval()
         with torch.no_grad():
-            logits = fc(test_feats)
+            logits = classifier(test_feats)
+        classifier.train()
         current = {"epoch": epoch + 1, "top1": _topk(logits, test_labels, 1), "top5": _topk(logits, test_labels, 5)}
         history.append(current)
         if current["top1"] > best["top1"]:

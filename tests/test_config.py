@@ -53,6 +53,13 @@ def test_temperature_not_positive(t):
     assert "moco.temperature" in error_of(f"moco.temperature={t}")
 
 
+@pytest.mark.parametrize("override", ["eval.probe_crop_scale=[0.5, 0.2]", "eval.probe_crop_scale=[0, 1]",
+                                      "eval.probe_crop_scale=[0.5]", "eval.probe_lr=0", "eval.probe_epochs=0",
+                                      "eval.knn_k=0"])
+def test_bad_probe_and_knn_settings(override):
+    assert override.split("=")[0] in error_of(override)
+
+
 def test_unknown_key_suggests_the_right_one():
     msg = error_of("moco.momentun=0.9")
     assert "moco.momentun" in msg and "momentum" in msg
