@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import make_config
+from .config import ConfigError, make_config, with_overrides
 from .data import CHANNELS, TensorSplits, load_tensors, pretrain_views
 from .launch import machine_description
 from .moco import build_moco
@@ -146,8 +146,9 @@ def bench_probe(args) -> list[dict]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, encoder, _ = load_trained_encoder(Path(args.run), device)
-    if args.probe_epochs:
-        cfg.eval.probe_epochs = args.probe_epochs
+    # --set applies to the run's config here, eval.* only (e.g. the probe settings of a newer recipe).
+    extra = [f"eval.probe_epochs={args.probe_epochs}"] if args.probe_epochs else []
+    cfg = with_overrides(cfg, args.overrides + extra, only="eval")
     cfg.eval.pixel_floor = False
     rows = []
     for protocol in ("fast", "standard"):
@@ -204,7 +205,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", default=["train", "data"], help=f"any of {', '.join(PARTS)}")
     parser.add_argument("--recipe", default="fmnist-tiny")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override (train, data); eval.* override of the run's config (probe)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -221,7 +223,11 @@ def main(argv=None) -> int:
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": []}
     print(f"machine: {results['machine']}")
     for part in args.parts:
-        rows = PARTS[part](args)
+        try:
+            rows = PARTS[part](args)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         results["rows"] += rows
         print(_format(rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -251,6 +251,18 @@ def config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
+def with_overrides(cfg: RunConfig, overrides: typing.Sequence[str], only: str | None = None) -> RunConfig:
+    """A validated copy of `cfg` with dotted overrides; `only` restricts them to one section (re-probing a
+    finished run may change eval.*, never what its checkpoint was trained with)."""
+    data = cfg.to_dict()
+    for text in overrides:
+        if only and not text.strip().startswith(f"{only}."):
+            raise ConfigError(f"override '{text}': only {only}.* settings can change here; the rest is fixed "
+                              f"by the run's config.yaml and checkpoint.")
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
 # ---------------------------------------------------------------- semantic validation
 
 def _require(ok: bool, message: str) -> None:

@@ -147,6 +147,10 @@ def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
              "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none"]
     args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
     assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    # Re-probing may change probe settings, never what the checkpoint was trained with.
+    proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--set", "moco.dim=64"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "only eval.* settings" in proc.stderr
     config = (run / "config.yaml").read_text().replace("dim: 128", "dim: 64")
     (run / "config.yaml").write_text(config)
     with pytest.raises(ProbeError, match="does not fit the model"):
