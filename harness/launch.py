@@ -18,6 +18,7 @@ from typing import Any
 import submitit
 
 from . import faults
+from .snapshot import code_origin, restore_cwd
 from .studyfile import Resources, StudyError
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
@@ -83,6 +84,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         from .config import config_from_dict
         from .train import train
 
+        restore_cwd()
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # DDP across the job's tasks
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -91,7 +93,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         if env.global_rank == 0:
             with open(run_dir / "attempts.jsonl", "a") as fh:
                 fh.write(json.dumps({"job_id": env.job_id, "host": socket.gethostname(), "start": time.time(),
-                                     "machine": machine_description()}) + "\n")
+                                     "machine": machine_description(), "code": code_origin()}) + "\n")
         cfg = config_from_dict(self.config)
         if self.threads:
             cfg.runtime.threads = self.threads

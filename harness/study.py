@@ -23,7 +23,7 @@ from typing import Any
 
 import optuna
 
-from . import launch, runio
+from . import launch, runio, snapshot
 from .config import ConfigError
 from .data import check_dataset
 from .storage import default_url, open_storage, redact
@@ -79,6 +79,7 @@ class Driver:
                              f"or use another --storage to start a separate study.")
         self.executor = launch.make_executor(self.kind, self.dir / "jobs", self.resources, self.name,
                                              self.parallel)
+        self.code_dir = snapshot.take(self.dir / "code")  # what every job of this driver runs
 
     def lock(self):
         """One driver per study directory at a time; a second one says so and exits."""
@@ -88,6 +89,13 @@ class Driver:
         except BlockingIOError:
             raise StudyError(f"another driver is already running study '{self.name}' "
                              f"(lock {self.dir / 'driver.lock'}); watch it with --status.") from None
+
+    def snapshot_of(self, path: Path) -> Path:
+        """A study file of studies/ as copied into the code snapshot (one given by path stays as is)."""
+        try:
+            return self.code_dir / path.resolve().relative_to(snapshot.CODE_ROOT)
+        except ValueError:
+            return path
 
     # -------------------------------------------------------------- bookkeeping
     def trials(self) -> list[optuna.trial.FrozenTrial]:
@@ -163,7 +171,8 @@ class Driver:
                 self.ostudy.tell(trial, state=FAIL)
                 continue
             for name, value in {"key": key, "run_dir": str(self.run_dir(key)), "executor": self.kind,
-                                "seed": params["seed"], "submitted": time.time()}.items():
+                                "seed": params["seed"], "submitted": time.time(),
+                                "code": self.code_dir.name}.items():
                 trial.set_user_attr(name, value)
             threads = self._threads_per_process(self.parallel)
             pruner = (self.study.pruner, self.epochs, self.study.pruner_args) if self.study.pruner != "none" else None
@@ -172,11 +181,12 @@ class Driver:
             prepared.append((trial, job))
         if not prepared:
             return 0
-        if self.kind == "slurm":
-            with self.executor.batch():
+        with snapshot.jobs_use(self.code_dir):
+            if self.kind == "slurm":
+                with self.executor.batch():
+                    jobs = [self.executor.submit(job) for _, job in prepared]
+            else:
                 jobs = [self.executor.submit(job) for _, job in prepared]
-        else:
-            jobs = [self.executor.submit(job) for _, job in prepared]
         for (trial, _), job in zip(prepared, jobs):
             trial.set_user_attr("job_id", str(job.job_id))
             if self.kind == "debug":
@@ -274,13 +284,14 @@ class Driver:
             if not any(t.state == WAITING for t in self.trials()):
                 break
             threads = self._threads_per_process(self.args.workers)
-            job = WorkerJob(str(self.study.path), self.name, self.storage_url, self.args.recipe, self.extra,
+            job = WorkerJob(str(self.snapshot_of(self.study.path)), self.name, self.storage_url, self.args.recipe, self.extra,
                             str(self.dir), threads, self.args.heartbeat, self.resources.gpus * self.resources.nodes)
-            if self.kind == "slurm":
-                with self.executor.batch():
+            with snapshot.jobs_use(self.code_dir):
+                if self.kind == "slurm":
+                    with self.executor.batch():
+                        jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
+                else:
                     jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
-            else:
-                jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
             if self.kind == "debug":
                 for j in jobs:
                     j.result()

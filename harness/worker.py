@@ -18,6 +18,7 @@ import optuna
 import submitit
 
 from .launch import machine_description
+from .snapshot import restore_cwd
 from .storage import open_storage
 from .studyfile import load_study, make_pruner, trial_key
 from .trial_result import read_trial_result
@@ -37,6 +38,7 @@ class WorkerJob(submitit.helpers.Checkpointable):
         self.threads, self.heartbeat_s, self.gpus = threads, heartbeat_s, gpus
 
     def __call__(self) -> int:
+        restore_cwd()
         study = load_study(self.study_file)
         storage = open_storage(self.storage_url, self.heartbeat_s, max_retry=study.retries)
         epochs = study.run_config(study.grid()[0], self.recipe, self.extra).optim.epochs

@@ -46,6 +46,15 @@ def assert_every_trial_complete_once(trials):
             assert 0.0 < t.value <= 1.0 and t.value == t.user_attrs["probe_top1"]
 
 
+def assert_jobs_ran_the_snapshot(results: Path, name: str = "smoke"):
+    """Every attempt imported harness from the study's code snapshot, not from the live tree."""
+    attempts = [json.loads(line) for path in (results / name).rglob("attempts.jsonl")
+                for line in path.read_text().splitlines()]
+    snapshots = list((results / name / "code").iterdir())
+    assert attempts and len(snapshots) == 1
+    assert {a["code"] for a in attempts} == {str(snapshots[0])}
+
+
 # ---------------------------------------------------------------- bad input: nothing submitted
 
 def test_unknown_study(tmp_path):
@@ -104,6 +113,7 @@ def test_smoke_study_with_local_executor(tmp_path):
     proc = run_study(tmp_path, "smoke", "--executor", "local", "--parallel", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_every_trial_complete_once(trials_of(tmp_path))
+    assert_jobs_ran_the_snapshot(tmp_path)
     again = run_study(tmp_path, "smoke", "--executor", "local")  # nothing left to do: nothing rerun
     assert again.returncode == 0 and len(trials_of(tmp_path)) == 4
 
@@ -114,6 +124,7 @@ def test_smoke_study_on_slurm_as_a_job_array(tmp_path, slurm):
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = trials_of(tmp_path)
     assert_every_trial_complete_once(trials)
+    assert_jobs_ran_the_snapshot(tmp_path)
     job_ids = {t.user_attrs["job_id"] for t in trials}
     assert len({j.split("_")[0] for j in job_ids}) == 1 and all("_" in j for j in job_ids)  # one array
     sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", next(iter(job_ids)).split("_")[0]],
