@@ -117,6 +117,9 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
     spec = dataclasses.replace(RECIPES["probe"], crop_scale=tuple(e.probe_crop_scale))
     augment = BatchAugment(spec, cfg.data.image_size, mean, std)
     images, labels = splits.train_images.to(device), splits.train_labels.to(device)
+    # The backbone is frozen in eval mode, so main_lincls's per-epoch validation sees the same test
+    # features every epoch: extract them once (identical numbers, one pass instead of `epochs`).
+    test_feats, test_labels = extract(backbone, split_batches(cfg, "test", device, splits), device)
     bs = e.probe_batch_size
     best, history = {"top1": -1.0}, []
     for epoch in range(e.probe_epochs):
@@ -124,9 +127,9 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
         for step in range(len(images) // bs):
             idx = order[step * bs:(step + 1) * bs].to(device)
             x = augment(images[idx], seeded_generator("probe-aug", cfg.runtime.seed, epoch, step))
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 feats = backbone(x)
-            loss = F.cross_entropy(classifier(feats), labels[idx])
+            loss = F.cross_entropy(classifier(feats.float()), labels[idx])
             if not torch.isfinite(loss):
                 raise ProbeError(f"standard probe diverged (loss {loss.item()}) at epoch {epoch}; "
                                  f"lower eval.probe_lr (now {e.probe_lr}).")
@@ -134,7 +137,6 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
             loss.backward()
             opt.step()
         sched.step()
-        test_feats, test_labels = extract(backbone, split_batches(cfg, "test", device, splits), device)
         classifier.eval()
         with torch.no_grad():
             logits = classifier(test_feats)
