@@ -18,7 +18,7 @@ import optuna
 import submitit
 
 from .launch import machine_description
-from .snapshot import restore_cwd
+from .snapshot import code_origin, restore_cwd
 from .storage import open_storage
 from .studyfile import load_study, make_pruner, trial_key
 from .trial_result import read_trial_result
@@ -68,11 +68,13 @@ class WorkerJob(submitit.helpers.Checkpointable):
         key = trial_key(params)
         run_dir = Path(self.results_dir) / "runs" / key
         run_dir.mkdir(parents=True, exist_ok=True)
+        job_id = _job_id()
         with open(run_dir / "attempts.jsonl", "a") as fh:
-            fh.write(json.dumps({"job_id": f"worker-{os.getpid()}", "pid": os.getpid(), "trial": trial.number,
+            fh.write(json.dumps({"job_id": job_id, "pid": os.getpid(), "trial": trial.number,
                                  "host": socket.gethostname(), "start": time.time(),
-                                 "machine": machine_description()}) + "\n")
-        for name, value in {"key": key, "run_dir": str(run_dir), "executor": "worker", "seed": params["seed"]}.items():
+                                 "machine": machine_description(), "code": code_origin()}) + "\n")
+        for name, value in {"key": key, "run_dir": str(run_dir), "executor": "worker", "seed": params["seed"],
+                            "job_id": job_id}.items():
             trial.set_user_attr(name, value)
         cfg = study.run_config(params, self.recipe, self.extra, run_name=f"{self.name}/{key}")
         if self.threads:
@@ -101,3 +103,13 @@ class WorkerJob(submitit.helpers.Checkpointable):
         if result.outcome != "completed":
             raise RuntimeError(result.reason or "the run ended without a final status")
         return result.value
+
+
+def _job_id() -> str:
+    """The worker's submitit job id (shown by --status), or its pid outside a submitit job."""
+    import submitit
+
+    try:
+        return f"worker {submitit.JobEnvironment().job_id}"
+    except RuntimeError:
+        return f"worker pid {os.getpid()}"
