@@ -139,6 +139,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner)
     if origin is Literal:
+        if isinstance(value, bool) and {"yes", "no"} <= set(args):  # YAML reads yes/no as booleans
+            value = "yes" if value else "no"
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
             raise ConfigError(f"{path}: {value!r} is not allowed; use one of {choices}.")

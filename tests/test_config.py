@@ -65,6 +65,11 @@ def test_unknown_key_suggests_the_right_one():
     assert "moco.momentun" in msg and "momentum" in msg
 
 
+def test_yes_no_choices_survive_yaml_booleans():
+    assert make_config("fmnist-tiny", ["runtime.channels_last=yes"]).runtime.channels_last == "yes"
+    assert make_config("fmnist-tiny", ["runtime.channels_last=no"]).runtime.channels_last == "no"
+
+
 def test_wrong_type():
     assert "moco.queue_size" in error_of("moco.queue_size=big")
 
