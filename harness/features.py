@@ -1,6 +1,8 @@
 """Feature extraction for evaluation: the query encoder in eval mode, no augmentation."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -9,15 +11,17 @@ from . import data as data_mod
 
 @torch.no_grad()
 def extract(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated (features, labels) of `model` over (image, label) batches; restores train mode."""
-    was_training = model.training
-    model.eval()
+    """Concatenated (features, labels) of `model` in eval mode over (image, label) batches.
+
+    Runs a channels_last copy: inference convolutions are faster in that layout (2.3x with oneDNN on
+    the 2-core CI CPU, `python -m harness.bench probe`), and the caller's model is left untouched.
+    """
+    frozen = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     feats, labels = [], []
     for x, y in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(model(x.to(device)).float())
+            feats.append(frozen(x.to(device).contiguous(memory_format=torch.channels_last)).float())
         labels.append(y.to(device))
-    model.train(was_training)
     return torch.cat(feats), torch.cat(labels)
 
 
