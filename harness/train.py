@@ -28,6 +28,7 @@ from .data import NUM_CLASSES, check_dataset, load_tensors, pretrain_views, seed
 from .features import encoder_features, extract, split_batches
 from .knn import knn_accuracy
 from .moco import build_moco
+from .probe import probe_run  # imported up front: a long run must not load newer code at its end
 
 EpochCallback = Callable[[int, dict], Optional[str]]  # returns "prune" to stop the run
 
@@ -241,8 +242,6 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
               "loss": last.get("loss"), "knn_top1": last.get("knn_top1")}
     if is_main:
         if status == "completed" and probe and cfg.eval.probe != "none" and not (run_dir / "probe.json").exists():
-            from .probe import probe_run
-
             result["probe"] = probe_run(cfg, run_dir, model.encoder_q, splits, device)
         runio.write_status(run_dir, status, **{k: v for k, v in result.items() if k != "status"})
     if world > 1:
