@@ -230,6 +230,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
         epoch, start_step, last = epoch + 1, 0, record
         if is_main:
             runio.append_metrics(run_dir, record)
+            runio.write_status(run_dir, "running", epoch=epoch, global_step=global_step)
             progress.note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in record.items() if k != "kind"))
         if epoch % cfg.runtime.checkpoint_every == 0 or epoch == cfg.optim.epochs:
@@ -242,6 +243,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
               "loss": last.get("loss"), "knn_top1": last.get("knn_top1")}
     if is_main:
         if status == "completed" and probe and cfg.eval.probe != "none" and not (run_dir / "probe.json").exists():
+            runio.write_status(run_dir, "running", epoch=epoch, global_step=global_step, stage="probe")
             result["probe"] = probe_run(cfg, run_dir, model.encoder_q, splits, device)
         runio.write_status(run_dir, status, **{k: v for k, v in result.items() if k != "status"})
     if world > 1:
