@@ -298,3 +298,25 @@ def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256
     folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=int(size * 256 / 224)))
     return torch.utils.data.DataLoader(folder, batch_size=batch_size, num_workers=cfg.data.num_workers,
                                        pin_memory=device.type == "cuda")
+
+
+def folder_probe_set(cfg: RunConfig, spec):
+    """main_lincls's training views of an image folder: per-image crop + flip (in loader workers)."""
+    from torchvision import datasets
+
+    mean, std = NORMALIZATION["imagefolder"]
+    return datasets.ImageFolder(str(_folder_root(cfg.data.root) / "train"),
+                                per_image_transform(spec, cfg.data.image_size, mean, std))
+
+
+def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: int):
+    """One epoch of `folder`, shuffled by (seed, epoch) so that a probe is reproducible."""
+    return torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       generator=seeded_generator("probe", cfg.runtime.seed, epoch),
+                                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+
+
+def folder_classes(cfg: RunConfig) -> int:
+    from torchvision.datasets.folder import find_classes
+
+    return len(find_classes(str(_folder_root(cfg.data.root) / "train"))[0])

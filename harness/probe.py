@@ -32,7 +32,8 @@ from . import checkpoint as ckpt
 from . import faults, runio
 from .augment import RECIPES, BatchAugment
 from .config import ConfigError, RunConfig, config_from_dict, with_overrides
-from .data import NORMALIZATION, NUM_CLASSES, load_tensors, seeded_generator
+from .data import (NORMALIZATION, NUM_CLASSES, folder_classes, folder_probe_loader, folder_probe_set, load_tensors,
+                   seeded_generator)
 from .features import extract, split_batches
 
 FAST_L2_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -95,9 +96,6 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes: int) -> dict:
-    e = cfg.eval
-    if splits is None:
-        raise ProbeError("the standard probe on image folders is not implemented yet; use --protocol fast")
     before = _snapshot(backbone)
     backbone.eval()  # frozen, BN statistics included
     for p in backbone.parameters():
@@ -125,23 +123,17 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
     opt = torch.optim.SGD(classifier.parameters(), lr=e.probe_lr, momentum=0.9, weight_decay=0.0)
     milestones = [round(f * e.probe_epochs) for f in e.probe_milestones]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
-    mean, std = NORMALIZATION[cfg.data.dataset]
     spec = dataclasses.replace(RECIPES["probe"], crop_scale=tuple(e.probe_crop_scale))
-    augment = BatchAugment(spec, cfg.data.image_size, mean, std)
-    images, labels = splits.train_images.to(device), splits.train_labels.to(device)
+    train_views, train_size = _train_views(cfg, spec, splits, device)
     # The backbone is frozen in eval mode, so main_lincls's per-epoch validation sees the same test
     # features every epoch: extract them once (identical numbers, one pass instead of `epochs`).
     test_feats, test_labels = extract(backbone, split_batches(cfg, "test", device, splits), device)
-    bs = e.probe_batch_size
     best, history = {"top1": -1.0}, []
     for epoch in range(e.probe_epochs):
-        order = torch.randperm(len(images), generator=seeded_generator("probe", cfg.runtime.seed, epoch))
-        for step in range(len(images) // bs):
-            idx = order[step * bs:(step + 1) * bs].to(device)
-            x = augment(images[idx], seeded_generator("probe-aug", cfg.runtime.seed, epoch, step))
+        for x, y in train_views(epoch):
             with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 feats = backbone(x.contiguous(memory_format=torch.channels_last))
-            loss = F.cross_entropy(classifier(feats.float()), labels[idx])
+            loss = F.cross_entropy(classifier(feats.float()), y)
             if not torch.isfinite(loss):
                 raise ProbeError(f"standard probe diverged (loss {loss.item()}) at epoch {epoch}; "
                                  f"lower eval.probe_lr (now {e.probe_lr}).")
@@ -164,7 +156,33 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
         raise ProbeError(f"the backbone changed during the linear probe ({', '.join(changed[:3])}...)")
     last = history[-1]
     return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
-            "last_top1": last["top1"], "last_top5": last["top5"]}
+            "last_top1": last["top1"], "last_top5": last["top5"],
+            "train_size": train_size, "test_size": len(test_labels)}
+
+
+def _train_views(cfg: RunConfig, spec, splits, device):
+    """(epoch -> augmented (image, label) batches, training-set size): batched on the device for an
+    in-memory dataset, a per-image DataLoader for an image folder."""
+    bs, seed = cfg.eval.probe_batch_size, cfg.runtime.seed
+    if splits is None:
+        folder = folder_probe_set(cfg, spec)
+
+        def folder_views(epoch):
+            for x, y in folder_probe_loader(cfg, folder, device, epoch, bs):
+                yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+        return folder_views, len(folder)
+    mean, std = NORMALIZATION[cfg.data.dataset]
+    augment = BatchAugment(spec, cfg.data.image_size, mean, std)
+    images, labels = splits.train_images.to(device), splits.train_labels.to(device)
+
+    def tensor_views(epoch):
+        order = torch.randperm(len(images), generator=seeded_generator("probe", seed, epoch))
+        for step in range(len(images) // bs):
+            idx = order[step * bs:(step + 1) * bs].to(device)
+            yield augment(images[idx], seeded_generator("probe-aug", seed, epoch, step)), labels[idx]
+
+    return tensor_views, len(images)
 
 
 # ---------------------------------------------------------------- raw-pixel floor
@@ -193,20 +211,18 @@ def pixel_floor(cfg: RunConfig, splits, device, classes: int) -> float:
 def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol: str) -> dict:
     if splits is None and cfg.data.dataset != "imagefolder":
         splits = load_tensors(cfg)
-    classes = NUM_CLASSES.get(cfg.data.dataset) or len(getattr(splits, "classes", [])) or 1000
+    classes = NUM_CLASSES.get(cfg.data.dataset) or folder_classes(cfg)
     tic = time.perf_counter()
     if protocol == "fast":
         tr_x, tr_y = extract(backbone, split_batches(cfg, "train", device, splits), device)
         te_x, te_y = extract(backbone, split_batches(cfg, "test", device, splits), device)
         if tr_x.shape[1] != backbone.out_dim:
             raise ProbeError(f"feature dimension {tr_x.shape[1]} does not match the backbone's {backbone.out_dim}")
-        result = fast_probe(tr_x, tr_y, te_x, te_y, classes, cfg.runtime.seed)
-        sizes = (len(tr_y), len(te_y))
+        result = {**fast_probe(tr_x, tr_y, te_x, te_y, classes, cfg.runtime.seed),
+                  "train_size": len(tr_y), "test_size": len(te_y)}
     else:
         result = standard_probe(cfg, backbone, splits, device, classes)
-        sizes = (len(splits.train_labels), len(splits.test_labels))
-    out = {"protocol": protocol, **result, "seconds": time.perf_counter() - tic,
-           "feature_dim": backbone.out_dim, "train_size": sizes[0], "test_size": sizes[1]}
+    out = {"protocol": protocol, **result, "seconds": time.perf_counter() - tic, "feature_dim": backbone.out_dim}
     if cfg.eval.pixel_floor and splits is not None:
         out["pixel_floor_top1"] = pixel_floor(cfg, splits, device, classes)
     return out

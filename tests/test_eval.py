@@ -1,4 +1,5 @@
 """kNN monitor and linear probes."""
+import json
 import subprocess
 import sys
 
@@ -155,3 +156,38 @@ def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
     (run / "config.yaml").write_text(config)
     with pytest.raises(ProbeError, match="does not fit the model"):
         load_trained_encoder(run, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, tiny):
+    """The ImageNet layout (train/<class>/, val/<class>/), here with real Fashion-MNIST images of
+    three classes saved as RGB PNGs: pretraining through the DataLoader path, then both probes."""
+    from PIL import Image
+
+    _, splits = tiny
+    for split, images, labels in (("train", splits.train_images, splits.train_labels),
+                                  ("val", splits.test_images, splits.test_labels)):
+        for i, (image, label) in enumerate(zip(images, labels.tolist())):
+            if label < 3:
+                folder = tmp_path / "data" / split / f"class{label}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image[0].numpy()).convert("RGB").save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    small = ["data.dataset=imagefolder", f"data.root={tmp_path / 'data'}", "data.image_size=32",
+             "data.num_workers=1", "optim.batch_size=32", "optim.epochs=1", "moco.queue_size=128",
+             "moco.bn_splits=4", "eval.knn_every=0", "eval.probe=standard", "eval.probe_epochs=2",
+             "eval.probe_batch_size=32", "eval.probe_lr=1.0", "eval.probe_feature_bn=true"]
+    args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    standard = json.loads((run / "probe.json").read_text())
+    n_train = sum(1 for _ in (tmp_path / "data" / "train").rglob("*.png"))
+    n_val = sum(1 for _ in (tmp_path / "data" / "val").rglob("*.png"))
+    assert standard["protocol"] == "standard" and standard["top5"] == 1.0  # 3 classes: top-5 is certain
+    assert (standard["train_size"], standard["test_size"]) == (n_train, n_val)
+    assert standard["top1"] > 0.34 and "pixel_floor_top1" not in standard
+    proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--protocol", "fast"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fast = json.loads((run / "probe-fast.json").read_text())
+    assert (fast["train_size"], fast["test_size"]) == (n_train, n_val) and fast["top1"] > 0.34
