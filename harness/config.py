@@ -97,6 +97,7 @@ class RuntimeConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     channels_last: Literal["auto", "yes", "no"] = "auto"
+    compile: bool = False  # torch.compile the encoders: for long GPU runs (compiling takes minutes)
     checkpoint_every: int = 1  # epochs
     checkpoint_every_steps: int = 0  # 0 = only at epoch boundaries
     keep_checkpoints: int = 2

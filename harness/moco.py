@@ -113,6 +113,14 @@ class MoCo(nn.Module):
         return {"loss": loss, "accuracy": accuracy.detach()}
 
 
+def compile_encoders(model: MoCo) -> None:
+    """torch.compile the query and key encoders in place (nn.Module.compile): parameter names, hence
+    checkpoints, and the momentum update over their parameters stay exactly as without it."""
+    model.encoder_q.compile()
+    if hasattr(model, "encoder_k"):
+        model.encoder_k.compile()
+
+
 def build_moco(cfg) -> MoCo:
     """MoCo from a RunConfig (the encoder factory lives here so both encoders match)."""
     from .backbones import Encoder, build_backbone

@@ -27,7 +27,7 @@ from .config import ConfigError, RunConfig, dump_yaml, make_config, validate
 from .data import NUM_CLASSES, check_dataset, load_tensors, pretrain_views, seeded_generator
 from .features import encoder_features, extract, split_batches
 from .knn import knn_accuracy
-from .moco import build_moco
+from .moco import build_moco, compile_encoders
 from .probe import probe_run  # imported up front: a long run must not load newer code at its end
 
 EpochCallback = Callable[[int, dict], Optional[str]]  # returns "prune" to stop the run
@@ -137,6 +137,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
     model = build_moco(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.runtime.compile:
+        compile_encoders(model)
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.scaled_lr(), momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, foreach=True)
 

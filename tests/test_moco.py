@@ -203,3 +203,34 @@ def test_every_key_encoder_trains_with_split_bn(key_encoder):
     model = make(key_encoder, bn=lambda c: SplitBatchNorm(c, num_splits=2))
     losses = [sgd_step(model, *views(seed=3), lr=0.1) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.slow
+def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_names():
+    """runtime.compile: the same losses, queue and parameter names (checkpoints load either way)."""
+    from harness.config import make_config
+    from harness.data import load_tensors, pretrain_views
+    from harness.moco import build_moco, compile_encoders
+
+    cfg = make_config("fmnist-tiny", ["data.train_subset=128", "data.test_subset=64", "optim.batch_size=32",
+                                      "moco.queue_size=64", "moco.bn_splits=4"])
+    views = pretrain_views(cfg, torch.device("cpu"), splits=load_tensors(cfg))
+    batches = list(views.epoch(0))[:3]
+    torch.manual_seed(0)
+    eager = build_moco(cfg)
+    compiled = copy.deepcopy(eager)
+    compile_encoders(compiled)
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.05, momentum=0.9)
+        torch.manual_seed(1)  # the same Shuffle-BN permutations
+        losses[name] = []
+        for x_q, x_k in batches:
+            loss = model(x_q, x_k)["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+    assert losses["eager"] == pytest.approx(losses["compiled"], rel=1e-3)
+    assert torch.allclose(eager.queue, compiled.queue, atol=1e-4)
+    assert list(eager.state_dict()) == list(compiled.state_dict())
