@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, make_config, with_overrides
+from .config import EVAL_ONLY, ConfigError, make_config, with_overrides
 from .data import CHANNELS, TensorSplits, load_tensors, pretrain_views
 from .launch import machine_description
 from .moco import build_moco, compile_encoders
@@ -148,9 +148,9 @@ def bench_probe(args) -> list[dict]:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, encoder, _ = load_trained_encoder(Path(args.run), device)
-    # --set applies to the run's config here, eval.* only (e.g. the probe settings of a newer recipe).
+    # --set applies to the run's config here, evaluation settings only (e.g. a newer recipe's probe).
     extra = [f"eval.probe_epochs={args.probe_epochs}"] if args.probe_epochs else []
-    cfg = with_overrides(cfg, args.overrides + extra, only="eval")
+    cfg = with_overrides(cfg, args.overrides + extra, only=EVAL_ONLY)
     cfg.eval.pixel_floor = False
     rows = []
     for protocol in ("fast", "standard"):
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     parser.add_argument("parts", nargs="*", default=["train", "data"], help=f"any of {', '.join(PARTS)}")
     parser.add_argument("--recipe", default="fmnist-tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override (train, data); eval.* override of the run's config (probe)")
+                        help="recipe override (train, data); eval.* or data.test_subset of the run's config (probe)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)

@@ -254,16 +254,22 @@ def config_from_dict(data: dict) -> RunConfig:
     return cfg
 
 
-def with_overrides(cfg: RunConfig, overrides: typing.Sequence[str], only: str | None = None) -> RunConfig:
-    """A validated copy of `cfg` with dotted overrides; `only` restricts them to one section (re-probing a
-    finished run may change eval.*, never what its checkpoint was trained with)."""
+def with_overrides(cfg: RunConfig, overrides: typing.Sequence[str], only: typing.Sequence[str] = ()) -> RunConfig:
+    """A validated copy of `cfg` with dotted overrides. `only` lists the keys (or `section.` prefixes)
+    that may change: re-probing a finished run may change how it is evaluated, never what its
+    checkpoint was trained with."""
     data = cfg.to_dict()
     for text in overrides:
-        if only and not text.strip().startswith(f"{only}."):
-            raise ConfigError(f"override '{text}': only {only}.* settings can change here; the rest is fixed "
-                              f"by the run's config.yaml and checkpoint.")
+        key = text.split("=", 1)[0].strip()
+        if only and not any(key == o or (o.endswith(".") and key.startswith(o)) for o in only):
+            raise ConfigError(f"override '{text}': only {', '.join(o + '*' if o.endswith('.') else o for o in only)} "
+                              f"can change here; the rest is fixed by the run's config.yaml and checkpoint.")
         data = _merge(data, parse_override(text))
     return config_from_dict(data)
+
+
+# Settings a finished run can be evaluated with afresh (harness.probe, bench probe).
+EVAL_ONLY = ("eval.", "data.test_subset")
 
 
 # ---------------------------------------------------------------- semantic validation

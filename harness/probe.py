@@ -31,7 +31,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import faults, runio
 from .augment import RECIPES, BatchAugment
-from .config import ConfigError, RunConfig, config_from_dict, with_overrides
+from .config import EVAL_ONLY, ConfigError, RunConfig, config_from_dict, with_overrides
 from .data import (NORMALIZATION, NUM_CLASSES, folder_classes, folder_probe_loader, folder_probe_set, load_tensors,
                    seeded_generator)
 from .features import extract, split_batches
@@ -271,14 +271,14 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--protocol", choices=["fast", "standard"], help="default: the run config's eval.probe")
     parser.add_argument("--epochs", type=int, help="standard protocol epochs (default: eval.probe_epochs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="eval.KEY=VALUE",
-                        help="change a probe setting of the run's config, e.g. --set eval.probe_lr=1")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change how the run is evaluated (eval.*, data.test_subset), e.g. --set eval.probe_lr=1")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
         cfg = with_overrides(cfg, args.overrides + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),
-                             only="eval")
+                             only=EVAL_ONLY)
         protocol = args.protocol or (cfg.eval.probe if cfg.eval.probe != "none" else "fast")
         result = probe_run(cfg, args.run_dir, encoder, None, device, protocol, epoch)
     except (ProbeError, ConfigError) as exc:

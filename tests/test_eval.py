@@ -151,7 +151,7 @@ def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
     # Re-probing may change probe settings, never what the checkpoint was trained with.
     proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--set", "moco.dim=64"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "only eval.* settings" in proc.stderr
+    assert proc.returncode == 2 and "only eval.*, data.test_subset can change" in proc.stderr
     config = (run / "config.yaml").read_text().replace("dim: 128", "dim: 64")
     (run / "config.yaml").write_text(config)
     with pytest.raises(ProbeError, match="does not fit the model"):
