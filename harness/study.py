@@ -157,6 +157,14 @@ class Driver:
             return max(1, self.resources.cpus // tasks)
         return max(1, (os.cpu_count() or 1) // (concurrent * tasks))
 
+    def _launch(self, callables: list) -> list:
+        """Submit from the code snapshot; on SLURM as one job array."""
+        with snapshot.jobs_use(self.code_dir):
+            if self.kind != "slurm":
+                return [self.executor.submit(fn) for fn in callables]
+            with self.executor.batch():
+                return [self.executor.submit(fn) for fn in callables]
+
     def submit(self, todo: list[dict | None]) -> int:
         """Create one trial per entry and launch its jobs (a job array on SLURM)."""
         prepared = []
@@ -181,12 +189,7 @@ class Driver:
             prepared.append((trial, job))
         if not prepared:
             return 0
-        with snapshot.jobs_use(self.code_dir):
-            if self.kind == "slurm":
-                with self.executor.batch():
-                    jobs = [self.executor.submit(job) for _, job in prepared]
-            else:
-                jobs = [self.executor.submit(job) for _, job in prepared]
+        jobs = self._launch([job for _, job in prepared])
         for (trial, _), job in zip(prepared, jobs):
             trial.set_user_attr("job_id", str(job.job_id))
             if self.kind == "debug":
@@ -284,14 +287,10 @@ class Driver:
             if not any(t.state == WAITING for t in self.trials()):
                 break
             threads = self._threads_per_process(self.args.workers)
-            job = WorkerJob(str(self.snapshot_of(self.study.path)), self.name, self.storage_url, self.args.recipe, self.extra,
-                            str(self.dir), threads, self.args.heartbeat, self.resources.gpus * self.resources.nodes)
-            with snapshot.jobs_use(self.code_dir):
-                if self.kind == "slurm":
-                    with self.executor.batch():
-                        jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
-                else:
-                    jobs = [self.executor.submit(job) for _ in range(self.args.workers)]
+            job = WorkerJob(str(self.snapshot_of(self.study.path)), self.name, self.storage_url, self.args.recipe,
+                            self.extra, str(self.dir), threads, self.args.heartbeat,
+                            self.resources.gpus * self.resources.nodes)
+            jobs = self._launch([job] * self.args.workers)
             if self.kind == "debug":
                 for j in jobs:
                     j.result()

@@ -107,8 +107,6 @@ class WorkerJob(submitit.helpers.Checkpointable):
 
 def _job_id() -> str:
     """The worker's submitit job id (shown by --status), or its pid outside a submitit job."""
-    import submitit
-
     try:
         return f"worker {submitit.JobEnvironment().job_id}"
     except RuntimeError:
