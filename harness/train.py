@@ -260,14 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="fmnist-tiny", help="a name in studies/recipes/ (default: fmnist-tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set moco.momentum=0.99 (repeatable)")
-    parser.add_argument("--out", type=Path, help="run directory (default: results/runs/<recipe>)")
+    parser.add_argument("--out", type=Path, help="run directory (default: $HARNESS_RESULTS/runs/<recipe>, HARNESS_RESULTS=results)")
     parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     parser.add_argument("--no-probe", action="store_true", help="skip the final linear probe")
     args = parser.parse_args(argv)
     try:
         cfg = make_config(args.recipe, args.overrides)
         check_dataset(cfg)
-        run_dir = args.out or Path("results") / "runs" / args.recipe
+        run_dir = args.out or runio.RESULTS / "runs" / args.recipe
         runio.check_writable(run_dir)
         result = train(cfg, run_dir, resume=args.resume, probe=not args.no_probe)
     except (ConfigError, runio.RunDirBusy) as exc:

@@ -17,14 +17,16 @@ SMALL = ["data.train_subset=512", "data.test_subset=256", "optim.batch_size=64",
          "runtime.checkpoint_every=2", "runtime.checkpoint_every_steps=3", "runtime.threads=1"]
 
 
-def run_train(out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_train(out: Path | None, *extra: str, fault: str | None = None, env: dict | None = None,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
     if fault:
         env["HARNESS_FAULT"] = fault
-    args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out), "--no-probe"]
+    args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--no-probe"]
+    args += ["--out", str(out)] if out else []
     for override in [*SMALL, *extra]:
         args += ["--set", override]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 
 
 def final_state(out: Path) -> dict:
@@ -54,6 +56,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     assert step_losses(straight) == step_losses(resumed)  # no duplicated or missing steps either
     epochs = [r["epoch"] for r in read_jsonl(resumed / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [1, 2]
+
+
+def test_default_run_dir_follows_harness_results(tmp_path):
+    # Single runs land where studies do: $HARNESS_RESULTS/runs/<recipe>, not ./results in the cwd.
+    results = tmp_path / "elsewhere"
+    proc = run_train(None, "optim.epochs=1", env={"HARNESS_RESULTS": str(results)}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert final_state(results / "runs" / "fmnist-tiny")["global_step"] == 8
+    assert not (tmp_path / "results").exists()
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
