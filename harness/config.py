@@ -31,6 +31,9 @@ class DataConfig:
     test_subset: Optional[int] = None
     image_size: int = 28  # crop size of the pretraining views
     augmentation: Literal["v1", "v2", "cifar"] = "cifar"
+    # RandomResizedCrop area range of the two views. MoCo's recipes all use [0.2, 1]; small images
+    # may want milder crops (a 0.2 crop of a 28-px image is 12 px wide; see fmnist-tiny).
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     # batched: on-device augmentation of in-memory datasets; per_image: PIL + DataLoader workers
     # (always used for image folders; for in-memory datasets it exists for comparison, see harness.bench).
     loader: Literal["batched", "per_image"] = "batched"
@@ -42,6 +45,8 @@ class ModelConfig:
     arch: Literal["resnet_tiny", "resnet18", "resnet50"] = "resnet_tiny"
     stem: Literal["imagenet", "cifar"] = "cifar"  # cifar: 3x3 conv1, stride 1, no max-pool
     tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # resnet_tiny stage widths
+    # resnet_tiny's first conv stride: 2 runs every stage at half the resolution (~4x fewer MACs).
+    tiny_stem_stride: int = 1
 
 
 @dataclass
@@ -293,6 +298,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}.")
     _require(0 <= o.warmup_epochs < o.epochs,
              f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
+    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+             f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1 (MoCo: [0.2, 1]), got {d.crop_scale}.")
+    _require(cfg.model.tiny_stem_stride in (1, 2),
+             f"model.tiny_stem_stride: must be 1 or 2, got {cfg.model.tiny_stem_stride}.")
+    _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
+             f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], got {cfg.model.tiny_widths}.")
     _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)

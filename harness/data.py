@@ -9,6 +9,7 @@ so a run resumed mid-epoch sees exactly the batches an uninterrupted run would h
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -19,7 +20,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .augment import RECIPES, BatchAugment, center_view, eval_transform, per_image_transform
+from .augment import RECIPES, AugmentSpec, BatchAugment, center_view, eval_transform, per_image_transform
 from .config import ConfigError, RunConfig
 
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
@@ -190,6 +191,11 @@ def _folder_root(root: Optional[str]) -> Path:
 
 # ---------------------------------------------------------------- two-view sources
 
+def view_spec(cfg: RunConfig) -> AugmentSpec:
+    """The pretraining views' augmentation: the named recipe with data.crop_scale as its crop range."""
+    return dataclasses.replace(RECIPES[cfg.data.augmentation], crop_scale=tuple(cfg.data.crop_scale))
+
+
 class InMemoryViews:
     """Pretraining batches from a uint8 tensor on the device, both views augmented in batch."""
 
@@ -197,7 +203,7 @@ class InMemoryViews:
         self.images = images.to(device)
         self.cfg, self.rank, self.world = cfg, rank, world
         mean, std = NORMALIZATION[cfg.data.dataset]
-        self.augment = BatchAugment(RECIPES[cfg.data.augmentation], cfg.data.image_size, mean, std)
+        self.augment = BatchAugment(view_spec(cfg), cfg.data.image_size, mean, std)
         self.steps_per_epoch = len(images) // cfg.optim.batch_size  # drop_last: K % B stays aligned
         if self.steps_per_epoch == 0:
             raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the "
@@ -245,7 +251,7 @@ class LoaderViews:
 
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, images=None):
         mean, std = NORMALIZATION[cfg.data.dataset]
-        transform = per_image_transform(RECIPES[cfg.data.augmentation], cfg.data.image_size, mean, std)
+        transform = per_image_transform(view_spec(cfg), cfg.data.image_size, mean, std)
         if images is None:
             from torchvision import datasets
 

@@ -131,7 +131,7 @@ def build_moco(cfg) -> MoCo:
 
     def make_encoder() -> nn.Module:
         backbone = build_backbone(cfg.model.arch, cfg.model.stem, CHANNELS[cfg.data.dataset], splits,
-                                  cfg.model.tiny_widths)
+                                  cfg.model.tiny_widths, cfg.model.tiny_stem_stride)
         return Encoder(backbone, mc.dim, mc.mlp)
 
     return MoCo(make_encoder, dim=mc.dim, queue_size=mc.queue_size, momentum=mc.momentum,

@@ -96,3 +96,19 @@ def test_contrast_and_saturation_match_torchvision():
     for i, f in enumerate([0.6, 1.0, 1.4]):
         assert torch.allclose(contrast[i], F.adjust_contrast(x[i], f), atol=1e-5)
         assert torch.allclose(saturation[i], F.adjust_saturation(x[i], f), atol=1e-5)
+
+
+def test_data_crop_scale_reaches_both_view_paths():
+    # data.crop_scale replaces the named recipe's crop range, in the batched and the per-image path.
+    from torchvision.transforms import v2
+
+    from harness.config import make_config
+    from harness.data import InMemoryViews, LoaderViews
+
+    cfg = make_config("fmnist-tiny", ["data.crop_scale=[0.5, 1]", "optim.batch_size=8"])
+    images = torch.zeros(16, 1, 28, 28, dtype=torch.uint8)
+    assert InMemoryViews(images, cfg, torch.device("cpu")).augment.spec.crop_scale == (0.5, 1.0)
+    crops = [t for t in LoaderViews(cfg, torch.device("cpu"), images=images).dataset.transform.transforms
+             if isinstance(t, v2.RandomResizedCrop)]
+    assert [tuple(c.scale) for c in crops] == [(0.5, 1.0)]
+    assert RECIPES["cifar"].crop_scale == (0.2, 1.0)  # the recipe itself is untouched

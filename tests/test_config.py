@@ -55,9 +55,23 @@ def test_temperature_not_positive(t):
 
 @pytest.mark.parametrize("override", ["eval.probe_crop_scale=[0.5, 0.2]", "eval.probe_crop_scale=[0, 1]",
                                       "eval.probe_crop_scale=[0.5]", "eval.probe_lr=0", "eval.probe_epochs=0",
-                                      "eval.knn_k=0"])
+                                      "eval.knn_k=0", "data.crop_scale=[1, 0.5]", "data.crop_scale=[0, 1]",
+                                      "model.tiny_stem_stride=3", "model.tiny_widths=[16, 0]"])
 def test_bad_probe_and_knn_settings(override):
     assert override.split("=")[0] in error_of(override)
+
+
+@pytest.mark.parametrize("stride,side", [(1, 28), (2, 14)])
+def test_tiny_resnet_widths_and_stem_stride_come_from_the_config(stride, side):
+    import torch
+
+    from harness.moco import build_moco
+
+    cfg = make_config("fmnist-tiny", ["model.tiny_widths=[8, 16, 24]", f"model.tiny_stem_stride={stride}"])
+    backbone = build_moco(cfg).encoder_q.backbone
+    x = torch.zeros(8, 1, 28, 28)  # the recipe's SplitBN needs a multiple of its 8 splits
+    assert backbone.stem(x).shape[-2:] == (side, side)
+    assert backbone(x).shape == (8, 24) and backbone.out_dim == 24
 
 
 def test_unknown_key_suggests_the_right_one():
