@@ -52,7 +52,8 @@ def trials_table(ostudy: optuna.Study) -> pd.DataFrame:
         row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
                "seed": t.params.get("seed", a.get("seed")), "state": state,
                "failure_reason": a.get("failure_reason"), "probe_top1": a.get("probe_top1"),
-               "probe_top5": a.get("probe_top5"), "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
+               "probe_top5": a.get("probe_top5"), "pixel_floor_top1": a.get("pixel_floor_top1"),
+               "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
                "chance_loss": _chance_loss(a.get("run_dir")), "epochs": a.get("epochs"),
                "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
                "host": a.get("host"), "run_dir": a.get("run_dir")}
@@ -138,6 +139,7 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
         beyond = p < 0.05
         lines.append(text + f"; runner-up {second} ({b.mean():.4f}), difference {diff:+.4f}, Welch's t-test "
                      f"p = {p:.3g}: " + ("beyond seed noise." if beyond else "within seed noise."))
+    lines += floor_verdict(done, factors, objective)
     done_all = trials[trials["state"] == "COMPLETE"].dropna(subset=["final_loss", "chance_loss"])
     for factor in factors:
         for level, g in done_all.groupby(factor):
@@ -150,6 +152,29 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
     for factor in factors:
         for level, g in dead.groupby(factor):
             lines.append(f"{factor} = {level}: {len(g)} run(s) diverged (loss NaN/inf) — reported as 'fail'.")
+    return lines
+
+
+def pixel_floor(trials: pd.DataFrame, objective: str) -> float | None:
+    """The raw-pixel linear probe the trials recorded, when the objective is the probe and all agree."""
+    if objective != "probe_top1" or "pixel_floor_top1" not in trials:
+        return None
+    floors = trials["pixel_floor_top1"].dropna().unique()
+    return float(floors[0]) if len(floors) == 1 else None
+
+
+def floor_verdict(done: pd.DataFrame, factors: list[str], objective: str) -> list[str]:
+    """Which levels beat a linear probe on raw pixels: below it, a representation learned nothing useful."""
+    floor = pixel_floor(done, objective)
+    if floor is None:
+        return []
+    lines = []
+    for factor in factors:
+        means = done.groupby(factor, sort=True)[objective].mean()
+        above = [f"{lvl} ({m - floor:+.4f})" for lvl, m in means.items() if m > floor]
+        below = [f"{lvl} ({m - floor:+.4f})" for lvl, m in means.items() if m <= floor]
+        lines.append(f"{factor} vs the raw-pixel floor {floor:.4f} (the same linear probe on pixels): above it: "
+                     f"{', '.join(above) or 'no level'}; not above it: {', '.join(below) or 'no level'}.")
     return lines
 
 
@@ -214,6 +239,9 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         ax.scatter(pos(part["x"]), part[objective], color=palette[hv], alpha=0.55, s=22)
         ax.errorbar(pos(agg["x"]), agg["mean"], yerr=agg["std"].fillna(0), color=palette[hv], marker="o",
                     capsize=4, lw=1.5, label=f"{hue} = {hv}" if hue else "mean ± std over seeds")
+    pixels = pixel_floor(done, objective)
+    if pixels is not None:
+        ax.axhline(pixels, color="gray", ls=":", lw=1.2, label=f"linear probe on raw pixels ({pixels:.3f})")
     floor = done[objective].min() if len(done) else 0.0
     for state, color, label in (("DIVERGED", "crimson", "diverged (the paper's 'fail')"),
                                 ("FAIL", "gray", "failed (error, after retries)")):

@@ -47,7 +47,7 @@ def synthetic_study(tmp_path):
             else:
                 value = float(0.6 + m / 5 + rng.normal(0, 0.01))
                 for name, v in {"probe_top1": value, "probe_top5": 0.99, "knn_top1": 0.65 + m / 10,
-                                "epochs": 3, "gpu_hours": 0.5}.items():
+                                "epochs": 3, "gpu_hours": 0.5, "pixel_floor_top1": 0.7}.items():
                     trial.set_user_attr(name, v)
                 study.tell(trial, value)
                 expected.setdefault(m, []).append(value)
@@ -89,3 +89,6 @@ def test_report_plots_exist_and_html_embeds_them(tmp_path, synthetic_study):
     assert "DIVERGED" in md and "node died" in md and "diverged (loss NaN/inf)" in md
     assert "best level 0.99" in md and "runner-up 0.9 " in md and "too few seeds" in md  # 0.9 has n = 1
     assert "different dataset and scale" in md
+    # m = 0 (0.6) is below the raw-pixel floor (0.7), m = 0.9 (0.78) and 0.99 (0.80) above it.
+    floor_line = next(line for line in md.splitlines() if "raw-pixel floor 0.7000" in line)
+    assert re.search(r"above it: 0\.9 \(\+0\.0\d+\), 0\.99 \(\+0\.\d+\); not above it: 0\.0 \(-0\.\d+\)", floor_line)
