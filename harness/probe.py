@@ -3,8 +3,8 @@
 * standard: the paper's protocol (main_lincls): backbone frozen in eval mode, fc ~ N(0, 0.01) with
   zero bias, SGD lr 30, momentum 0.9, wd 0, step x0.1 at 60 % and 80 % of the epochs, train views
   RandomResizedCrop + flip, test centre view; best and last top-1/top-5. Small-image recipes scale
-  it with eval.probe_crop_scale / probe_epochs / probe_lr and may standardise the features first
-  (eval.probe_feature_bn, the MAE probe's BatchNorm without affine).
+  it with eval.probe_crop_scale / probe_epochs / probe_lr / probe_weight_decay and may standardise
+  the features first (eval.probe_feature_bn, the MAE probe's BatchNorm without affine).
 * fast: features extracted once (no augmentation) and cached on the device; multinomial logistic
   regression by full-batch L-BFGS; its L2 strength is chosen on a held-out 20 % of the TRAINING
   split, then refit on the whole training split and evaluated once on the test split.
@@ -120,7 +120,9 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
     # The classifier is the only trained part; with probe_feature_bn it standardises its input first.
     classifier = (nn.Sequential(nn.BatchNorm1d(backbone.out_dim, affine=False), fc) if e.probe_feature_bn
                   else fc).to(device)
-    opt = torch.optim.SGD(classifier.parameters(), lr=e.probe_lr, momentum=0.9, weight_decay=0.0)
+    # Weight decay on the fc weight only: the same penalty as the fast probe's L2 (bias unpenalised).
+    opt = torch.optim.SGD([{"params": [fc.weight], "weight_decay": e.probe_weight_decay},
+                           {"params": [fc.bias], "weight_decay": 0.0}], lr=e.probe_lr, momentum=0.9)
     milestones = [round(f * e.probe_epochs) for f in e.probe_milestones]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1)
     spec = dataclasses.replace(RECIPES["probe"], crop_scale=tuple(e.probe_crop_scale))
@@ -156,7 +158,7 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
         raise ProbeError(f"the backbone changed during the linear probe ({', '.join(changed[:3])}...)")
     last = history[-1]
     return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
-            "last_top1": last["top1"], "last_top5": last["top5"],
+            "last_top1": last["top1"], "last_top5": last["top5"], "fc_weight_norm": fc.weight.norm().item(),
             "train_size": train_size, "test_size": len(test_labels)}
 
 

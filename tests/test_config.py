@@ -55,6 +55,7 @@ def test_temperature_not_positive(t):
 
 @pytest.mark.parametrize("override", ["eval.probe_crop_scale=[0.5, 0.2]", "eval.probe_crop_scale=[0, 1]",
                                       "eval.probe_crop_scale=[0.5]", "eval.probe_lr=0", "eval.probe_epochs=0",
+                                      "eval.probe_weight_decay=-0.1",
                                       "eval.knn_k=0", "data.crop_scale=[1, 0.5]", "data.crop_scale=[0, 1]",
                                       "model.tiny_stem_stride=3", "model.tiny_widths=[16, 0]"])
 def test_bad_probe_and_knn_settings(override):

@@ -114,6 +114,18 @@ def test_probe_with_feature_bn_learns_features_of_any_scale_and_is_reproducible(
     assert first == second  # fc init, data order and views all derive from the run's seed
 
 
+def test_probe_weight_decay_acts_on_the_fc_weight(tiny):
+    _, splits = tiny
+    common = ["data.train_subset=512", "data.test_subset=256", "eval.probe_epochs=4", "eval.probe_batch_size=64",
+              "eval.probe_lr=0.1", "eval.probe_crop_scale=[1.0, 1.0]", "eval.probe_feature_bn=true"]
+    cpu = torch.device("cpu")
+    free = standard_probe(make_config("fmnist-tiny", common), Scaled(1.0), splits, cpu, 10)
+    decayed = standard_probe(make_config("fmnist-tiny", common + ["eval.probe_weight_decay=1"]), Scaled(1.0),
+                             splits, cpu, 10)
+    assert free["top1"] >= 0.6
+    assert decayed["fc_weight_norm"] < 0.3 * free["fc_weight_norm"]
+
+
 def test_standard_probe_detects_a_backbone_that_changes(tiny):
     cfg, splits = tiny
 
