@@ -302,11 +302,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(0 <= o.warmup_epochs < o.epochs,
              f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
     _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-             f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1 (MoCo: [0.2, 1]), got {d.crop_scale}.")
+             f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1 (MoCo: [0.2, 1]), "
+             f"got {d.crop_scale}.")
     _require(cfg.model.tiny_stem_stride in (1, 2),
              f"model.tiny_stem_stride: must be 1 or 2, got {cfg.model.tiny_stem_stride}.")
     _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
-             f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], got {cfg.model.tiny_widths}.")
+             f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], "
+             f"got {cfg.model.tiny_widths}.")
     _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="fmnist-tiny", help="a name in studies/recipes/ (default: fmnist-tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, e.g. --set moco.momentum=0.99 (repeatable)")
-    parser.add_argument("--out", type=Path, help="run directory (default: $HARNESS_RESULTS/runs/<recipe>, HARNESS_RESULTS=results)")
+    parser.add_argument("--out", type=Path,
+                        help="run directory (default: runs/<recipe> under $HARNESS_RESULTS, else under results/)")
     parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     parser.add_argument("--no-probe", action="store_true", help="skip the final linear probe")
     args = parser.parse_args(argv)
