@@ -287,6 +287,12 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _require_crop_scale(key: str, value: list[float], usual: str) -> None:
+    """A RandomResizedCrop area range: [low, high] with 0 < low <= high <= 1."""
+    _require(len(value) == 2 and 0 < value[0] <= value[1] <= 1,
+             f"{key}: expected [low, high] with 0 < low <= high <= 1 ({usual}), got {value}.")
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Checks that need more than one field. `world_size` is checked once it is known."""
     m, o, d = cfg.moco, cfg.optim, cfg.data
@@ -301,9 +307,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}.")
     _require(0 <= o.warmup_epochs < o.epochs,
              f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
-    _require(len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
-             f"data.crop_scale: expected [low, high] with 0 < low <= high <= 1 (MoCo: [0.2, 1]), "
-             f"got {d.crop_scale}.")
+    _require_crop_scale("data.crop_scale", d.crop_scale, "MoCo: [0.2, 1]")
     _require(cfg.model.tiny_stem_stride in (1, 2),
              f"model.tiny_stem_stride: must be 1 or 2, got {cfg.model.tiny_stem_stride}.")
     _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
@@ -320,9 +324,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(e.probe_lr > 0, f"eval.probe_lr: must be > 0 (main_lincls uses 30), got {e.probe_lr}.")
     _require(e.probe_weight_decay >= 0,
              f"eval.probe_weight_decay: must be >= 0 (main_lincls uses 0), got {e.probe_weight_decay}.")
-    _require(len(e.probe_crop_scale) == 2 and 0 < e.probe_crop_scale[0] <= e.probe_crop_scale[1] <= 1,
-             f"eval.probe_crop_scale: expected [low, high] with 0 < low <= high <= 1 (main_lincls: [0.08, 1]), "
-             f"got {e.probe_crop_scale}.")
+    _require_crop_scale("eval.probe_crop_scale", e.probe_crop_scale, "main_lincls: [0.08, 1]")
     if m.key_encoder == "end_to_end":
         # Negatives are the other keys of the batch; the queue is not used.
         _require(not m.symmetric, "moco.symmetric: not defined for key_encoder=end_to_end; set moco.symmetric=false.")
