@@ -155,7 +155,7 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
     return lines
 
 
-def pixel_floor(trials: pd.DataFrame, objective: str) -> float | None:
+def recorded_pixel_floor(trials: pd.DataFrame, objective: str) -> float | None:
     """The raw-pixel linear probe the trials recorded, when the objective is the probe and all agree."""
     if objective != "probe_top1" or "pixel_floor_top1" not in trials:
         return None
@@ -165,7 +165,7 @@ def pixel_floor(trials: pd.DataFrame, objective: str) -> float | None:
 
 def floor_verdict(done: pd.DataFrame, factors: list[str], objective: str) -> list[str]:
     """Which levels beat a linear probe on raw pixels: below it, a representation learned nothing useful."""
-    floor = pixel_floor(done, objective)
+    floor = recorded_pixel_floor(done, objective)
     if floor is None:
         return []
     lines = []
@@ -239,7 +239,7 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         ax.scatter(pos(part["x"]), part[objective], color=palette[hv], alpha=0.55, s=22)
         ax.errorbar(pos(agg["x"]), agg["mean"], yerr=agg["std"].fillna(0), color=palette[hv], marker="o",
                     capsize=4, lw=1.5, label=f"{hue} = {hv}" if hue else "mean ± std over seeds")
-    pixels = pixel_floor(done, objective)
+    pixels = recorded_pixel_floor(done, objective)
     if pixels is not None:
         ax.axhline(pixels, color="gray", ls=":", lw=1.2, label=f"linear probe on raw pixels ({pixels:.3f})")
     floor = done[objective].min() if len(done) else 0.0
