@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .config import EVAL_ONLY, ConfigError, make_config, with_overrides
+from .config import EVAL_ONLY, ConfigError, RunConfig, make_config, with_overrides
 from .data import CHANNELS, TensorSplits, load_tensors, pretrain_views
-from .launch import machine_description
+from .runtime import Runtime, machine_description
 from .moco import build_moco, compile_encoders
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor figures
@@ -45,9 +45,9 @@ def synthetic_splits(dataset: str, n: int) -> TensorSplits:
 
 def _setup(args, loader: str):
     cfg = make_config(args.recipe, [*args.overrides, f"data.loader={loader}"])
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu")
+    rt = Runtime.for_config(cfg).apply()
     splits = synthetic_splits(cfg.data.dataset, args.synthetic) if args.synthetic else load_tensors(cfg)
-    return cfg, device, splits
+    return cfg, rt, splits
 
 
 def _median_rate(timings: list[float], units: float) -> float:
@@ -57,7 +57,8 @@ def _median_rate(timings: list[float], units: float) -> float:
 def bench_data(args) -> list[dict]:
     rows = []
     for loader in ("batched", "per_image"):
-        cfg, device, splits = _setup(args, loader)
+        cfg, rt, splits = _setup(args, loader)
+        device = rt.device
         views = pretrain_views(cfg, device, splits=splits)
         it = iter(views.epoch(0))
         for _ in range(args.warmup):
@@ -89,12 +90,10 @@ def _step_flops(model, x_q, x_k) -> float:
 def bench_train(args) -> list[dict]:
     rows = []
     for loader in ("batched", "per_image"):
-        cfg, device, splits = _setup(args, loader)
+        cfg, rt, splits = _setup(args, loader)
+        device, cuda = rt.device, rt.device.type == "cuda"
         torch.manual_seed(0)
-        model = build_moco(cfg).to(device)
-        cuda = device.type == "cuda"
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
+        model = rt.prepare(build_moco(cfg))
         if cfg.runtime.compile:  # compiled during warm-up, which the timing excludes
             compile_encoders(model)
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
@@ -104,18 +103,16 @@ def bench_train(args) -> list[dict]:
         batches = (b for epoch in epochs for b in epoch)
 
         def step(x_q, x_k):
-            if cuda:
-                x_q, x_k = (x.contiguous(memory_format=torch.channels_last) for x in (x_q, x_k))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                out = model(x_q, x_k)
+            with rt.autocast():
+                out = model(*rt.layout(x_q, x_k))
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
             return out["loss"]
 
         first = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            flops = _step_flops(model, *first)
+        with rt.autocast():
+            flops = _step_flops(model, *rt.layout(*first))
         for _ in range(args.warmup):
             step(*next(batches))
         timings = []
@@ -146,7 +143,7 @@ def bench_probe(args) -> list[dict]:
         raise SystemExit("error: bench probe needs --run DIR (a finished pretraining run)")
     from .probe import load_trained_encoder, probe_backbone
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = Runtime.for_config(RunConfig()).apply().device  # the run may come from another machine
     cfg, encoder, _ = load_trained_encoder(Path(args.run), device)
     # --set applies to the run's config here, evaluation settings only (e.g. a newer recipe's probe).
     extra = [f"eval.probe_epochs={args.probe_epochs}"] if args.probe_epochs else []

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -127,8 +129,82 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """What this run computes (see RUNTIME_ONLY): two configs with one identity are one run."""
+        return identity_of(self.to_dict())
+
+    def digest(self) -> str:
+        return identity_digest(self.to_dict())
+
     def scaled_lr(self) -> float:
         return self.optim.lr * self.optim.batch_size / self.optim.lr_batch
+
+
+# ---------------------------------------------------------------- dotted keys
+
+def nest(key: str, value: Any) -> dict:
+    """'moco.momentum', 0.99 -> {'moco': {'momentum': 0.99}}: the one reading of a dotted key."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def get_dotted(data: dict, key: str, default: Any = None) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+# ---------------------------------------------------------------- run identity
+
+# Fields that change how a run executes but not what it computes; a run resumed under other values
+# is the same run (each attempt records the values it ran with, see harness.train). At most they
+# change the order of floating-point sums, as any other machine would.
+RUNTIME_ONLY = {
+    "name": "a label: the same computation may serve several studies",
+    "recipe": "a label: what the recipe set is in the other fields",
+    "runtime.threads": "CPU threads: set from the cores a job gets, which differ between machines",
+    "runtime.compile": "torch.compile: the same graph, fused",
+    "runtime.channels_last": "memory layout of the activations",
+    "runtime.checkpoint_every": "checkpoint cadence",
+    "runtime.checkpoint_every_steps": "checkpoint cadence",
+    "runtime.keep_checkpoints": "checkpoints kept on disk",
+    "runtime.log_every": "how often the loss is read back and logged",
+    "data.num_workers": "DataLoader processes; each image's augmentation is seeded by its index",
+}
+
+
+def identity_of(data: dict) -> dict:
+    """What a run computes: its config (as a dict) minus the runtime-only fields."""
+    out = json.loads(json.dumps(data))  # a deep copy
+    for key in RUNTIME_ONLY:
+        *parents, leaf = key.split(".")
+        node = get_dotted(out, ".".join(parents)) if parents else out
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def identity_digest(data: dict) -> str:
+    """A short, stable digest of a run's identity (canonical JSON)."""
+    text = json.dumps(identity_of(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two identities."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        for k, v in d.items():
+            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return items
+
+    a, b = flat(identity_of(old)), flat(identity_of(new))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 # ---------------------------------------------------------------- building from data
@@ -236,10 +312,7 @@ def parse_override(text: str) -> dict:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}).") from None
-    out: dict = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
+    return nest(key, value)
 
 
 def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None) -> RunConfig:

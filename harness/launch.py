@@ -1,15 +1,13 @@
-"""submitit side: executors, the trial job a worker runs, and job states for re-attachment.
+"""submitit side: the trial job, executors (slurm, local, debug) and job states for re-attachment.
 
-The job is a thin shell around `harness.train.train`: everything it needs to resume lives in the
-run directory (config, checkpoints), so a requeued job (preemption, time limit) simply calls
-train again, which resumes from the newest good checkpoint.
+The job is a thin shell around `harness.trial.run_trial`: everything it needs to resume lives in the
+run directory (config, checkpoints), so a requeued job (preemption, time limit) simply runs the
+trial again, which resumes from the newest good checkpoint.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -17,9 +15,10 @@ from typing import Any
 
 import submitit
 
-from . import faults
-from .snapshot import code_origin, restore_cwd
+from .optuna_adapter import trial_handle
+from .snapshot import jobs_use, restore_cwd
 from .studyfile import Resources, StudyError
+from .trial import PruningReporter, TrialSpec, run_trial
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "REQUEUE_HOLD",
          "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
@@ -50,59 +49,28 @@ def resolve_executor(kind: str) -> str:
     return kind
 
 
-def make_executor(kind: str, folder: Path, res: Resources, name: str, parallel: int) -> submitit.Executor:
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=kind, slurm_max_num_timeout=res.max_timeouts)
-    tasks = res.tasks or max(res.gpus, 1)  # one process per GPU: DDP
-    params: dict[str, Any] = dict(name=name, timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=tasks,
-                                  cpus_per_task=max(1, res.cpus // tasks), gpus_per_node=res.gpus or None)
-    if kind == "slurm":
-        params.update(mem_gb=res.mem_gb, slurm_array_parallelism=parallel, slurm_signal_delay_s=res.signal_delay_s)
-        if res.partition:
-            params["slurm_partition"] = res.partition
-    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-    return executor
-
-
-def sbatch_parameters(executor: submitit.Executor) -> dict[str, Any]:
-    inner = getattr(executor, "_executor", executor)
-    return dict(getattr(inner, "parameters", {}))
-
-
 # ---------------------------------------------------------------- the job
 
 class TrialJob(submitit.helpers.Checkpointable):
     """Pretrain + probe one trial. On preemption/timeout submitit requeues this same object;
-    `train` resumes from the run directory's checkpoint, so no state travels in the pickle."""
+    `run_trial` resumes from the run directory's checkpoint, so no state travels in the pickle."""
 
-    def __init__(self, run_dir: str, config: dict, storage_url: str, study_name: str, trial_id: int,
+    def __init__(self, spec: TrialSpec, storage_url: str, study_name: str, trial_id: int,
                  pruner: tuple | None, threads: int = 0):
         """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning."""
-        self.run_dir, self.config, self.storage_url = run_dir, config, storage_url
-        self.study_name, self.trial_id, self.pruner, self.threads = study_name, trial_id, pruner, threads
+        self.spec, self.storage_url, self.study_name = spec, storage_url, study_name
+        self.trial_id, self.pruner, self.threads = trial_id, pruner, threads
 
-    def __call__(self) -> dict:
-        from .config import config_from_dict
-        from .train import train
-
+    def __call__(self) -> str:
         restore_cwd()
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # DDP across the job's tasks
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        run_dir = Path(self.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if env.global_rank == 0:
-            with open(run_dir / "attempts.jsonl", "a") as fh:
-                fh.write(json.dumps({"job_id": env.job_id, "host": socket.gethostname(), "start": time.time(),
-                                     "machine": machine_description(), "code": code_origin()}) + "\n")
-        cfg = config_from_dict(self.config)
-        if self.threads:
-            cfg.runtime.threads = self.threads
-        faults.raise_point("raise-once", run_dir)
-        # getattr: a job pickled by an older driver (one started before an upgrade) has no `pruner`
-        callback = self._pruning_callback() if getattr(self, "pruner", None) and env.global_rank == 0 else None
-        return train(cfg, run_dir, on_epoch=callback)
+        reporter = self._reporter() if self.pruner and env.global_rank == 0 else None
+        result = run_trial(self.spec, self.threads, reporter, attempt={"job_id": env.job_id})
+        return result.outcome.value
 
-    def _pruning_callback(self):
+    def _reporter(self) -> PruningReporter:
         import optuna
 
         from .storage import open_storage
@@ -110,35 +78,135 @@ class TrialJob(submitit.helpers.Checkpointable):
 
         study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url),
                                   pruner=make_pruner(*self.pruner))
-        trial = optuna.trial.Trial(study, self.trial_id)
-
-        def on_epoch(epoch: int, record: dict):
-            if record.get("knn_top1") is None:
-                return None
-            trial.report(record["knn_top1"], step=epoch)
-            return "prune" if trial.should_prune() else None
-
-        return on_epoch
+        return PruningReporter(trial_handle(study, self.trial_id))
 
 
-def machine_description() -> str:
-    """CPU model and cores, GPUs, torch version: what a report says the numbers came from."""
-    import platform
+# ---------------------------------------------------------------- executors
 
-    import torch
+class Executor:
+    """Where trial jobs run. Subclasses say how jobs are submitted, whether one has ended, and why it
+    failed; the driver needs nothing else of submitit."""
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    gpu_text = f", {len(gpus)} x {gpus[0]}" if gpus else ", no GPU"
-    return f"{cpu} ({cores} cores available to the job){gpu_text}, torch {torch.__version__}"
+    kind = ""
+
+    def __init__(self, folder: Path, res: Resources, name: str, parallel: int):
+        self.folder, self.res, self.parallel = folder, res, parallel
+        self.tasks = res.tasks or max(res.gpus, 1)  # one process per GPU: DDP
+        self.inner = submitit.AutoExecutor(folder=str(folder), cluster=self.kind,
+                                           slurm_max_num_timeout=res.max_timeouts)
+        params: dict[str, Any] = dict(name=name, timeout_min=res.time_min, nodes=res.nodes,
+                                      tasks_per_node=self.tasks, cpus_per_task=max(1, res.cpus // self.tasks),
+                                      gpus_per_node=res.gpus or None, **self.extra_parameters())
+        self.inner.update_parameters(**{k: v for k, v in params.items() if v is not None})
+
+    def extra_parameters(self) -> dict[str, Any]:
+        return {}
+
+    def parameters(self) -> dict[str, Any]:
+        """The job parameters as submitit will pass them (sbatch options on SLURM)."""
+        inner = getattr(self.inner, "_executor", self.inner)
+        return dict(getattr(inner, "parameters", {}))
+
+    def submit(self, callables: list, code_dir: Path) -> list:
+        """Jobs import the code snapshot `code_dir` (see harness.snapshot)."""
+        with jobs_use(code_dir):
+            return [self.inner.submit(fn) for fn in callables]
+
+    def threads_per_process(self, concurrent: int) -> int:
+        """CPU threads for each training process: its share of this machine's cores when
+        `concurrent` jobs share it."""
+        return max(1, (os.cpu_count() or 1) // (concurrent * self.tasks))
+
+    def ended(self, jobs: dict[str, float]) -> dict[str, str]:
+        """{job id: submission time} -> {job id: final state} of the jobs that have ended."""
+        raise NotImplementedError
+
+    def failure(self, job_id: str, state: str) -> str:
+        """Why a job that ended left no final status: the remote exception's last line, or its state."""
+        path = self.job(job_id).paths.result_pickle
+        if path.exists():
+            try:
+                outcome, value = submitit.core.utils.pickle_load(path)
+            except Exception:  # a result file cut short: fall through to the state
+                outcome, value = "unreadable", None
+            if outcome == "error":
+                lines = [line for line in str(value).strip().splitlines() if line.strip()]
+                return lines[-1][:500] if lines else "the job raised"
+        return f"the job ended in state {state} without a result"
+
+    def job(self, job_id: str):
+        raise NotImplementedError
+
+
+class SlurmExecutor(Executor):
+    kind = "slurm"
+
+    def extra_parameters(self) -> dict[str, Any]:
+        return dict(mem_gb=self.res.mem_gb, slurm_array_parallelism=self.parallel,
+                    slurm_signal_delay_s=self.res.signal_delay_s, slurm_partition=self.res.partition)
+
+    def submit(self, callables: list, code_dir: Path) -> list:
+        with jobs_use(code_dir), self.inner.batch():  # one job array
+            return [self.inner.submit(fn) for fn in callables]
+
+    def threads_per_process(self, concurrent: int) -> int:
+        return max(1, self.res.cpus // self.tasks)  # the job's own CPUs
+
+    def ended(self, jobs: dict[str, float]) -> dict[str, str]:
+        states = slurm_states(list(jobs))
+        out = {}
+        for job_id, submitted in jobs.items():
+            state = states.get(job_id, "UNKNOWN")
+            # sacct may lag a fresh submission; a job unknown for 5 minutes has vanished
+            if state in ALIVE or (state == "UNKNOWN" and time.time() - submitted < 300):
+                continue
+            out[job_id] = state
+        return out
+
+    def job(self, job_id: str):
+        return submitit.SlurmJob(folder=str(self.folder), job_id=job_id)
+
+
+class LocalExecutor(Executor):
+    kind = "local"
+
+    def ended(self, jobs: dict[str, float]) -> dict[str, str]:
+        return {job_id: "FINISHED" for job_id in jobs if not local_alive(job_id)}
+
+    def job(self, job_id: str):
+        return submitit.local.local.LocalJob(folder=str(self.folder), job_id=job_id)
+
+
+class DebugExecutor(Executor):
+    """In the driver's own process, one job at a time: for pdb."""
+
+    kind = "debug"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors: dict[str, str] = {}
+
+    def submit(self, callables: list, code_dir: Path) -> list:
+        jobs = [self.inner.submit(fn) for fn in callables]  # the live code: debugging is about it
+        for job in jobs:
+            try:
+                job.result()
+            except Exception as exc:  # recorded as the job's failure reason
+                self.errors[str(job.job_id)] = f"{type(exc).__name__}: {exc}"[:500]
+        return jobs
+
+    def ended(self, jobs: dict[str, float]) -> dict[str, str]:
+        return {job_id: "FINISHED" for job_id in jobs}  # ran inside submit
+
+    def failure(self, job_id: str, state: str) -> str:
+        return self.errors.get(job_id, "the job ended without a final status (or ran in an earlier driver)")
+
+
+EXECUTORS = {cls.kind: cls for cls in (SlurmExecutor, LocalExecutor, DebugExecutor)}
+
+
+def make_executor(kind: str, folder: Path, res: Resources, name: str, parallel: int) -> Executor:
+    return EXECUTORS[kind](folder, res, name, parallel)
 
 
 # ---------------------------------------------------------------- re-attachment
@@ -165,18 +233,3 @@ def local_alive(job_id: str) -> bool:
         return b"submitit" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except (ValueError, OSError):
         return False
-
-
-def job_failure(kind: str, folder: Path, job_id: str, state: str) -> str:
-    """Why a finished job left no final status: the remote exception's last line, or its state."""
-    cls = submitit.SlurmJob if kind == "slurm" else submitit.local.local.LocalJob
-    path = cls(folder=str(folder), job_id=job_id).paths.result_pickle
-    if path.exists():
-        try:
-            outcome, value = submitit.core.utils.pickle_load(path)
-        except Exception:  # a result file cut short: fall through to the state
-            outcome, value = "unreadable", None
-        if outcome == "error":
-            lines = [line for line in str(value).strip().splitlines() if line.strip()]
-            return lines[-1][:500] if lines else "the job raised"
-    return f"the job ended in state {state} without a result"

@@ -35,6 +35,7 @@ from .config import EVAL_ONLY, ConfigError, RunConfig, config_from_dict, with_ov
 from .data import (NORMALIZATION, NUM_CLASSES, folder_classes, folder_probe_loader, folder_probe_set, load_tensors,
                    seeded_generator)
 from .features import extract, split_batches
+from .runtime import Runtime
 
 FAST_L2_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -276,8 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change how the run is evaluated (eval.*, data.test_subset), e.g. --set eval.probe_lr=1")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
+        device = Runtime.for_config(RunConfig()).apply().device  # the run's own device setting may be another machine's
         cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
         cfg = with_overrides(cfg, args.overrides + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),
                              only=EVAL_ONLY)

@@ -10,6 +10,7 @@ import argparse
 import base64
 import html
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -23,8 +24,9 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import runio  # noqa: E402
+from .outcome import Outcome  # noqa: E402
 from .storage import default_url, open_storage, redact  # noqa: E402
-from .studyfile import StudyError, load_study  # noqa: E402
+from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file  # noqa: E402
 
 METRICS = ("probe_top1", "knn_top1")
 
@@ -40,49 +42,62 @@ def factor_names(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     return names
 
 
-def trials_table(ostudy: optuna.Study) -> pd.DataFrame:
+def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
+    """One row per trial. `run_dir` is relative to the study directory (a table that travels)."""
     trials = ostudy.get_trials(deepcopy=False)
     factors = factor_names(trials)
     rows = []
     for t in trials:
         a = t.user_attrs
-        state = t.state.name
-        if state == "FAIL" and a.get("outcome") == "diverged":
-            state = "DIVERGED"
+        outcome = Outcome.of_trial(a)
+        state = outcome.label if t.state == optuna.trial.TrialState.FAIL and outcome else t.state.name
+        run_dir = _relative(study_dir, a.get("run_dir"))
         row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
                "seed": t.params.get("seed", a.get("seed")), "state": state,
                "failure_reason": a.get("failure_reason"), "probe_top1": a.get("probe_top1"),
                "probe_top5": a.get("probe_top5"), "pixel_floor_top1": a.get("pixel_floor_top1"),
                "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
-               "chance_loss": _chance_loss(a.get("run_dir")), "epochs": a.get("epochs"),
+               "chance_loss": _chance_loss(study_dir, run_dir), "epochs": a.get("epochs"),
                "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
-               "host": a.get("host"), "run_dir": a.get("run_dir")}
-        if t.state == optuna.trial.TrialState.RUNNING and a.get("run_dir"):
-            epochs = [r for r in runio.read_jsonl(Path(a["run_dir"]) / "metrics.jsonl") if r.get("kind") == "epoch"]
+               "host": a.get("host"), "identity": a.get("identity"), "run_dir": run_dir}
+        if t.state == optuna.trial.TrialState.RUNNING and run_dir:
+            epochs = [r for r in runio.read_jsonl(study_dir / run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
             if epochs:
                 row.update(epochs=epochs[-1]["epoch"], knn_top1=epochs[-1].get("knn_top1"))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _chance_loss(run_dir: str | None) -> float | None:
+def _relative(study_dir: Path, run_dir: str | None) -> str | None:
+    """Storages written before run directories were recorded relative hold absolute paths."""
+    if not run_dir:
+        return None
+    path = Path(run_dir)
+    try:
+        return str(path.relative_to(study_dir)) if path.is_absolute() else run_dir
+    except ValueError:  # elsewhere (a study moved since): keep the path as recorded
+        return run_dir
+
+
+def _chance_loss(study_dir: Path, run_dir: str | None) -> float | None:
     """ln(K + 1): the InfoNCE loss of an encoder that cannot tell its positive from the K negatives."""
-    if not run_dir or not (Path(run_dir) / "config.yaml").exists():
+    config = study_dir / run_dir / "config.yaml" if run_dir else None
+    if config is None or not config.exists():
         return None
     import yaml
 
-    moco = (yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}).get("moco", {})
+    moco = (yaml.safe_load(config.read_text()) or {}).get("moco", {})
     if moco.get("key_encoder") == "end_to_end":
         return None
     return math.log(moco.get("queue_size", 0) + 1) if moco.get("queue_size") else None
 
 
-def curves_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+def curves_table(trials: pd.DataFrame, factors: list[str], study_dir: Path) -> pd.DataFrame:
     rows = []
     for _, t in trials.iterrows():
         if not t.get("run_dir"):
             continue
-        for r in runio.read_jsonl(Path(t["run_dir"]) / "metrics.jsonl"):
+        for r in runio.read_jsonl(study_dir / t["run_dir"] / "metrics.jsonl"):
             if r.get("kind") == "epoch":
                 rows.append({"trial": t["trial"], **{f: t[f] for f in factors}, "seed": t["seed"], "state": t["state"],
                              "epoch": r["epoch"], "loss": r.get("loss"), "knn_top1": r.get("knn_top1"),
@@ -180,12 +195,19 @@ def floor_verdict(done: pd.DataFrame, factors: list[str], objective: str) -> lis
 
 # ---------------------------------------------------------------- plots
 
+# Natural axes of the paper's factors, keyed by the full dotted key (optim.momentum, SGD's momentum,
+# is not the key encoder's m and gets no rule).
+AXES = {
+    "moco.momentum": (lambda v: 1.0 - v, "1 − m (log scale; m = 0 at 1)", "log10", lambda x: f"m={1 - x:g}"),
+    "moco.queue_size": (lambda v: v, "K (log2 scale)", "log2", lambda x: f"{x:g}"),
+}
+
+
 def _axis(factor: str, values: pd.Series):
     """Each factor on its natural axis: 1 - m on a log scale, K on log2, others linear/categorical."""
-    if factor.endswith("momentum"):
-        return (1.0 - values.astype(float)), "1 − m (log scale; m = 0 at 1)", "log10"
-    if factor.endswith("queue_size"):
-        return values.astype(float), "K (log2 scale)", "log2"
+    if factor in AXES:
+        transform, label, scale, _ = AXES[factor]
+        return transform(values.astype(float)), label, scale
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         return values.astype(float), factor, "linear"
     return values.astype(str), factor, "category"
@@ -199,10 +221,8 @@ def _apply_scale(ax, scale: str, ticks: pd.Series | None = None, factor: str = "
     if ticks is not None and scale in ("log10", "log2"):
         levels = sorted(set(ticks.astype(float)))
         ax.set_xticks(levels)
-        if factor.endswith("momentum"):  # label the points by m itself
-            ax.set_xticklabels([f"m={1 - v:g}" for v in levels], rotation=30)
-        else:
-            ax.set_xticklabels([f"{v:g}" for v in levels])
+        tick_label = AXES[factor][3] if factor in AXES else (lambda x: f"{x:g}")
+        ax.set_xticklabels([tick_label(v) for v in levels], rotation=30 if factor == "moco.momentum" else 0)
         ax.minorticks_off()
 
 
@@ -329,53 +349,51 @@ def _md_table(df: pd.DataFrame) -> str:
     def cell(v):
         if isinstance(v, float):
             return "" if math.isnan(v) else f"{v:.4f}"
-        return "" if v is None else str(v)
+        return "" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
 
     head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
     return head + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in df.itertuples(index=False))
 
 
-def machine_summary(trials: pd.DataFrame) -> str:
+def machine_summary(trials: pd.DataFrame, study_dir: Path) -> str:
     hosts = sorted({h for h in trials["host"].dropna()})
     machines = set()
     for run_dir in trials["run_dir"].dropna():
-        for attempt in runio.read_jsonl(Path(run_dir) / "attempts.jsonl"):
+        for attempt in runio.read_jsonl(study_dir / run_dir / "attempts.jsonl"):
             if attempt.get("machine"):
                 machines.add(attempt["machine"])
     return "; ".join(sorted(machines)) or (", ".join(hosts) if hosts else "unknown")
 
 
+def stored_study(name: str, study_dir: Path) -> Study:
+    """The study file the runs were made from: the copy the driver stored with them (studies
+    started before copies were stored: studies/<name>.yaml)."""
+    copy = study_dir / STUDY_COPY
+    base = name.split("@")[0]
+    return load_study_file(copy, base) if copy.exists() else load_study(base)
+
+
 def build_report(name: str, storage_url: str | None = None, out_dir: Path | None = None) -> Path:
-    study_dir = runio.RESULTS / name
+    study_dir = (runio.RESULTS / name).resolve()
     storage_url = storage_url or default_url(study_dir)
-    storage = open_storage(storage_url)
     try:
-        ostudy = optuna.load_study(study_name=name, storage=storage)
+        ostudy = optuna.load_study(study_name=name, storage=open_storage(storage_url))
     except KeyError:
         raise StudyError(f"no study '{name}' in {redact(storage_url)}; run it first (python -m harness.study "
                          f"{name.split('@')[0]}).") from None
-    study_file = load_study(name.split("@")[0])
+    study_file = stored_study(name, study_dir)
     objective = ostudy.user_attrs.get("objective", study_file.objective)
     out = out_dir or study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
-    trials = trials_table(ostudy)
+    trials = trials_table(ostudy, study_dir)
     factors = factor_names(ostudy.get_trials(deepcopy=False)) or list(study_file.factors)
     for f in factors:
         if f not in trials:
             trials[f] = None
-    curves = curves_table(trials, factors)
+    curves = curves_table(trials, factors, study_dir)
     summary = summary_table(trials, factors) if len(trials) else pd.DataFrame()
-    trials.to_csv(out / "trials.csv", index=False)
-    curves.to_csv(out / "curves.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    try:
-        import pyarrow  # noqa: F401
-
-        for df, stem in ((trials, "trials"), (curves, "curves"), (summary, "summary")):
-            df.to_parquet(out / f"{stem}.parquet", index=False)
-    except ImportError:
-        pass
+    _write_tables(out, {"trials": trials, "curves": curves, "summary": summary})
 
     plots: list[Path] = []
     if len(trials):
@@ -384,63 +402,77 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         plots += plot_knn_vs_probe(trials, factors, out)
     if study_file.sampler == "tpe":
         plots += plot_search(ostudy, out)
-    verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
+    pngs = [p for p in plots if p.suffix == ".png"]
+    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(render_html(name, md, out))
+    return out
 
+
+def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
+    for stem, df in tables.items():
+        df.to_csv(out / f"{stem}.csv", index=False)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return
+    for stem, df in tables.items():
+        df.to_parquet(out / f"{stem}.parquet", index=False)
+
+
+def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
+              summary: pd.DataFrame, pngs: list[Path], study_dir: Path) -> str:
+    verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() / 60 if starts and ends else float("nan")
     signature = ostudy.user_attrs.get("signature", {})
     counts = trials["state"].value_counts().to_dict() if len(trials) else {}
-    pngs = [p for p in plots if p.suffix == ".png"]
-
     md = [f"# Study `{name}`", "", study_file.description.strip(), "",
           f"- recipe: `{signature.get('recipe', study_file.recipe)}`; overrides: `{signature.get('overrides') or []}`",
           f"- objective: {objective} ({study_file.direction}); trials: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-          f"- machine: {machine_summary(trials) if len(trials) else 'unknown'}",
+          f"- machine: {machine_summary(trials, study_dir) if len(trials) else 'unknown'}",
           f"- wall time, first trial start to last trial end: {wall:.1f} min", "",
           "## Verdict", "", *[f"- {line}" for line in verdicts], "",
           "## Summary (per level)", "", _md_table(summary) if len(summary) else "(no trials)", ""]
     if study_file.reference.get("values"):
         md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "
                "is drawn in its own panel: a different dataset and scale, never on our y-axis.", ""]
-    failed = trials[trials["state"].isin(["FAIL", "DIVERGED", "PRUNED", "RUNNING"])] if len(trials) else trials
+    failed = trials[~trials["state"].isin(["COMPLETE"])] if len(trials) else trials
     if len(failed):
         md += ["## Trials not completed", "", _md_table(failed[["trial", "key", "state", "failure_reason"]]), ""]
-    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(_html(name, md, pngs))
-    return out
+    md += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n" for p in pngs]
+    return "\n".join(md) + "\n"
 
 
-def _html(name: str, md_lines: list[str], pngs: list[Path]) -> str:
-    """report.md rendered minimally, with every figure embedded (the file stands alone)."""
-    body = []
-    for line in md_lines:
-        if line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
-        elif line.startswith("|"):
-            rows = [r for r in line.strip().splitlines() if not r.startswith("|---")]
-            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
-            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in cells[0]) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in cells[1:])
-                        + "</table>")
-        elif line.startswith("!["):
-            continue
-        elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
-    for png in pngs:
-        data = base64.b64encode(png.read_bytes()).decode()
-        body.append(f'<figure><img alt="{png.stem}" src="data:image/png;base64,{data}"><figcaption>{png.stem}'
-                    f"</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;} table{border-collapse:collapse;} "
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px;} img{max-width:100%;}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title><style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; line-height: 1.4; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; }}
+code {{ background: #f3f3f3; padding: 0 3px; }}
+</style></head><body>
+{body}
+</body></html>
+"""
+
+
+def render_html(title: str, md: str, figures_dir: Path) -> str:
+    """report.md as a page that stands alone: rendered by the `markdown` library, figures embedded."""
+    import markdown
+
+    def embed(match: re.Match) -> str:
+        path = figures_dir / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+    text = re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", embed, md)
+    body = markdown.markdown(text, extensions=["tables"], output_format="html")
+    return PAGE.format(title=html.escape(title), body=body)
 
 
 def main(argv=None) -> int:

@@ -40,9 +40,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+def append_jsonl(path: Path, record: dict) -> None:
+    """One JSON object per line (metrics.jsonl, attempts.jsonl); a line cut by a crash is skipped on read."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
         fh.flush()
 
 
@@ -59,9 +60,13 @@ def write_status(run_dir: Path, status: str, **fields) -> None:
     write_json(run_dir / "status.json", {"status": status, "updated": time.time(), **fields})
 
 
-def read_status(run_dir: Path) -> dict:
-    path = run_dir / "status.json"
+def read_json(path: Path) -> dict:
+    """A JSON file written by write_json (atomic: whole or absent); {} when absent."""
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_status(run_dir: Path) -> dict:
+    return read_json(run_dir / "status.json")
 
 
 def check_writable(directory: Path) -> None:

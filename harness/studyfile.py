@@ -29,9 +29,10 @@ from typing import Any, Optional
 
 import yaml
 
-from .config import ConfigError, RunConfig, load_recipe_data, make_config
+from .config import ConfigError, RunConfig, load_recipe_data, make_config, nest
 
 STUDY_DIR = Path(__file__).resolve().parent.parent / "studies"
+STUDY_COPY = "study.yaml"  # results/<study>/study.yaml: the file a study was started from
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
             "direction", "pruner", "resources", "retries", "reference"}
@@ -100,17 +101,22 @@ class Study:
 
     def run_config(self, params: dict[str, Any], recipe: str | None = None, extra: list[str] = (),
                    run_name: str | None = None) -> RunConfig:
-        overrides = [*self.overrides, *extra]
-        factor_values = {k: v for k, v in params.items() if k != "seed"}
-        nested: dict = {}
-        for key, value in factor_values.items():
-            node = nested
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        nested.setdefault("runtime", {})["seed"] = params.get("seed", self.seeds[0])
-        return make_config(recipe or self.recipe, [*overrides, nested], name=run_name)
+        """The point's config: recipe, the study's overrides, --set, then the factor levels and seed."""
+        levels = [nest(key, value) for key, value in params.items() if key != "seed"]
+        seed = nest("runtime.seed", params.get("seed", self.seeds[0]))
+        return make_config(recipe or self.recipe, [*self.overrides, *extra, *levels, seed], name=run_name)
+
+    def check_overrides(self, overrides: list[str], source: str) -> None:
+        """An override of a factor's key (or of the seed) would be silently replaced by each level."""
+        owned = {**{k: self.factors[k] for k in self.factors}, "runtime.seed": self.seeds}
+        for text in overrides:
+            key = text.split("=", 1)[0].strip()
+            for factor, levels in owned.items():
+                if key == factor or factor.startswith(key + "."):
+                    what = "the seeds" if factor == "runtime.seed" else "a factor"
+                    raise StudyError(f"{source} {text}: {factor} is {what} of study '{self.name}' "
+                                     f"(levels {levels}); each trial sets it, so this value would be ignored. "
+                                     f"Drop it, or change the levels in the study file.")
 
 
 def trial_key(params: dict[str, Any]) -> str:
@@ -155,10 +161,7 @@ def load_study(name: str) -> Study:
         path = Path(name).resolve()
         if not NAME.match(path.stem):
             raise StudyError(f"{path}: the file name must be letters, digits, '-', '_' and '.' only.")
-        try:
-            return parse_study(path.stem, path, yaml.safe_load(path.read_text()))
-        except yaml.YAMLError as exc:
-            raise StudyError(f"{path}: not valid YAML: {exc}") from None
+        return load_study_file(path, path.stem)
     if not NAME.match(name) or ".." in name:
         raise StudyError(f"study name {name!r}: use letters, digits, '-', '_' and '.' only (no paths).")
     path = STUDY_DIR / f"{name}.yaml"
@@ -166,6 +169,11 @@ def load_study(name: str) -> Study:
         close = difflib.get_close_matches(name, study_names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise StudyError(f"unknown study '{name}'.{hint} Available: {', '.join(study_names())}.")
+    return load_study_file(path, name)
+
+
+def load_study_file(path: Path, name: str) -> Study:
+    """The study in `path` under `name` (a copy stored with results keeps its study's name)."""
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -236,10 +244,12 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
     reference = data.get("reference", {}) or {}
     if not isinstance(reference, dict):
         raise _fail(path, "reference", "a mapping {source, metric, values} is required.")
-    return Study(name=name, path=path, description=str(data["description"]), recipe=str(data["recipe"]),
-                 factors=factors, seeds=seeds, sampler=sampler, overrides=overrides, n_trials=n_trials,
-                 objective=objective, direction=direction, pruner=pruner, pruner_args=pruner_args, resources=raw_res,
-                 retries=retries, reference=reference)
+    study = Study(name=name, path=path, description=str(data["description"]), recipe=str(data["recipe"]),
+                  factors=factors, seeds=seeds, sampler=sampler, overrides=overrides, n_trials=n_trials,
+                  objective=objective, direction=direction, pruner=pruner, pruner_args=pruner_args,
+                  resources=raw_res, retries=retries, reference=reference)
+    study.check_overrides(overrides, f"{path}: overrides:")
+    return study
 
 
 def make_pruner(name: str, epochs: int, args: dict | None = None):

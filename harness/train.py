@@ -12,35 +12,32 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
+import yaml
 from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_mod
 from . import faults, runio
-from .config import ConfigError, RunConfig, dump_yaml, make_config, validate
+from .config import RUNTIME_ONLY, ConfigError, RunConfig, dump_yaml, get_dotted, identity_diff, make_config, validate
 from .data import NUM_CLASSES, check_dataset, load_tensors, pretrain_views, seeded_generator
 from .features import encoder_features, extract, split_batches
 from .knn import knn_accuracy
 from .moco import build_moco, compile_encoders
+from .outcome import RUNNING, Outcome
 from .probe import probe_run  # imported up front: a long run must not load newer code at its end
+from .runtime import Runtime, machine_description
+from .snapshot import code_origin
 
-EpochCallback = Callable[[int, dict], Optional[str]]  # returns "prune" to stop the run
-
-
-def pick_device(cfg: RunConfig, local_rank: int = 0) -> torch.device:
-    want = cfg.runtime.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: 'cuda' was asked for but no GPU is visible; use runtime.device=cpu.")
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+EpochCallback = Callable[[int, dict], bool]  # after each epoch: True stops the run (pruned)
 
 
 def learning_rate(cfg: RunConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -56,8 +53,8 @@ def learning_rate(cfg: RunConfig, epoch: int, step_in_epoch: int, steps_per_epoc
 class Progress:
     """A progress bar on a terminal, plain log lines otherwise (SLURM logs stay readable)."""
 
-    def __init__(self, enabled: bool, total: int, every: int):
-        self.every, self.bar = every, None
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -93,16 +90,14 @@ def knn_monitor(cfg: RunConfig, encoder: nn.Module, splits, device) -> float:
     return knn_accuracy(bank, bank_labels, test, test_labels, classes, e.knn_k, e.knn_t)
 
 
-def _prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool) -> None:
+# ---------------------------------------------------------------- the run directory
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool) -> None:
+    """A new run directory gets config.yaml; an existing one must hold the same run (identity), though
+    it may be resumed under other runtime settings (threads, cadences: config.RUNTIME_ONLY)."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        import yaml
-
-        old = yaml.safe_load(saved.read_text())
-        new = cfg.to_dict()
-        changed = [f"{s}.{k}" for s in new if isinstance(new[s], dict)
-                   for k in new[s] if (old.get(s) or {}).get(k) != new[s][k]]
-        changed += [k for k in new if not isinstance(new[k], dict) and old.get(k) != new[k]]
+        changed = identity_diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
         if changed:
             raise ConfigError(f"--out {run_dir}: this directory holds a run with a different config "
                               f"({', '.join(changed[:6])}); resuming it would mix two runs. "
@@ -110,149 +105,206 @@ def _prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool) -> None:
     elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         runio.write_atomic(saved, dump_yaml(cfg))
+    if is_main and not (run_dir / "identity.json").exists():
+        runio.write_json(run_dir / "identity.json", {"digest": cfg.digest(), "identity": cfg.identity()})
 
 
-def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCallback | None = None,
-          probe: bool = True) -> dict:
-    """Pretrain (resuming from the newest good checkpoint), then probe. Returns the final status."""
-    run_dir = Path(run_dir)
-    device_type = "cuda" if cfg.runtime.device != "cpu" and torch.cuda.is_available() else "cpu"
-    rank, world, local_rank = dist_mod.init_from_env(device_type)
-    validate(cfg, world_size=world)
-    is_main = rank == 0
-    device = pick_device(cfg, local_rank)
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    cuda = device.type == "cuda"
-    bf16 = cfg.runtime.precision == "bf16" or (cfg.runtime.precision == "auto" and cuda)
-    channels_last = cfg.runtime.channels_last == "yes" or (cfg.runtime.channels_last == "auto" and cuda)
+def record_attempt(run_dir: Path, cfg: RunConfig, rt: Runtime, attempt: dict | None) -> None:
+    """One line per process start in attempts.jsonl: who ran it, where, with which code and settings."""
+    runio.append_jsonl(run_dir / "attempts.jsonl", {
+        **(attempt or {}), "host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
+        "machine": machine_description(), "code": code_origin(),
+        "runtime": {**rt.describe(), **{k.split(".", 1)[1]: get_dotted(cfg.to_dict(), k)
+                                        for k in RUNTIME_ONLY if k.startswith("runtime.")}}})
 
-    run_lock = runio.lock_run_dir(run_dir) if is_main else None  # held until the run returns
-    _prepare_run_dir(cfg, run_dir, is_main)
-    splits = None if cfg.data.dataset == "imagefolder" else load_tensors(cfg)
-    views = pretrain_views(cfg, device, rank, world, splits)
-    steps_per_epoch = views.steps_per_epoch
 
-    torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
-    model = build_moco(cfg).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.runtime.compile:
-        compile_encoders(model)
-    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.scaled_lr(), momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, foreach=True)
+# ---------------------------------------------------------------- the run
 
-    ckpt_dir = run_dir / "checkpoints"
-    state = ckpt.load_latest(ckpt_dir, map_location=device)
-    if resume and state is None:
-        raise ConfigError(f"--resume: no usable checkpoint in {ckpt_dir}; drop --resume to start afresh.")
-    epoch, start_step, global_step = 0, 0, 0
-    sums = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        sums = state["sums"]
-        ckpt.set_rng_state(state["rng"])
-    if is_main:
-        runio.truncate_metrics(run_dir / "metrics.jsonl", global_step)
-        runio.write_status(run_dir, "running", epoch=epoch, global_step=global_step)
-        if state is not None:
-            print(f"[train] resumed from {state['path']} (epoch {epoch}, step {global_step})", flush=True)
+@dataclass
+class RunState:
+    """Where a run stands. Checkpointed as one unit with the model and the optimizer."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    sums: dict = field(default_factory=lambda: {"loss": 0.0, "accuracy": 0.0, "count": 0})
 
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    def to_checkpoint(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "sums": dict(self.sums)}
 
-    def save_checkpoint(next_epoch: int, next_step: int) -> None:
-        if is_main:
-            ckpt.save(ckpt_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": None,
-                "epoch": next_epoch, "step_in_epoch": next_step, "global_step": global_step,
-                "sums": dict(sums), "rng": ckpt.rng_state(), "config": cfg.to_dict(),
-            }, keep=cfg.runtime.keep_checkpoints)
-        if world > 1:
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "RunState":
+        return cls(state["epoch"], state["step_in_epoch"], state["global_step"], dict(state["sums"]))
+
+
+class PretrainRun:
+    """MoCo pretraining of one run directory: resume, epochs, end-of-epoch work, finish."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, rt: Runtime, rank: int, world: int):
+        self.cfg, self.run_dir, self.rt, self.rank, self.world = cfg, run_dir, rt, rank, world
+        self.is_main = rank == 0
+        self.splits = None if cfg.data.dataset == "imagefolder" else load_tensors(cfg)
+        self.views = pretrain_views(cfg, rt.device, rank, world, self.splits)
+        torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank (and every level)
+        self.model = rt.prepare(build_moco(cfg))
+        if cfg.runtime.compile:
+            compile_encoders(self.model)
+        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.scaled_lr(),
+                                         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
+                                         foreach=True)
+        self.state = RunState()
+        self.net: nn.Module = self.model
+        self.last: dict = {}
+
+    def resume(self, required: bool) -> None:
+        saved = ckpt.load_latest(self.run_dir / "checkpoints", map_location=self.rt.device)
+        if required and saved is None:
+            raise ConfigError(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; "
+                              f"drop --resume to start afresh.")
+        if saved is not None:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.state = RunState.from_checkpoint(saved)
+            ckpt.set_rng_state(saved["rng"])
+        s = self.state
+        if self.is_main:
+            runio.truncate_metrics(self.run_dir / "metrics.jsonl", s.global_step)
+            runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step)
+            if saved is not None:
+                print(f"[train] resumed from {saved['path']} (epoch {s.epoch}, step {s.global_step})", flush=True)
+        if self.world > 1:  # wrapped after loading: DDP broadcasts rank 0's weights at construction
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
+                                                           if self.rt.device.type == "cuda" else None)
+
+    def save(self) -> None:
+        if self.is_main:
+            ckpt.save(self.run_dir / "checkpoints", {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": None,
+                **self.state.to_checkpoint(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
+            }, keep=self.cfg.runtime.keep_checkpoints)
+        if self.world > 1:
             torch.distributed.barrier()
 
-    status, last = "completed", {}
-    progress = Progress(is_main, cfg.optim.epochs * steps_per_epoch, cfg.runtime.log_every)
-    progress.advance(global_step, None)
-    while epoch < cfg.optim.epochs and status == "completed":
-        tic, loss_acc, acc_acc, n_acc = time.perf_counter(), None, None, 0
-        for step, (x_q, x_k) in enumerate(views.epoch(epoch, start_step), start=start_step):
-            lr = learning_rate(cfg, epoch, step, steps_per_epoch)
-            for group in optimizer.param_groups:
+    def run_epochs(self, on_epoch: EpochCallback | None) -> Outcome:
+        progress = Progress(self.is_main, self.cfg.optim.epochs * self.views.steps_per_epoch)
+        progress.advance(self.state.global_step, None)
+        try:
+            while self.state.epoch < self.cfg.optim.epochs:
+                tic, start_step = time.perf_counter(), self.state.step_in_epoch
+                lr = self.train_epoch(progress)
+                if lr is None:
+                    return Outcome.DIVERGED
+                record = self.end_epoch(time.perf_counter() - tic, start_step, lr, progress)
+                if on_epoch is not None and on_epoch(self.state.epoch, record):
+                    return Outcome.PRUNED
+            return Outcome.COMPLETED
+        finally:
+            progress.close()
+
+    def train_epoch(self, progress: Progress) -> float | None:
+        """The rest of the current epoch. Returns the last learning rate, or None if the loss diverged."""
+        cfg, s, per_epoch = self.cfg, self.state, self.views.steps_per_epoch
+        loss_acc = acc_acc = None
+        n_acc, lr = 0, 0.0
+        for step, (x_q, x_k) in enumerate(self.views.epoch(s.epoch, s.step_in_epoch), start=s.step_in_epoch):
+            lr = learning_rate(cfg, s.epoch, step, per_epoch)
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            if channels_last:
-                x_q, x_k = x_q.contiguous(memory_format=torch.channels_last), x_k.contiguous(
-                    memory_format=torch.channels_last)
+            x_q, x_k = self.rt.layout(x_q, x_k)
             # All randomness inside the step (Shuffle BN permutations) derives from (seed, step).
-            torch.manual_seed(seeded_generator("step", cfg.runtime.seed, global_step, rank).initial_seed())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = net(x_q, x_k)
-            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(seeded_generator("step", cfg.runtime.seed, s.global_step, self.rank).initial_seed())
+            with self.rt.autocast():
+                out = self.net(x_q, x_k)
+            self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
-            optimizer.step()
-            global_step += 1
+            self.optimizer.step()
+            s.global_step, s.step_in_epoch = s.global_step + 1, step + 1
             # Accumulate on the device; read back only every log_every steps (no per-step sync).
             loss_acc = out["loss"].detach() if loss_acc is None else loss_acc + out["loss"].detach()
             acc_acc = out["accuracy"] if acc_acc is None else acc_acc + out["accuracy"]
             n_acc += 1
-            last_of_epoch = step + 1 == steps_per_epoch
-            if global_step % cfg.runtime.log_every == 0 or last_of_epoch:
-                loss_val, acc_val = loss_acc.item(), acc_acc.item()
-                sums["loss"] += loss_val
-                sums["accuracy"] += acc_val
-                sums["count"] += n_acc
-                mean_loss = loss_val / n_acc
-                loss_acc, acc_acc, n_acc = None, None, 0
-                if is_main:
-                    runio.append_metrics(run_dir, {"kind": "step", "epoch": epoch, "step": global_step,
-                                                   "loss": mean_loss, "lr": lr})
-                progress.advance(global_step, f"epoch {epoch + 1} loss {mean_loss:.4f} lr {lr:.4g}")
+            last_of_epoch = step + 1 == per_epoch
+            if s.global_step % cfg.runtime.log_every == 0 or last_of_epoch:
+                mean_loss = self._log_steps(loss_acc.item(), acc_acc.item(), n_acc, lr, progress)
+                loss_acc = acc_acc = None
+                n_acc = 0
                 if not math.isfinite(mean_loss):
-                    status = "diverged"
-                    progress.note(f"loss is {mean_loss} at step {global_step}: stopping (diverged)")
-                    break
-            every_steps = cfg.runtime.checkpoint_every_steps
-            if every_steps and global_step % every_steps == 0 and not last_of_epoch:
-                save_checkpoint(epoch, step + 1)
-            faults.kill_point(f"after-step-{global_step}", run_dir)
-        if status != "completed":
-            break
-        seconds = time.perf_counter() - tic
-        record = {"kind": "epoch", "epoch": epoch + 1, "step": global_step,
-                  "loss": sums["loss"] / max(sums["count"], 1), "pretext_acc": sums["accuracy"] / max(sums["count"], 1),
-                  "lr": lr, "epoch_seconds": seconds,
-                  "images_per_s": (steps_per_epoch - start_step) * cfg.optim.batch_size / seconds}
-        knn_every = cfg.eval.knn_every
-        if knn_every and ((epoch + 1) % knn_every == 0 or epoch + 1 == cfg.optim.epochs) and is_main and splits:
-            record["knn_top1"] = knn_monitor(cfg, model.encoder_q, splits, device)
-        sums = {"loss": 0.0, "accuracy": 0.0, "count": 0}
-        epoch, start_step, last = epoch + 1, 0, record
-        if is_main:
-            runio.append_metrics(run_dir, record)
-            runio.write_status(run_dir, "running", epoch=epoch, global_step=global_step)
+                    progress.note(f"loss is {mean_loss} at step {s.global_step}: stopping (diverged)")
+                    return None
+            every = cfg.runtime.checkpoint_every_steps
+            if every and s.global_step % every == 0 and not last_of_epoch:
+                self.save()
+            faults.kill_point(f"after-step-{s.global_step}", self.run_dir)
+        return lr
+
+    def _log_steps(self, loss_sum: float, acc_sum: float, n: int, lr: float, progress: Progress) -> float:
+        s = self.state
+        s.sums["loss"] += loss_sum
+        s.sums["accuracy"] += acc_sum
+        s.sums["count"] += n
+        mean_loss = loss_sum / n
+        if self.is_main:
+            runio.append_jsonl(self.run_dir / "metrics.jsonl",
+                               {"kind": "step", "epoch": s.epoch, "step": s.global_step, "loss": mean_loss, "lr": lr})
+        progress.advance(s.global_step, f"epoch {s.epoch + 1} loss {mean_loss:.4f} lr {lr:.4g}")
+        return mean_loss
+
+    def end_epoch(self, seconds: float, start_step: int, lr: float, progress: Progress) -> dict:
+        """The epoch's record (kNN monitor included), logged; the position advanced; a checkpoint."""
+        cfg, s = self.cfg, self.state
+        count = max(s.sums["count"], 1)
+        record = {"kind": "epoch", "epoch": s.epoch + 1, "step": s.global_step, "loss": s.sums["loss"] / count,
+                  "pretext_acc": s.sums["accuracy"] / count, "lr": lr, "epoch_seconds": seconds,
+                  "images_per_s": (self.views.steps_per_epoch - start_step) * cfg.optim.batch_size / seconds}
+        every, final = cfg.eval.knn_every, s.epoch + 1 == cfg.optim.epochs
+        if every and ((s.epoch + 1) % every == 0 or final) and self.is_main and self.splits:
+            record["knn_top1"] = knn_monitor(cfg, self.model.encoder_q, self.splits, self.rt.device)
+        s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        self.last = record
+        if self.is_main:
+            runio.append_jsonl(self.run_dir / "metrics.jsonl", record)
+            runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step)
             progress.note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in record.items() if k != "kind"))
-        if epoch % cfg.runtime.checkpoint_every == 0 or epoch == cfg.optim.epochs:
-            save_checkpoint(epoch, 0)
-        if on_epoch is not None and on_epoch(epoch, record) == "prune":
-            status = "pruned"
-    progress.close()
+        if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs:
+            self.save()
+        return record
 
-    result = {"status": status, "epoch": epoch, "global_step": global_step, "world_size": world,
-              "loss": last.get("loss"), "knn_top1": last.get("knn_top1")}
-    if is_main:
-        if status == "completed" and probe and cfg.eval.probe != "none" and not (run_dir / "probe.json").exists():
-            runio.write_status(run_dir, "running", epoch=epoch, global_step=global_step, stage="probe")
-            result["probe"] = probe_run(cfg, run_dir, model.encoder_q, splits, device)
-        runio.write_status(run_dir, status, **{k: v for k, v in result.items() if k != "status"})
-    if world > 1:
-        torch.distributed.barrier()
-    if run_lock is not None:
-        run_lock.close()
-    return result
+    def finish(self, outcome: Outcome, probe: bool) -> dict:
+        """The final probe (completed runs, once) and status.json. Returns the final status."""
+        s = self.state
+        result = {"status": outcome.value, "epoch": s.epoch, "global_step": s.global_step, "world_size": self.world,
+                  "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1")}
+        if self.is_main:
+            if outcome is Outcome.COMPLETED and probe and self.cfg.eval.probe != "none" \
+                    and not (self.run_dir / "probe.json").exists():
+                runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step, stage="probe")
+                result["probe"] = probe_run(self.cfg, self.run_dir, self.model.encoder_q, self.splits, self.rt.device)
+            runio.write_status(self.run_dir, outcome.value, **{k: v for k, v in result.items() if k != "status"})
+        if self.world > 1:
+            torch.distributed.barrier()
+        return result
+
+
+def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCallback | None = None,
+          probe: bool = True, attempt: dict | None = None) -> dict:
+    """Pretrain (resuming from the newest good checkpoint), then probe. Returns the final status.
+    `attempt`: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl."""
+    run_dir = Path(run_dir)
+    rank, world, local_rank = dist_mod.init_from_env(Runtime.device_type(cfg))
+    validate(cfg, world_size=world)
+    rt = Runtime.for_config(cfg, local_rank).apply()
+    run_lock = runio.lock_run_dir(run_dir) if rank == 0 else None  # held until the run returns
+    try:
+        prepare_run_dir(cfg, run_dir, rank == 0)
+        if rank == 0:
+            record_attempt(run_dir, cfg, rt, attempt)
+        run = PretrainRun(cfg, run_dir, rt, rank, world)
+        run.resume(required=resume)
+        return run.finish(run.run_epochs(on_epoch), probe)
+    finally:
+        if run_lock is not None:
+            run_lock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=str))
-    return 0 if result["status"] in ("completed", "pruned") else 3
+    return 0 if result["status"] in (Outcome.COMPLETED, Outcome.PRUNED) else 3
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
-"""What a finished run directory says about its trial: the Optuna state, value and user attributes.
+"""What a finished run directory says about its trial: outcome, objective value and user attributes.
 
-Shared by the driver (which tells Optuna about submitted jobs) and by workers (which run trials
-themselves), so both record a trial the same way.
+Read the same way by the driver (for jobs it submitted) and by workers (for trials they ran).
 """
 from __future__ import annotations
 
@@ -11,11 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from . import runio
+from .outcome import Outcome
 
 
 @dataclass
 class TrialResult:
-    outcome: str  # completed | diverged | pruned | error
+    outcome: Outcome
     value: Optional[float]
     attrs: dict = field(default_factory=dict)
     reason: Optional[str] = None
@@ -31,24 +31,26 @@ def _attempt_attrs(run_dir: Path) -> dict:
 
 def read_trial_result(run_dir: Path, objective: str, gpus: int = 0) -> TrialResult:
     status = runio.read_status(run_dir)
-    outcome = status.get("status") if status.get("status") in ("completed", "diverged", "pruned") else "error"
-    attrs = {"outcome": outcome, "epochs": status.get("epoch"), "final_loss": status.get("loss"),
+    outcome = Outcome.of_run(status.get("status"))
+    attrs = {"epochs": status.get("epoch"), "final_loss": status.get("loss"),
              "knn_top1": status.get("knn_top1"), **_attempt_attrs(run_dir)}
     probe_file = run_dir / "probe.json"
     if probe_file.exists():
         probe = json.loads(probe_file.read_text())
         attrs.update(probe_top1=probe["top1"], probe_top5=probe["top5"], probe_protocol=probe["protocol"],
                      pixel_floor_top1=probe.get("pixel_floor_top1"))
+    identity = runio.read_json(run_dir / "identity.json")
+    if identity:
+        attrs["identity"] = identity["digest"]
     hours = sum(r.get("epoch_seconds", 0) for r in runio.read_jsonl(run_dir / "metrics.jsonl")
                 if r.get("kind") == "epoch") / 3600
     attrs.update(hours=hours, gpu_hours=hours * gpus)
-    attrs = {k: v for k, v in attrs.items() if v is not None}
     value, reason = None, None
-    if outcome == "completed":
+    if outcome is Outcome.COMPLETED:
         value = attrs.get(objective)
         if value is None:
-            outcome, reason = "error", f"completed without {objective}"
-            attrs["outcome"] = outcome
-    elif outcome == "diverged":
+            outcome, reason = Outcome.FAILED, f"completed without {objective}"
+    elif outcome is Outcome.DIVERGED:
         reason = f"diverged: the loss became NaN/inf (step {status.get('global_step')})"
+    attrs = {k: v for k, v in {"outcome": outcome.value, **attrs}.items() if v is not None}
     return TrialResult(outcome, value, attrs, reason)

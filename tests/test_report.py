@@ -1,6 +1,8 @@
 """Reports from a small synthetic study made through the real Optuna API."""
+import html
 import json
 import re
+import subprocess
 
 import numpy as np
 import optuna
@@ -92,3 +94,61 @@ def test_report_plots_exist_and_html_embeds_them(tmp_path, synthetic_study):
     # m = 0 (0.6) is below the raw-pixel floor (0.7), m = 0.9 (0.78) and 0.99 (0.80) above it.
     floor_line = next(line for line in md.splitlines() if "raw-pixel floor 0.7000" in line)
     assert re.search(r"above it: 0\.9 \(\+0\.0\d+\), 0\.99 \(\+0\.\d+\); not above it: 0\.0 \(-0\.\d+\)", floor_line)
+
+
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const out = document.createElement("pre");
+  out.id = "reader-check";
+  out.textContent = JSON.stringify({
+    images: imgs.length, decoded: imgs.filter(i => i.complete && i.naturalWidth > 0).length,
+    tables: document.querySelectorAll("table").length,
+    rows: document.querySelectorAll("table tr").length,
+    loose_items: [...document.querySelectorAll("li")].filter(li => !li.closest("ul, ol")).length,
+    list_items: document.querySelectorAll("ul > li").length,
+    backticks: (document.body.innerText.match(/`/g) || []).length,
+    code: document.querySelectorAll("code").length,
+  });
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    import shutil
+
+    from conftest import _require
+
+    path = shutil.which("chromium")
+    _require(path is not None, "Chromium", ["chromium"])
+    return path
+
+
+def test_report_html_as_a_reader_sees_it(tmp_path, synthetic_study):
+    """Headless Chromium opens the page: every figure decodes, tables and lists are real HTML, no
+    markdown shows through; a screenshot of it is a picture with content."""
+    chromium = _chromium()
+    storage, _ = synthetic_study
+    out = build_report("momentum_sweep", storage, tmp_path / "report")
+    pngs = sorted(out.glob("*.png"))
+    page = out / "checked.html"
+    page.write_text((out / "report.html").read_text().replace("</body>", CHECK + "</body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="reader-check">(.*?)</pre>', dom)
+    assert found, dom[-2000:]
+    seen = json.loads(html.unescape(found.group(1)))
+    assert seen["images"] == len(pngs) >= 3 and seen["decoded"] == seen["images"]
+    assert seen["tables"] >= 2 and seen["rows"] >= 1 + 3 + 1 + 2  # summary (3 levels) and the not-completed trials
+    assert seen["loose_items"] == 0 and seen["list_items"] >= 4  # header facts and verdict lines are lists
+    assert seen["backticks"] == 0 and seen["code"] >= 1  # `momentum_sweep` is rendered as code
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, *flags, "--hide-scrollbars", "--window-size=1200,1600", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1200, 1600)
+        assert sum(1 for n in image.convert("L").histogram() if n) > 20  # text and figures, not a blank page

@@ -1,0 +1,27 @@
+"""The harness's only uses of Optuna beyond its public API, in one place.
+
+The driver tells Optuna the outcome of trials that ran in *other* processes (submitit jobs), so it
+needs two things `optuna.Study` does not offer: user attributes on a RUNNING trial it holds only as a
+FrozenTrial, and a `Trial` handle for a trial id inside a job (to report the kNN monitor to the
+pruner). Both are stable in Optuna 3-4; should they move, this is the file to change.
+"""
+from __future__ import annotations
+
+import optuna
+
+
+def trial_id(trial: optuna.trial.BaseTrial) -> int:
+    """The storage's id of a trial (unique across studies; `number` is per study)."""
+    return trial._trial_id  # noqa: SLF001
+
+
+def set_running_attrs(study: optuna.Study, trial: optuna.trial.BaseTrial, attrs: dict) -> None:
+    """User attributes of a trial that is still RUNNING (Optuna freezes them once it is told)."""
+    for name, value in attrs.items():
+        if value is not None:
+            study._storage.set_trial_user_attr(trial_id(trial), name, value)  # noqa: SLF001
+
+
+def trial_handle(study: optuna.Study, trial_id_: int) -> optuna.trial.Trial:
+    """A live `Trial` for an id made elsewhere: a job reports intermediate values through it."""
+    return optuna.trial.Trial(study, trial_id_)
