@@ -57,7 +57,7 @@ def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
         torch.save({"format": FORMAT, **state}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    faults.kill_point("checkpoint-before-rename", directory.parent)
+    faults.kill_point("checkpoint-before-rename", directory.parent, step=state["global_step"])
     os.replace(tmp, final)  # atomic: a reader sees the old set of files or the new one
     for old in checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)

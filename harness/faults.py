@@ -1,7 +1,9 @@
 """Test-only fault injection, chosen by the HARNESS_FAULT environment variable.
 
 HARNESS_FAULT=<point> SIGKILLs the process when it reaches <point> ("after-step-N",
-"checkpoint-before-rename", "probe"); HARNESS_FAULT=raise-once raises at the start of a trial.
+"checkpoint-before-rename", "probe"); <point>@N fires only at global step N (e.g. the second
+checkpoint's rename, when a previous one exists); HARNESS_FAULT=raise-once raises at the start of a
+trial, raise-always at the start of every attempt.
 Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
 Unset, every call is a no-op.
 """
@@ -11,12 +13,14 @@ import os
 from pathlib import Path
 
 
-def _first_time(point: str, run_dir: Path | None) -> bool:
-    if os.environ.get("HARNESS_FAULT") != point:
+def _first_time(point: str, run_dir: Path | None, step: int | None = None) -> bool:
+    wanted = os.environ.get("HARNESS_FAULT", "")
+    name, _, at = wanted.partition("@")
+    if name != point or (at and str(step) != at):
         return False
     if run_dir is None:
         return True
-    marker = Path(run_dir) / f".fault-{point}"
+    marker = Path(run_dir) / f".fault-{wanted}"
     if marker.exists():
         return False
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -24,11 +28,13 @@ def _first_time(point: str, run_dir: Path | None) -> bool:
     return True
 
 
-def kill_point(point: str, run_dir: Path | None = None) -> None:
-    if _first_time(point, run_dir):
+def kill_point(point: str, run_dir: Path | None = None, step: int | None = None) -> None:
+    if _first_time(point, run_dir, step):
         os.kill(os.getpid(), 9)
 
 
 def raise_point(point: str, run_dir: Path | None = None) -> None:
+    if os.environ.get("HARNESS_FAULT") == "raise-always":  # every attempt: retries run out
+        raise RuntimeError("injected fault (HARNESS_FAULT=raise-always)")
     if _first_time(point, run_dir):
         raise RuntimeError(f"injected fault (HARNESS_FAULT={point})")

@@ -159,7 +159,8 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
         raise ProbeError(f"the backbone changed during the linear probe ({', '.join(changed[:3])}...)")
     last = history[-1]
     return {"top1": best["top1"], "top5": best["top5"], "best_epoch": best["epoch"],
-            "last_top1": last["top1"], "last_top5": last["top5"], "fc_weight_norm": fc.weight.norm().item(),
+            "last_top1": last["top1"], "last_top5": last["top5"], "top1_per_epoch": [h["top1"] for h in history],
+            "fc_weight_norm": fc.weight.norm().item(),
             "train_size": train_size, "test_size": len(test_labels)}
 
 

@@ -50,8 +50,16 @@ def worker(rank, world, init_file, results):
     flat = lambda t: linear(t.flatten(1))  # noqa: E731
     restored = torch.allclose(encode_shuffled(flat, x, "ddp"), flat(x), atol=1e-6)
 
+    # With BatchNorm, the shuffle must change what each rank's BN sees: keys differ from an
+    # unshuffled encoding (an identity permutation would give the same keys).
+    model.train()
+    torch.manual_seed(rank)
+    x = torch.randn(PER_RANK, 3, 5, 5, generator=g)
+    with torch.no_grad():
+        mixed = not torch.allclose(encode_shuffled(model.encoder_k, x, "ddp"), model.encoder_k(x), atol=1e-4)
+
     results[rank] = {"queue": model.queue.clone(), "ptr": int(model.queue_ptr), "keys": torch.cat(keys),
-                     "restored": restored}
+                     "restored": restored, "mixed": mixed, "state": {k: v.clone() for k, v in model.state_dict().items()}}
     dist.destroy_process_group()
 
 
@@ -67,3 +75,7 @@ def test_ddp_shuffle_bn_fills_identical_queues_with_the_global_batch(tmp_path):
     assert torch.equal(r0["queue"][:, global_batch:2 * global_batch], r0["keys"].T)
     assert torch.allclose(r0["keys"].norm(dim=1), torch.ones(global_batch), atol=1e-5)
     assert r0["restored"] and r1["restored"]
+    assert r0["mixed"] and r1["mixed"]
+    # After the steps both ranks hold the same query and key encoders (DDP averaged the gradients).
+    params = [k for k in r0["state"] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in params)

@@ -74,7 +74,9 @@ def test_standard_probe_leaves_backbone_unchanged_and_reports_best_and_last(tiny
     result = standard_probe(cfg, backbone, splits, torch.device("cpu"), 10)
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert {"top1", "top5", "last_top1", "last_top5", "best_epoch"} <= result.keys()
-    assert result["top1"] >= result["last_top1"] and result["top5"] >= result["top1"]
+    per_epoch = result["top1_per_epoch"]  # main_lincls reports the best epoch's accuracy, and the last
+    assert len(per_epoch) == cfg.eval.probe_epochs and result["last_top1"] == per_epoch[-1]
+    assert result["top1"] == max(per_epoch) and result["best_epoch"] == per_epoch.index(max(per_epoch)) + 1
 
 
 def test_probe_crop_scale_one_is_flip_only():
@@ -197,9 +199,10 @@ def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, t
     n_val = sum(1 for _ in (tmp_path / "data" / "val").rglob("*.png"))
     assert standard["protocol"] == "standard" and standard["top5"] == 1.0  # 3 classes: top-5 is certain
     assert (standard["train_size"], standard["test_size"]) == (n_train, n_val)
-    assert standard["top1"] > 0.34 and "pixel_floor_top1" not in standard
+    # Trouser vs T-shirt vs pullover: linearly far apart even for a barely trained encoder (chance: 0.33).
+    assert standard["top1"] > 0.6 and "pixel_floor_top1" not in standard
     proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--protocol", "fast"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast = json.loads((run / "probe-fast.json").read_text())
-    assert (fast["train_size"], fast["test_size"]) == (n_train, n_val) and fast["top1"] > 0.34
+    assert (fast["train_size"], fast["test_size"]) == (n_train, n_val) and fast["top1"] > 0.6

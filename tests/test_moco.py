@@ -159,11 +159,28 @@ def test_momentum_zero_gives_the_same_losses_as_shared():
 
 
 def test_symmetric_loss_adds_both_directions_and_enqueues_both_key_sets():
-    model = make(symmetric=True)
-    x_q, x_k = views()
-    out = model(x_q, x_k)
+    """v3-style symmetric loss: ctr(q1, k2) + ctr(q2, k1), both against the queue as it was before the
+    step, then both key sets enqueued. Checked against a hand-written computation (no Shuffle BN, so
+    nothing random)."""
+    model = make(symmetric=True, shuffle_bn="none")
+    ref = copy.deepcopy(model)
+    x_1, x_2 = views()
+    out = model(x_1, x_2)
+
+    def ctr(x_q, x_k):
+        q = F.normalize(ref.encoder_q(x_q), dim=1)
+        with torch.no_grad():
+            k = F.normalize(ref.encoder_k(x_k), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ ref.queue], dim=1) / 0.2
+        return F.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long)), k
+
+    loss_12, k_2 = ctr(x_1, x_2)  # key encoder == query encoder at the start: the EMA leaves it as is
+    loss_21, k_1 = ctr(x_2, x_1)
+    assert out["loss"].item() == pytest.approx((loss_12 + loss_21).item(), rel=1e-5)
     assert int(model.queue_ptr) == 2 * BATCH
-    assert torch.isfinite(out["loss"])
+    assert torch.allclose(model.queue[:, :BATCH], k_2.T, atol=1e-5)  # the first direction's keys first
+    assert torch.allclose(model.queue[:, BATCH:2 * BATCH], k_1.T, atol=1e-5)
+    assert torch.equal(model.queue[:, 2 * BATCH:], ref.queue[:, 2 * BATCH:])
 
 
 def test_split_shuffle_then_unshuffle_restores_order():
@@ -171,6 +188,21 @@ def test_split_shuffle_then_unshuffle_restores_order():
     shuffled, undo = shuffle_single(x)
     assert not torch.equal(shuffled, x)
     assert torch.equal(unshuffle_single(shuffled, undo), x)
+
+
+def test_split_shuffle_bn_hides_the_order_from_bn_and_returns_keys_in_order():
+    from harness.shuffle_bn import encode_shuffled
+
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, 3, 6, 6)
+    linear = nn.Linear(3 * 6 * 6, DIM)
+    per_sample = lambda t: linear(t.flatten(1))  # noqa: E731  (no BN: order must not matter at all)
+    torch.manual_seed(1)
+    assert torch.equal(encode_shuffled(per_sample, x, "split"), per_sample(x))
+    split_bn = conv_encoder(lambda c: SplitBatchNorm(c, num_splits=2))  # BN per half of the batch
+    torch.manual_seed(1)
+    shuffled = encode_shuffled(split_bn, x, "split")
+    assert not torch.allclose(shuffled, split_bn(x), atol=1e-4)  # the halves mixed other samples
 
 
 def test_split_batchnorm_with_one_split_equals_batchnorm():
@@ -220,6 +252,8 @@ def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_names():
     eager = build_moco(cfg)
     compiled = copy.deepcopy(eager)
     compile_encoders(compiled)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     losses = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.05, momentum=0.9)
@@ -231,6 +265,8 @@ def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_names():
             loss.backward()
             opt.step()
             losses[name].append(loss.item())
+    # Something was compiled: dynamo captured graphs of both encoders (eager runs capture none).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
     assert losses["eager"] == pytest.approx(losses["compiled"], rel=1e-3)
     assert torch.allclose(eager.queue, compiled.queue, atol=1e-4)
     assert list(eager.state_dict()) == list(compiled.state_dict())

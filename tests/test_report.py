@@ -152,3 +152,24 @@ def test_report_html_as_a_reader_sees_it(tmp_path, synthetic_study):
     with Image.open(shot) as image:
         assert image.size == (1200, 1600)
         assert sum(1 for n in image.convert("L").histogram() if n) > 20  # text and figures, not a blank page
+
+
+def test_verdict_tests_the_difference_and_flags_a_loss_at_chance():
+    """Welch's t-test between the best level and the runner-up, both ways; and a run that 'completed'
+    with its loss still near ln(K+1) is called out."""
+    from harness.report import verdict
+
+    def table(best, second, loss=3.0):
+        rows = [{"moco.momentum": 0.99, "state": "COMPLETE", "probe_top1": v, "final_loss": 3.0, "chance_loss": 8.3}
+                for v in best]
+        rows += [{"moco.momentum": 0.9, "state": "COMPLETE", "probe_top1": v, "final_loss": loss, "chance_loss": 8.3}
+                 for v in second]
+        return pd.DataFrame(rows)
+
+    apart = verdict(table([0.80, 0.81, 0.80], [0.70, 0.71, 0.70]), ["moco.momentum"], "probe_top1")
+    assert "best level 0.99" in apart[0] and "Welch's t-test" in apart[0] and apart[0].endswith("beyond seed noise.")
+    close = verdict(table([0.80, 0.82, 0.79], [0.80, 0.81, 0.79]), ["moco.momentum"], "probe_top1")
+    assert close[0].endswith("within seed noise.")
+    stuck = verdict(table([0.80, 0.81], [0.50, 0.51], loss=8.2), ["moco.momentum"], "probe_top1")
+    assert any(line.startswith("moco.momentum = 0.9: completed, but the final loss 8.20") for line in stuck)
+    assert not any(line.startswith("moco.momentum = 0.99: completed, but") for line in stuck)

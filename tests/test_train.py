@@ -82,11 +82,16 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path):
 
 
 def test_interrupted_checkpoint_write_leaves_previous_usable(tmp_path):
-    out = tmp_path / "run"
-    killed = run_train(out, "optim.epochs=1", fault="checkpoint-before-rename")
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert run_train(straight, "optim.epochs=1").returncode == 0
+    killed = run_train(out, "optim.epochs=1", fault="checkpoint-before-rename@6")  # the second save
     assert killed.returncode == -signal.SIGKILL
-    assert ckpt.checkpoints(out / "checkpoints") == []  # only the temporary file was written
-    assert run_train(out, "optim.epochs=1").returncode == 0
+    assert [p.name for p in ckpt.checkpoints(out / "checkpoints")] == ["ckpt-000000003.pt"]  # the previous one
+    assert (out / "checkpoints" / ".ckpt-000000006.pt.tmp").exists()  # the cut write, never renamed
+    again = run_train(out, "optim.epochs=1")
+    assert again.returncode == 0 and "(epoch 0, step 3)" in again.stdout  # resumed from the previous one
+    a, b = final_state(straight), final_state(out)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def test_divergence_is_recorded_not_a_crash(tmp_path):
