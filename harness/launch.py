@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -71,14 +72,17 @@ class TrialJob(submitit.helpers.Checkpointable):
         return result.outcome.value
 
     def _reporter(self) -> PruningReporter:
-        import optuna
+        def open_trial():  # on the first report: a database down at the job's start costs no training
+            import optuna
 
-        from .storage import open_storage
-        from .studyfile import make_pruner
+            from .storage import open_storage
+            from .studyfile import make_pruner
 
-        study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url),
-                                  pruner=make_pruner(*self.pruner))
-        return PruningReporter(trial_handle(study, self.trial_id))
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, None),
+                                      pruner=make_pruner(*self.pruner))
+            return trial_handle(study, self.trial_id)
+
+        return PruningReporter(open_trial)
 
 
 # ---------------------------------------------------------------- executors
@@ -170,8 +174,28 @@ class SlurmExecutor(Executor):
 class LocalExecutor(Executor):
     kind = "local"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.jobs: dict[str, Any] = {}  # submitted by this driver: their exit codes can be read
+
+    def submit(self, callables: list, code_dir: Path) -> list:
+        jobs = super().submit(callables, code_dir)
+        self.jobs.update({str(job.job_id): job for job in jobs})
+        return jobs
+
     def ended(self, jobs: dict[str, float]) -> dict[str, str]:
-        return {job_id: "FINISHED" for job_id in jobs if not local_alive(job_id)}
+        return {job_id: "ENDED" for job_id in jobs if not local_alive(job_id)}
+
+    def failure(self, job_id: str, state: str) -> str:
+        reason = super().failure(job_id, state)
+        if reason != f"the job ended in state {state} without a result":
+            return reason  # the job's own exception
+        process = getattr(self.jobs.get(job_id), "_process", None)  # submitit's Popen of the job
+        code = process.poll() if process is not None else None
+        if code is not None and code < 0:
+            return f"killed by signal {signal.Signals(-code).name}: the job ended without a result or an error"
+        return ("the job ended without a result or an error: killed (a signal, out of memory or a restart of "
+                "the machine)" + ("" if process is not None else "; it was started by an earlier driver"))
 
     def job(self, job_id: str):
         return submitit.local.local.LocalJob(folder=str(self.folder), job_id=job_id)

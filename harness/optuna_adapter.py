@@ -25,3 +25,11 @@ def set_running_attrs(study: optuna.Study, trial: optuna.trial.BaseTrial, attrs:
 def trial_handle(study: optuna.Study, trial_id_: int) -> optuna.trial.Trial:
     """A live `Trial` for an id made elsewhere: a job reports intermediate values through it."""
     return optuna.trial.Trial(study, trial_id_)
+
+
+def heartbeat(study: optuna.Study, trial: optuna.trial.BaseTrial):
+    """Optuna's heartbeat thread for a trial, as `Study.optimize` runs it (a no-op context without
+    heartbeats). Workers run trials themselves, so that a result can be told again after an outage."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    return get_heartbeat_thread(trial_id(trial), study._storage)  # noqa: SLF001

@@ -377,7 +377,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     study_dir = (runio.RESULTS / name).resolve()
     storage_url = storage_url or default_url(study_dir)
     try:
-        ostudy = optuna.load_study(study_name=name, storage=open_storage(storage_url))
+        ostudy = optuna.load_study(study_name=name, storage=open_storage(storage_url, heartbeat_s=None))
     except KeyError:
         raise StudyError(f"no study '{name}' in {redact(storage_url)}; run it first (python -m harness.study "
                          f"{name.split('@')[0]}).") from None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from .config import ConfigError
 from .data import check_dataset
 from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome
-from .storage import default_url, open_storage, redact
+from .storage import OUTAGE_ERRORS, Outage, default_url, open_storage, redact
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
 from .trial import make_spec, tell, tell_failure
 from .trial_result import read_trial_result
@@ -52,6 +53,8 @@ class Options:
     workers: int = 0  # worker mode: N processes pull trials from the storage
     heartbeat: int = 30  # worker heartbeat (PostgreSQL/MySQL)
     poll: float = 5.0  # seconds between looks at the jobs
+    outage_limit_s: float = 1800.0  # how long the driver waits out a database that does not answer
+    command: str = "python -m harness.study"  # the command line that re-attaches (passwords redacted)
 
 
 # ---------------------------------------------------------------- plans: which trials to run next
@@ -159,6 +162,10 @@ class Driver:
         self.epochs = self.points[0][1].optim.epochs
         self.resources = self.study.resources_for(self.recipe)
         self.gpus = self.resources.gpus * self.resources.nodes
+        if self.kind != "slurm" and self.resources.nodes > 1:
+            raise StudyError(f"{self.study.path}: resources.nodes: {self.resources.nodes} nodes per trial need "
+                             f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
+                             f"or set resources.nodes to 1.")
         self.plan = (GridPlan(self.study, self.points) if self.study.sampler == "grid"
                      else SearchPlan(self.study, max(1, opts.parallel)))
 
@@ -181,7 +188,9 @@ class Driver:
         self.lock()
         if not (self.dir / STUDY_COPY).exists():
             runio.write_atomic(self.dir / STUDY_COPY, self.study.path.read_text())
-        storage = open_storage(self.storage_url, self.opts.heartbeat, self.study.retries)
+        # Heartbeats belong to processes that run trials: workers, not the driver.
+        storage = open_storage(self.storage_url, self.opts.heartbeat if self.opts.workers else None,
+                               self.study.retries)
         sampler = (optuna.samplers.TPESampler(seed=0, constant_liar=True) if self.study.sampler == "tpe"
                    else optuna.samplers.RandomSampler(seed=0))  # grid points are enqueued, never sampled
         try:
@@ -195,6 +204,7 @@ class Driver:
         if saved is None:
             self.ostudy.set_user_attr("signature", signature)
             self.ostudy.set_user_attr("objective", self.study.objective)
+            self.ostudy.set_metric_names([self.study.objective])  # named in optuna-dashboard
         elif saved["recipe"] != self.recipe or saved["overrides"] != self.opts.overrides:
             raise StudyError(f"study '{self.name}' in {redact(self.storage_url)} was started with --recipe "
                              f"{saved['recipe']} and --set {saved['overrides'] or '(none)'}; rerun with the same, "
@@ -281,7 +291,10 @@ class Driver:
     def finalize(self, t, state: str) -> None:
         result = read_trial_result(self.dir / t.user_attrs["run_dir"], self.study.objective, self.gpus)
         if result.outcome is Outcome.FAILED and result.reason is None:
-            result.reason = self.executor.failure(t.user_attrs["job_id"], state)
+            status = runio.read_status(self.dir / t.user_attrs["run_dir"])
+            where = (f" (the run had reached epoch {status['epoch']}, step {status.get('global_step')})"
+                     if status.get("epoch") is not None else " (before training started)")
+            result.reason = self.executor.failure(t.user_attrs["job_id"], state) + where
         tell(self.ostudy, t, result)
 
     # -------------------------------------------------------------- worker mode
@@ -305,30 +318,51 @@ class Driver:
             if not self.opts.wait:
                 print(f"{len(jobs)} workers submitted; --status to check ({self.dir})")
                 return
-            while not all(j.done() for j in jobs):
-                view.show(self.trials())
+            outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
+            while True:
+                try:
+                    view.show(self.trials())
+                except OUTAGE_ERRORS as exc:
+                    outage.wait(exc)
+                    continue
+                outage.clear()
+                if all(j.done() for j in jobs):
+                    break
                 time.sleep(self.opts.poll)
-            view.show(self.trials())
 
     # -------------------------------------------------------------- main loop
     def run(self) -> None:
+        """Rounds of reconcile and submit until the plan is done. A round cut by a database outage is
+        simply done again once the database answers: every step of it can be repeated (a trial
+        asked but not submitted waits; a job submitted but not recorded is found by its pickle)."""
         view = ProgressView(self)
+        outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
         while True:
-            self.reconcile()
-            trials = self.trials()
-            running = sum(t.state == RUNNING for t in trials)
-            free = None if self.kind == "slurm" else max(0, self.opts.parallel - running)
-            todo = self.plan.todo(trials, free)
-            if todo:
-                self.submit(todo)
-            trials = self.trials()
-            view.show(trials)
+            try:
+                finished = self.round(view)
+            except OUTAGE_ERRORS as exc:
+                outage.wait(exc)
+                continue
+            outage.clear()
             if not self.opts.wait:
                 print(f"submitted; rerun the same command to re-attach, or --status to check ({self.dir})")
                 return
-            if not any(t.state == RUNNING for t in trials) and self.plan.finished(trials):
+            if finished:
                 break
             time.sleep(self.opts.poll)
+
+    def round(self, view: "ProgressView") -> bool:
+        """One look: record ended jobs, submit what the plan allows. True when nothing is left to do."""
+        self.reconcile()
+        trials = self.trials()
+        running = sum(t.state == RUNNING for t in trials)
+        free = None if self.kind == "slurm" else max(0, self.opts.parallel - running)
+        todo = self.plan.todo(trials, free)
+        if todo:
+            self.submit(todo)
+        trials = self.trials()
+        view.show(trials)
+        return not any(t.state == RUNNING for t in trials) and self.plan.finished(trials)
 
 
 # ---------------------------------------------------------------- progress and status
@@ -403,7 +437,7 @@ def print_status(driver: Driver) -> int:
     try:
         if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
             raise KeyError(url)
-        driver.ostudy = optuna.load_study(study_name=driver.name, storage=open_storage(url))
+        driver.ostudy = optuna.load_study(study_name=driver.name, storage=open_storage(url, heartbeat_s=None))
     except KeyError:
         print(f"study '{driver.name}' has not started ({redact(driver.storage_url)}).")
         return 0
@@ -452,11 +486,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                         help="worker mode: N processes pull trials from the storage (grid studies)")
     parser.add_argument("--heartbeat", type=int, default=30, metavar="S",
                         help="worker heartbeat on PostgreSQL/MySQL; a trial silent for 4 beats is retried")
+    parser.add_argument("--db-outage-limit", type=float, default=30.0, metavar="MIN",
+                        help="minutes the driver waits out a database that does not answer (default 30)")
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     opts = Options(recipe=args.recipe, executor=args.executor, storage=args.storage, parallel=args.parallel,
                    overrides=list(args.overrides), wait=not args.no_wait, report=not args.no_report,
-                   workers=args.workers, heartbeat=args.heartbeat, poll=args.poll)
+                   workers=args.workers, heartbeat=args.heartbeat, poll=args.poll,
+                   outage_limit_s=args.db_outage_limit * 60,
+                   command=" ".join(["python -m harness.study", *(shlex.quote(redact(a)) for a in argv)]))
     return args, opts
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 
@@ -20,7 +20,8 @@ from . import faults
 from .config import RunConfig
 from .optuna_adapter import set_running_attrs
 from .outcome import Outcome
-from .studyfile import Study, trial_key
+from .storage import OUTAGE_ERRORS
+from .studyfile import Study, StudyError, trial_key
 from .trial_result import TrialResult, read_trial_result
 
 
@@ -49,16 +50,29 @@ def make_spec(study: Study, params: dict, study_dir: Path, recipe: str | None, e
 
 
 class PruningReporter:
-    """After each epoch: the kNN monitor to the study's pruner; True when it says stop."""
+    """After each epoch: the kNN monitor to the study's pruner; True when it says stop.
 
-    def __init__(self, trial: optuna.trial.Trial):
-        self.trial = trial
+    A database that does not answer never stops the training: that epoch's report is skipped (said
+    once), and the run directory keeps the value. `trial` may be a function that opens the trial,
+    called on the first report that reaches the database."""
+
+    def __init__(self, trial: optuna.trial.Trial | Callable[[], optuna.trial.Trial]):
+        self._trial, self.skipped = trial, 0
 
     def __call__(self, epoch: int, record: dict) -> bool:
         if record.get("knn_top1") is None:
             return False
-        self.trial.report(record["knn_top1"], step=epoch)
-        return self.trial.should_prune()
+        try:
+            if not isinstance(self._trial, optuna.trial.Trial):
+                self._trial = self._trial()
+            self._trial.report(record["knn_top1"], step=epoch)
+            return self._trial.should_prune()
+        except (*OUTAGE_ERRORS, StudyError) as exc:  # StudyError: the storage could not be opened
+            if not self.skipped:
+                print(f"[trial] the study's database does not answer ({type(exc).__name__}); epoch {epoch}'s kNN "
+                      f"is not reported to the pruner and training goes on (metrics.jsonl keeps it).", flush=True)
+            self.skipped += 1
+            return False
 
 
 def run_trial(spec: TrialSpec, threads: int = 0, reporter: PruningReporter | None = None,

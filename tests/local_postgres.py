@@ -61,12 +61,16 @@ class LocalPostgres:
         shutil.chown(pwfile, "postgres", "postgres")
         self._as_postgres(_bin("initdb"), "-D", str(self.data), "-U", "harness", f"--pwfile={pwfile}",
                           "--auth=scram-sha-256")
-        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "start",
-                          "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200")
+        self.restart()
         env = {**os.environ, "PGPASSWORD": self.password}
         subprocess.run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "harness",
                         "optuna"], check=True, env=env, capture_output=True, timeout=60)
         return self
+
+    def restart(self) -> None:
+        """Start the server on its existing data directory (after start() made it, or after stop())."""
+        self._as_postgres(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.root / "server.log"), "-w", "start",
+                          "-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200")
 
     def stop(self) -> None:
         pidfile = self.data / "postmaster.pid"

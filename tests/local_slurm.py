@@ -128,7 +128,8 @@ class LocalSlurm:
             "SchedulerParameters=bf_interval=2,sched_interval=2", "ReturnToService=2", "KillWait=5",
             "MinJobAge=300", "MailProg=/bin/true", "MpiDefault=none", "JobRequeue=1",
             "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny", "SlurmdParameters=config_overrides",
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs=8 RealMemory=16000 State=UNKNOWN",
+            # The machine's real cores: jobs that fit run at once, no more (as on a real node).
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 State=UNKNOWN",
             f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
         _run("slurmdbd", env=self.env)
         _wait(lambda: self._port_open(self.dbd_port), "slurmdbd")
@@ -151,22 +152,31 @@ class LocalSlurm:
     def stop(self) -> None:
         subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
         for name in DAEMONS:
-            pidfile = self.root / ("mysql-run" if name == "mariadbd" else "run") / f"{name}.pid"
-            if not pidfile.exists():
-                continue
-            try:
-                pid = int(pidfile.read_text().split()[0])
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            except (ValueError, OSError, IndexError):
-                continue
-            if comm != name[:15]:  # the PID was reused: not ours
-                continue
-            os.kill(pid, 15)
-            deadline = time.monotonic() + 20
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if Path(f"/proc/{pid}").exists():
-                os.kill(pid, 9)
+            self.stop_daemon(name)
+
+    def stop_daemon(self, name: str) -> None:
+        """SIGTERM one daemon by the PID in its pid file (SIGKILL after 20 s)."""
+        pidfile = self.root / ("mysql-run" if name == "mariadbd" else "run") / f"{name}.pid"
+        if not pidfile.exists():
+            return
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except (ValueError, OSError, IndexError):
+            return
+        if comm != name[:15]:  # the PID was reused: not ours
+            return
+        os.kill(pid, 15)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, 9)
+
+    def restart_controller(self) -> None:
+        """slurmctld again, from its saved state (running jobs are recovered, as after maintenance)."""
+        _run("slurmctld", env=self.env)
+        _wait(self._node_idle, "the controller to answer again")
 
 
 if __name__ == "__main__":

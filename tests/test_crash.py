@@ -27,7 +27,7 @@ TIMING = {"epoch_seconds", "images_per_s", "seconds"}
 POINTS = {
     "before the first checkpoint": "after-step-2",
     "mid-epoch": "after-step-11",
-    "between checkpoint write and rename": "checkpoint-before-rename",
+    "between checkpoint write and rename": "checkpoint-before-rename@6",  # the previous one is at step 3
     "during the final probe": "probe",
 }
 
@@ -73,11 +73,15 @@ def test_trial_killed_finishes_identically(where, reference, tmp_path):
     states = [t.state for t in got["trials"]]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 1
     assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed attempt, retried
+    (killed,) = [t for t in got["trials"] if t.state == optuna.trial.TrialState.FAIL]
+    assert "ended without a result or an error: killed" in killed.user_attrs["failure_reason"]
     assert got["probes"] == ["probe.json"]
     epochs = [r["epoch"] for r in got["metrics"] if r["kind"] == "epoch"]
     steps = [r["step"] for r in got["metrics"] if r["kind"] == "step"]
     assert epochs == [1, 2] and steps == sorted(set(steps)) and len(steps) == 16  # nothing duplicated
     assert got["metrics"] == reference["metrics"]
+    attempts = read_jsonl(tmp_path / "results" / "crash" / "runs" / "momentum=0.99,seed=0" / "attempts.jsonl")
+    assert len(attempts) == 2 and {a["runtime"]["threads"] for a in attempts} == {1}  # the study's setting
     assert got["probe"] == reference["probe"]
     a, b = got["state"]["model"], reference["state"]["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,7 @@
 """`python -m harness.study`: real Optuna storage, real submitit jobs, a real Slurm."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,19 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
     proc = run_study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("momentum=") == 10 and "GPU-hours" in proc.stdout
+    gpu = tmp_path / "gpu.yaml"  # 3 levels x 2 seeds, 4 GPUs, 90 min: at most 6 x 4 x 1.5 = 36 GPU-hours
+    text = ("description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99, 0.999]}\n"
+            "seeds: [0, 1]\nresources: {gpus: 4, cpus: 16, time_min: 90}\n")
+    gpu.write_text(text)
+    plan = run_study(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
+    assert plan.returncode == 0, plan.stderr
+    assert "GPU-hours: at most 36.0 (6 trials x 4 GPUs x 90 min limit)" in plan.stdout
+    params = json.loads(plan.stdout.split("job parameters (local): ", 1)[1].splitlines()[0])
+    assert params["gpus_per_node"] == 4 and params["nodes"] == 1 and params["tasks_per_node"] == 4
+    assert params["timeout_min"] == 90 and params["cpus_per_task"] == 4  # 16 CPUs over 4 processes
+    gpu.write_text(text.replace("gpus: 4,", "gpus: 4, nodes: 2,"))
+    two_nodes = run_study(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
+    assert two_nodes.returncode == 2 and "resources.nodes: 2 nodes per trial need SLURM" in two_nodes.stderr
     paper = run_study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--recipe", "imagenet-r50-v1",
                       "--set", "data.root=/nonexistent")
     assert paper.returncode == 2 and "data.root" in paper.stderr  # the dataset is checked before anything runs
@@ -116,6 +130,10 @@ def test_smoke_study_with_local_executor(tmp_path):
     assert_jobs_ran_the_snapshot(tmp_path)
     again = run_study(tmp_path, "smoke", "--executor", "local")  # nothing left to do: nothing rerun
     assert again.returncode == 0 and len(trials_of(tmp_path)) == 4
+    status = run_study(tmp_path, "smoke", "--status")
+    assert status.returncode == 0 and "done 4/4 running 0 failed 0" in status.stdout
+    rows = [line for line in status.stdout.splitlines() if "COMPLETE" in line]
+    assert sorted(line.split()[1] for line in rows) == SMOKE_KEYS
 
 
 @pytest.mark.slow
@@ -158,7 +176,8 @@ def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, slurm):
     attempts = read_jsonl(run / "attempts.jsonl")
     assert len(attempts) == 2
     log = "".join(p.read_text() for p in (tmp_path / "smoke" / "jobs").glob(f"{job_id}_*.out"))
-    assert "resumed from" in log
+    resumed = re.search(r"resumed from \S+ \(epoch (\d+), step", log)
+    assert resumed and 1 <= int(resumed.group(1)) < 4  # the requeue hit a running trial, mid-run
 
 
 @pytest.mark.slow
@@ -238,8 +257,9 @@ retries: 0
     storage = f"sqlite:///{tmp_path / 'results' / 'prune' / 'study.db'}"
     (trial,) = optuna.load_study(study_name="prune", storage=storage).get_trials()
     assert trial.state == optuna.trial.TrialState.PRUNED
-    assert list(trial.intermediate_values) == [1]  # the kNN of epoch 1 reached the pruner
-    run = Path(trial.user_attrs["run_dir"])
+    run = tmp_path / "results" / "prune" / trial.user_attrs["run_dir"]
+    logged = [r["knn_top1"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert trial.intermediate_values == {1: logged[0]}  # the kNN of epoch 1, as logged, reached the pruner
     assert json.loads((run / "status.json").read_text())["status"] == "pruned"
     assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"] == [1]
     assert not (run / "probe.json").exists()
@@ -260,3 +280,28 @@ def test_trials_left_waiting_by_worker_mode_are_run_by_the_driver(tmp_path):
     trials = trials_of(tmp_path)
     assert_every_trial_complete_once(trials)
     assert len(trials) == 4
+
+
+def test_retries_run_out_and_the_study_ends_with_the_reason(tmp_path):
+    """A trial that fails every time (retries: 1, so two attempts) ends FAIL with its reason; the
+    driver stops instead of retrying for ever. The fault fires before training: no CPU spent."""
+    study = tmp_path / "doomed.yaml"
+    study.write_text("description: x\nrecipe: fmnist-tiny\noverrides: [data.train_subset=512]\n"
+                     "factors: {moco.momentum: [0.99]}\nseeds: [0]\nretries: 1\n")
+    proc = run_study(tmp_path / "res", str(study), "--executor", "local", env_extra={"HARNESS_FAULT": "raise-always"},
+                     timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trials = trials_of(tmp_path / "res", "doomed")
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
+    assert all("injected fault (HARNESS_FAULT=raise-always)" in t.user_attrs["failure_reason"] for t in trials)
+    assert "done 0/1" in proc.stdout and "failed 2" in proc.stdout
+
+
+def test_a_corrupt_study_db_is_a_clear_error_and_left_as_it_is(tmp_path):
+    (tmp_path / "smoke").mkdir()
+    db = tmp_path / "smoke" / "study.db"
+    db.write_bytes(b"not a database" * 100)
+    proc = run_study(tmp_path, "smoke", "--executor", "local", timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "study.db" in proc.stderr and "not a database" in proc.stderr
+    assert db.read_bytes() == b"not a database" * 100  # nothing computed is lost: the file is not replaced

@@ -1,0 +1,141 @@
+"""Outages: a study rides through a database or a SLURM controller restart (real servers, stopped
+for ~30 s mid-study), and says clearly when an outage outlasts its limit."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from harness.runio import read_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = """\
+description: 2 trials long enough to be mid-run during an outage; a pruner that reports every epoch, never prunes
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=6,
+            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128]
+factors: {moco.momentum: [0.9, 0.99]}
+seeds: [0]
+pruner: {type: threshold, lower: 0.0}
+retries: 1
+resources: {cpus: 1, mem_gb: 2, time_min: 10}
+"""
+OUTAGE_S = 30
+
+
+def start(results: Path, study: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "harness.study", str(study), "--poll", "0.5", "--no-report", *args]
+    env = {**os.environ, "HARNESS_RESULTS": str(results), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(predicate, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+
+
+def runs(results: Path, name: str) -> list[Path]:
+    return [results / name / "runs" / f"momentum={m},seed=0" for m in (0.9, 0.99)]
+
+
+def epochs(run: Path) -> list[int]:
+    return [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+
+
+def both_training(results: Path, name: str) -> bool:
+    return all(epochs(r) for r in runs(results, name))
+
+
+def assert_complete_once(storage, name: str, results: Path, attempts: int = 1) -> None:
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials()
+    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["key"] for t in done) == ["momentum=0.9,seed=0", "momentum=0.99,seed=0"], \
+        [(t.state, t.user_attrs.get("failure_reason")) for t in trials]
+    assert len(trials) == 2  # nothing failed, nothing ran twice
+    for run in runs(results, name):
+        assert epochs(run) == [1, 2, 3, 4, 5, 6]  # every epoch exactly once
+        assert len(read_jsonl(run / "attempts.jsonl")) == attempts
+
+
+@pytest.mark.slow
+def test_driver_rides_through_a_postgres_restart(tmp_path, postgres):
+    study = tmp_path / "pg_outage.yaml"
+    study.write_text(STUDY)
+    results = tmp_path / "results"
+    driver = start(results, study, "--executor", "local", "--storage", postgres.url())
+    wait_until(lambda: both_training(results, "pg_outage"), "both trials to train")
+    postgres.stop()
+    time.sleep(OUTAGE_S)
+    postgres.restart()
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, err[-3000:]
+    assert "does not answer" in err and "answers again" in err and "Traceback" not in err
+    assert postgres.password not in out + err
+    assert "Heartbeat of storage" not in err  # the driver runs no trial: no heartbeat, no warning
+    assert_complete_once(postgres.url(), "pg_outage", results)
+    logs = "".join(p.read_text() for p in (results / "pg_outage" / "jobs").glob("*_log.out"))
+    assert "not reported to the pruner and training goes on" in logs  # a job's report met the outage
+    study_obj = optuna.load_study(study_name="pg_outage", storage=postgres.url())
+    assert study_obj.metric_names == ["probe_top1"]  # what optuna-dashboard labels the objective
+
+
+@pytest.mark.slow
+def test_an_outage_past_the_limit_ends_the_driver_with_one_line_and_a_rerun_finishes(tmp_path, postgres):
+    study = tmp_path / "pg_limit.yaml"
+    study.write_text(STUDY)
+    results = tmp_path / "results"
+    args = ["--executor", "local", "--storage", postgres.url(), "--db-outage-limit", "0.1"]
+    driver = start(results, study, *args)
+    wait_until(lambda: both_training(results, "pg_limit"), "both trials to train")
+    postgres.stop()
+    try:
+        _, err = driver.communicate(timeout=120)
+        assert driver.returncode == 2 and "Traceback" not in err, err[-3000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: the study's database postgresql") and "has not answered for" in last
+        assert f"re-attach with: python -m harness.study {study}" in last and postgres.password not in err
+    finally:
+        postgres.restart()
+    again = start(results, study, *args)  # the same command, as the line says
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert_complete_once(postgres.url(), "pg_limit", results)
+
+
+@pytest.mark.slow
+def test_driver_rides_through_a_slurm_controller_restart(tmp_path, slurm):
+    study = tmp_path / "ctld_outage.yaml"
+    study.write_text(STUDY)
+    results = tmp_path / "results"
+    driver = start(results, study, "--executor", "slurm", "--parallel", "2", env=slurm.env)
+    wait_until(lambda: both_training(results, "ctld_outage"), "both trials to train")
+    slurm.stop_daemon("slurmctld")
+    time.sleep(OUTAGE_S)
+    slurm.restart_controller()
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, err[-3000:]
+    assert_complete_once(f"sqlite:///{results / 'ctld_outage' / 'study.db'}", "ctld_outage", results)
+
+
+@pytest.mark.slow
+def test_workers_ride_through_a_postgres_restart_without_being_declared_dead(tmp_path, postgres):
+    """Heartbeats every 2 s (a worker silent for 8 s counts as dead) and a 30 s outage: the workers'
+    beats fail during it, yet no trial is failed as stale or run twice."""
+    study = tmp_path / "pg_workers.yaml"
+    study.write_text(STUDY)
+    results = tmp_path / "results"
+    driver = start(results, study, "--executor", "local", "--storage", postgres.url(), "--workers", "2",
+                   "--heartbeat", "2")
+    wait_until(lambda: both_training(results, "pg_workers"), "both trials to train")
+    postgres.stop()
+    time.sleep(OUTAGE_S)
+    postgres.restart()
+    out, err = driver.communicate(timeout=600)
+    assert driver.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and postgres.password not in out + err
+    assert_complete_once(postgres.url(), "pg_workers", results)
