@@ -26,6 +26,7 @@ import seaborn as sns  # noqa: E402
 from . import runio  # noqa: E402
 from .outcome import Outcome  # noqa: E402
 from .storage import default_url, open_storage, redact  # noqa: E402
+from .decide import EQUAL, UNDECIDED, WORSE, RaceSpec, level_label, race, values_by_level  # noqa: E402
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file  # noqa: E402
 
 METRICS = ("probe_top1", "knn_top1")
@@ -117,6 +118,9 @@ def summary_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
             values = done[metric].dropna().astype(float)
             row[f"{metric}_mean"] = values.mean() if len(values) else np.nan
             row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            half = ci95_half(values)
+            row[f"{metric}_ci95_low"], row[f"{metric}_ci95_high"] = row[f"{metric}_mean"] - half, \
+                row[f"{metric}_mean"] + half
         row["final_loss_mean"] = done["final_loss"].dropna().astype(float).mean() if len(done) else np.nan
         row["failed"] = int((group["state"] == "FAIL").sum())
         row["diverged"] = int((group["state"] == "DIVERGED").sum())
@@ -125,6 +129,16 @@ def summary_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
         row["gpu_hours"] = float(group["gpu_hours"].fillna(0).sum())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ci95_half(values) -> float:
+    """Half-width of the 95 % t-interval of a mean over seeds (NaN below two seeds)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return np.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
 
 
 def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: bool = True) -> list[str]:
@@ -168,6 +182,73 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
         for level, g in dead.groupby(factor):
             lines.append(f"{factor} = {level}: {len(g)} run(s) diverged (loss NaN/inf) — reported as 'fail'.")
     return lines
+
+
+DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file names no `decide`
+
+
+def race_of(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
+    """The study's race (harness.decide) replayed on its results; a fixed design is a race of one look."""
+    spec = study_file.race or RaceSpec(len(study_file.seeds), len(study_file.seeds), DEFAULT_MARGIN, 0.95)
+    values, diverged = race_values(trials, study_file, factors, objective)
+    return spec, race(values, spec, study_file.direction == "maximize"), diverged
+
+
+def race_values(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
+    levels = list(dict.fromkeys(tuple(r) for r in trials[factors].itertuples(index=False)))
+    rows = [{**r, objective: r[objective] if pd.notna(r[objective]) else None}
+            for r in trials[[*factors, "seed", "state", objective]].to_dict("records")]
+    return values_by_level(rows, factors, levels, objective, study_file.seeds)
+
+
+def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str) -> list[str]:
+    """The decision table: each level against the best, paired by seed, with its interval."""
+    spec, state, diverged = race_of(trials, study_file, factors, objective)
+    if state.best is None:
+        short = [f"{level_label(lvl, factors)} ({len(v)} of {spec.initial})" for lvl, v in
+                 race_values(trials, study_file, factors, objective)[0].items() if len(v) < spec.initial]
+        return [f"No decision yet: the first {spec.initial} seeds of every level are not all completed "
+                f"(completed so far: {', '.join(short)})."]
+    label = lambda level: level_label(level, factors)  # noqa: E731
+    pct = 100 if objective.endswith("top1") else 1
+    unit = " pt" if pct == 100 else ""
+    lines = [f"Paired by seed against the best level; t-intervals of the mean paired difference, the error rate "
+             f"{1 - spec.confidence:.2g} split (Bonferroni) over {spec.looks} look(s) and {max(len(state.seeds) - 1, 1)} "
+             f"comparison(s): each interval at {100 * (1 - spec.alpha(len(state.seeds))):.2f} %. Practically equal: "
+             f"the interval inside ± {spec.margin * pct:g}{unit}"
+             f"{'' if study_file.race else ' (the default margin; set decide: {margin: ...} in the study file)'}.",
+             "", "| comparison | difference | interval | n | decision |", "|---|---|---|---|---|"]
+    words = {WORSE: "better", EQUAL: "practically equal", UNDECIDED: "undecided"}
+    for c in [*state.decisions.values(), *state.current.values()]:
+        decision = words[c.verdict]
+        if c.verdict == UNDECIDED and state.done:
+            decision = (f"undecided at {c.n} seeds: the difference is below ± {(c.high - c.low) / 2 * pct:.2g}{unit}, "
+                        f"what {c.n} seeds can resolve")
+        lines.append(f"| {label(c.best)} vs {label(c.level)} | {-c.diff * pct:+.2f}{unit} | [{-c.high * pct:+.2f}, "
+                     f"{-c.low * pct:+.2f}] | {c.n} | {decision} |")
+    lines += [f"| {label(level)} | | | | diverged: out of the race |" for level in diverged]
+    fixed = len(state.seeds) * spec.max + len(diverged) * spec.max
+    ran = int((trials["state"] != "RUNNING").sum())
+    lines += ["", f"Best: {label(state.best)}. Trials run: {ran} of the fixed design's {fixed} at {spec.max} seeds per "
+              f"level ({100 * ran / max(fixed, 1):.0f} %){'' if state.done else '; the race goes on'}."]
+    return lines
+
+
+def plot_interval_width(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str,
+                        out: Path) -> list[Path]:
+    """How the comparisons' interval narrows with seeds (adaptive studies)."""
+    spec, state, _ = race_of(trials, study_file, factors, objective)
+    if len(state.widths) < 2:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    n, width = zip(*state.widths)
+    ax.plot(n, width, marker="o", label="mean interval width of the levels still compared")
+    ax.axhline(2 * spec.margin, color="gray", ls=":", label=f"2 x margin: narrower can show 'equal'")
+    ax.set(xlabel="seeds per level", ylabel=f"interval width ({objective})", yscale="log")
+    ax.set_title("Decision intervals vs seeds", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out / "interval_width")
 
 
 def recorded_pixel_floor(trials: pd.DataFrame, objective: str) -> float | None:
@@ -255,10 +336,10 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         part = done if hv is None else done[done[hue] == hv]
         if not len(part):
             continue
-        agg = part.groupby("x")[objective].agg(["mean", "std"]).reset_index()
+        agg = part.groupby("x")[objective].agg(["mean", ci95_half]).reset_index()
         ax.scatter(pos(part["x"]), part[objective], color=palette[hv], alpha=0.55, s=22)
-        ax.errorbar(pos(agg["x"]), agg["mean"], yerr=agg["std"].fillna(0), color=palette[hv], marker="o",
-                    capsize=4, lw=1.5, label=f"{hue} = {hv}" if hue else "mean ± std over seeds")
+        ax.errorbar(pos(agg["x"]), agg["mean"], yerr=agg["ci95_half"].fillna(0), color=palette[hv], marker="o",
+                    capsize=4, lw=1.5, label=f"{hue} = {hv}" if hue else "mean and 95 % interval over seeds")
     pixels = recorded_pixel_floor(done, objective)
     if pixels is not None:
         ax.axhline(pixels, color="gray", ls=":", lw=1.2, label=f"linear probe on raw pixels ({pixels:.3f})")
@@ -268,7 +349,7 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         bad = df[df["state"] == state]
         if len(bad):
             ax.scatter(pos(bad["x"]), [floor] * len(bad), marker="x", color=color, s=60, label=label)
-    finish(ax, df["x"], f"{objective} (this study)", "This study: per-seed points, mean ± std")
+    finish(ax, df["x"], f"{objective} (this study)", "This study: per-seed points, mean and 95 % interval")
     if has_ref:
         ref = pd.DataFrame(reference["values"])
         ref["x"], _, _ = _axis(x_factor, ref[x_factor])
@@ -400,6 +481,8 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         plots += plot_objective(trials, factors, objective, study_file.reference, out)
         plots += plot_curves(curves, factors, out)
         plots += plot_knn_vs_probe(trials, factors, out)
+        if study_file.race:
+            plots += plot_interval_width(trials, study_file, factors, objective, out)
     if study_file.sampler == "tpe":
         plots += plot_search(ostudy, out)
     pngs = [p for p in plots if p.suffix == ".png"]
@@ -435,6 +518,8 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
           f"- machine: {machine_summary(trials, study_dir) if len(trials) else 'unknown'}",
           f"- wall time, first trial start to last trial end: {wall:.1f} min", "",
           "## Verdict", "", *[f"- {line}" for line in verdicts], "",
+          *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective), ""]
+            if study_file.sampler == "grid" and len(trials) else []),
           "## Summary (per level)", "", _md_table(summary) if len(summary) else "(no trials)", ""]
     if study_file.reference.get("values"):
         md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "

@@ -27,6 +27,7 @@ import optuna
 from . import launch, runio, snapshot
 from .config import ConfigError
 from .data import check_dataset
+from .decide import RaceState, level_of, race, values_by_level
 from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome
 from .storage import OUTAGE_ERRORS, Outage, default_url, open_storage, redact
@@ -100,6 +101,34 @@ class GridPlan:
         return trial, fixed
 
 
+class AdaptivePlan(GridPlan):
+    """A race over the levels (harness.decide): every level starts with `initial` seeds; after each
+    round the undecided levels and the best get one more seed, submitted together; decided levels
+    stop. Its state is replayed from the storage on every look, so a killed driver resumes it exactly."""
+
+    def __init__(self, study: Study, points: list[tuple[dict, Any]]):
+        super().__init__(study, points)
+        self.factors = list(study.factors)
+        self.levels = list(dict.fromkeys(level_of(p, self.factors) for p, _ in points))
+
+    def state(self, trials) -> RaceState:
+        rows = [{**t.params, "seed": t.params.get("seed"), "state": _state_label(t),
+                 "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None} for t in trials]
+        values, _ = values_by_level(rows, self.factors, self.levels, "value", self.study.seeds)
+        return race(values, self.study.race, self.study.direction == "maximize")
+
+    def pending(self, trials) -> list[dict]:
+        wanted = self.state(trials).seeds
+        return [p for p in super().pending(trials)
+                if level_of(p, self.factors) in wanted
+                and self.study.seeds.index(p["seed"]) < wanted[level_of(p, self.factors)]]
+
+
+def _state_label(t) -> str:
+    outcome = Outcome.of_trial(t.user_attrs)
+    return outcome.label if t.state == FAIL and outcome else t.state.name
+
+
 class SearchPlan:
     """TPE chooses; `n_trials` results (diverged ones count), failures retried within a budget."""
 
@@ -166,8 +195,10 @@ class Driver:
             raise StudyError(f"{self.study.path}: resources.nodes: {self.resources.nodes} nodes per trial need "
                              f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
                              f"or set resources.nodes to 1.")
-        self.plan = (GridPlan(self.study, self.points) if self.study.sampler == "grid"
-                     else SearchPlan(self.study, max(1, opts.parallel)))
+        if self.study.sampler != "grid":
+            self.plan = SearchPlan(self.study, max(1, opts.parallel))
+        else:
+            self.plan = AdaptivePlan(self.study, self.points) if self.study.race else GridPlan(self.study, self.points)
 
     def _stored_study(self, given: Study) -> Study:
         """A study goes on with the file it started from (results/<study>/study.yaml): an edited
@@ -450,6 +481,12 @@ def dry_run(driver: Driver) -> str:
     s, res = driver.study, driver.resources
     lines = [f"study {driver.name}: {s.description}", f"recipe {driver.recipe}; storage {redact(driver.storage_url)}; "
              f"executor {driver.kind}; results {driver.dir}"]
+    if s.race:
+        levels = len(driver.points) // s.race.max
+        n = levels * s.race.initial
+        lines.append(f"adaptive seeds: {levels} levels x {s.race.initial} seeds = {n} trials at first; then one "
+                     f"more seed for the undecided levels and the best, up to {s.race.max} seeds: at most "
+                     f"{levels * s.race.max} trials (margin {s.race.margin}, confidence {s.race.confidence})")
     if s.sampler == "grid":
         lines.append(f"{len(driver.points)} trials (levels x seeds), objective {s.objective} ({s.direction}):")
         for params, cfg in driver.points:
@@ -463,8 +500,10 @@ def dry_run(driver: Driver) -> str:
     with tempfile.TemporaryDirectory() as scratch:  # a dry run leaves nothing behind
         executor = launch.make_executor(driver.kind, Path(scratch), res, driver.name, driver.opts.parallel)
         lines.append(f"job parameters ({driver.kind}): {json.dumps(executor.parameters(), default=str)}")
-    gpu_hours = n * res.gpus * res.nodes * res.time_min / 60
-    lines.append(f"GPU-hours: at most {gpu_hours:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
+    per_trial = res.gpus * res.nodes * res.time_min / 60
+    first = f"the first round at most {len(driver.points) // s.race.max * s.race.initial * per_trial:.1f}; " \
+        if s.race else ""
+    lines.append(f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
                  f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}")
     return "\n".join(lines)
 

@@ -7,7 +7,8 @@
     factors:                         # dotted config keys
       moco.momentum: [0.0, 0.9, 0.99]                       # grid levels
       moco.temperature: {type: float, low: 0.05, high: 0.5, log: true}   # search distribution
-    seeds: [0, 1]
+    seeds: [0, 1]                    # a fixed design; or adaptive: {initial: 2, max: 8} (seeds 0..max-1)
+    decide: {margin: 0.005, confidence: 0.95}   # adaptive seeds: when a difference is settled
     n_trials: 20                     # tpe only (per seed list: each trial uses seeds[0])
     objective: probe_top1            # probe_top1 | knn_top1
     direction: maximize
@@ -30,12 +31,13 @@ from typing import Any, Optional
 import yaml
 
 from .config import ConfigError, RunConfig, load_recipe_data, make_config, nest
+from .decide import RaceSpec
 
 STUDY_DIR = Path(__file__).resolve().parent.parent / "studies"
 STUDY_COPY = "study.yaml"  # results/<study>/study.yaml: the file a study was started from
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
-            "direction", "pruner", "resources", "retries", "reference"}
+            "direction", "pruner", "resources", "retries", "reference", "decide"}
 RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "tasks", "signal_delay_s", "max_timeouts"}
 OBJECTIVES = ("probe_top1", "knn_top1")
 PRUNER_ARGS = {  # the Optuna pruner arguments a study file may set
@@ -81,6 +83,7 @@ class Study:
     resources: dict = field(default_factory=dict)  # overrides of the recipe's resources
     retries: int = 2
     reference: dict = field(default_factory=dict)
+    race: Optional[RaceSpec] = None  # adaptive seeds (harness.decide); None: every level gets every seed
 
     def resources_for(self, recipe: str | None = None) -> Resources:
         """The recipe's resources (its scale: CPU minutes or GPU days), then the study's overrides."""
@@ -209,9 +212,7 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
             _check_distribution(path, key, levels)
         elif not (isinstance(levels, list) and levels):
             raise _fail(path, f"factors.{key}", "a distribution {type, low, high} or a list of choices is required.")
-    seeds = data["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _fail(path, "seeds", "a non-empty list of integers is required, e.g. [0, 1, 2].")
+    seeds, race = _parse_seeds(path, data["seeds"], data.get("decide"), sampler)
     objective = data.get("objective", "probe_top1")
     if objective not in OBJECTIVES:
         raise _fail(path, "objective", f"{objective!r}: use one of {', '.join(OBJECTIVES)}.")
@@ -247,9 +248,44 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
     study = Study(name=name, path=path, description=str(data["description"]), recipe=str(data["recipe"]),
                   factors=factors, seeds=seeds, sampler=sampler, overrides=overrides, n_trials=n_trials,
                   objective=objective, direction=direction, pruner=pruner, pruner_args=pruner_args,
-                  resources=raw_res, retries=retries, reference=reference)
+                  resources=raw_res, retries=retries, reference=reference, race=race)
     study.check_overrides(overrides, f"{path}: overrides:")
     return study
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_seeds(path: Path, seeds: Any, decide: Any, sampler: str) -> tuple[list[int], Optional[RaceSpec]]:
+    """A list of seeds (fixed design), or {initial, max} with `decide` (adaptive replication)."""
+    if isinstance(seeds, dict):
+        if sampler != "grid":
+            raise _fail(path, "seeds", "adaptive seeds {initial, max} race the levels of a grid; use a list here.")
+        unknown = set(seeds) - {"initial", "max"}
+        if unknown or not all(_is_int(seeds.get(k)) for k in ("initial", "max")):
+            raise _fail(path, "seeds", "adaptive seeds are {initial: N, max: M} with whole numbers, e.g. "
+                        "{initial: 2, max: 8}.")
+        if not 2 <= seeds["initial"] <= seeds["max"] <= 100:
+            raise _fail(path, "seeds", f"need 2 <= initial <= max <= 100 (two seeds are the fewest a paired "
+                        f"interval can use), got {seeds}.")
+        decide = decide or {}
+        if not isinstance(decide, dict) or set(decide) - {"margin", "confidence"}:
+            raise _fail(path, "decide", "a mapping {margin, confidence} is required, e.g. {margin: 0.005, "
+                        "confidence: 0.95}.")
+        margin, confidence = decide.get("margin", 0.005), decide.get("confidence", 0.95)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
+            raise _fail(path, "decide.margin", f"a difference >= 0 in the objective's units is required, got {margin!r}.")
+        if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not 0.5 <= confidence < 1:
+            raise _fail(path, "decide.confidence", f"a number in [0.5, 1) is required, got {confidence!r}.")
+        race = RaceSpec(seeds["initial"], seeds["max"], float(margin), float(confidence))
+        return list(range(race.max)), race
+    if decide is not None:
+        raise _fail(path, "decide", "applies to adaptive seeds only; write seeds as {initial: 2, max: 8}.")
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
+        raise _fail(path, "seeds", "a non-empty list of integers is required, e.g. [0, 1, 2], or adaptive "
+                    "{initial: 2, max: 8}.")
+    return seeds, None
 
 
 def make_pruner(name: str, epochs: int, args: dict | None = None):

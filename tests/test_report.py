@@ -173,3 +173,32 @@ def test_verdict_tests_the_difference_and_flags_a_loss_at_chance():
     stuck = verdict(table([0.80, 0.81], [0.50, 0.51], loss=8.2), ["moco.momentum"], "probe_top1")
     assert any(line.startswith("moco.momentum = 0.9: completed, but the final loss 8.20") for line in stuck)
     assert not any(line.startswith("moco.momentum = 0.99: completed, but") for line in stuck)
+
+
+def test_decision_table_of_an_adaptive_study(tmp_path):
+    """Paired decisions from a results table: a clearly worse level is 'better'-d by the best with its
+    interval; a level still undecided at max seeds says what the seeds could resolve."""
+    import yaml
+
+    from harness.report import decision_lines
+    from harness.studyfile import parse_study
+
+    study = parse_study("race", tmp_path / "race.yaml", yaml.safe_load(
+        "description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99, 0.999]}\n"
+        "seeds: {initial: 2, max: 4}\ndecide: {margin: 0.002}\n"))
+    shared = [0.0, 0.01, -0.01, 0.005]
+    rows = []
+    for m, base, wiggle in ((0.9, 0.80, 0.002), (0.99, 0.85, 0.0), (0.999, 0.848, 0.01)):
+        for seed in range(4):
+            rows.append({"moco.momentum": m, "seed": seed, "state": "COMPLETE",
+                         "probe_top1": base + shared[seed] + wiggle * (-1) ** seed})
+    lines = decision_lines(pd.DataFrame(rows), study, ["moco.momentum"], "probe_top1")
+    table = "\n".join(lines)
+    assert "split (Bonferroni) over 3 look(s) and 2 comparison(s)" in table
+    better = next(line for line in lines if line.startswith("| 0.99 vs 0.9 |"))
+    # At 3 seeds 0.999 leads (its own noise), so 0.9 is compared with it and stays undecided; at 4 the
+    # best is 0.99 and the paired differences 0.048, 0.052, 0.048, 0.052 give 5.00 +- t(3 df) x sd / 2.
+    assert better == "| 0.99 vs 0.9 | +5.00 pt | [+4.28, +5.72] | 4 | better |"
+    undecided = next(line for line in lines if line.startswith("| 0.99 vs 0.999 |"))
+    assert "| 4 | undecided at 4 seeds: the difference is below ±" in undecided
+    assert "Trials run: 12 of the fixed design's 12" in table

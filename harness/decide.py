@@ -1,0 +1,235 @@
+"""Adaptive replication: which levels need another seed, decided from paired seeds with intervals
+that stay valid when the harness looks again after every added seed.
+
+A race over the levels of one factor (after F-Race / Hoeffding races, made paired and sequential):
+seed s means the same initial weights, data order and augmentation at every level, so levels are
+compared seed by seed, through the paired differences d_s = value(level, s) - value(best, s).
+
+Method: a t-interval of the mean paired difference at level 1 - alpha', where the study's error
+rate alpha = 1 - confidence is split (Bonferroni) over the planned looks (initial .. max seeds) and
+over the comparisons with the best (levels - 1). A union bound makes any wrong decision, over the
+whole race, happen with probability <= alpha whichever seeds the race stops at.
+
+At each look every level still racing is classified against the current best:
+  worse      the interval of its difference lies below 0
+  equal      the interval lies inside (-margin, +margin): practically equal
+  undecided  otherwise; it and the best get one more seed
+Decisions are final. The race ends when only the best is left undecided, or at `max` seeds. The
+state is a pure function of the results table (replayed look by look), so a driver killed at any
+point resumes the race exactly.
+
+`python -m harness.decide` runs the simulation that checks the error rates and the savings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+WORSE, EQUAL, UNDECIDED, BEST = "worse", "equal", "undecided", "best"
+
+
+@dataclass(frozen=True)
+class RaceSpec:
+    initial: int  # seeds every level gets
+    max: int  # seeds a level gets at most
+    margin: float  # |difference| below which two levels are practically equal (objective units)
+    confidence: float = 0.95
+
+    @property
+    def looks(self) -> int:
+        return self.max - self.initial + 1
+
+    def alpha(self, levels: int) -> float:
+        """The two-sided error of one interval: alpha split over looks and comparisons."""
+        return (1.0 - self.confidence) / (self.looks * max(levels - 1, 1))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    level: object
+    best: object  # the level it was compared with
+    n: int  # paired seeds
+    diff: float  # mean of value(level) - value(best)
+    low: float
+    high: float
+    verdict: str
+
+
+@dataclass
+class RaceState:
+    seeds: dict  # level -> how many seeds (the first ones) it needs: decided levels, those they were decided on
+    decisions: dict = field(default_factory=dict)  # level -> final Comparison
+    current: dict = field(default_factory=dict)  # level -> Comparison at the latest look (undecided ones)
+    best: object = None
+    done: bool = False
+    widths: list = field(default_factory=list)  # (n, mean interval width of the levels compared at n)
+
+
+@lru_cache(maxsize=4096)
+def _t(q: float, df: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(q, df))
+
+
+def interval(diffs: np.ndarray, alpha: float) -> tuple[float, float, float]:
+    """Mean and two-sided (1 - alpha) t-interval of paired differences (n >= 2)."""
+    n = len(diffs)
+    mean = float(np.mean(diffs))
+    if n < 2:
+        return mean, -math.inf, math.inf
+    half = _t(1.0 - alpha / 2.0, n - 1) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def classify(low: float, high: float, margin: float) -> str:
+    if high < 0:
+        return WORSE
+    if low > -margin and high < margin:
+        return EQUAL
+    return UNDECIDED
+
+
+def race(values: dict, spec: RaceSpec, maximize: bool = True) -> RaceState:
+    """Replay the race on `values` ({level: [value of seed 0, seed 1, ...]}, seeds in order, each list
+    as long as the seeds that completed) and say how many seeds each level needs now."""
+    sign = 1.0 if maximize else -1.0
+    levels = list(values)
+    alpha = spec.alpha(len(levels))
+    active, state = list(levels), RaceState(seeds={})
+    n = spec.initial
+    while True:
+        if any(len(values[lvl]) < n for lvl in active):  # this look's seeds are not all in yet
+            state.seeds = {lvl: (n if lvl in active else state.decisions[lvl].n) for lvl in levels}
+            return state
+        data = {lvl: sign * np.asarray(values[lvl][:n], dtype=float) for lvl in active}
+        best = max(active, key=lambda lvl: (data[lvl].mean(), -levels.index(lvl)))
+        state.best, state.current = best, {}
+        widths = []
+        for lvl in active:
+            if lvl == best:
+                continue
+            mean, low, high = interval(data[lvl] - data[best], alpha)
+            verdict = classify(low, high, spec.margin)
+            comparison = Comparison(lvl, best, n, sign * mean, *sorted((sign * low, sign * high)), verdict)
+            widths.append(high - low)
+            if verdict == UNDECIDED:
+                state.current[lvl] = comparison
+            else:
+                state.decisions[lvl] = comparison
+        if widths:
+            state.widths.append((n, float(np.mean(widths))))
+        active = [lvl for lvl in active if lvl == best or lvl not in state.decisions]
+        if active == [best] or n >= spec.max:
+            state.done = True
+            state.seeds = {lvl: (n if lvl in active else state.decisions[lvl].n) for lvl in levels}
+            return state
+        n += 1
+
+
+# ---------------------------------------------------------------- simulation
+
+def simulate(means: list[float], noise: float, shared: float, spec: RaceSpec, rng: np.random.Generator):
+    """One race on synthetic results: value(level, seed) = mean + shared seed effect + own noise.
+    Returns the final state and the trials spent."""
+    seeds_max = spec.max
+    common = rng.normal(0.0, shared, seeds_max)
+    table = {i: list(m + common + rng.normal(0.0, noise, seeds_max)) for i, m in enumerate(means)}
+    got = {i: table[i][:spec.initial] for i in table}
+    while True:
+        state = race(got, spec)
+        if state.done:
+            return state, sum(len(v) for v in got.values())
+        got = {i: table[i][:state.seeds[i]] for i in table}
+
+
+def error_rates(means: list[float], noise: float, shared: float, spec: RaceSpec, runs: int, seed: int = 0) -> dict:
+    """Over `runs` simulated races: how often the truly best level is declared worse, how often a
+    level worse than the best by more than the margin is declared practically equal (or better),
+    and the trials spent against the fixed design at max seeds."""
+    rng = np.random.default_rng(seed)
+    truly_best = int(np.argmax(means))
+    clearly_worse = [i for i, m in enumerate(means) if means[truly_best] - m > spec.margin]
+    best_declared_worse = worse_missed = worse_declared = 0
+    spent = []
+    for _ in range(runs):
+        state, trials = simulate(means, noise, shared, spec, rng)
+        spent.append(trials)
+        verdicts = {lvl: c.verdict for lvl, c in state.decisions.items()}
+        best_declared_worse += verdicts.get(truly_best) == WORSE
+        worse_missed += any(verdicts.get(i) == EQUAL for i in clearly_worse)
+        worse_declared += sum(verdicts.get(i) == WORSE for i in clearly_worse)
+    fixed = len(means) * spec.max
+    return {"runs": runs, "levels": len(means), "alpha": round(1 - spec.confidence, 4),
+            "truly_best_declared_worse": best_declared_worse / runs,
+            "clearly_worse_declared_equal": worse_missed / runs,
+            "clearly_worse_declared_worse": worse_declared / max(runs * len(clearly_worse), 1),
+            "trials_mean": float(np.mean(spent)), "fixed_design_trials": fixed,
+            "fraction_of_fixed": float(np.mean(spent)) / fixed}
+
+
+SCENARIOS = {  # objective units (top-1); noise and shared seed effect from the momentum sweep's scale
+    "well separated": dict(means=[0.790, 0.833, 0.854, 0.820, 0.805], noise=0.003, shared=0.003),
+    "close call": dict(means=[0.790, 0.833, 0.854, 0.851, 0.846], noise=0.003, shared=0.003),
+    "all equal": dict(means=[0.85] * 5, noise=0.003, shared=0.003),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.decide",
+                                     description="Simulate adaptive replication: error rates and trials spent.")
+    parser.add_argument("--runs", type=int, default=500)
+    parser.add_argument("--initial", type=int, default=2)
+    parser.add_argument("--max", type=int, default=8)
+    parser.add_argument("--margin", type=float, default=0.005)
+    parser.add_argument("--confidence", type=float, default=0.95)
+    args = parser.parse_args(argv)
+    spec = RaceSpec(args.initial, args.max, args.margin, args.confidence)
+    for name, scenario in SCENARIOS.items():
+        print(json.dumps({"scenario": name, **error_rates(spec=spec, runs=args.runs, **scenario)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# ---------------------------------------------------------------- from a study's results
+
+def level_of(params: dict, factors: list[str]) -> tuple:
+    return tuple(params.get(f) for f in factors)
+
+
+def level_label(level: tuple, factors: list[str]) -> str:
+    return ", ".join(f"{f}={v}" for f, v in zip(factors, level)) if len(factors) > 1 else str(level[0])
+
+
+def values_by_level(rows: list[dict], factors: list[str], levels: list[tuple], objective: str,
+                    seeds: list[int]) -> tuple[dict, list[tuple]]:
+    """Completed results as the race reads them: per level, the values of seeds[0], seeds[1], ... up
+    to the first seed not completed. Levels with a diverged run leave the race (the paper's 'fail').
+    `rows`: dicts with the factors, 'seed', 'state' and the objective."""
+    done, diverged = {}, []
+    for row in rows:
+        level = level_of(row, factors)
+        if row["state"] == "DIVERGED" and level not in diverged:
+            diverged.append(level)
+        elif row["state"] == "COMPLETE" and row.get(objective) is not None:
+            done.setdefault(level, {})[row["seed"]] = float(row[objective])
+    values = {}
+    for level in levels:
+        if level in diverged:
+            continue
+        got = done.get(level, {})
+        prefix = []
+        for seed in seeds:
+            if seed not in got:
+                break
+            prefix.append(got[seed])
+        values[level] = prefix
+    return values, diverged

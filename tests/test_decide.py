@@ -1,0 +1,117 @@
+"""Adaptive replication: the decision logic is a function of a results table, checked by hand and
+by hundreds of simulated studies with known level means and seed noise."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from harness.decide import EQUAL, SCENARIOS, UNDECIDED, WORSE, RaceSpec, error_rates, interval, race
+
+SPEC = RaceSpec(initial=2, max=8, margin=0.005, confidence=0.95)
+
+
+def test_interval_is_the_t_interval_of_the_paired_differences():
+    d = np.array([0.01, 0.012, 0.008, 0.011])
+    mean, low, high = interval(d, 0.01)
+    ref = stats.t.interval(0.99, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
+    assert mean == pytest.approx(d.mean()) and (low, high) == pytest.approx(ref)
+    assert SPEC.alpha(5) == pytest.approx(0.05 / (7 * 4))  # split over 7 looks and 4 comparisons
+
+
+def test_race_decides_from_paired_seeds_and_asks_for_one_more_seed_where_undecided():
+    shared = np.array([0.0, 0.02, -0.02, 0.01, -0.01, 0.0, 0.015, -0.015])  # seed effects, common to all levels
+    wiggle = (-1.0) ** np.arange(8)  # each level's own noise, seed by seed
+    values = {"a": list(0.85 + shared), "b": list(0.80 + shared + 0.003 * wiggle),
+              "c": list(0.8495 + shared + 1e-4 * wiggle), "d": list(0.845 + shared + 0.004 * wiggle)}
+    state = race({k: v[:2] for k, v in values.items()}, SPEC)
+    assert state.best == "a" and not state.done and state.decisions == {}  # 2 seeds: nothing is certain
+    assert state.seeds == {"a": 3, "b": 3, "c": 3, "d": 3}
+    state = race({k: v[:4] for k, v in values.items()}, SPEC)
+    # b: 5 points under a on every seed (paired: the seed effects cancel) -> worse at 3 or 4 seeds;
+    assert state.decisions["b"].verdict == WORSE and state.decisions["b"].diff == pytest.approx(-0.05, abs=2e-3)
+    assert state.decisions["b"].best == "a" and state.decisions["b"].n <= 4
+    # c: 0.05 points under a, tightly -> practically equal; d: noisier than a -> undecided for now.
+    assert state.decisions["c"].verdict == EQUAL
+    assert "d" not in state.decisions and state.current["d"].verdict == UNDECIDED
+    assert state.seeds["a"] == state.seeds["d"] == 5 and state.seeds["b"] == state.decisions["b"].n
+    # Only what completed counts, so a killed driver replays the same race from the storage.
+    again = race({k: (v[:5] if k in ("a", "d") else v[:state.seeds[k]]) for k, v in values.items()}, SPEC)
+    assert again.decisions["b"] == state.decisions["b"] and again.decisions["c"] == state.decisions["c"]
+
+
+def test_race_stops_at_max_seeds_with_the_undecided_ones_named():
+    rng = np.random.default_rng(1)
+    values = {lvl: list(0.85 + rng.normal(0, 0.01, 8)) for lvl in "ab"}  # equal means, noisy: stays undecided
+    state = race(values, SPEC)
+    assert state.done and state.seeds == {"a": 8, "b": 8}
+    other = "b" if state.best == "a" else "a"
+    assert state.current[other].verdict == UNDECIDED and state.current[other].n == 8
+    assert [n for n, _ in state.widths] == list(range(2, 9))  # the interval's width at every look
+    assert state.widths[-1][1] < state.widths[1][1]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_simulated_races_keep_the_error_rate_and_save_trials_when_levels_are_far_apart(name):
+    rates = error_rates(spec=SPEC, runs=300, **SCENARIOS[name])
+    alpha = 1 - SPEC.confidence
+    assert rates["truly_best_declared_worse"] <= alpha
+    assert rates["clearly_worse_declared_equal"] <= alpha
+    if name == "well separated":
+        assert rates["fraction_of_fixed"] <= 0.6 and rates["clearly_worse_declared_worse"] >= 0.95
+
+
+RACE_STUDY = """\
+description: a 2-level race, killed during a round and between rounds
+recipe: fmnist-tiny
+overrides: [data.train_subset=256, data.test_subset=128, optim.batch_size=64, optim.epochs=1, moco.queue_size=256,
+            moco.bn_splits=4, eval.pixel_floor=false, eval.knn_every=0]
+factors: {moco.momentum: [0.9, 0.99]}
+seeds: {initial: 2, max: 3}
+decide: {margin: 0.0}
+retries: 0
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_the_race_without_losing_or_repeating_a_trial(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import optuna
+
+    root = Path(__file__).resolve().parent.parent
+    study = tmp_path / "race.yaml"
+    study.write_text(RACE_STUDY)
+    results = tmp_path / "results"
+    env = {**os.environ, "HARNESS_RESULTS": str(results)}
+    cmd = [sys.executable, "-m", "harness.study", str(study), "--executor", "local", "--parallel", "2",
+           "--poll", "0.3", "--no-report"]
+    storage = f"sqlite:///{results / 'race' / 'study.db'}"
+
+    def complete() -> int:
+        try:
+            trials = optuna.load_study(study_name="race", storage=storage).get_trials()
+        except Exception:  # not created yet
+            return 0
+        return sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+    for until in (1, 4):  # killed during the first round, then as the first round completes
+        driver = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while complete() < until:
+            assert time.monotonic() < deadline and driver.poll() is None
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stderr[-3000:]
+    trials = optuna.load_study(study_name="race", storage=storage).get_trials()
+    keys = [t.user_attrs["key"] for t in trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials) and len(keys) == len(set(keys))
+    values = {m: [next(t.value for t in trials if t.params == {"moco.momentum": m, "seed": s})
+                  for s in range(3) if f"momentum={m},seed={s}" in keys] for m in (0.9, 0.99)}
+    state = race(values, RaceSpec(2, 3, 0.0))
+    assert state.done and {m: len(v) for m, v in values.items()} == state.seeds  # exactly what the race asks
