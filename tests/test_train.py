@@ -139,3 +139,25 @@ def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
     with pytest.raises(RunDirBusy):
         lock_run_dir(tmp_path / "run")
     again.close()
+
+
+def test_a_seed_means_the_same_start_data_order_and_augmentation_at_every_level(tmp_path):
+    """What makes paired comparisons paired: at one seed, levels of m and K start from the same query
+    encoder and see the same batches (order and augmentation); another seed does not."""
+    from harness.config import make_config
+    from harness.runtime import Runtime
+    from harness.train import PretrainRun
+
+    def start(*overrides):
+        cfg = make_config("fmnist-tiny", [*SMALL, *overrides])
+        run = PretrainRun(cfg, tmp_path, Runtime.for_config(cfg), 0, 1)
+        batches = [b for epoch in (0, 1) for _, b in zip(range(2), run.views.epoch(epoch))]
+        return run.model.encoder_q.state_dict(), batches
+
+    (w_a, b_a), (w_b, b_b), (w_c, b_c) = (start("moco.momentum=0.9", "runtime.seed=3"),
+                                          start("moco.momentum=0.999", "moco.queue_size=512", "runtime.seed=3"),
+                                          start("moco.momentum=0.9", "runtime.seed=4"))
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert all(torch.equal(x, y) for pair_a, pair_b in zip(b_a, b_b) for x, y in zip(pair_a, pair_b))
+    assert not all(torch.equal(w_a[k], w_c[k]) for k in w_a)
+    assert not torch.equal(b_a[0][0], b_c[0][0])
