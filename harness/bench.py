@@ -77,12 +77,12 @@ def bench_data(args) -> list[dict]:
     return rows
 
 
-def _step_flops(model, x_q, x_k) -> float:
+def _step_flops(model, x_q, x_k, index) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter:
-        model(x_q, x_k)["loss"].backward()
+        model(x_q, x_k, index)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
@@ -93,18 +93,18 @@ def bench_train(args) -> list[dict]:
         cfg, rt, splits = _setup(args, loader)
         device, cuda = rt.device, rt.device.type == "cuda"
         torch.manual_seed(0)
-        model = rt.prepare(build_moco(cfg))
+        model = rt.prepare(build_moco(cfg, bank_size=len(splits.pretrain)))
         if cfg.runtime.compile:  # compiled during warm-up, which the timing excludes
             compile_encoders(model)
         opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
                               foreach=True)
         views = pretrain_views(cfg, device, splits=splits)
-        epochs = (views.epoch(e) for e in range(10_000))
+        epochs = (views.epoch(e, indices=True) for e in range(10_000))
         batches = (b for epoch in epochs for b in epoch)
 
-        def step(x_q, x_k):
+        def step(x_q, x_k, index):
             with rt.autocast():
-                out = model(*rt.layout(x_q, x_k))
+                out = model(*rt.layout(x_q, x_k), index)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -112,7 +112,7 @@ def bench_train(args) -> list[dict]:
 
         first = next(batches)
         with rt.autocast():
-            flops = _step_flops(model, *rt.layout(*first))
+            flops = _step_flops(model, *rt.layout(*first[:2]), first[2])
         for _ in range(args.warmup):
             step(*next(batches))
         timings = []

@@ -58,7 +58,10 @@ class MocoConfig:
     momentum: float = 0.99  # m: key encoder EMA coefficient
     temperature: float = 0.1  # tau
     mlp: bool = False  # MoCo v2 projection head
-    key_encoder: Literal["momentum", "shared", "end_to_end"] = "momentum"
+    # momentum: MoCo; shared: keys from the query encoder (m = 0); end_to_end: keys with gradient, the
+    # batch as negatives; memory_bank: Wu et al. 2018's bank of one feature per image (the paper's Fig. 3)
+    key_encoder: Literal["momentum", "shared", "end_to_end", "memory_bank"] = "momentum"
+    bank_momentum: float = 0.5  # memory bank: v <- m_b v + (1 - m_b) q (InstDisc: 0.5)
     shuffle_bn: Literal["ddp", "split", "none"] = "split"
     bn_splits: int = 8
     symmetric: bool = False
@@ -398,9 +401,15 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(e.probe_weight_decay >= 0,
              f"eval.probe_weight_decay: must be >= 0 (main_lincls uses 0), got {e.probe_weight_decay}.")
     _require_crop_scale("eval.probe_crop_scale", e.probe_crop_scale, "main_lincls: [0.08, 1]")
-    if m.key_encoder == "end_to_end":
-        # Negatives are the other keys of the batch; the queue is not used.
-        _require(not m.symmetric, "moco.symmetric: not defined for key_encoder=end_to_end; set moco.symmetric=false.")
+    if m.key_encoder in ("end_to_end", "memory_bank"):
+        # Negatives are the other keys of the batch, or K draws from the bank: no queue to wrap.
+        _require(not m.symmetric, f"moco.symmetric: not defined for key_encoder={m.key_encoder}; "
+                                  f"set moco.symmetric=false.")
+        if m.key_encoder == "memory_bank":
+            _require(m.queue_size > 0, f"moco.queue_size: K (negatives drawn from the bank) must be > 0, "
+                                       f"got {m.queue_size}.")
+            _require(0.0 <= m.bank_momentum < 1.0, f"moco.bank_momentum: must be in [0, 1) (InstDisc: 0.5), "
+                                                   f"got {m.bank_momentum}.")
     else:
         keys_per_step = o.batch_size * (2 if m.symmetric else 1)
         _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")

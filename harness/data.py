@@ -204,12 +204,14 @@ class InMemoryViews:
         self.cfg, self.rank, self.world = cfg, rank, world
         mean, std = NORMALIZATION[cfg.data.dataset]
         self.augment = BatchAugment(view_spec(cfg), cfg.data.image_size, mean, std)
+        self.size = len(images)  # training images (the memory bank's entries)
         self.steps_per_epoch = len(images) // cfg.optim.batch_size  # drop_last: K % B stays aligned
         if self.steps_per_epoch == 0:
             raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the "
                               f"{len(images)} training images; lower it or enlarge data.train_subset.")
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(view 1, view 2) batches; with `indices`, also the images' indices in the training set."""
         seed, batch = self.cfg.runtime.seed, self.cfg.optim.batch_size
         order = torch.randperm(len(self.images), generator=seeded_generator("order", seed, epoch))
         per_rank = batch // self.world
@@ -218,7 +220,8 @@ class InMemoryViews:
             idx = order[lo:lo + per_rank].to(self.images.device)
             images = self.images[idx]
             g = seeded_generator("augment", seed, epoch, step, self.rank)
-            yield self.augment(images, g), self.augment(images, g)
+            views = (self.augment(images, g), self.augment(images, g))
+            yield (*views, idx) if indices else views
 
 
 class _TwoViews(torch.utils.data.Dataset):
@@ -258,9 +261,10 @@ class LoaderViews:
             images = datasets.ImageFolder(str(_folder_root(cfg.data.root) / "train"))
         self.dataset = _TwoViews(images, transform)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.size = len(self.dataset)
         self.steps_per_epoch = len(self.dataset) // cfg.optim.batch_size
 
-    def epoch(self, epoch: int, start_step: int = 0):
+    def epoch(self, epoch: int, start_step: int = 0, indices: bool = False):
         seed, batch = self.cfg.runtime.seed, self.cfg.optim.batch_size
         order = torch.randperm(len(self.dataset), generator=seeded_generator("order", seed, epoch)).tolist()
         per_rank = batch // self.world
@@ -270,8 +274,9 @@ class LoaderViews:
             self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
             prefetch_factor=4 if self.cfg.data.num_workers else None)
-        for x_q, x_k in loader:
-            yield x_q.to(self.device, non_blocking=True), x_k.to(self.device, non_blocking=True)
+        for (x_q, x_k), keys in zip(loader, batches):
+            views = x_q.to(self.device, non_blocking=True), x_k.to(self.device, non_blocking=True)
+            yield (*views, torch.tensor([i for _, i in keys], device=self.device)) if indices else views
 
 
 def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, splits=None):

@@ -259,7 +259,8 @@ def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, i
     state = ckpt.load_latest(run_dir / "checkpoints")
     if state is None:
         raise ProbeError(f"{run_dir}: no usable checkpoint in checkpoints/; there is no trained backbone to probe.")
-    model = build_moco(cfg)
+    bank = state["model"].get("bank")  # a memory-bank run: the bank's size is the training set's
+    model = build_moco(cfg, bank_size=bank.shape[0] if bank is not None else None)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:

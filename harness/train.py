@@ -146,7 +146,7 @@ class PretrainRun:
         self.splits = None if cfg.data.dataset == "imagefolder" else load_tensors(cfg)
         self.views = pretrain_views(cfg, rt.device, rank, world, self.splits)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank (and every level)
-        self.model = rt.prepare(build_moco(cfg))
+        self.model = rt.prepare(build_moco(cfg, bank_size=self.views.size))
         if cfg.runtime.compile:
             compile_encoders(self.model)
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.scaled_lr(),
@@ -206,7 +206,8 @@ class PretrainRun:
         cfg, s, per_epoch = self.cfg, self.state, self.views.steps_per_epoch
         loss_acc = acc_acc = None
         n_acc, lr = 0, 0.0
-        for step, (x_q, x_k) in enumerate(self.views.epoch(s.epoch, s.step_in_epoch), start=s.step_in_epoch):
+        batches = self.views.epoch(s.epoch, s.step_in_epoch, indices=True)
+        for step, (x_q, x_k, index) in enumerate(batches, start=s.step_in_epoch):
             lr = learning_rate(cfg, s.epoch, step, per_epoch)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -214,7 +215,7 @@ class PretrainRun:
             # All randomness inside the step (Shuffle BN permutations) derives from (seed, step).
             torch.manual_seed(seeded_generator("step", cfg.runtime.seed, s.global_step, self.rank).initial_seed())
             with self.rt.autocast():
-                out = self.net(x_q, x_k)
+                out = self.net(x_q, x_k, index)
             self.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             self.optimizer.step()

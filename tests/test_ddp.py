@@ -79,3 +79,30 @@ def test_ddp_shuffle_bn_fills_identical_queues_with_the_global_batch(tmp_path):
     # After the steps both ranks hold the same query and key encoders (DDP averaged the gradients).
     params = [k for k in r0["state"] if "running" not in k and "num_batches" not in k]
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in params)
+
+
+def bank_worker(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial bank on both ranks
+    model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder="memory_bank", bank_size=20)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(2):
+        x = torch.randn(PER_RANK, 3, 5, 5, generator=g)
+        index = torch.arange(PER_RANK) + PER_RANK * (2 * step + rank)  # each rank its own images
+        torch.manual_seed(rank)  # different local RNG: the draw of negatives must still be rank 0's
+        ddp(x, x, index)["loss"].backward()
+    results[rank] = {"bank": model.bank.clone()}
+    dist.destroy_process_group()
+
+
+def test_ddp_memory_bank_is_the_same_on_every_rank_and_updated_for_the_global_batch(tmp_path):
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(bank_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    torch.manual_seed(0)
+    initial = MoCo(encoder, dim=DIM, queue_size=K, key_encoder="memory_bank", bank_size=20).bank
+    b0, b1 = results[0]["bank"], results[1]["bank"]
+    assert torch.equal(b0, b1)
+    changed = (b0 != initial).any(dim=1)
+    assert changed[:16].all() and not changed[16:].any()  # both ranks' images of both steps, nothing else

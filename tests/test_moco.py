@@ -270,3 +270,49 @@ def test_compiled_encoders_train_like_eager_ones_and_keep_checkpoint_names():
     assert losses["eager"] == pytest.approx(losses["compiled"], rel=1e-3)
     assert torch.allclose(eager.queue, compiled.queue, atol=1e-4)
     assert list(eager.state_dict()) == list(compiled.state_dict())
+
+
+# ---------------------------------------------------------------- the memory bank (Fig. 2b, Fig. 3)
+
+N_BANK = 40
+
+
+def make_bank(T=0.2, seed=0):
+    torch.manual_seed(seed)
+    return MoCo(conv_encoder, dim=DIM, queue_size=K, temperature=T, key_encoder="memory_bank", bank_size=N_BANK)
+
+
+def test_memory_bank_draw_loss_and_update_match_a_hand_written_reference():
+    model = make_bank()
+    bank_before = model.bank.clone()
+    assert torch.allclose(bank_before.norm(dim=1), torch.ones(N_BANK), atol=1e-5)  # random unit vectors
+    x_q, x_k = views()
+    index = torch.tensor([3, 7, 0, 12, 39, 21, 5, 30])
+    torch.manual_seed(123)
+    out = model(x_q, x_k, index)
+    # Reference: the same draw (uniform, with replacement, K of them), positives = the images' own entries.
+    torch.manual_seed(123)
+    q = F.normalize(model.encoder_q(x_q), dim=1).detach()
+    draw = torch.randint(N_BANK, (K,))
+    logits = torch.cat([(q * bank_before[index]).sum(1, keepdim=True), q @ bank_before[draw].T], dim=1) / 0.2
+    assert out["loss"].item() == pytest.approx(F.cross_entropy(logits, torch.zeros(BATCH, dtype=torch.long)).item(),
+                                               rel=1e-5)
+    # Update: the batch's entries move halfway to q and are renormalised; the others are untouched.
+    expected = F.normalize(0.5 * bank_before[index] + 0.5 * q, dim=1)
+    assert torch.allclose(model.bank[index], expected, atol=1e-6)
+    others = torch.ones(N_BANK, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(model.bank[others], bank_before[others])
+
+
+def test_memory_bank_trains_only_the_query_encoder_and_is_checkpointed():
+    model = make_bank()
+    assert not hasattr(model, "encoder_k") and not hasattr(model, "queue") and "bank" in model.state_dict()
+    x_q, x_k = views()
+    out = model(x_q, x_k, torch.arange(BATCH))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+    assert not model.bank.requires_grad
+    restored = make_bank(seed=5)
+    restored.load_state_dict(model.state_dict())  # resume: the bank comes back exactly
+    assert torch.equal(restored.bank, model.bank)

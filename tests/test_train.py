@@ -37,22 +37,25 @@ def step_losses(out: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "step"]
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("key_encoder", ["momentum", "memory_bank"])
+def test_resume_after_sigkill_is_bit_identical(tmp_path, key_encoder):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(straight).returncode == 0
+    which = f"moco.key_encoder={key_encoder}"
+    assert run_train(straight, which).returncode == 0
     # 8 steps per epoch; checkpoints every 3 steps: killed after step 11, it resumes from step 9 (mid-epoch).
-    killed = run_train(resumed, fault="after-step-11")
+    killed = run_train(resumed, which, fault="after-step-11")
     assert killed.returncode == -signal.SIGKILL
     assert final_state(resumed)["global_step"] == 9
-    again = run_train(resumed)
+    again = run_train(resumed, which)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
 
     a, b = final_state(straight), final_state(resumed)
     assert a["global_step"] == b["global_step"] == 16
     assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:  # parameters, BN statistics, queue and queue_ptr
+    for name in a["model"]:  # parameters, BN statistics, queue and queue_ptr (or the memory bank)
         assert torch.equal(a["model"][name], b["model"][name]), name
+    assert ("bank" in a["model"]) == (key_encoder == "memory_bank")
     assert step_losses(straight) == step_losses(resumed)  # no duplicated or missing steps either
     epochs = [r["epoch"] for r in read_jsonl(resumed / "metrics.jsonl") if r["kind"] == "epoch"]
     assert epochs == [1, 2]
