@@ -62,18 +62,26 @@ def assert_complete_once(storage, name: str, results: Path, attempts: int = 1) -
         assert len(read_jsonl(run / "attempts.jsonl")) == attempts
 
 
-@pytest.mark.slow
-def test_driver_rides_through_a_postgres_restart(tmp_path, postgres):
-    study = tmp_path / "pg_outage.yaml"
+def through_an_outage(tmp_path: Path, name: str, stop, restart, *args: str, env: dict | None = None):
+    """Run the 2-trial study; once both trials train, stop a server for OUTAGE_S and start it again.
+    The command must then finish by itself. Returns (results directory, stdout, stderr)."""
+    study = tmp_path / f"{name}.yaml"
     study.write_text(STUDY)
     results = tmp_path / "results"
-    driver = start(results, study, "--executor", "local", "--storage", postgres.url())
-    wait_until(lambda: both_training(results, "pg_outage"), "both trials to train")
-    postgres.stop()
+    driver = start(results, study, *args, env=env)
+    wait_until(lambda: both_training(results, name), "both trials to train")
+    stop()
     time.sleep(OUTAGE_S)
-    postgres.restart()
+    restart()
     out, err = driver.communicate(timeout=600)
     assert driver.returncode == 0, err[-3000:]
+    return results, out, err
+
+
+@pytest.mark.slow
+def test_driver_rides_through_a_postgres_restart(tmp_path, postgres):
+    results, out, err = through_an_outage(tmp_path, "pg_outage", postgres.stop, postgres.restart,
+                                          "--executor", "local", "--storage", postgres.url())
     assert "does not answer" in err and "answers again" in err and "Traceback" not in err
     assert postgres.password not in out + err
     assert "Heartbeat of storage" not in err  # the driver runs no trial: no heartbeat, no warning
@@ -109,16 +117,9 @@ def test_an_outage_past_the_limit_ends_the_driver_with_one_line_and_a_rerun_fini
 
 @pytest.mark.slow
 def test_driver_rides_through_a_slurm_controller_restart(tmp_path, slurm):
-    study = tmp_path / "ctld_outage.yaml"
-    study.write_text(STUDY)
-    results = tmp_path / "results"
-    driver = start(results, study, "--executor", "slurm", "--parallel", "2", env=slurm.env)
-    wait_until(lambda: both_training(results, "ctld_outage"), "both trials to train")
-    slurm.stop_daemon("slurmctld")
-    time.sleep(OUTAGE_S)
-    slurm.restart_controller()
-    out, err = driver.communicate(timeout=600)
-    assert driver.returncode == 0, err[-3000:]
+    results, _, _ = through_an_outage(tmp_path, "ctld_outage", lambda: slurm.stop_daemon("slurmctld"),
+                                      slurm.restart_controller, "--executor", "slurm", "--parallel", "2",
+                                      env=slurm.env)
     assert_complete_once(f"sqlite:///{results / 'ctld_outage' / 'study.db'}", "ctld_outage", results)
 
 
@@ -126,16 +127,7 @@ def test_driver_rides_through_a_slurm_controller_restart(tmp_path, slurm):
 def test_workers_ride_through_a_postgres_restart_without_being_declared_dead(tmp_path, postgres):
     """Heartbeats every 2 s (a worker silent for 8 s counts as dead) and a 30 s outage: the workers'
     beats fail during it, yet no trial is failed as stale or run twice."""
-    study = tmp_path / "pg_workers.yaml"
-    study.write_text(STUDY)
-    results = tmp_path / "results"
-    driver = start(results, study, "--executor", "local", "--storage", postgres.url(), "--workers", "2",
-                   "--heartbeat", "2")
-    wait_until(lambda: both_training(results, "pg_workers"), "both trials to train")
-    postgres.stop()
-    time.sleep(OUTAGE_S)
-    postgres.restart()
-    out, err = driver.communicate(timeout=600)
-    assert driver.returncode == 0, err[-3000:]
+    results, out, err = through_an_outage(tmp_path, "pg_workers", postgres.stop, postgres.restart, "--executor",
+                                          "local", "--storage", postgres.url(), "--workers", "2", "--heartbeat", "2")
     assert "Traceback" not in err and postgres.password not in out + err
     assert_complete_once(postgres.url(), "pg_workers", results)
