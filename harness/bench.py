@@ -34,10 +34,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def synthetic_splits(dataset: str, n: int) -> TensorSplits:
-    """Random uint8 images of the dataset's shape (for machines without the files, e.g. a lent GPU)."""
+def synthetic_splits(cfg, n: int) -> TensorSplits:
+    """Random uint8 images of the dataset's shape (for machines without the files, e.g. a lent GPU).
+    Image folders (ImageNet layout) get square images 8/7 of the crop size, as ImageNet's 256 for 224."""
     g = torch.Generator().manual_seed(0)
-    h, w = SYNTHETIC_SHAPE[dataset]
+    dataset = cfg.data.dataset
+    side = round(cfg.data.image_size * 8 / 7)
+    h, w = SYNTHETIC_SHAPE.get(dataset, (side, side))
     images = torch.randint(0, 256, (n, CHANNELS[dataset], h, w), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,), generator=g)
     return TensorSplits(images, images, labels, images[: n // 5], labels[: n // 5])
@@ -46,7 +49,7 @@ def synthetic_splits(dataset: str, n: int) -> TensorSplits:
 def _setup(args, loader: str):
     cfg = make_config(args.recipe, [*args.overrides, f"data.loader={loader}"])
     rt = Runtime.for_config(cfg).apply()
-    splits = synthetic_splits(cfg.data.dataset, args.synthetic) if args.synthetic else load_tensors(cfg)
+    splits = synthetic_splits(cfg, args.synthetic) if args.synthetic else load_tensors(cfg)
     return cfg, rt, splits
 
 

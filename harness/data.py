@@ -280,7 +280,9 @@ class LoaderViews:
 
 
 def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, splits=None):
-    if cfg.data.dataset == "imagefolder":
+    """The pretraining batches. `splits` given for an image-folder recipe: images in memory (the
+    benchmarks' synthetic data), through the same augmentation paths."""
+    if cfg.data.dataset == "imagefolder" and splits is None:
         return LoaderViews(cfg, device, rank, world)
     splits = splits or load_tensors(cfg)
     if cfg.data.loader == "per_image":
