@@ -70,14 +70,19 @@ def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
 
 
 def _relative(study_dir: Path, run_dir: str | None) -> str | None:
-    """Storages written before run directories were recorded relative hold absolute paths."""
+    """The run directory relative to the study directory. Storages written before run directories
+    were recorded relative hold absolute paths: a study moved since (a committed example) is found by
+    the path's runs/<key> tail."""
     if not run_dir:
         return None
     path = Path(run_dir)
-    try:
-        return str(path.relative_to(study_dir)) if path.is_absolute() else run_dir
-    except ValueError:  # elsewhere (a study moved since): keep the path as recorded
+    if not path.is_absolute():
         return run_dir
+    try:
+        return str(path.relative_to(study_dir))
+    except ValueError:
+        tail = Path(*path.parts[-2:])
+        return str(tail) if (study_dir / tail).is_dir() else run_dir
 
 
 def _chance_loss(study_dir: Path, run_dir: str | None) -> float | None:
@@ -534,7 +539,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>{title}</title><style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; line-height: 1.4; }}
-table {{ border-collapse: collapse; margin: 1em 0; }}
+table {{ border-collapse: collapse; margin: 1em 0; display: block; max-width: 100%; overflow-x: auto; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; font-size: 13px; }}
 th {{ background: #f3f3f3; }}
 img {{ max-width: 100%; }}

@@ -30,6 +30,7 @@ from .data import check_dataset
 from .decide import RaceState, level_of, race, values_by_level
 from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome
+from .report import build_report  # up front: a driver that ran for days must not report with newer code
 from .storage import OUTAGE_ERRORS, Outage, default_url, open_storage, redact
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
 from .trial import make_spec, tell, tell_failure
@@ -554,8 +555,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if opts.wait and opts.report:
-        from .report import build_report
-
         print(f"report: {build_report(driver.name, driver.storage_url)}")
     return 0
 

@@ -37,8 +37,8 @@ class TrialSpec:
     @property
     def attrs(self) -> dict[str, Any]:
         """What the storage records about the spec as soon as a trial is assigned it."""
-        return {"key": self.key, "run_dir": str(self.run_dir), "seed": self.params.get("seed"),
-                "identity": self.config.digest()}
+        return {"key": self.key, "run_dir": f"runs/{self.key}",  # relative to the study directory: it can move
+                "seed": self.params.get("seed"), "identity": self.config.digest()}
 
 
 def make_spec(study: Study, params: dict, study_dir: Path, recipe: str | None, extra: list[str],

@@ -135,6 +135,7 @@ def test_restarted_study_resumes_its_runs_under_other_runtime_settings(tmp_path)
     trials = optuna.load_study(study_name="restart", storage=storage).get_trials()
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["key"] for t in done) == ["momentum=0.99,seed=0", "momentum=0.99,seed=1"]
+    assert {t.user_attrs["run_dir"] for t in trials} == {"runs/momentum=0.99,seed=0", "runs/momentum=0.99,seed=1"}
     for lost in (t for t in trials if t.state == optuna.trial.TrialState.FAIL):  # the killed attempts
         assert "killed (a signal, out of memory or a restart of the machine); it was started by an earlier " \
                "driver (the run had reached epoch" in lost.user_attrs["failure_reason"]
