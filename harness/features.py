@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .runtime import inference_autocast
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def extract(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tens
     frozen = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
     feats, labels = [], []
     for x, y in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with inference_autocast(device):
             feats.append(frozen(x.to(device).contiguous(memory_format=torch.channels_last)).float())
         labels.append(y.to(device))
     return torch.cat(feats), torch.cat(labels)

@@ -35,7 +35,7 @@ from .config import EVAL_ONLY, ConfigError, RunConfig, config_from_dict, with_ov
 from .data import (NORMALIZATION, NUM_CLASSES, folder_classes, folder_probe_loader, folder_probe_set, load_tensors,
                    seeded_generator)
 from .features import extract, split_batches
-from .runtime import Runtime
+from .runtime import Runtime, inference_autocast
 
 FAST_L2_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -134,7 +134,7 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
     best, history = {"top1": -1.0}, []
     for epoch in range(e.probe_epochs):
         for x, y in train_views(epoch):
-            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.no_grad(), inference_autocast(device):
                 feats = backbone(x.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(classifier(feats.float()), y)
             if not torch.isfinite(loss):

@@ -68,6 +68,12 @@ class Runtime:
                 "channels_last": self.channels_last, "threads": torch.get_num_threads()}
 
 
+def inference_autocast(device: torch.device):
+    """Frozen-backbone evaluation (kNN, probes): bf16 on CUDA, fp32 on CPU — whatever the run trained
+    in, features are read the same way on the same device."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def machine_description() -> str:
     """CPU model and cores, GPUs, torch version: what a report says the numbers came from."""
     cpu = platform.processor() or platform.machine()

@@ -80,7 +80,7 @@ class GridPlan:
                 continue
             if any(not (Outcome.of_trial(t.user_attrs) or Outcome.FAILED).retryable for t in tries if t.state == FAIL):
                 continue  # diverged ("fail" in the paper) is a result, not an accident: never retried
-            if sum(t.state == FAIL for t in tries) <= self.study.retries:
+            if sum(t.state == FAIL and not t.user_attrs.get("never_ran") for t in tries) <= self.study.retries:
                 todo.append(params)
         return todo
 
@@ -295,6 +295,7 @@ class Driver:
         for t in running:
             job_id = t.user_attrs.get("job_id")
             if job_id is None:  # the driver died between ask() and submit
+                set_running_attrs(self.ostudy, t, {"never_ran": True})  # no retry is spent on it
                 tell_failure(self.ostudy, t, Outcome.FAILED, "lost: the driver stopped before the job was submitted")
             elif t.user_attrs.get("executor", self.kind) != self.kind:
                 tell_failure(self.ostudy, t, Outcome.FAILED, f"lost: submitted with the {t.user_attrs['executor']} "

@@ -127,7 +127,18 @@ def test_fmnist_tiny_recipe_learns(tmp_path):
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert epochs[-1]["knn_top1"] > epochs[0]["knn_top1"]
     probe = json.loads((out / "probe.json").read_text())
-    assert probe["protocol"] == "fast" and 0.1 < probe["top1"] <= 1.0 and 0.5 < probe["pixel_floor_top1"] < 0.95
+    assert probe["protocol"] == "fast" and 0.5 < probe["pixel_floor_top1"] < 0.95
+    # Pretraining, not the architecture, earns the probe's accuracy: the same encoder untrained (its
+    # initial weights, same seed) probes lower. (Random conv features alone reach ~0.8 here.)
+    from harness.config import make_config
+    from harness.moco import build_moco
+    from harness.probe import probe_backbone
+
+    cfg = make_config("fmnist-tiny", ["optim.epochs=3", "optim.batch_size=128", "optim.lr_batch=128",
+                                      "eval.pixel_floor=false"])
+    torch.manual_seed(cfg.runtime.seed)
+    untrained = probe_backbone(cfg, build_moco(cfg).encoder_q.backbone, None, torch.device("cpu"), "fast")
+    assert probe["top1"] > untrained["top1"] + 0.01, (probe["top1"], untrained["top1"])
 
 
 def test_a_second_process_cannot_train_in_a_busy_run_directory(tmp_path):
@@ -164,3 +175,16 @@ def test_a_seed_means_the_same_start_data_order_and_augmentation_at_every_level(
     assert all(torch.equal(x, y) for pair_a, pair_b in zip(b_a, b_b) for x, y in zip(pair_a, pair_b))
     assert not all(torch.equal(w_a[k], w_c[k]) for k in w_a)
     assert not torch.equal(b_a[0][0], b_c[0][0])
+
+
+def test_a_torn_last_line_of_metrics_is_skipped_and_dropped_on_resume(tmp_path):
+    """A crash mid-write leaves half a JSON line: readers skip it, and resuming rewrites the file
+    without it (and without records past the checkpoint being resumed)."""
+    from harness.runio import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "step", "step": 1, "loss": 5.0}\n{"kind": "step", "step": 2, "loss": 4.9}\n'
+                    '{"kind": "epoch", "epoch": 1, "step": 2}\n{"kind": "step", "step": 3, "lo')
+    assert [r["step"] for r in read_jsonl(path)] == [1, 2, 2]
+    truncate_metrics(path, global_step=1)  # resuming from the checkpoint at step 1
+    assert path.read_text() == '{"kind": "step", "step": 1, "loss": 5.0}\n'
