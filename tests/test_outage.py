@@ -131,3 +131,30 @@ def test_workers_ride_through_a_postgres_restart_without_being_declared_dead(tmp
                                           "local", "--storage", postgres.url(), "--workers", "2", "--heartbeat", "2")
     assert "Traceback" not in err and postgres.password not in out + err
     assert_complete_once(postgres.url(), "pg_workers", results)
+
+
+def test_no_heartbeat_is_judged_until_a_grace_period_after_an_outage(tmp_path):
+    """The rule that keeps alive workers alive through an outage, deterministically: a trial whose
+    heartbeat is stale is failed by a worker that looks, but not while the database has been back
+    for less than a grace period (its worker's beats could not be written during the outage)."""
+    import optuna
+
+    from harness.storage import PatientRDBStorage
+    from harness.worker import WorkerJob
+
+    storage = PatientRDBStorage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(study_name="hb", storage=storage)
+    study.enqueue_trial({"x": 1.0}, user_attrs={"key": "x=1.0"})
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)  # stale: no beat for longer than the grace period (SQLite keeps whole seconds)
+    worker = WorkerJob("", "hb", "", None, [], str(tmp_path), 0, 1, 0)
+    worker.storage = storage
+    storage.saw_outage()  # the database just came back
+    assert worker._next_trial(study) == "wait"
+    assert study.get_trials()[0].state == optuna.trial.TrialState.RUNNING  # not judged yet
+    time.sleep(1.2)  # a grace period with the database up: the trial's worker would have beaten by now
+    worker._next_trial(study)
+    assert study.get_trials()[0].state == optuna.trial.TrialState.FAIL  # judged: it really is silent
