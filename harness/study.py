@@ -192,6 +192,9 @@ class Driver:
         self.epochs = self.points[0][1].optim.epochs
         self.resources = self.study.resources_for(self.recipe)
         self.gpus = self.resources.gpus * self.resources.nodes
+        if opts.workers and (self.study.sampler != "grid" or self.study.race):
+            raise StudyError("--workers: worker mode runs a fixed grid; searches and adaptive seeds need the "
+                             "driver's rounds (drop --workers).")
         if self.kind != "slurm" and self.resources.nodes > 1:
             raise StudyError(f"{self.study.path}: resources.nodes: {self.resources.nodes} nodes per trial need "
                              f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
@@ -335,8 +338,6 @@ class Driver:
         """Enqueue every pending grid point once, then let N workers pull them (see harness.worker)."""
         from .worker import WorkerJob
 
-        if self.study.sampler != "grid":
-            raise StudyError("--workers: worker mode runs grid studies; searches use the default driver.")
         view = ProgressView(self)
         for _ in range(self.study.retries + 1):
             for params in self.plan.pending(self.trials()):

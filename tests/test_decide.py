@@ -71,6 +71,21 @@ retries: 0
 """
 
 
+def test_adaptive_seeds_refuse_worker_mode_before_anything_runs(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    study = tmp_path / "race.yaml"
+    study.write_text(RACE_STUDY)
+    proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "local", "--workers", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "HARNESS_RESULTS": str(tmp_path / "results")})
+    assert proc.returncode == 2 and "adaptive seeds need the driver's rounds" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
 @pytest.mark.slow
 def test_a_killed_driver_resumes_the_race_without_losing_or_repeating_a_trial(tmp_path):
     import os
