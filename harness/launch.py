@@ -127,16 +127,21 @@ class Executor:
 
     def failure(self, job_id: str, state: str) -> str:
         """Why a job that ended left no final status: the remote exception's last line, or its state."""
+        return self.job_exception(job_id) or f"the job ended in state {state} without a result"
+
+    def job_exception(self, job_id: str) -> str | None:
+        """The last line of the exception a job raised, from submitit's result file (None: none)."""
         path = self.job(job_id).paths.result_pickle
-        if path.exists():
-            try:
-                outcome, value = submitit.core.utils.pickle_load(path)
-            except Exception:  # a result file cut short: fall through to the state
-                outcome, value = "unreadable", None
-            if outcome == "error":
-                lines = [line for line in str(value).strip().splitlines() if line.strip()]
-                return lines[-1][:500] if lines else "the job raised"
-        return f"the job ended in state {state} without a result"
+        if not path.exists():
+            return None
+        try:
+            outcome, value = submitit.core.utils.pickle_load(path)
+        except Exception:  # a result file cut short: no exception to report
+            return None
+        if outcome != "error":
+            return None
+        lines = [line for line in str(value).strip().splitlines() if line.strip()]
+        return lines[-1][:500] if lines else "the job raised"
 
     def job(self, job_id: str):
         raise NotImplementedError
@@ -187,9 +192,9 @@ class LocalExecutor(Executor):
         return {job_id: "ENDED" for job_id in jobs if not local_alive(job_id)}
 
     def failure(self, job_id: str, state: str) -> str:
-        reason = super().failure(job_id, state)
-        if reason != f"the job ended in state {state} without a result":
-            return reason  # the job's own exception
+        exception = self.job_exception(job_id)
+        if exception:
+            return exception
         process = getattr(self.jobs.get(job_id), "_process", None)  # submitit's Popen of the job
         code = process.poll() if process is not None else None
         if code is not None and code < 0:

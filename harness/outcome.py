@@ -36,3 +36,9 @@ class Outcome(str, Enum):
         """The state a report shows: Optuna's, with DIVERGED and INVALID told apart from FAIL."""
         return {Outcome.COMPLETED: "COMPLETE", Outcome.PRUNED: "PRUNED", Outcome.FAILED: "FAIL"}.get(self,
                                                                                                       self.name)
+
+
+def state_label(state: str, attrs: dict) -> str:
+    """The state a report shows for a trial: Optuna's state name, FAIL told apart by outcome."""
+    outcome = Outcome.of_trial(attrs)
+    return outcome.label if state == "FAIL" and outcome else state

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from . import runio  # noqa: E402
-from .outcome import Outcome  # noqa: E402
+from .outcome import state_label  # noqa: E402
 from .storage import default_url, open_storage, redact  # noqa: E402
 from .decide import EQUAL, UNDECIDED, WORSE, RaceSpec, level_label, race, values_by_level  # noqa: E402
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file  # noqa: E402
@@ -50,8 +50,7 @@ def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
     rows = []
     for t in trials:
         a = t.user_attrs
-        outcome = Outcome.of_trial(a)
-        state = outcome.label if t.state == optuna.trial.TrialState.FAIL and outcome else t.state.name
+        state = state_label(t.state.name, a)
         run_dir = _relative(study_dir, a.get("run_dir"))
         row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
                "seed": t.params.get("seed", a.get("seed")), "state": state,

@@ -29,7 +29,7 @@ from .config import ConfigError
 from .data import check_dataset
 from .decide import RaceState, level_of, race, values_by_level
 from .optuna_adapter import set_running_attrs, trial_id
-from .outcome import Outcome
+from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
 from .storage import OUTAGE_ERRORS, Outage, default_url, open_storage, redact
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
@@ -113,7 +113,7 @@ class AdaptivePlan(GridPlan):
         self.levels = list(dict.fromkeys(level_of(p, self.factors) for p, _ in points))
 
     def state(self, trials) -> RaceState:
-        rows = [{**t.params, "seed": t.params.get("seed"), "state": _state_label(t),
+        rows = [{**t.params, "seed": t.params.get("seed"), "state": state_label(t.state.name, t.user_attrs),
                  "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None} for t in trials]
         values, _ = values_by_level(rows, self.factors, self.levels, "value", self.study.seeds)
         return race(values, self.study.race, self.study.direction == "maximize")
@@ -123,11 +123,6 @@ class AdaptivePlan(GridPlan):
         return [p for p in super().pending(trials)
                 if level_of(p, self.factors) in wanted
                 and self.study.seeds.index(p["seed"]) < wanted[level_of(p, self.factors)]]
-
-
-def _state_label(t) -> str:
-    outcome = Outcome.of_trial(t.user_attrs)
-    return outcome.label if t.state == FAIL and outcome else t.state.name
 
 
 class SearchPlan:
