@@ -89,10 +89,25 @@ class Outage:
     """Waits out a database that does not answer: retries with backoff, says once what it waits for,
     says when it is back, and gives up past `limit_s` with one line that names the cause and the fix."""
 
-    def __init__(self, url: str, limit_s: float, reattach: str, who: str = "driver"):
+    def __init__(self, url: str, limit_s: float, reattach: str, who: str = "driver", storage=None):
+        """`storage`: a PatientRDBStorage told of each failure (no heartbeat is judged too soon after)."""
         self.url, self.limit_s, self.reattach, self.who = redact(url), limit_s, reattach, who
+        self.storage = storage
         self.since: float | None = None
         self.delay = 1.0
+
+    def patiently(self, call):
+        """`call()`, again after each failure the database's outage causes, until it answers."""
+        while True:
+            try:
+                result = call()
+            except OUTAGE_ERRORS as exc:
+                if isinstance(self.storage, PatientRDBStorage):
+                    self.storage.saw_outage()
+                self.wait(exc)
+                continue
+            self.clear()
+            return result
 
     def wait(self, exc: BaseException) -> None:
         now = time.monotonic()

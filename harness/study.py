@@ -31,7 +31,7 @@ from .decide import RaceState, level_of, race, values_by_level
 from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
-from .storage import OUTAGE_ERRORS, Outage, default_url, open_storage, redact
+from .storage import Outage, default_url, open_storage, redact
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
 from .trial import make_spec, tell, tell_failure
 from .trial_result import read_trial_result
@@ -349,12 +349,7 @@ class Driver:
                 return
             outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
             while True:
-                try:
-                    view.show(self.trials())
-                except OUTAGE_ERRORS as exc:
-                    outage.wait(exc)
-                    continue
-                outage.clear()
+                outage.patiently(lambda: view.show(self.trials()))
                 if all(j.done() for j in jobs):
                     break
                 time.sleep(self.opts.poll)
@@ -367,12 +362,7 @@ class Driver:
         view = ProgressView(self)
         outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
         while True:
-            try:
-                finished = self.round(view)
-            except OUTAGE_ERRORS as exc:
-                outage.wait(exc)
-                continue
-            outage.clear()
+            finished = outage.patiently(lambda: self.round(view))
             if not self.opts.wait:
                 print(f"submitted; rerun the same command to re-attach, or --status to check ({self.dir})")
                 return

@@ -22,7 +22,7 @@ import submitit
 from .optuna_adapter import heartbeat
 from .outcome import Outcome
 from .snapshot import restore_cwd
-from .storage import OUTAGE_ERRORS, Outage, PatientRDBStorage, open_storage
+from .storage import Outage, PatientRDBStorage, open_storage
 from .studyfile import load_study_file, make_pruner
 from .trial import PruningReporter, failure_attrs, make_spec, objective_result, run_trial
 
@@ -43,8 +43,8 @@ class WorkerJob(submitit.helpers.Checkpointable):
         study = load_study_file(Path(self.study_file), self.name.split("@")[0])
         storage = open_storage(self.storage_url, self.heartbeat_s, max_retry=study.retries)
         epochs = study.run_config(study.grid()[0], self.recipe, self.extra).optim.epochs
-        self.storage, self.outage = storage, Outage(self.storage_url, OUTAGE_LIMIT_S, "the driver's command",
-                                                    who="worker")
+        self.storage = storage
+        self.outage = Outage(self.storage_url, OUTAGE_LIMIT_S, "the driver's command", who="worker", storage=storage)
         ostudy = self._patiently(lambda: optuna.load_study(
             study_name=self.name, storage=storage, pruner=make_pruner(study.pruner, epochs, study.pruner_args)))
         done = 0
@@ -62,16 +62,7 @@ class WorkerJob(submitit.helpers.Checkpointable):
 
     def _patiently(self, call):
         """`call()`, again and again through a database outage (Outage says what it waits for)."""
-        while True:
-            try:
-                result = call()
-            except OUTAGE_ERRORS as exc:
-                if isinstance(self.storage, PatientRDBStorage):
-                    self.storage.saw_outage()
-                self.outage.wait(exc)
-                continue
-            self.outage.clear()
-            return result
+        return self.outage.patiently(call)
 
     def _next_trial(self, ostudy: optuna.Study):
         """A waiting trial (asked), 'wait' while others run, None when the study is done."""
