@@ -45,20 +45,33 @@ def open_storage(url: str, heartbeat_s: int | None = HEARTBEAT_S, max_retry: int
             return JournalStorage(JournalFileBackend(str(path)))
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+            return _rdb(optuna.storages.RDBStorage, url, engine_kwargs={"connect_args": {"timeout": 60}})
         if re.match(r"^(postgresql|mysql)(\+\w+)?://", url):
             # pool_pre_ping: a connection that died with a server restart is replaced, not used.
             engine = {"pool_pre_ping": True}
             if not heartbeat_s:
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+                return _rdb(optuna.storages.RDBStorage, url, engine_kwargs=engine)
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-            return PatientRDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
-                                     grace_period=4 * heartbeat_s, heartbeat_stale_trial_callback=retry)
+            return _rdb(PatientRDBStorage, url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
+                        grace_period=4 * heartbeat_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # driver missing, server down, bad path: all "cannot open"
         raise StudyError(f"--storage {redact(url)}: cannot open ({type(exc).__name__}: "
                          f"{redact(str(exc).splitlines()[0])[:300]}).") from None
     raise StudyError(f"--storage {redact(url)}: unsupported URL; use sqlite:///path.db, journal:///path.log "
                      f"or postgresql://user:password@host/db.")
+
+
+def _rdb(cls, url: str, attempts: int = 5, **kwargs):
+    """An RDBStorage. Its first use on an empty database creates the schema, which is not safe when
+    two processes do it at once (PostgreSQL: a unique violation on pg_type as both create a table;
+    two studies launched together on a new database): the loser's next try finds the tables."""
+    for attempt in range(attempts):
+        try:
+            return cls(url, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 class PatientRDBStorage(optuna.storages.RDBStorage):

@@ -80,3 +80,33 @@ def test_two_drivers_started_at_once_on_one_study(tmp_path):
     assert any("another driver is already running" in err for _, err in outs)
     trials = assert_each_key_complete_once(url)
     assert len(trials) == 4
+
+
+def test_studies_opened_at_once_on_a_new_postgres_database(postgres):
+    """The first use of an empty database creates Optuna's schema, and two processes doing it at once
+    collided (one study died: "cannot open (IntegrityError ... pg_type_typname_nsp_index)"), e.g. two
+    studies launched together on a new database. Six openers at once, on a database of their own."""
+    import threading
+
+    import psycopg2
+
+    admin = psycopg2.connect(host="127.0.0.1", port=postgres.port, user="harness", password=postgres.password,
+                             dbname="optuna")
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute("CREATE DATABASE fresh_schema_race")
+    admin.close()
+    url, errors, start = postgres.url("fresh_schema_race"), [], threading.Barrier(6)
+
+    def open_one(heartbeat):
+        start.wait()
+        try:
+            open_storage(url, heartbeat)
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever an opener met
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(hb,)) for hb in (None, 30) * 3]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    assert errors == []
+    optuna.create_study(study_name="after", storage=open_storage(url, None))  # the schema is whole
