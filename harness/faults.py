@@ -3,13 +3,15 @@
 HARNESS_FAULT=<point> SIGKILLs the process when it reaches <point> ("after-step-N",
 "checkpoint-before-rename", "probe"); <point>@N fires only at global step N (e.g. the second
 checkpoint's rename, when a previous one exists); HARNESS_FAULT=raise-once raises at the start of a
-trial, raise-always at the start of every attempt.
+trial, raise-always at the start of every attempt. HARNESS_FAULT=pace@S sleeps S seconds after
+every epoch: a job that outlives its time limit without spending CPU (the time-limit test).
 Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
 Unset, every call is a no-op.
 """
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 
@@ -31,6 +33,12 @@ def _first_time(point: str, run_dir: Path | None, step: int | None = None) -> bo
 def kill_point(point: str, run_dir: Path | None = None, step: int | None = None) -> None:
     if _first_time(point, run_dir, step):
         os.kill(os.getpid(), 9)
+
+
+def pace() -> None:
+    name, _, seconds = os.environ.get("HARNESS_FAULT", "").partition("@")
+    if name == "pace":
+        time.sleep(float(seconds))
 
 
 def raise_point(point: str, run_dir: Path | None = None) -> None:

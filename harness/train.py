@@ -269,6 +269,7 @@ class PretrainRun:
                                    for k, v in record.items() if k != "kind"))
         if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs:
             self.save()
+        faults.pace()
         return record
 
     def finish(self, outcome: Outcome, probe: bool) -> dict:
