@@ -3,6 +3,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,16 @@ def _require(installed: bool, what: str, packages: list[str]) -> None:
     if os.environ.get(ALLOW_SKIP) == "1" and not os.environ.get("CI"):
         pytest.skip(f"{what} is not installed and {ALLOW_SKIP}=1: skipped ({install})")
     pytest.fail(f"{what} is not installed: {install}, or set {ALLOW_SKIP}=1 to skip these tests knowingly.")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (the suite runs on two workers), every test of one server runs in the worker
+    that started it: the Slurm tests in one group, the PostgreSQL tests in another (each stops or
+    restarts its server, and a session fixture starts one server per worker)."""
+    for item in items:
+        for server in ("slurm", "postgres"):
+            if server in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(server))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -76,3 +87,32 @@ def postgres():
             yield server.start()
         finally:
             server.stop()
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def study_cli(monkeypatch, capsys):
+    """`python -m harness.study ARGS` in this process, for commands that only check their input or
+    print a plan (no interpreter start and torch import: ~3 s a call). Commands that run jobs, or
+    must be killed, stay subprocesses."""
+    from harness import runio, study
+
+    def run(results: Path, *argv: str, env: dict | None = None) -> CliResult:
+        monkeypatch.setattr(runio, "RESULTS", Path(results))
+        for key, value in (env or {}).items():
+            monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
+        capsys.readouterr()
+        try:
+            code = study.main(list(argv))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    return run

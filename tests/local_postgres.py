@@ -11,8 +11,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from processes import wait_exited
 
 PACKAGES = ["postgresql"]  # tests/apt-packages.txt
 
@@ -79,6 +80,4 @@ class LocalPostgres:
         pid = int(pidfile.read_text().split()[0])
         if Path(f"/proc/{pid}/comm").exists() and Path(f"/proc/{pid}/comm").read_text().strip() == "postgres":
             os.kill(pid, signal.SIGINT)  # "fast" shutdown
-            deadline = time.monotonic() + 30
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
+            wait_exited(pid, 30)

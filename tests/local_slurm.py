@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from processes import wait_exited
+
 DAEMONS = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]  # stop order
 PACKAGES = ["munge", "slurm-client", "slurmctld", "slurmd", "slurmdbd", "mariadb-server"]  # tests/apt-packages.txt
 
@@ -167,10 +169,7 @@ class LocalSlurm:
         if comm != name[:15]:  # the PID was reused: not ours
             return
         os.kill(pid, 15)
-        deadline = time.monotonic() + 20
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if Path(f"/proc/{pid}").exists():
+        if not wait_exited(pid, 20):
             os.kill(pid, 9)
 
     def restart_controller(self) -> None:

@@ -48,28 +48,28 @@ def test_identity_ignores_how_a_run_executes_but_not_what_it_computes():
 
 # ---------------------------------------------------------------- bad input, before anything runs
 
-def test_set_on_a_factor_key_is_an_error_naming_the_factor(tmp_path):
-    proc = study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--set", "moco.momentum=0.5")
+def test_set_on_a_factor_key_is_an_error_naming_the_factor(tmp_path, study_cli):
+    proc = study_cli(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--set", "moco.momentum=0.5")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "moco.momentum=0.5" in proc.stderr and "moco.momentum is a factor" in proc.stderr
-    seed = study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--set", "runtime.seed=3")
+    seed = study_cli(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--set", "runtime.seed=3")
     assert seed.returncode == 2 and "runtime.seed is the seeds" in seed.stderr
     bad = tmp_path / "clash.yaml"
     bad.write_text("description: x\nrecipe: fmnist-tiny\noverrides: [moco.momentum=0.9]\n"
                    "factors: {moco.momentum: [0.9, 0.99]}\nseeds: [0]\n")
-    clash = study(tmp_path, str(bad), "--dry-run", "--executor", "local")
+    clash = study_cli(tmp_path, str(bad), "--dry-run", "--executor", "local")
     assert clash.returncode == 2 and "overrides: moco.momentum=0.9" in clash.stderr
     assert not any(p.name != "clash.yaml" for p in tmp_path.iterdir())
 
 
-def test_a_started_study_goes_on_with_its_stored_copy(tmp_path):
+def test_a_started_study_goes_on_with_its_stored_copy(tmp_path, study_cli):
     source = tmp_path / "edited.yaml"
     source.write_text("description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99, 0.999]}\n"
                       "seeds: [0]\n")
     stored = tmp_path / "results" / "edited" / "study.yaml"
     stored.parent.mkdir(parents=True)
     stored.write_text("description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9]}\nseeds: [0]\n")
-    proc = study(tmp_path / "results", str(source), "--dry-run", "--executor", "local")
+    proc = study_cli(tmp_path / "results", str(source), "--dry-run", "--executor", "local")
     assert proc.returncode == 0, proc.stderr
     assert "differs from the copy" in proc.stderr and str(stored) in proc.stderr
     assert proc.stdout.count("momentum=") == 1  # the copy's single level, not the edited file's three

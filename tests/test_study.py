@@ -58,63 +58,61 @@ def assert_jobs_ran_the_snapshot(results: Path, name: str = "smoke"):
 
 # ---------------------------------------------------------------- bad input: nothing submitted
 
-def test_unknown_study(tmp_path):
-    proc = run_study(tmp_path, "momentum_swep", "--executor", "local")
+def test_unknown_study(tmp_path, study_cli):
+    proc = study_cli(tmp_path, "momentum_swep", "--executor", "local")
     assert proc.returncode == 2 and "unknown study 'momentum_swep'" in proc.stderr and "momentum_sweep" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
-def test_unknown_factor(tmp_path):
+def test_unknown_factor(tmp_path, study_cli):
     bad = tmp_path / "badfactor.yaml"
     bad.write_text("description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentun: [0.9]}\nseeds: [0]\n")
-    proc = run_study(tmp_path / "res", str(bad), "--executor", "local")
+    proc = study_cli(tmp_path / "res", str(bad), "--executor", "local")
     assert proc.returncode == 2
     assert "moco.momentun" in proc.stderr and "momentum" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "res").exists()
 
 
-def test_level_that_violates_the_recipe(tmp_path):
-    proc = run_study(tmp_path, "smoke", "--executor", "local", "--set", "optim.batch_size=96")
+def test_level_that_violates_the_recipe(tmp_path, study_cli):
+    proc = study_cli(tmp_path, "smoke", "--executor", "local", "--set", "optim.batch_size=96")
     assert proc.returncode == 2 and "moco.queue_size" in proc.stderr and "multiple" in proc.stderr
     assert not any(tmp_path.iterdir())
 
 
-def test_slurm_executor_without_slurm(tmp_path):
-    no_sbatch = run_study(tmp_path, "smoke", "--executor", "slurm", env_extra={"PATH": str(Path(sys.executable).parent)})
+def test_slurm_executor_without_slurm(tmp_path, study_cli):
+    no_sbatch = study_cli(tmp_path, "smoke", "--executor", "slurm", env={"PATH": str(Path(sys.executable).parent)})
     assert no_sbatch.returncode == 2 and "no SLURM here: sbatch/srun are not on PATH" in no_sbatch.stderr
-    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}  # client installed, no cluster configured
-    cmd = [sys.executable, "-m", "harness.study", "smoke", "--executor", "slurm"]
-    no_controller = subprocess.run(cmd, env={**env, "HARNESS_RESULTS": str(tmp_path)}, capture_output=True,
-                                   text=True, timeout=120, cwd=ROOT)
+    # the client installed, no cluster configured
+    no_controller = study_cli(tmp_path, "smoke", "--executor", "slurm", env={"SLURM_CONF": None})
     assert no_controller.returncode == 2 and "no SLURM here" in no_controller.stderr
     assert not any(tmp_path.iterdir())
 
 
-def test_storage_that_cannot_be_opened(tmp_path):
-    proc = run_study(tmp_path, "smoke", "--executor", "local", "--storage",
+def test_storage_that_cannot_be_opened(tmp_path, study_cli):
+    proc = study_cli(tmp_path, "smoke", "--executor", "local", "--storage",
                      "postgresql://harness:s3cret@127.0.0.1:9/optuna")
     assert proc.returncode == 2 and "cannot open" in proc.stderr
     assert "s3cret" not in proc.stderr + proc.stdout  # passwords never printed
 
 
-def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
-    proc = run_study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local")
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, study_cli):
+    proc = study_cli(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("momentum=") == 10 and "GPU-hours" in proc.stdout
     gpu = tmp_path / "gpu.yaml"  # 3 levels x 2 seeds, 4 GPUs, 90 min: at most 6 x 4 x 1.5 = 36 GPU-hours
     text = ("description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99, 0.999]}\n"
             "seeds: [0, 1]\nresources: {gpus: 4, cpus: 16, time_min: 90}\n")
     gpu.write_text(text)
-    plan = run_study(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
+    plan = study_cli(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
     assert plan.returncode == 0, plan.stderr
     assert "GPU-hours: at most 36.0 (6 trials x 4 GPUs x 90 min limit)" in plan.stdout
     params = json.loads(plan.stdout.split("job parameters (local): ", 1)[1].splitlines()[0])
     assert params["gpus_per_node"] == 4 and params["nodes"] == 1 and params["tasks_per_node"] == 4
     assert params["timeout_min"] == 90 and params["cpus_per_task"] == 4  # 16 CPUs over 4 processes
     gpu.write_text(text.replace("gpus: 4,", "gpus: 4, nodes: 2,"))
-    two_nodes = run_study(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
+    two_nodes = study_cli(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
     assert two_nodes.returncode == 2 and "resources.nodes: 2 nodes per trial need SLURM" in two_nodes.stderr
-    paper = run_study(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--recipe", "imagenet-r50-v1",
+    paper = study_cli(tmp_path, "momentum_sweep", "--dry-run", "--executor", "local", "--recipe", "imagenet-r50-v1",
                       "--set", "data.root=/nonexistent")
     assert paper.returncode == 2 and "data.root" in paper.stderr  # the dataset is checked before anything runs
     assert not (tmp_path / "momentum_sweep").exists()
@@ -124,9 +122,18 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_study_with_local_executor(tmp_path):
+    """The smoke grid run locally, two of its trials already enqueued but never run (what a worker-mode
+    driver that died before its workers started leaves): they are neither lost nor duplicated; a
+    rerun has nothing left to do; --status lists every trial."""
+    storage = f"sqlite:///{tmp_path / 'smoke' / 'study.db'}"
+    (tmp_path / "smoke").mkdir()
+    left = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
+    for momentum in (0.9, 0.99):
+        left.enqueue_trial({"moco.momentum": momentum, "seed": 0}, user_attrs={"key": f"momentum={momentum},seed=0"})
     proc = run_study(tmp_path, "smoke", "--executor", "local", "--parallel", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_every_trial_complete_once(trials_of(tmp_path))
+    assert len(trials_of(tmp_path)) == 4
     assert_jobs_ran_the_snapshot(tmp_path)
     again = run_study(tmp_path, "smoke", "--executor", "local")  # nothing left to do: nothing rerun
     assert again.returncode == 0 and len(trials_of(tmp_path)) == 4
@@ -134,20 +141,6 @@ def test_smoke_study_with_local_executor(tmp_path):
     assert status.returncode == 0 and "done 4/4 running 0 failed 0" in status.stdout
     rows = [line for line in status.stdout.splitlines() if "COMPLETE" in line]
     assert sorted(line.split()[1] for line in rows) == SMOKE_KEYS
-
-
-@pytest.mark.slow
-def test_smoke_study_on_slurm_as_a_job_array(tmp_path, slurm):
-    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = trials_of(tmp_path)
-    assert_every_trial_complete_once(trials)
-    assert_jobs_ran_the_snapshot(tmp_path)
-    job_ids = {t.user_attrs["job_id"] for t in trials}
-    assert len({j.split("_")[0] for j in job_ids}) == 1 and all("_" in j for j in job_ids)  # one array
-    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", next(iter(job_ids)).split("_")[0]],
-                           env=slurm.env, capture_output=True, text=True).stdout
-    assert sacct.count("COMPLETED") == 4
 
 
 def wait_for(predicate, timeout=240, what="condition"):
@@ -159,43 +152,69 @@ def wait_for(predicate, timeout=240, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.slow
-def test_preempted_trial_resumes_from_its_checkpoint(tmp_path, slurm):
-    # Long enough that the requeue lands mid-run (4 epochs sometimes finished before Slurm acted on it).
-    longer = ["--set", "optim.epochs=12", "--set", "runtime.checkpoint_every=1"]
-    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", "--no-wait", *longer, slurm=slurm)
-    assert proc.returncode == 0, proc.stderr
-    run = tmp_path / "smoke" / "runs" / "momentum=0.9,seed=0"
-    epochs = lambda: [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa: E731
-    wait_for(lambda: len(epochs()) >= 1 and list((run / "checkpoints").glob("ckpt-*.pt")), what="first checkpoint")
-    job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
-    subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)  # what preemption does
-    done = run_study(tmp_path, "smoke", "--executor", "slurm", *longer, slurm=slurm)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_every_trial_complete_once(trials_of(tmp_path))
-    assert epochs() == list(range(1, 13))  # every epoch exactly once
-    attempts = read_jsonl(run / "attempts.jsonl")
-    assert len(attempts) == 2
-    log = "".join(p.read_text() for p in (tmp_path / "smoke" / "jobs").glob(f"{job_id}_*.out"))
+SLOW_PAIR = """\
+description: two slow trials on SLURM, one preempted by an admin requeue, one past its 2-min time limit
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=16,
+            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, runtime.checkpoint_every=1]
+factors: {moco.momentum: [0.9, 0.99]}
+seeds: [0]
+retries: 0   # no retry may rescue them: only submitit's requeue and the checkpoints
+resources: {cpus: 1, mem_gb: 2, time_min: 2, signal_delay_s: 60, max_timeouts: 4}
+"""
+
+
+def first_resumed_epoch(log: str) -> int:
     resumed = re.search(r"resumed from \S+ \(epoch (\d+), step", log)
-    assert resumed and 1 <= int(resumed.group(1)) < 12  # the requeue hit a running trial, mid-run
+    assert resumed, log[-2000:]
+    return int(resumed.group(1))
 
 
 @pytest.mark.slow
-def test_trial_that_raises_is_retried_with_its_reason(tmp_path, slurm):
-    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm,
-                     env_extra={"HARNESS_FAULT": "raise-once"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = trials_of(tmp_path)
-    assert_every_trial_complete_once(trials)
-    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
-    assert sorted(t.user_attrs["key"] for t in failed) == SMOKE_KEYS
-    assert all("injected fault" in t.user_attrs["failure_reason"] for t in failed)
+def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, slurm):
+    """Both ways SLURM interrupts a job, on a real cluster: `scontrol requeue` (what preemption does)
+    and the time limit (Slurm sends USR2 60 s before a 2-min limit, checked every 30 s and up to 60 s
+    early: 30-60 s into every attempt; submitit checkpoints and requeues). Each trial must be mid-run
+    when hit, resume from its checkpoint and run every epoch exactly once. HARNESS_FAULT=pace@3.5
+    sleeps 3.5 s after each epoch: ~70 s of work per trial, past the signal, at little CPU."""
+    study = tmp_path / "interrupted.yaml"
+    study.write_text(SLOW_PAIR)
+    results = tmp_path / "results"
+    args = [str(study), "--executor", "slurm", "--parallel", "2"]
+    pace = {"HARNESS_FAULT": "pace@3.5"}
+    proc = run_study(results, *args, "--no-wait", slurm=slurm, env_extra=pace)
+    assert proc.returncode == 0, proc.stderr
+    runs = results / "interrupted" / "runs"
+    preempted, timed_out = runs / "momentum=0.9,seed=0", runs / "momentum=0.99,seed=0"
+    epochs = lambda run: [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa: E731
+    wait_for(lambda: (preempted / "metrics.jsonl").exists() and epochs(preempted)
+             and list((preempted / "checkpoints").glob("ckpt-*.pt")), what="first checkpoint")
+    job_id = read_jsonl(preempted / "attempts.jsonl")[0]["job_id"]
+    subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)
+    done = run_study(results, *args, slurm=slurm, env_extra=pace)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = trials_of(results, "interrupted")
+    assert completed_keys(trials) == ["momentum=0.9,seed=0", "momentum=0.99,seed=0"] and len(trials) == 2
+    jobs = results / "interrupted" / "jobs"
+    for run in (preempted, timed_out):
+        assert epochs(run) == list(range(1, 17))  # every epoch exactly once
+        attempts = read_jsonl(run / "attempts.jsonl")
+        assert len(attempts) >= 2
+        log = "".join(p.read_text() for p in jobs.glob(f"{attempts[0]['job_id']}_*.out"))
+        assert 1 <= first_resumed_epoch(log) < 16  # hit mid-run, resumed from a checkpoint
+    timed_log = "".join(p.read_text() for p in jobs.glob(f"{read_jsonl(timed_out / 'attempts.jsonl')[0]['job_id']}_*.out"))
+    assert "Caught signal SIGUSR2" in timed_log and "this job is timed-out" in timed_log  # Slurm's time limit
+    assert "Requeued job" in timed_log  # by submitit, from inside the job
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_study_finishes_without_duplicates(tmp_path, slurm):
-    cmd, env = study_cmd(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm)
+def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials(tmp_path, slurm):
+    """The smoke grid on a real Slurm as one job array, every trial raising once
+    (HARNESS_FAULT=raise-once), the driver SIGKILLed as soon as it has submitted: the rerun re-attaches
+    to the array (nothing resubmitted), records each failure with its reason, retries each trial
+    once, and ends with every trial complete exactly once."""
+    fault = {"HARNESS_FAULT": "raise-once"}
+    cmd, env = study_cmd(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm, env_extra=fault)
     driver = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def submitted() -> bool:
@@ -209,11 +228,20 @@ def test_driver_killed_mid_study_finishes_without_duplicates(tmp_path, slurm):
     wait_for(submitted, what="a submitted job")
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    proc = run_study(tmp_path, "smoke", "--executor", "slurm", slurm=slurm)
+    proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm, env_extra=fault)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = trials_of(tmp_path)
     assert_every_trial_complete_once(trials)
-    assert len(trials) == 4  # re-attached to the running jobs: nothing resubmitted
+    assert_jobs_ran_the_snapshot(tmp_path)
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert sorted(t.user_attrs["key"] for t in failed) == SMOKE_KEYS and len(trials) == 8  # nothing resubmitted
+    assert all("injected fault" in t.user_attrs["failure_reason"] for t in failed)
+    first = {t.user_attrs["job_id"] for t in failed}
+    assert len({j.split("_")[0] for j in first}) == 1 and all("_" in j for j in first)  # one array
+    retried = {t.user_attrs["job_id"].split("_")[0] for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(sorted(retried))],
+                           env=slurm.env, capture_output=True, text=True).stdout
+    assert sacct.count("COMPLETED") == 4, sacct
 
 
 @pytest.mark.slow
@@ -266,23 +294,6 @@ retries: 0
     assert not (run / "probe.json").exists()
 
 
-@pytest.mark.slow
-def test_trials_left_waiting_by_worker_mode_are_run_by_the_driver(tmp_path):
-    """Enqueued-but-never-run trials (a worker-mode driver that died before its workers started)
-    are neither lost nor duplicated when the default driver takes over."""
-    storage = f"sqlite:///{tmp_path / 'smoke' / 'study.db'}"
-    (tmp_path / "smoke").mkdir()
-    study = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
-    for momentum in (0.9, 0.99):
-        params = {"moco.momentum": momentum, "seed": 0}
-        study.enqueue_trial(params, user_attrs={"key": f"momentum={momentum},seed=0"})
-    proc = run_study(tmp_path, "smoke", "--executor", "local", "--parallel", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = trials_of(tmp_path)
-    assert_every_trial_complete_once(trials)
-    assert len(trials) == 4
-
-
 def test_retries_run_out_and_the_study_ends_with_the_reason(tmp_path):
     """A trial that fails every time (retries: 1, so two attempts) ends FAIL with its reason; the
     driver stops instead of retrying for ever. The fault fires before training: no CPU spent."""
@@ -298,11 +309,11 @@ def test_retries_run_out_and_the_study_ends_with_the_reason(tmp_path):
     assert "done 0/1" in proc.stdout and "failed 2" in proc.stdout
 
 
-def test_a_corrupt_study_db_is_a_clear_error_and_left_as_it_is(tmp_path):
+def test_a_corrupt_study_db_is_a_clear_error_and_left_as_it_is(tmp_path, study_cli):
     (tmp_path / "smoke").mkdir()
     db = tmp_path / "smoke" / "study.db"
     db.write_bytes(b"not a database" * 100)
-    proc = run_study(tmp_path, "smoke", "--executor", "local", timeout=120)
+    proc = study_cli(tmp_path, "smoke", "--executor", "local")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "study.db" in proc.stderr and "not a database" in proc.stderr
     assert db.read_bytes() == b"not a database" * 100  # nothing computed is lost: the file is not replaced
