@@ -85,16 +85,23 @@ def check_writable(directory: Path) -> None:
                           f"choose another output location.") from None
 
 
-def lock_run_dir(run_dir: Path):
+def lock_run_dir(run_dir: Path, wait: bool = False):
     """Hold an exclusive lock on a run directory while training in it (released when the process
-    ends, killed or not): a second process on the same run fails fast instead of interleaving."""
+    ends, killed or not): a second process on the same run fails fast instead of interleaving, or,
+    with `wait` (trial jobs), waits for the first to end and then goes on from what it left. A job
+    waits only when the same trial was started twice: a driver killed after starting a job but
+    before recording it cannot know the job exists, and starts the trial again."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / ".lock", "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.close()
-        raise RunDirBusy(f"{run_dir}: another process is training in this run directory") from None
+        if not wait:
+            handle.close()
+            raise RunDirBusy(f"{run_dir}: another process is training in this run directory") from None
+        print(f"[train] {run_dir}: another job of this trial is still training here; waiting for it to end, "
+              f"then going on from its last checkpoint.", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
     return handle
 
 

@@ -292,9 +292,10 @@ class Driver:
         ended = self.executor.ended(mine)
         for t in running:
             job_id = t.user_attrs.get("job_id")
-            if job_id is None:  # the driver died between ask() and submit
+            if job_id is None:  # the driver died between ask() and recording the job it may have started
                 set_running_attrs(self.ostudy, t, {"never_ran": True})  # no retry is spent on it
-                tell_failure(self.ostudy, t, Outcome.FAILED, "lost: the driver stopped before the job was submitted")
+                tell_failure(self.ostudy, t, Outcome.FAILED, "lost: the driver stopped before recording a job; "
+                             "the point is asked again (a job it did start is waited for by the new one)")
             elif t.user_attrs.get("executor", self.kind) != self.kind:
                 tell_failure(self.ostudy, t, Outcome.FAILED, f"lost: submitted with the {t.user_attrs['executor']} "
                              f"executor, re-attached with {self.kind}")

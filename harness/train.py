@@ -289,14 +289,15 @@ class PretrainRun:
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCallback | None = None,
-          probe: bool = True, attempt: dict | None = None) -> dict:
+          probe: bool = True, attempt: dict | None = None, wait_for_lock: bool = False) -> dict:
     """Pretrain (resuming from the newest good checkpoint), then probe. Returns the final status.
-    `attempt`: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl."""
+    `attempt`: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl.
+    `wait_for_lock`: a busy run directory is waited for (trial jobs), not an error (the CLI)."""
     run_dir = Path(run_dir)
     rank, world, local_rank = dist_mod.init_from_env(Runtime.device_type(cfg))
     validate(cfg, world_size=world)
     rt = Runtime.for_config(cfg, local_rank).apply()
-    run_lock = runio.lock_run_dir(run_dir) if rank == 0 else None  # held until the run returns
+    run_lock = runio.lock_run_dir(run_dir, wait_for_lock) if rank == 0 else None  # held until the run returns
     try:
         prepare_run_dir(cfg, run_dir, rank == 0)
         if rank == 0:

@@ -85,7 +85,7 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: PruningReporter | Non
     if threads and not cfg.runtime.threads:
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=threads))
     faults.raise_point("raise-once", spec.run_dir)
-    train(cfg, spec.run_dir, on_epoch=reporter, attempt=attempt)
+    train(cfg, spec.run_dir, on_epoch=reporter, attempt=attempt, wait_for_lock=True)
     return read_trial_result(spec.run_dir, spec.objective, spec.gpus)
 
 

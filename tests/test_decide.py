@@ -124,8 +124,9 @@ def test_a_killed_driver_resumes_the_race_without_losing_or_repeating_a_trial(tm
     final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
     all_trials = optuna.load_study(study_name="race", storage=storage).get_trials()
-    # A driver killed between asking for a trial and submitting its job leaves a trial that never ran:
-    # failed as lost, and its point asked again (no retry spent: the study allows none).
+    # A driver killed between asking for a trial and recording its job leaves a trial it cannot follow:
+    # failed as lost, and its point asked again (no retry spent: the study allows none); if the job had
+    # started, the new one waits for it instead of failing on the busy run directory.
     lost = [t for t in all_trials if t.state != optuna.trial.TrialState.COMPLETE]
     assert all(t.user_attrs.get("never_ran") for t in lost), [t.user_attrs for t in lost]
     trials = [t for t in all_trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -198,3 +198,24 @@ def test_a_torn_last_line_of_metrics_is_skipped_and_dropped_on_resume(tmp_path):
     assert [r["step"] for r in read_jsonl(path)] == [1, 2, 2]
     truncate_metrics(path, global_step=1)  # resuming from the checkpoint at step 1
     assert path.read_text() == '{"kind": "step", "step": 1, "loss": 5.0}\n'
+
+
+def test_a_second_job_of_the_same_trial_waits_for_the_first_then_goes_on(tmp_path):
+    """A driver killed after starting a job but before recording it starts the trial again; the
+    second job must wait for the first (here: a held lock) instead of failing the trial."""
+    import threading
+
+    from harness.config import make_config
+    from harness.runio import lock_run_dir
+    from harness.train import train
+
+    held = lock_run_dir(tmp_path / "run")
+    cfg = make_config("fmnist-tiny", [*SMALL, "optim.epochs=1"])
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(train(cfg, tmp_path / "run", probe=False, wait_for_lock=True)))
+    job.start()
+    job.join(2.0)
+    assert job.is_alive() and not (tmp_path / "run" / "metrics.jsonl").exists()  # waiting: neither failed nor training
+    held.close()  # the first job ends
+    job.join(300)
+    assert result.get("status") == "completed" and result["global_step"] == 8
