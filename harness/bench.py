@@ -5,6 +5,8 @@
   data      augmented image pairs/s: batched vs per-image
   probe     fast vs standard linear probe on a trained run (--run DIR): seconds and top-1
   overhead  submit -> trial-start latency per executor (debug, local, slurm when present)
+  device    the prepared check for a lent GPU (harness/devicecheck.py): fast paths vs fp32 eager,
+            throughput of the GPU recipes, peak memory, several trials on one device
 
 Prints a table and writes JSON to results/bench/.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -22,6 +25,7 @@ import torch
 
 from .config import EVAL_ONLY, ConfigError, RunConfig, make_config, with_overrides
 from .data import CHANNELS, TensorSplits, load_tensors, pretrain_views
+from . import devicecheck
 from .runtime import Runtime, machine_description
 from .moco import build_moco, compile_encoders
 
@@ -90,9 +94,20 @@ def _step_flops(model, x_q, x_k, index) -> float:
     return float(counter.get_total_flops())
 
 
+def _barrier(spec: str | None) -> None:
+    """`--barrier PATH:K`: wait until K processes have reached this point (packing runs time one window)."""
+    if not spec:
+        return
+    path, count = spec.rsplit(":", 1)
+    Path(f"{path}.{os.getpid()}").touch()
+    parent, name = Path(path).parent, Path(path).name
+    while len(list(parent.glob(f"{name}.*"))) < int(count):
+        time.sleep(0.01)
+
+
 def bench_train(args) -> list[dict]:
     rows = []
-    for loader in ("batched", "per_image"):
+    for loader in ("batched",) if getattr(args, "batched_only", False) else ("batched", "per_image"):
         cfg, rt, splits = _setup(args, loader)
         device, cuda = rt.device, rt.device.type == "cuda"
         torch.manual_seed(0)
@@ -118,6 +133,11 @@ def bench_train(args) -> list[dict]:
             flops = _step_flops(model, *rt.layout(*first[:2]), first[2])
         for _ in range(args.warmup):
             step(*next(batches))
+        _sync(device)
+        _barrier(getattr(args, "barrier", None))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        window_start = time.time()
         timings = []
         for _ in range(args.repeats):
             _sync(device)
@@ -127,15 +147,17 @@ def bench_train(args) -> list[dict]:
             loss.item()  # one read-back per repeat: the loop itself never syncs
             _sync(device)
             timings.append(time.perf_counter() - tic)
+        window = [window_start, time.time()]
         steps_per_s = _median_rate(timings, args.steps)
         row = {"part": "train", "path": loader, "steps_per_s": steps_per_s,
                "images_per_s": steps_per_s * cfg.optim.batch_size, "batch": cfg.optim.batch_size,
                "recipe": cfg.recipe, "arch": cfg.model.arch, "device": str(device),
-               "step_tflop": flops / 1e12, "achieved_tflops": flops * steps_per_s / 1e12}
+               "step_tflop": flops / 1e12, "achieved_tflops": flops * steps_per_s / 1e12,
+               "images": args.repeats * args.steps * cfg.optim.batch_size, "window": window}
         if cuda:
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-            row.update(gpu=name, bf16_peak_tflops=peak,
+            row.update(gpu=name, bf16_peak_tflops=peak, peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30,
                        fraction_of_peak=(row["achieved_tflops"] / peak) if peak else None)
         rows.append(row)
     return rows
@@ -192,7 +214,8 @@ def bench_overhead(args) -> list[dict]:
     return rows
 
 
-PARTS = {"train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead}
+PARTS = {"train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead,
+         "device": lambda args: devicecheck.run(args)}
 
 
 def _format(rows: list[dict]) -> str:
@@ -217,6 +240,10 @@ def main(argv=None) -> int:
     parser.add_argument("--run", help="a finished run directory (probe part)")
     parser.add_argument("--probe-epochs", type=int, help="standard probe epochs (default: the run's config)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--size", choices=["auto", "full", "small"], default="auto",
+                        help="device part: full on a GPU, small (seconds, the same code) on a CPU; auto picks")
+    parser.add_argument("--batched-only", action="store_true", help=argparse.SUPPRESS)  # packing's processes
+    parser.add_argument("--barrier", help=argparse.SUPPRESS)  # PATH:K, packing's common start
     args = parser.parse_args(argv)
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
@@ -231,7 +258,7 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         results["rows"] += rows
-        print(_format(rows), flush=True)
+        print(devicecheck.table(rows) if part == "device" else _format(rows), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench-{'-'.join(args.parts)}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
