@@ -132,6 +132,24 @@ def race(values: dict, spec: RaceSpec, maximize: bool = True) -> RaceState:
         n += 1
 
 
+def summary(state: RaceState, label=str) -> str:
+    """Where the race stands, in one line (the driver prints it whenever it changes)."""
+    if state.best is None:
+        return ""
+    parts = [f"best {label(state.best)}"]
+    for verdict, name in ((WORSE, "worse"), (EQUAL, "practically equal")):
+        decided = [f"{label(lvl)} ({c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}], n={c.n})"
+                   for lvl, c in state.decisions.items() if c.verdict == verdict]
+        if decided:
+            parts.append(f"{name}: {', '.join(decided)}")
+    if state.done:
+        undecided = [f"{label(lvl)} ({c.diff:+.4f} [{c.low:+.4f}, {c.high:+.4f}])" for lvl, c in state.current.items()]
+        return "race over: " + "; ".join(parts + ([f"undecided at max seeds: {', '.join(undecided)}"] if undecided else []))
+    racing = [lvl for lvl in state.seeds if lvl not in state.decisions]
+    return (f"race: {'; '.join(parts)}; undecided: {', '.join(label(lvl) for lvl in state.current) or 'none'}; "
+            f"next: {max(state.seeds[lvl] for lvl in racing)} seeds for {', '.join(label(lvl) for lvl in racing)}")
+
+
 # ---------------------------------------------------------------- simulation
 
 def simulate(means: list[float], noise: float, shared: float, spec: RaceSpec, rng: np.random.Generator):

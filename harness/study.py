@@ -27,7 +27,7 @@ import optuna
 from . import launch, runio, snapshot
 from .config import ConfigError
 from .data import check_dataset
-from .decide import RaceState, level_of, race, values_by_level
+from .decide import RaceState, level_label, level_of, race, summary, values_by_level
 from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
@@ -119,7 +119,12 @@ class AdaptivePlan(GridPlan):
         return race(values, self.study.race, self.study.direction == "maximize")
 
     def pending(self, trials) -> list[dict]:
-        wanted = self.state(trials).seeds
+        state = self.state(trials)
+        line = summary(state, lambda level: level_label(level, self.factors))
+        if line and line != getattr(self, "_said", None):  # said once per change, as the race goes
+            print(f"[study {self.study.name}] {line}", flush=True)
+            self._said = line
+        wanted = state.seeds
         return [p for p in super().pending(trials)
                 if level_of(p, self.factors) in wanted
                 and self.study.seeds.index(p["seed"]) < wanted[level_of(p, self.factors)]]

@@ -71,17 +71,10 @@ retries: 0
 """
 
 
-def test_adaptive_seeds_refuse_worker_mode_before_anything_runs(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def test_adaptive_seeds_refuse_worker_mode_before_anything_runs(tmp_path, study_cli):
     study = tmp_path / "race.yaml"
     study.write_text(RACE_STUDY)
-    proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "local", "--workers", "2"],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
-                          env={**os.environ, "HARNESS_RESULTS": str(tmp_path / "results")})
+    proc = study_cli(tmp_path / "results", str(study), "--executor", "local", "--workers", "2")
     assert proc.returncode == 2 and "adaptive seeds need the driver's rounds" in proc.stderr
     assert not (tmp_path / "results").exists()
 
@@ -123,6 +116,7 @@ def test_a_killed_driver_resumes_the_race_without_losing_or_repeating_a_trial(tm
         driver.wait()
     final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-3000:]
+    assert "[study race] race over: best " in final.stdout  # the race says where it stands
     all_trials = optuna.load_study(study_name="race", storage=storage).get_trials()
     # A driver killed between asking for a trial and recording its job leaves a trial it cannot follow:
     # failed as lost, and its point asked again (no retry spent: the study allows none); if the job had
