@@ -28,6 +28,7 @@ from . import launch, runio, snapshot
 from .config import ConfigError
 from .data import check_dataset
 from .decide import RaceState, level_label, level_of, race, summary, values_by_level
+from .estimate import estimate_line
 from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
@@ -494,11 +495,17 @@ def dry_run(driver: Driver) -> str:
     with tempfile.TemporaryDirectory() as scratch:  # a dry run leaves nothing behind
         executor = launch.make_executor(driver.kind, Path(scratch), res, driver.name, driver.opts.parallel)
         lines.append(f"job parameters ({driver.kind}): {json.dumps(executor.parameters(), default=str)}")
+        threads = driver.points[0][1].runtime.threads or executor.threads_per_process(driver.opts.parallel)
     per_trial = res.gpus * res.nodes * res.time_min / 60
     first = f"the first round at most {len(driver.points) // s.race.max * s.race.initial * per_trial:.1f}; " \
         if s.race else ""
     lines.append(f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
                  f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}")
+    if driver.kind == "local" and driver.points:  # SLURM jobs run on other machines: no local measurement
+        from .runtime import machine_description
+
+        lines.append(estimate_line(runio.RESULTS, driver.points[0][1], machine_description(), threads, n,
+                                   driver.opts.parallel, res.gpus * res.nodes))
     return "\n".join(lines)
 
 

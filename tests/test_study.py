@@ -317,3 +317,29 @@ def test_a_corrupt_study_db_is_a_clear_error_and_left_as_it_is(tmp_path, study_c
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "study.db" in proc.stderr and "not a database" in proc.stderr
     assert db.read_bytes() == b"not a database" * 100  # nothing computed is lost: the file is not replaced
+
+
+def test_dry_run_estimates_the_cost_from_earlier_runs_of_the_same_work(tmp_path, study_cli):
+    """The committed example's ten real runs, as if they had run on this machine: the dry run's
+    estimate is their median wall time, times the rounds of `--parallel` trials; other work (another
+    epoch count) has no measurement and says so."""
+    import math
+    import shutil
+    import statistics
+
+    from harness.runtime import machine_description
+
+    shutil.copytree(ROOT / "results" / "examples" / "momentum_sweep" / "runs", tmp_path / "earlier" / "runs")
+    walls = []
+    for path in (tmp_path / "earlier" / "runs").rglob("attempts.jsonl"):
+        (attempt,) = read_jsonl(path)
+        path.write_text(json.dumps({**attempt, "machine": machine_description()}) + "\n")
+        walls.append(json.loads((path.parent / "status.json").read_text())["updated"] - attempt["start"])
+    args = ["momentum_sweep", "--dry-run", "--executor", "local", "--parallel", "2", "--set", "runtime.threads=1"]
+    proc = study_cli(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    per_trial = statistics.median(walls)
+    assert (f"estimate: {per_trial / 60:.1f} min a trial (median of 10 earlier runs of this work here), 10 trials "
+            f"2 at a time: about {math.ceil(10 / 2) * per_trial / 60:.0f} min of wall time") in proc.stdout
+    other = study_cli(tmp_path, *args, "--set", "optim.epochs=4")
+    assert "estimate: no earlier run of this work on this machine" in other.stdout
