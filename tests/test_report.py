@@ -204,20 +204,23 @@ def test_decision_table_of_an_adaptive_study(tmp_path):
     assert "Trials run: 12 of the fixed design's 12" in table
 
 
-def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(tmp_path):
-    """results/examples/momentum_sweep carries its storage and run files: a fresh report of a copy
-    gives the committed tables (what the README promises anyone who reruns it)."""
+@pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25)])
+def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(tmp_path, name, trials):
+    """results/examples/<study> carries its storage and run files: a fresh report of a copy gives the
+    committed tables (what the README promises anyone who reruns it)."""
     import shutil
     import sys
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "results" / "examples" / "momentum_sweep"
-    shutil.copytree(example, tmp_path / "momentum_sweep", ignore=shutil.ignore_patterns("report"))
-    proc = subprocess.run([sys.executable, "-m", "harness.report", "momentum_sweep"], capture_output=True, text=True,
+    example = Path(__file__).resolve().parent.parent / "results" / "examples" / name
+    shutil.copytree(example, tmp_path / name, ignore=shutil.ignore_patterns("report"))
+    proc = subprocess.run([sys.executable, "-m", "harness.report", name], capture_output=True, text=True,
                           timeout=300, env={**__import__("os").environ, "HARNESS_RESULTS": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for table in ("summary.csv", "trials.csv", "curves.csv"):
-        fresh = pd.read_csv(tmp_path / "momentum_sweep" / "report" / table)
+    tables = sorted(p.name for p in (example / "report").glob("*.csv"))
+    assert {"summary.csv", "trials.csv", "curves.csv"} <= set(tables)
+    for table in tables:
+        fresh = pd.read_csv(tmp_path / name / "report" / table)
         committed = pd.read_csv(example / "report" / table)
         pd.testing.assert_frame_equal(fresh, committed)
-    assert len(pd.read_csv(example / "report" / "trials.csv")) == 10
+    assert len(pd.read_csv(example / "report" / "trials.csv")) == trials
