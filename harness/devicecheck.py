@@ -9,7 +9,7 @@ Device windows are short, so everything worth knowing about a GPU is measured in
   throughput   cifar10-r18 and imagenet-r50-v2 on synthetic images, batched vs per-image data
                path: images/s, achieved TFLOP/s, peak device memory
   packing      1, 2 and 4 training processes of cifar10-r18 on the device at once: aggregate
-               images/s (what `resources.trials_per_job` would gain)
+               images/s (what several trials per GPU would gain; 1 and 2 at the small size)
 
 On a machine without a GPU it runs the same code at small sizes (`--size small`, the default
 there), which is how CI tests it.
@@ -37,12 +37,16 @@ TOLERANCE = {"bf16 autocast": (0.05, 0.05), "channels_last": (1e-3, 1e-3), "torc
 VARIANTS = {"fp32 eager": [], "bf16 autocast": ["runtime.precision=bf16"],
             "channels_last": ["runtime.channels_last=yes"], "torch.compile": ["runtime.compile=true"]}
 RECIPES = ("cifar10-r18", "imagenet-r50-v2")
-PACKING = (1, 2, 4)
 
 # Sizes: full on a GPU; small runs every path in seconds on 2 CPU cores (CI), with a tiny ResNet in
-# place of cifar10-r18's ResNet-18 (compiling a ResNet-18 for CPU alone takes minutes there).
-FULL = {"steps": 20, "warmup": 5, "repeats": 3, "synthetic": 4096, "check_steps": 5, "overrides": {}}
-SMALL = {"steps": 2, "warmup": 1, "repeats": 1, "synthetic": 64, "check_steps": 3, "overrides": {
+# place of cifar10-r18's ResNet-18, and torch.compile through dynamo and AOT autograd without
+# inductor's C++ code generation, which alone takes a minute there (tests/test_moco.py compiles
+# with inductor).
+FULL = {"steps": 20, "warmup": 5, "repeats": 3, "synthetic": 4096, "check_steps": 5, "overrides": {},
+        "compile_backend": "inductor", "packing": (1, 2, 4)}
+SMALL = {"steps": 2, "warmup": 1, "repeats": 1, "synthetic": 64, "check_steps": 3, "compile_backend": "aot_eager",
+         "packing": (1, 2),  # every path of the packing run; 4 processes on 2 cores only add start-ups
+         "overrides": {
     "cifar10-r18": ["optim.batch_size=16", "moco.queue_size=256", "moco.bn_splits=4", "data.num_workers=1",
                     "model.arch=resnet_tiny", "model.tiny_widths=[16,32,64]"],
     "imagenet-r50-v2": ["optim.batch_size=8", "moco.queue_size=256", "data.image_size=64", "data.num_workers=1"]}}
@@ -72,7 +76,7 @@ def _train_steps(recipe: str, overrides: list[str], size: dict) -> tuple[list[fl
     torch.manual_seed(cfg.runtime.seed)
     model = rt.prepare(build_moco(cfg, bank_size=len(splits.pretrain)))
     if cfg.runtime.compile:
-        compile_encoders(model)
+        compile_encoders(model, size["compile_backend"])
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=0.9,
                           weight_decay=cfg.optim.weight_decay)
     losses = []
@@ -102,6 +106,7 @@ def check_fast_paths(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
         queue_diff = float((queue - reference[1]).abs().max())
         loss_tol, queue_tol = TOLERANCE[variant]
         rows.append({"part": "device", "check": variant, "recipe": recipe, "losses": losses, "seconds": seconds,
+                     **({"backend": size["compile_backend"]} if variant == "torch.compile" else {}),
                      "loss_rel_diff": loss_diff, "queue_max_diff": queue_diff, "tolerance": [loss_tol, queue_tol],
                      "ok": loss_diff <= loss_tol and queue_diff <= queue_tol})
     return rows
@@ -120,7 +125,7 @@ def packing(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
     barrier after warm-up): the aggregate images/s of k trials sharing the device."""
     rows = []
     overrides = [x for o in size["overrides"].get(recipe, []) for x in ("--set", o)]
-    for k in PACKING:
+    for k in size["packing"]:
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "harness.bench", "train", "--recipe", recipe, *overrides,
                    "--synthetic", str(size["synthetic"]), "--steps", str(size["steps"] * 2), "--warmup",

@@ -157,12 +157,12 @@ class MoCo(nn.Module):
         return {"loss": loss, "accuracy": accuracy.detach()}
 
 
-def compile_encoders(model: MoCo) -> None:
+def compile_encoders(model: MoCo, backend: str = "inductor") -> None:
     """torch.compile the query and key encoders in place (nn.Module.compile): parameter names, hence
     checkpoints, and the momentum update over their parameters stay exactly as without it."""
-    model.encoder_q.compile()
+    model.encoder_q.compile(backend=backend)
     if hasattr(model, "encoder_k"):
-        model.encoder_k.compile()
+        model.encoder_k.compile(backend=backend)
 
 
 def build_moco(cfg, bank_size: int | None = None) -> MoCo:

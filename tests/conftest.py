@@ -31,11 +31,16 @@ def _require(installed: bool, what: str, packages: list[str]) -> None:
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the suite runs on two workers), every test of one server runs in the worker
     that started it: the Slurm tests in one group, the PostgreSQL tests in another (each stops or
-    restarts its server, and a session fixture starts one server per worker)."""
+    restarts its server, and a session fixture starts one server per worker). Tests sharing an
+    expensive module-scoped fixture (the crash matrix's reference run) stay together too, so it is
+    computed once."""
     for item in items:
-        for server in ("slurm", "postgres"):
-            if server in getattr(item, "fixturenames", ()):
-                item.add_marker(pytest.mark.xdist_group(server))
+        names = getattr(item, "fixturenames", ())
+        server = next((s for s in ("slurm", "postgres") if s in names), None)
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        shared = any(d and d[-1].scope == "module" for d in defs.values())
+        if server or shared:
+            item.add_marker(pytest.mark.xdist_group(server or item.module.__name__))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -17,7 +17,7 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert [r["check"] for r in rows] == [
         "fp32 eager", "bf16 autocast", "channels_last", "torch.compile",
         "throughput batched", "throughput per_image", "throughput batched", "throughput per_image",
-        "packing 1", "packing 2", "packing 4", "summary"]
+        "packing 1", "packing 2", "summary"]
     # the fast paths train like fp32 eager: same batches, same start, losses and queue within tolerance
     fast = [r for r in rows if "ok" in r]
     assert len(fast) == 3 and all(r["ok"] for r in fast), fast
@@ -28,7 +28,7 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert all(r["images_per_s"] > 0 and r["achieved_tflops"] > 0 for r in throughput)
     assert throughput[2]["arch"] == "resnet50"
     packing = [r for r in rows if r["check"].startswith("packing")]
-    assert [r["processes"] for r in packing] == [1, 2, 4]
+    assert [r["processes"] for r in packing] == [1, 2]  # and 4 at full size
     assert all(len(r["per_process_images_per_s"]) == r["processes"] and r["aggregate_images_per_s"] > 0
                for r in packing)
     assert "| torch.compile | cifar10-r18 | ok: loss rel. diff" in proc.stdout  # the table a person reads
