@@ -22,8 +22,8 @@ import torch
 
 from .augment import RECIPES, AugmentSpec, BatchAugment, center_view, eval_transform, per_image_transform
 from .config import ConfigError, RunConfig
+from .datafiles import _folder_root, _missing, check_dataset, default_root, fashion_mnist_files  # noqa: F401
 
-FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
 
 NORMALIZATION = {
@@ -43,11 +43,6 @@ def seeded_generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def default_root(dataset: str) -> Path:
-    base = Path(os.environ.get("HARNESS_DATA", "~/.cache/harness/data")).expanduser()
-    return base / dataset
-
-
 # ---------------------------------------------------------------- loading files
 
 @dataclass
@@ -58,12 +53,6 @@ class TensorSplits:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-
-
-def _missing(dataset: str, root: Path, expected: str) -> ConfigError:
-    return ConfigError(
-        f"data.root: {dataset} files not found under {root} (expected {expected}). This machine cannot "
-        f"download them: copy the files there, or set data.root=<dir> (or HARNESS_DATA=<dir>).")
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -78,22 +67,8 @@ def _read_idx(path: Path) -> torch.Tensor:
     raise ConfigError(f"data.root: {path} is not an IDX file (magic {magic}).")
 
 
-def _fashion_mnist_dir(root: Optional[str]) -> Optional[Path]:
-    candidates = [Path(root).expanduser()] if root else [FASHION_MNIST_DEBIAN, default_root("fashion_mnist")]
-    for base in candidates:
-        for sub in (base, base / "FashionMNIST" / "raw"):
-            for suffix in (".gz", ""):
-                if (sub / f"train-images-idx3-ubyte{suffix}").exists():
-                    return sub
-    return None
-
-
 def _load_fashion_mnist(root: Optional[str]) -> TensorSplits:
-    where = _fashion_mnist_dir(root)
-    if where is None:
-        shown = root or f"{FASHION_MNIST_DEBIAN} or {default_root('fashion_mnist')}"
-        raise _missing("Fashion-MNIST", Path(shown), "train-images-idx3-ubyte.gz etc.; "
-                       "on Debian: apt-get install dataset-fashion-mnist")
+    where = fashion_mnist_files(root)
     gz = ".gz" if (where / "train-images-idx3-ubyte.gz").exists() else ""
     read = lambda stem: _read_idx(where / f"{stem}{gz}")  # noqa: E731
     train_x, train_y = read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte")
@@ -161,32 +136,6 @@ def pretrain_size(cfg: RunConfig) -> Optional[int]:
     if full is None:
         return None
     return min(full, cfg.data.train_subset) if cfg.data.train_subset else full
-
-
-def check_dataset(cfg: RunConfig) -> None:
-    """Cheap existence check, run before anything is submitted (raises ConfigError)."""
-    d = cfg.data
-    if d.dataset == "fashion_mnist":
-        if _fashion_mnist_dir(d.root) is None:
-            _load_fashion_mnist(d.root)  # raises the descriptive error
-    elif d.dataset == "imagefolder":
-        _folder_root(d.root)
-    else:
-        base = Path(d.root).expanduser() if d.root else default_root(d.dataset)
-        expected = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
-        if not (base / expected[d.dataset]).exists():
-            raise _missing(d.dataset, base, expected[d.dataset] + "/")
-
-
-def _folder_root(root: Optional[str]) -> Path:
-    if not root:
-        raise ConfigError("data.root: the imagefolder dataset needs data.root=<dir> holding train/ and val/ "
-                          "class folders (the ImageNet layout).")
-    base = Path(root).expanduser()
-    for split in ("train", "val"):
-        if not (base / split).is_dir():
-            raise _missing("imagefolder", base, f"{split}/<class>/<image> folders")
-    return base
 
 
 # ---------------------------------------------------------------- two-view sources

@@ -14,14 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
-import seaborn as sns  # noqa: E402
 
 from . import runio  # noqa: E402
 from .outcome import state_label  # noqa: E402
@@ -33,6 +28,24 @@ METRICS = ("probe_top1", "knn_top1")
 
 
 # ---------------------------------------------------------------- tables
+
+
+def _plt():
+    """matplotlib's pyplot, loaded when a figure is drawn (a driver imports this module at its start
+    and should not pay seconds of plotting imports until the report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _sns():
+    _plt()
+    import seaborn as sns
+
+    return sns
 
 def factor_names(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     names: list[str] = []
@@ -244,7 +257,7 @@ def plot_interval_width(trials: pd.DataFrame, study_file: Study, factors: list[s
     spec, state, _ = race_of(trials, study_file, factors, objective)
     if len(state.widths) < 2:
         return []
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = _plt().subplots(figsize=(5.5, 4))
     n, width = zip(*state.widths)
     ax.plot(n, width, marker="o", label="mean interval width of the levels still compared")
     ax.axhline(2 * spec.margin, color="gray", ls=":", label=f"2 x margin: narrower can show 'equal'")
@@ -331,11 +344,11 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         ax.legend(fontsize=8)
 
     has_ref = bool(reference.get("values")) and x_factor in pd.DataFrame(reference.get("values") or [{}])
-    fig, axes = plt.subplots(1, 2 if has_ref else 1, figsize=(11 if has_ref else 6.5, 4.2), squeeze=False)
+    fig, axes = _plt().subplots(1, 2 if has_ref else 1, figsize=(11 if has_ref else 6.5, 4.2), squeeze=False)
     ax = axes[0][0]
     done = df[df["state"] == "COMPLETE"].dropna(subset=[objective])
     hue_values = sorted(df[hue].dropna().unique(), key=str) if hue else [None]
-    palette = dict(zip(hue_values, sns.color_palette("deep", len(hue_values))))
+    palette = dict(zip(hue_values, _sns().color_palette("deep", len(hue_values))))
     for hv in hue_values:
         part = done if hv is None else done[done[hue] == hv]
         if not len(part):
@@ -379,9 +392,9 @@ def plot_curves(curves: pd.DataFrame, factors: list[str], out: Path) -> list[Pat
     df = curves.copy()
     df["level"] = df[factors].astype(str).agg(", ".join, axis=1)
     metrics = [m for m in ("loss", "knn_top1") if df[m].notna().any()]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    fig, axes = _plt().subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        sns.lineplot(data=df, x="epoch", y=metric, hue="level", errorbar="sd", marker="o", ax=ax)
+        _sns().lineplot(data=df, x="epoch", y=metric, hue="level", errorbar="sd", marker="o", ax=ax)
         ax.set_title(f"{metric} vs epoch (band: ± std over seeds)")
         ax.legend(title=", ".join(factors), fontsize=8)
     fig.tight_layout()
@@ -394,8 +407,8 @@ def plot_knn_vs_probe(trials: pd.DataFrame, factors: list[str], out: Path) -> li
         return []
     df = done.copy()
     df["level"] = df[factors].astype(str).agg(", ".join, axis=1)
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    sns.scatterplot(data=df, x="knn_top1", y="probe_top1", hue="level", s=50, ax=ax)
+    fig, ax = _plt().subplots(figsize=(5.5, 4.2))
+    _sns().scatterplot(data=df, x="knn_top1", y="probe_top1", hue="level", s=50, ax=ax)
     ax.set_title("kNN monitor vs linear probe (final)")
     fig.tight_layout()
     return _save(fig, out / "knn_vs_probe")
@@ -408,6 +421,7 @@ def plot_search(ostudy: optuna.Study, out: Path) -> list[Path]:
     import warnings
 
     paths = []
+    _plt()  # the Agg backend before optuna's plots load pyplot
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib backend is "experimental"
         ax = optuna.visualization.matplotlib.plot_optimization_history(ostudy)
@@ -424,7 +438,7 @@ def _save(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=130)
     fig.savefig(paths[1])
-    plt.close(fig)
+    _plt().close(fig)
     return paths
 
 

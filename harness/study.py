@@ -26,7 +26,7 @@ import optuna
 
 from . import launch, runio, snapshot
 from .config import ConfigError
-from .data import check_dataset
+from .datafiles import check_dataset
 from .decide import RaceState, level_label, level_of, race, summary, values_by_level
 from .estimate import estimate_line
 from .optuna_adapter import set_running_attrs, trial_id

@@ -1,0 +1,67 @@
+"""Where a dataset's files are, and whether they are there: checked by the driver before anything
+is submitted, so no torch here (a driver's start stays cheap; `data` loads the files)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, RunConfig
+
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def default_root(dataset: str) -> Path:
+    base = Path(os.environ.get("HARNESS_DATA", "~/.cache/harness/data")).expanduser()
+    return base / dataset
+
+
+def _missing(dataset: str, root: Path, expected: str) -> ConfigError:
+    return ConfigError(
+        f"data.root: {dataset} files not found under {root} (expected {expected}). This machine cannot "
+        f"download them: copy the files there, or set data.root=<dir> (or HARNESS_DATA=<dir>).")
+
+
+def _fashion_mnist_dir(root: Optional[str]) -> Optional[Path]:
+    candidates = [Path(root).expanduser()] if root else [FASHION_MNIST_DEBIAN, default_root("fashion_mnist")]
+    for base in candidates:
+        for sub in (base, base / "FashionMNIST" / "raw"):
+            for suffix in (".gz", ""):
+                if (sub / f"train-images-idx3-ubyte{suffix}").exists():
+                    return sub
+    return None
+
+
+def fashion_mnist_files(root: Optional[str]) -> Path:
+    """The folder holding Fashion-MNIST's IDX files, or the error that says where to put them."""
+    where = _fashion_mnist_dir(root)
+    if where is None:
+        shown = root or f"{FASHION_MNIST_DEBIAN} or {default_root('fashion_mnist')}"
+        raise _missing("Fashion-MNIST", Path(shown), "train-images-idx3-ubyte.gz etc.; "
+                       "on Debian: apt-get install dataset-fashion-mnist")
+    return where
+
+
+def check_dataset(cfg: RunConfig) -> None:
+    """Cheap existence check, run before anything is submitted (raises ConfigError)."""
+    d = cfg.data
+    if d.dataset == "fashion_mnist":
+        fashion_mnist_files(d.root)
+    elif d.dataset == "imagefolder":
+        _folder_root(d.root)
+    else:
+        base = Path(d.root).expanduser() if d.root else default_root(d.dataset)
+        expected = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
+        if not (base / expected[d.dataset]).exists():
+            raise _missing(d.dataset, base, expected[d.dataset] + "/")
+
+
+def _folder_root(root: Optional[str]) -> Path:
+    if not root:
+        raise ConfigError("data.root: the imagefolder dataset needs data.root=<dir> holding train/ and val/ "
+                          "class folders (the ImageNet layout).")
+    base = Path(root).expanduser()
+    for split in ("train", "val"):
+        if not (base / split).is_dir():
+            raise _missing("imagefolder", base, f"{split}/<class>/<image> folders")
+    return base
