@@ -105,29 +105,37 @@ def _barrier(spec: str | None) -> None:
         time.sleep(0.01)
 
 
+def training_step(cfg, rt: Runtime, splits, compile_backend: str = "inductor"):
+    """A MoCo model from seed `runtime.seed` and its SGD step as training takes it (autocast, memory
+    layout): `step(x_q, x_k, index)` returns the loss tensor without syncing. For the throughput
+    benchmark and the device check's comparisons of fast paths."""
+    torch.manual_seed(cfg.runtime.seed)
+    model = rt.prepare(build_moco(cfg, bank_size=len(splits.pretrain)))
+    if cfg.runtime.compile:
+        compile_encoders(model, compile_backend)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=0.9,
+                          weight_decay=cfg.optim.weight_decay, foreach=True)
+
+    def step(x_q, x_k, index):
+        with rt.autocast():
+            out = model(*rt.layout(x_q, x_k), index)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        return out["loss"]
+
+    return model, step
+
+
 def bench_train(args) -> list[dict]:
     rows = []
     for loader in ("batched",) if getattr(args, "batched_only", False) else ("batched", "per_image"):
         cfg, rt, splits = _setup(args, loader)
         device, cuda = rt.device, rt.device.type == "cuda"
-        torch.manual_seed(0)
-        model = rt.prepare(build_moco(cfg, bank_size=len(splits.pretrain)))
-        if cfg.runtime.compile:  # compiled during warm-up, which the timing excludes
-            compile_encoders(model)
-        opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4,
-                              foreach=True)
+        model, step = training_step(cfg, rt, splits)  # compiled (if asked) during warm-up: not timed
         views = pretrain_views(cfg, device, splits=splits)
         epochs = (views.epoch(e, indices=True) for e in range(10_000))
         batches = (b for epoch in epochs for b in epoch)
-
-        def step(x_q, x_k, index):
-            with rt.autocast():
-                out = model(*rt.layout(x_q, x_k), index)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
-            return out["loss"]
-
         first = next(batches)
         with rt.autocast():
             flops = _step_flops(model, *rt.layout(*first[:2]), first[2])
@@ -215,7 +223,7 @@ def bench_overhead(args) -> list[dict]:
 
 
 PARTS = {"train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead,
-         "device": lambda args: devicecheck.run(args)}
+         "device": devicecheck.run}
 
 
 def _format(rows: list[dict]) -> str:

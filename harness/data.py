@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from .augment import RECIPES, AugmentSpec, BatchAugment, center_view, eval_transform, per_image_transform
 from .config import ConfigError, RunConfig
-from .datafiles import _folder_root, _missing, check_dataset, default_root, fashion_mnist_files  # noqa: F401
+from .datafiles import default_root, fashion_mnist_files, folder_root, missing_files
 
 IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
 
@@ -81,7 +80,7 @@ def _load_torchvision(dataset: str, root: Optional[str]) -> TensorSplits:
     base = Path(root).expanduser() if root else default_root(dataset)
     expected = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/"}
     if not (base / expected[dataset]).exists():
-        raise _missing(dataset, base, expected[dataset])
+        raise missing_files(dataset, base, expected[dataset])
 
     def hwc(array) -> torch.Tensor:
         return torch.as_tensor(array).permute(0, 3, 1, 2).contiguous()
@@ -207,7 +206,7 @@ class LoaderViews:
         if images is None:
             from torchvision import datasets
 
-            images = datasets.ImageFolder(str(_folder_root(cfg.data.root) / "train"))
+            images = datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"))
         self.dataset = _TwoViews(images, transform)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.size = len(self.dataset)
@@ -254,7 +253,7 @@ def labelled_batches(images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig,
 def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256):
     from torchvision import datasets
 
-    base = _folder_root(cfg.data.root)
+    base = folder_root(cfg.data.root)
     mean, std = NORMALIZATION["imagefolder"]
     size = cfg.data.image_size
     folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=int(size * 256 / 224)))
@@ -267,7 +266,7 @@ def folder_probe_set(cfg: RunConfig, spec):
     from torchvision import datasets
 
     mean, std = NORMALIZATION["imagefolder"]
-    return datasets.ImageFolder(str(_folder_root(cfg.data.root) / "train"),
+    return datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"),
                                 per_image_transform(spec, cfg.data.image_size, mean, std))
 
 
@@ -281,4 +280,4 @@ def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: 
 def folder_classes(cfg: RunConfig) -> int:
     from torchvision.datasets.folder import find_classes
 
-    return len(find_classes(str(_folder_root(cfg.data.root) / "train"))[0])
+    return len(find_classes(str(folder_root(cfg.data.root) / "train"))[0])

@@ -16,7 +16,7 @@ def default_root(dataset: str) -> Path:
     return base / dataset
 
 
-def _missing(dataset: str, root: Path, expected: str) -> ConfigError:
+def missing_files(dataset: str, root: Path, expected: str) -> ConfigError:
     return ConfigError(
         f"data.root: {dataset} files not found under {root} (expected {expected}). This machine cannot "
         f"download them: copy the files there, or set data.root=<dir> (or HARNESS_DATA=<dir>).")
@@ -37,7 +37,7 @@ def fashion_mnist_files(root: Optional[str]) -> Path:
     where = _fashion_mnist_dir(root)
     if where is None:
         shown = root or f"{FASHION_MNIST_DEBIAN} or {default_root('fashion_mnist')}"
-        raise _missing("Fashion-MNIST", Path(shown), "train-images-idx3-ubyte.gz etc.; "
+        raise missing_files("Fashion-MNIST", Path(shown), "train-images-idx3-ubyte.gz etc.; "
                        "on Debian: apt-get install dataset-fashion-mnist")
     return where
 
@@ -48,20 +48,20 @@ def check_dataset(cfg: RunConfig) -> None:
     if d.dataset == "fashion_mnist":
         fashion_mnist_files(d.root)
     elif d.dataset == "imagefolder":
-        _folder_root(d.root)
+        folder_root(d.root)
     else:
         base = Path(d.root).expanduser() if d.root else default_root(d.dataset)
         expected = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
         if not (base / expected[d.dataset]).exists():
-            raise _missing(d.dataset, base, expected[d.dataset] + "/")
+            raise missing_files(d.dataset, base, expected[d.dataset] + "/")
 
 
-def _folder_root(root: Optional[str]) -> Path:
+def folder_root(root: Optional[str]) -> Path:
     if not root:
         raise ConfigError("data.root: the imagefolder dataset needs data.root=<dir> holding train/ and val/ "
                           "class folders (the ImageNet layout).")
     base = Path(root).expanduser()
     for split in ("train", "val"):
         if not (base / split).is_dir():
-            raise _missing("imagefolder", base, f"{split}/<class>/<image> folders")
+            raise missing_files("imagefolder", base, f"{split}/<class>/<image> folders")
     return base

@@ -17,7 +17,6 @@ there), which is how CI tests it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,6 @@ import torch
 
 from .config import make_config
 from .data import pretrain_views
-from .moco import build_moco, compile_encoders
 from .runtime import Runtime
 
 # |loss - fp32 loss| / fp32 loss at any step, and max |queue - fp32 queue| (unit-norm keys).
@@ -68,26 +66,14 @@ def _base(size: dict, recipe: str) -> list[str]:
 
 def _train_steps(recipe: str, overrides: list[str], size: dict) -> tuple[list[float], torch.Tensor]:
     """`check_steps` MoCo steps from seed 0: each step's loss, and the queue after the last."""
-    from .bench import synthetic_splits
+    from .bench import synthetic_splits, training_step
 
     cfg = make_config(recipe, overrides)
     rt = Runtime.for_config(cfg).apply()
     splits = synthetic_splits(cfg, size["synthetic"])
-    torch.manual_seed(cfg.runtime.seed)
-    model = rt.prepare(build_moco(cfg, bank_size=len(splits.pretrain)))
-    if cfg.runtime.compile:
-        compile_encoders(model, size["compile_backend"])
-    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=0.9,
-                          weight_decay=cfg.optim.weight_decay)
-    losses = []
+    model, step = training_step(cfg, rt, splits, size["compile_backend"])
     batches = pretrain_views(cfg, rt.device, splits=splits).epoch(0, indices=True)
-    for _, (x_q, x_k, index) in zip(range(size["check_steps"]), batches):
-        with rt.autocast():
-            out = model(*rt.layout(x_q, x_k), index)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        losses.append(out["loss"].item())
+    losses = [step(*batch).item() for _, batch in zip(range(size["check_steps"]), batches)]
     return losses, model.queue.detach().float().cpu()
 
 

@@ -17,20 +17,14 @@ from pathlib import Path
 import yaml
 
 from . import runio
-from .config import RunConfig
+from .config import RunConfig, get_dotted
 
 COST_FIELDS = ("optim.epochs", "optim.batch_size", "data.train_subset", "data.image_size", "model.arch",
                "model.tiny_widths", "model.tiny_stem_stride", "eval.probe", "eval.knn_every")
 
 
-def _get(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
-    return tree
-
-
 def cost_key(config: dict) -> tuple:
-    return (config.get("recipe"),) + tuple(json.dumps(_get(config, f)) for f in COST_FIELDS)
+    return (config.get("recipe"),) + tuple(json.dumps(get_dotted(config, f)) for f in COST_FIELDS)
 
 
 def measured_seconds(results: Path, cfg: RunConfig, machine: str, threads: int) -> list[float]:

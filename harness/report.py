@@ -14,20 +14,17 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import optuna
+import pandas as pd
 
-from . import runio  # noqa: E402
-from .outcome import state_label  # noqa: E402
-from .storage import default_url, open_storage, redact  # noqa: E402
-from .decide import EQUAL, UNDECIDED, WORSE, RaceSpec, level_label, race, values_by_level  # noqa: E402
-from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file  # noqa: E402
+from . import runio
+from .outcome import state_label
+from .storage import default_url, open_storage, redact
+from .decide import EQUAL, UNDECIDED, WORSE, RaceSpec, level_label, race, values_by_level
+from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file
 
 METRICS = ("probe_top1", "knn_top1")
-
-
-# ---------------------------------------------------------------- tables
 
 
 def _plt():
@@ -46,6 +43,10 @@ def _sns():
     import seaborn as sns
 
     return sns
+
+
+# ---------------------------------------------------------------- tables
+
 
 def factor_names(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
     names: list[str] = []

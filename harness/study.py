@@ -112,6 +112,7 @@ class AdaptivePlan(GridPlan):
         super().__init__(study, points)
         self.factors = list(study.factors)
         self.levels = list(dict.fromkeys(level_of(p, self.factors) for p, _ in points))
+        self.said = ""  # the race's last summary line printed
 
     def state(self, trials) -> RaceState:
         rows = [{**t.params, "seed": t.params.get("seed"), "state": state_label(t.state.name, t.user_attrs),
@@ -122,9 +123,9 @@ class AdaptivePlan(GridPlan):
     def pending(self, trials) -> list[dict]:
         state = self.state(trials)
         line = summary(state, lambda level: level_label(level, self.factors))
-        if line and line != getattr(self, "_said", None):  # said once per change, as the race goes
+        if line and line != self.said:  # said once per change, as the race goes
             print(f"[study {self.study.name}] {line}", flush=True)
-            self._said = line
+            self.said = line
         wanted = state.seeds
         return [p for p in super().pending(trials)
                 if level_of(p, self.factors) in wanted

@@ -28,7 +28,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist_mod
 from . import faults, runio
 from .config import RUNTIME_ONLY, ConfigError, RunConfig, dump_yaml, get_dotted, identity_diff, make_config, validate
-from .data import NUM_CLASSES, check_dataset, load_tensors, pretrain_views, seeded_generator
+from .data import NUM_CLASSES, load_tensors, pretrain_views, seeded_generator
+from .datafiles import check_dataset
 from .features import encoder_features, extract, split_batches
 from .knn import knn_accuracy
 from .moco import build_moco, compile_encoders

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from harness.config import ConfigError, make_config, recipe_names, validate
-from harness.data import check_dataset
+from harness.datafiles import check_dataset
 
 
 def test_every_recipe_loads_and_validates():
