@@ -22,7 +22,7 @@ from . import runio
 from .outcome import state_label
 from .storage import default_url, open_storage, redact
 from .decide import EQUAL, UNDECIDED, WORSE, RaceSpec, level_label, race, values_by_level
-from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file
+from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, skipped_levels
 
 METRICS = ("probe_top1", "knn_top1")
 
@@ -73,7 +73,8 @@ def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
                "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
                "chance_loss": _chance_loss(study_dir, run_dir), "epochs": a.get("epochs"),
                "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
-               "host": a.get("host"), "identity": a.get("identity"), "run_dir": run_dir}
+               "host": a.get("host"), "identity": a.get("identity"), "run_dir": run_dir,
+               "shared_from": a.get("shared_from"), "shared_hours": a.get("shared_hours")}
         if t.state == optuna.trial.TrialState.RUNNING and run_dir:
             epochs = [r for r in runio.read_jsonl(study_dir / run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
             if epochs:
@@ -325,9 +326,11 @@ def _apply_scale(ax, scale: str, ticks: pd.Series | None = None, factor: str = "
         ax.minorticks_off()
 
 
-def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, reference: dict, out: Path) -> list[Path]:
+def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, reference: dict, out: Path,
+                   skipped: list[tuple[dict, str]] = ()) -> list[Path]:
     """Objective vs the first factor on its natural axis (hue: the second factor); the paper's values,
-    when the study file gives them, in a separate panel: a different dataset and scale."""
+    when the study file gives them, in a separate panel: a different dataset and scale. Levels not
+    run are named under the panel."""
     x_factor, hue = factors[0], (factors[1] if len(factors) > 1 else None)
     df = trials.copy()
     df["x"], xlabel, scale = _axis(x_factor, df[x_factor])
@@ -368,6 +371,9 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         if len(bad):
             ax.scatter(pos(bad["x"]), [floor] * len(bad), marker="x", color=color, s=60, label=label)
     finish(ax, df["x"], f"{objective} (this study)", "This study: per-seed points, mean and 95 % interval")
+    if skipped:
+        ax.text(0.0, -0.3, "not run: " + "; ".join(why for _, why in skipped), transform=ax.transAxes, fontsize=7,
+                va="top", wrap=True, color="dimgray")
     if has_ref:
         ref = pd.DataFrame(reference["values"])
         ref["x"], _, _ = _axis(x_factor, ref[x_factor])
@@ -495,9 +501,10 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     summary = summary_table(trials, factors) if len(trials) else pd.DataFrame()
     _write_tables(out, {"trials": trials, "curves": curves, "summary": summary})
 
+    skipped = not_run_levels(study_file, ostudy.user_attrs.get("signature", {}))
     plots: list[Path] = []
     if len(trials):
-        plots += plot_objective(trials, factors, objective, study_file.reference, out)
+        plots += plot_objective(trials, factors, objective, study_file.reference, out, skipped)
         plots += plot_curves(curves, factors, out)
         plots += plot_knn_vs_probe(trials, factors, out)
         if study_file.race:
@@ -505,7 +512,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     if study_file.sampler == "tpe":
         plots += plot_search(ostudy, out)
     pngs = [p for p in plots if p.suffix == ".png"]
-    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir)
+    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped)
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(render_html(name, md, out))
     return out
@@ -523,7 +530,7 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
-              summary: pd.DataFrame, pngs: list[Path], study_dir: Path) -> str:
+              summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]]) -> str:
     verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
@@ -543,11 +550,46 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
     if study_file.reference.get("values"):
         md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "
                "is drawn in its own panel: a different dataset and scale, never on our y-axis.", ""]
+    md += _not_run_section(skipped, factors)
+    md += _shared_section(trials)
     failed = trials[~trials["state"].isin(["COMPLETE"])] if len(trials) else trials
     if len(failed):
         md += ["## Trials not completed", "", _md_table(failed[["trial", "key", "state", "failure_reason"]]), ""]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n" for p in pngs]
     return "\n".join(md) + "\n"
+
+
+def not_run_levels(study_file: Study, signature: dict) -> list[tuple[dict, str]]:
+    """Levels of the grid that a mechanism cannot take (end-to-end's K is its batch), or that the
+    recipe's data cannot hold: shown as not run, with why, rather than missing without a word."""
+    if study_file.sampler != "grid":
+        return []
+    recipe = signature.get("recipe")
+    try:
+        return skipped_levels(study_file, None if recipe in (None, study_file.recipe) else recipe,
+                              signature.get("overrides") or [])
+    except (StudyError, ValueError):  # the study file no longer builds with this code: nothing to add
+        return []
+
+
+def _not_run_section(skipped: list[tuple[dict, str]], factors: list[str]) -> list[str]:
+    if not skipped:
+        return []
+    rows = pd.DataFrame([{**{f: level.get(f) for f in factors}, "why not run": why} for level, why in skipped])
+    return ["## Levels not run", "", _md_table(rows), ""]
+
+
+def _shared_section(trials: pd.DataFrame) -> list[str]:
+    """Trials that reused a run another study had finished (same identity, same seed)."""
+    if not len(trials) or "shared_from" not in trials or not trials["shared_from"].notna().any():
+        return []
+    shared = trials[trials["shared_from"].notna()]
+    hours = shared["shared_hours"].fillna(0).astype(float).sum()
+    return ["## Shared runs", "",
+            f"{len(shared)} of {len(trials)} trials were not trained here: another study had already finished the "
+            f"same run (same identity: config and seed), and its result was reused ({hours:.2f} h of training "
+            f"saved). Their run directories are links to it.", "",
+            _md_table(shared[["trial", "key", "state", "probe_top1", "shared_from"]]), ""]
 
 
 PAGE = """<!doctype html>

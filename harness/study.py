@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from typing import Any
 
 import optuna
 
-from . import launch, runio, snapshot
+from . import launch, runio, shared, snapshot
 from .config import ConfigError
 from .datafiles import check_dataset
 from .decide import RaceState, level_label, level_of, race, summary, values_by_level
@@ -34,7 +35,7 @@ from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
 from .storage import Outage, default_url, open_storage, redact
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
-from .trial import make_spec, tell, tell_failure
+from .trial import failure_attrs, make_spec, tell, tell_failure
 from .trial_result import read_trial_result
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -201,6 +202,7 @@ class Driver:
             raise StudyError(f"{self.study.path}: resources.nodes: {self.resources.nodes} nodes per trial need "
                              f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
                              f"or set resources.nodes to 1.")
+        self.runs = shared.RunIndex(runio.RESULTS)  # finished runs of every study: shared, not trained twice
         if self.study.sampler != "grid":
             self.plan = SearchPlan(self.study, max(1, opts.parallel))
         else:
@@ -261,6 +263,46 @@ class Driver:
 
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.ostudy.get_trials(deepcopy=False)
+
+    # -------------------------------------------------------------- shared runs
+    def share_finished(self, trials) -> None:
+        """Record every pending grid point that some study has already finished (same identity,
+        same seed) from that run, instead of training it again (harness.shared)."""
+        if self.study.sampler != "grid":  # a search's points are chosen one by one by its sampler
+            return
+        for params in self.plan.pending(trials):
+            self.share(params)
+
+    def share(self, params: dict) -> bool:
+        spec = make_spec(self.study, params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
+        if spec.run_dir.is_symlink():  # linked by a driver that stopped before recording the trial
+            source = spec.run_dir.resolve()
+        elif spec.run_dir.exists():  # this study's own run, perhaps partial: it goes on there
+            return False
+        else:
+            source = self.runs.find(spec.config.digest(), besides=spec.run_dir.resolve())
+            if source is None:
+                return False
+        result = read_trial_result(source, self.study.objective, self.gpus)
+        if result.outcome not in (Outcome.COMPLETED, Outcome.DIVERGED):  # e.g. finished without this objective
+            return False
+        if not spec.run_dir.is_symlink():
+            shared.link(spec.run_dir, source)
+        origin = os.path.relpath(source, runio.RESULTS.resolve())
+        # Its training time was spent by the study that ran it: not counted again here.
+        attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), "executor": "shared",
+                 "shared_from": origin, "shared_hours": result.attrs.get("hours", 0.0), "hours": 0.0, "gpu_hours": 0.0}
+        distributions = {key: optuna.distributions.CategoricalDistribution(levels)
+                         for key, levels in self.study.factors.items()}
+        distributions["seed"] = optuna.distributions.CategoricalDistribution(self.study.seeds)
+        done = result.outcome is Outcome.COMPLETED
+        self.ostudy.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, value=result.value if done else None,
+            state=optuna.trial.TrialState.COMPLETE if done else FAIL,
+            user_attrs={k: v for k, v in attrs.items() if v is not None}))
+        print(f"[study {self.name}] {spec.key}: shared: {origin} finished the same run (identity "
+              f"{spec.config.digest()}); not trained again.", flush=True)
+        return True
 
     # -------------------------------------------------------------- submit
     def submit(self, todo: list[dict | None]) -> int:
@@ -343,6 +385,7 @@ class Driver:
 
         view = ProgressView(self)
         for _ in range(self.study.retries + 1):
+            self.share_finished(self.trials())
             for params in self.plan.pending(self.trials()):
                 key = trial_key(params)
                 self.ostudy.enqueue_trial(params, user_attrs={"key": key, "run_dir": f"runs/{key}"})
@@ -381,6 +424,7 @@ class Driver:
     def round(self, view: "ProgressView") -> bool:
         """One look: record ended jobs, submit what the plan allows. True when nothing is left to do."""
         self.reconcile()
+        self.share_finished(self.trials())
         trials = self.trials()
         running = sum(t.state == RUNNING for t in trials)
         free = None if self.kind == "slurm" else max(0, self.opts.parallel - running)
@@ -416,6 +460,7 @@ class ProgressView:
     def summary(self, trials) -> str:
         count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
         done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        trained = [t for t in done if "shared_from" not in t.user_attrs]  # shared ones took no time here
         best = ""
         if done:
             pick = max if self.driver.study.direction == "maximize" else min
@@ -424,8 +469,8 @@ class ProgressView:
         total = self.driver.plan.total
         running = count(RUNNING)
         eta = ""
-        if done and running:  # mean trial duration x trials left / trials running at once
-            per = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / len(done)
+        if trained and running:  # mean trial duration x trials left / trials running at once
+            per = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trained) / len(trained)
             remaining = max(total - len(done), 0)
             eta = f" | ETA ~{per * remaining / running / 60:.0f} min"
         return (f"[study {self.driver.name}] done {len(done)}/{total} running {running} "
@@ -490,6 +535,11 @@ def dry_run(driver: Driver) -> str:
                          f"K {cfg.moco.queue_size}, m {cfg.moco.momentum}, T {cfg.moco.temperature}, "
                          f"{cfg.moco.key_encoder}")
         n = len(driver.points)
+        shared_n = sum(driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve())
+                       is not None for params, cfg in driver.points)
+        lines.append(f"{shared_n} of the {n} trials are finished runs of other studies (shared): {n - shared_n} to "
+                     f"train")
+        n -= shared_n
     else:
         n = s.n_trials
         lines.append(f"{n} trials chosen by TPE over {', '.join(s.factors)}; pruner {s.pruner}")

@@ -324,12 +324,35 @@ def _check_resources(path: Path, res: Any) -> None:
 def validate_levels(study: Study, recipe: str | None, extra: list[str]) -> tuple[list[tuple[dict, RunConfig]], list[str]]:
     """Build the run config of every grid point now, so an impossible level fails before submission.
 
-    Returns (points, notes). A queue larger than the pretraining set is skipped with a note: it
-    would hold several keys of the same image (a known trap on CIFAR with K = 65536)."""
+    Returns (points, notes). Levels that are well-formed but that a mechanism cannot take are not
+    run, and each is noted once (see `skipped_levels`; the report shows them as such)."""
+    out, notes = [], []
+    for params, cfg, reason in _grid_configs(study, recipe, extra):
+        if reason is None:
+            out.append((params, cfg))
+        elif reason not in notes:
+            notes.append(reason)
+    if not out:
+        raise StudyError(f"{study.path}: no level can run with recipe '{recipe or study.recipe}' ({'; '.join(notes)}).")
+    return out, notes
+
+
+def skipped_levels(study: Study, recipe: str | None, extra: list[str]) -> list[tuple[dict, str]]:
+    """The grid's levels (factor values, no seed) that are not run, each with why: what a report
+    shows in their place."""
+    skipped: dict[str, tuple[dict, str]] = {}
+    for params, _, reason in _grid_configs(study, recipe, extra):
+        if reason is not None:
+            level = {k: v for k, v in params.items() if k != "seed"}
+            skipped.setdefault(trial_key(level), (level, reason))
+    return list(skipped.values())
+
+
+def _grid_configs(study: Study, recipe: str | None, extra: list[str]):
+    """(params, config, why it is not run or None) for every grid point; ConfigError -> StudyError."""
     from .data import pretrain_size
 
     points = study.grid() if study.sampler == "grid" else [_search_corners(study)]
-    out, notes = [], []
     for params in points:
         try:
             cfg = study.run_config(params, recipe, extra)
@@ -337,17 +360,23 @@ def validate_levels(study: Study, recipe: str | None, extra: list[str]) -> tuple
             shown = ", ".join(f"{k}={v}" for k, v in params.items())
             raise StudyError(f"{study.path}: the level ({shown}) cannot run with recipe "
                              f"'{recipe or study.recipe}': {exc}") from None
-        size = pretrain_size(cfg)
-        if "moco.queue_size" in params and size is not None and cfg.moco.queue_size > size:
-            note = (f"K={cfg.moco.queue_size} skipped: larger than the {size} pretraining images of "
-                    f"recipe '{recipe or study.recipe}'")
-            if note not in notes:
-                notes.append(note)
-            continue
-        out.append((params, cfg))
-    if not out:
-        raise StudyError(f"{study.path}: no level can run with recipe '{recipe or study.recipe}' ({'; '.join(notes)}).")
-    return out, notes
+        yield params, cfg, _not_run(params, cfg, recipe or study.recipe, pretrain_size(cfg))
+
+
+def _not_run(params: dict, cfg: RunConfig, recipe: str, size: int | None) -> str | None:
+    """Why a well-formed level is not run, or None. Asked for K, two mechanisms cannot take every K:
+    a queue (or bank draw) larger than the pretraining set would hold several keys of one image (a
+    known trap on CIFAR with K = 65536), and end-to-end's negatives are the batch itself (the paper's
+    Fig. 3: its K is the batch size; set optim.batch_size to move it)."""
+    if "moco.queue_size" not in params:
+        return None
+    k = cfg.moco.queue_size
+    if cfg.moco.key_encoder == "end_to_end" and k != cfg.optim.batch_size:
+        return (f"key_encoder=end_to_end at K={k}: not run, its negatives are the batch (K = optim.batch_size "
+                f"= {cfg.optim.batch_size})")
+    if size is not None and k > size:
+        return f"K={k} skipped: larger than the {size} pretraining images of recipe '{recipe}'"
+    return None
 
 
 def _search_corners(study: Study) -> dict:

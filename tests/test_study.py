@@ -343,3 +343,35 @@ def test_dry_run_estimates_the_cost_from_earlier_runs_of_the_same_work(tmp_path,
             f"2 at a time: about {math.ceil(10 / 2) * per_trial / 60:.0f} min of wall time") in proc.stdout
     other = study_cli(tmp_path, *args, "--set", "optim.epochs=4")
     assert "estimate: no earlier run of this work on this machine" in other.stdout
+
+
+def test_a_study_reuses_runs_another_study_finished_and_its_report_says_so(tmp_path, study_cli):
+    """Runs are identified by what they compute: a study asking for four points the committed momentum
+    sweep already finished (same config, same seeds) trains nothing — any job would fail here
+    (HARNESS_FAULT=raise-always) — records the four results from those runs, links its run
+    directories to them and says so in its report; one changed setting (epochs) shares nothing."""
+    import shutil
+
+    shutil.copytree(ROOT / "results" / "examples" / "momentum_sweep" / "runs", tmp_path / "earlier" / "runs")
+    study = tmp_path / "again.yaml"
+    study.write_text("description: the sweep's two middle levels again\nrecipe: fmnist-tiny\n"
+                     "factors: {moco.momentum: [0.9, 0.99]}\nseeds: [0, 1]\nretries: 0\n")
+    plan = study_cli(tmp_path, str(study), "--dry-run", "--executor", "local")
+    assert "4 of the 4 trials are finished runs of other studies (shared): 0 to train" in plan.stdout, plan.stdout
+    other = study_cli(tmp_path, str(study), "--dry-run", "--executor", "local", "--set", "optim.epochs=4")
+    assert "0 of the 4 trials are finished runs of other studies" in other.stdout
+
+    proc = study_cli(tmp_path, str(study), "--executor", "local", env={"HARNESS_FAULT": "raise-always"})
+    assert proc.returncode == 0, proc.stderr
+    trials = trials_of(tmp_path, "again")
+    assert len(trials) == 4 and {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    for t in trials:
+        key = t.user_attrs["key"]
+        source = tmp_path / "earlier" / "runs" / key
+        assert t.user_attrs["shared_from"] == f"earlier/runs/{key}" and "job_id" not in t.user_attrs
+        assert t.value == json.loads((source / "probe.json").read_text())["top1"]
+        link = tmp_path / "again" / "runs" / key
+        assert link.is_symlink() and link.resolve() == source.resolve()
+        assert f"{key}: shared: earlier/runs/{key} finished the same run" in proc.stdout
+    report = (tmp_path / "again" / "report" / "report.md").read_text()
+    assert "## Shared runs" in report and "4 of 4 trials were not trained here" in report
