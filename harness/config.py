@@ -181,10 +181,21 @@ RUNTIME_ONLY = {
 }
 
 
+# Settings a dictionary mechanism never reads (harness.moco): two configs that differ only there train
+# the same run, so a study's end-to-end point at the recipe's K is another study's end-to-end point.
+INERT = {
+    "momentum": ("moco.bank_momentum",),
+    "shared": ("moco.momentum", "moco.bank_momentum"),  # no key encoder to average into
+    "end_to_end": ("moco.momentum", "moco.bank_momentum", "moco.queue_size"),  # negatives: the batch
+    "memory_bank": ("moco.momentum",),  # keys: the bank (its K draws and momentum count)
+}
+
+
 def identity_of(data: dict) -> dict:
-    """What a run computes: its config (as a dict) minus the runtime-only fields."""
+    """What a run computes: its config (as a dict) minus the runtime-only fields and the settings its
+    dictionary mechanism never reads."""
     out = json.loads(json.dumps(data))  # a deep copy
-    for key in RUNTIME_ONLY:
+    for key in (*RUNTIME_ONLY, *INERT.get(get_dotted(out, "moco.key_encoder"), ())):
         *parents, leaf = key.split(".")
         node = get_dotted(out, ".".join(parents)) if parents else out
         if isinstance(node, dict):

@@ -51,6 +51,8 @@ def measured_seconds(results: Path, cfg: RunConfig, machine: str, threads: int) 
 
 def estimate_line(results: Path, cfg: RunConfig, machine: str, threads: int, trials: int, parallel: int,
                   gpus_per_trial: int) -> str:
+    if trials == 0:
+        return "estimate: nothing to train"
     runs = measured_seconds(results, cfg, machine, threads)
     if not runs:
         return (f"estimate: no earlier run of this work on this machine ({machine}, {threads} thread(s) a "

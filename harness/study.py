@@ -34,6 +34,7 @@ from .optuna_adapter import set_running_attrs, trial_id
 from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
 from .storage import Outage, default_url, open_storage, redact
+from .suite import main as suite_main, suite_path
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
 from .trial import failure_attrs, make_spec, tell, tell_failure
 from .trial_result import read_trial_result
@@ -59,6 +60,7 @@ class Options:
     poll: float = 5.0  # seconds between looks at the jobs
     outage_limit_s: float = 1800.0  # how long the driver waits out a database that does not answer
     command: str = "python -m harness.study"  # the command line that re-attaches (passwords redacted)
+    share: bool = True  # reuse runs other studies finished (harness.shared); False: train every point here
 
 
 # ---------------------------------------------------------------- plans: which trials to run next
@@ -268,7 +270,7 @@ class Driver:
     def share_finished(self, trials) -> None:
         """Record every pending grid point that some study has already finished (same identity,
         same seed) from that run, instead of training it again (harness.shared)."""
-        if self.study.sampler != "grid":  # a search's points are chosen one by one by its sampler
+        if self.study.sampler != "grid" or not self.opts.share:  # a search's points are chosen one by one
             return
         for params in self.plan.pending(trials):
             self.share(params)
@@ -535,7 +537,8 @@ def dry_run(driver: Driver) -> str:
                          f"K {cfg.moco.queue_size}, m {cfg.moco.momentum}, T {cfg.moco.temperature}, "
                          f"{cfg.moco.key_encoder}")
         n = len(driver.points)
-        shared_n = sum(driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve())
+        shared_n = sum(driver.opts.share and driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" /
+                                                                                 trial_key(params)).resolve())
                        is not None for params, cfg in driver.points)
         lines.append(f"{shared_n} of the {n} trials are finished runs of other studies (shared): {n - shared_n} to "
                      f"train")
@@ -579,13 +582,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                         help="worker heartbeat on PostgreSQL/MySQL; a trial silent for 4 beats is retried")
     parser.add_argument("--db-outage-limit", type=float, default=30.0, metavar="MIN",
                         help="minutes the driver waits out a database that does not answer (default 30)")
+    parser.add_argument("--no-share", action="store_true",
+                        help="train every point here, even ones another study has finished (same identity)")
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     opts = Options(recipe=args.recipe, executor=args.executor, storage=args.storage, parallel=args.parallel,
                    overrides=list(args.overrides), wait=not args.no_wait, report=not args.no_report,
                    workers=args.workers, heartbeat=args.heartbeat, poll=args.poll,
-                   outage_limit_s=args.db_outage_limit * 60,
+                   outage_limit_s=args.db_outage_limit * 60, share=not args.no_share,
                    command=" ".join(["python -m harness.study", *(shlex.quote(redact(a)) for a in argv)]))
     return args, opts
 
@@ -594,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     args, opts = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        suite = suite_path(args.name)
+        if suite is not None:
+            return suite_main(suite, args, opts)
         driver = Driver(load_study(args.name), opts)
         if args.dry_run:
             print(dry_run(driver))

@@ -46,6 +46,21 @@ def test_identity_ignores_how_a_run_executes_but_not_what_it_computes():
     assert all(key.count(".") <= 1 for key in RUNTIME_ONLY) and all(RUNTIME_ONLY.values())  # each says why
 
 
+def test_identity_drops_what_a_dictionary_mechanism_never_reads():
+    """End-to-end keys have no queue and no key encoder: its K and m are not part of what it computes
+    (so the encoder-sharing study's end-to-end point is the mechanisms study's); MoCo's K and the
+    bank's K and momentum are."""
+    def digest(encoder: str, *changes: str) -> str:
+        return make_config("fmnist-tiny", [f"moco.key_encoder={encoder}", "moco.queue_size=256", *changes]).digest()
+
+    assert digest("end_to_end") == digest("end_to_end", "moco.queue_size=4096", "moco.momentum=0.9")
+    assert digest("shared") == digest("shared", "moco.momentum=0.9") != digest("shared", "moco.queue_size=512")
+    assert digest("momentum") == digest("momentum", "moco.bank_momentum=0.9") != digest("momentum", "moco.momentum=0.9")
+    assert digest("memory_bank") == digest("memory_bank", "moco.momentum=0.9")
+    assert digest("memory_bank") != digest("memory_bank", "moco.bank_momentum=0.9")
+    assert digest("memory_bank") != digest("memory_bank", "moco.queue_size=512") != digest("end_to_end")
+
+
 # ---------------------------------------------------------------- bad input, before anything runs
 
 def test_set_on_a_factor_key_is_an_error_naming_the_factor(tmp_path, study_cli):
