@@ -5,7 +5,9 @@ every finished run under the results directory that did the same work (same reci
 values of the settings that decide a run's cost: epochs, batch, training images, image size,
 architecture, probe) on the same machine description with the same threads per trial counts as a
 measurement: its wall time from its only attempt's start to its final status (start-up, training,
-kNN monitor and probe included; resumed runs are left out, their span includes the wait).
+kNN monitor and probe included; resumed runs are left out, their span includes the wait). Where no
+such run exists, a few training steps of the study's first point are timed here on synthetic images
+of the recipe's shape (cached per work, machine and threads): training alone, a lower bound.
 """
 from __future__ import annotations
 
@@ -21,6 +23,13 @@ from .config import RunConfig, get_dotted
 
 COST_FIELDS = ("optim.epochs", "optim.batch_size", "data.train_subset", "data.image_size", "model.arch",
                "model.tiny_widths", "model.tiny_stem_stride", "eval.probe", "eval.knn_every")
+
+
+# What one training step's time depends on (not the epochs, the seed or the evaluation).
+STEP_FIELDS = ("recipe", "optim.batch_size", "data.image_size", "data.augmentation", "data.loader", "model.arch",
+               "model.tiny_widths", "model.tiny_stem_stride", "moco.key_encoder", "moco.queue_size", "moco.dim",
+               "moco.mlp", "moco.shuffle_bn", "moco.bn_splits", "moco.symmetric", "runtime.precision",
+               "runtime.device", "runtime.compile", "runtime.channels_last")
 
 
 def cost_key(config: dict) -> tuple:
@@ -55,10 +64,54 @@ def estimate_line(results: Path, cfg: RunConfig, machine: str, threads: int, tri
         return "estimate: nothing to train"
     runs = measured_seconds(results, cfg, machine, threads)
     if not runs:
-        return (f"estimate: no earlier run of this work on this machine ({machine}, {threads} thread(s) a "
-                f"trial) under {results}; only the time-limit bound above")
+        step = timed_step_seconds(cfg, machine, threads)
+        steps = cfg.optim.epochs * steps_per_epoch(cfg)
+        wall = math.ceil(trials / max(parallel, 1)) * step * steps
+        gpu_hours = f", {trials * gpus_per_trial * step * steps / 3600:.1f} GPU-hours or more" if gpus_per_trial else ""
+        return (f"estimate: no earlier run of this work on this machine ({machine}, {threads} thread(s) a trial); "
+                f"timed here: {step:.3f} s a training step x {steps} steps = {step * steps / 60:.1f} min a trial of "
+                f"training alone (start-up, kNN monitor and probe not included), {trials} trials "
+                f"{min(parallel, trials)} at a time: at least {wall / 60:.0f} min of wall time{gpu_hours}")
     per_trial = statistics.median(runs)
     wall = math.ceil(trials / max(parallel, 1)) * per_trial
     gpu_hours = f", {trials * gpus_per_trial * per_trial / 3600:.1f} GPU-hours" if gpus_per_trial else ""
     return (f"estimate: {per_trial / 60:.1f} min a trial (median of {len(runs)} earlier runs of this work here), "
             f"{trials} trials {min(parallel, trials)} at a time: about {wall / 60:.0f} min of wall time{gpu_hours}")
+
+
+def steps_per_epoch(cfg: RunConfig) -> int:
+    from .data import pretrain_size
+
+    return max(1, (pretrain_size(cfg) or cfg.optim.batch_size) // cfg.optim.batch_size)  # drop_last, as training
+
+
+def timed_step_seconds(cfg: RunConfig, machine: str, threads: int, steps: int = 6, warmup: int = 2) -> float:
+    """Median seconds of one training step (augmentation included) with `threads` CPU threads, on
+    synthetic images of the recipe's shape; cached in the harness cache per work, machine and threads."""
+    cache = runio.cache_dir() / "step_seconds.json"
+    key = json.dumps([*(get_dotted(cfg.to_dict(), f) for f in STEP_FIELDS), machine, threads])
+    known = runio.read_json(cache) if cache.exists() else {}
+    if key in known:
+        return known[key]
+    import time
+
+    import torch
+
+    from .bench import synthetic_splits, training_step
+    from .data import pretrain_views
+    from .runtime import Runtime
+
+    torch.set_num_threads(threads)
+    rt = Runtime.for_config(cfg)
+    splits = synthetic_splits(cfg, cfg.optim.batch_size * (steps + warmup))
+    _, step = training_step(cfg, rt, splits)
+    batches = iter(pretrain_views(cfg, rt.device, splits=splits).epoch(0, indices=True))
+    timings = []
+    for i in range(steps + warmup):
+        tic = time.perf_counter()
+        step(*next(batches)).item()  # the batch's augmentation is part of a step's cost
+        if i >= warmup:
+            timings.append(time.perf_counter() - tic)
+    seconds = statistics.median(timings)
+    runio.write_json(cache, {**known, key: seconds})
+    return seconds

@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 import warnings
@@ -191,15 +190,11 @@ def _train_views(cfg: RunConfig, spec, splits, device):
 
 # ---------------------------------------------------------------- raw-pixel floor
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser()
-
-
 def pixel_floor(cfg: RunConfig, splits, device, classes: int) -> float:
     """Fast probe on raw (normalised) pixels: what a representation must beat. Cached per dataset."""
     d = cfg.data
     key = hashlib.sha1(json.dumps([d.dataset, d.root, d.train_subset, d.test_subset, d.image_size]).encode())
-    path = _cache_dir() / "pixel_floor" / f"{d.dataset}-{key.hexdigest()[:12]}.json"
+    path = runio.cache_dir() / "pixel_floor" / f"{d.dataset}-{key.hexdigest()[:12]}.json"
     if path.exists():
         return json.loads(path.read_text())["top1"]
     flat = nn.Flatten()

@@ -14,6 +14,11 @@ from .config import ConfigError
 RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
 
 
+def cache_dir() -> Path:
+    """Measurements worth keeping between runs (raw-pixel floors, timed steps); never results."""
+    return Path(os.environ.get("HARNESS_CACHE", "~/.cache/harness")).expanduser()
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -335,14 +335,25 @@ def test_dry_run_estimates_the_cost_from_earlier_runs_of_the_same_work(tmp_path,
         (attempt,) = read_jsonl(path)
         path.write_text(json.dumps({**attempt, "machine": machine_description()}) + "\n")
         walls.append(json.loads((path.parent / "status.json").read_text())["updated"] - attempt["start"])
-    args = ["momentum_sweep", "--dry-run", "--executor", "local", "--parallel", "2", "--set", "runtime.threads=1"]
+    args = ["momentum_sweep", "--dry-run", "--executor", "local", "--parallel", "2", "--set", "runtime.threads=1",
+            "--no-share"]  # the copied runs would be shared: nothing to train
     proc = study_cli(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
     per_trial = statistics.median(walls)
     assert (f"estimate: {per_trial / 60:.1f} min a trial (median of 10 earlier runs of this work here), 10 trials "
             f"2 at a time: about {math.ceil(10 / 2) * per_trial / 60:.0f} min of wall time") in proc.stdout
-    other = study_cli(tmp_path, *args, "--set", "optim.epochs=4")
+    other = study_cli(tmp_path, *args, "--set", "optim.epochs=4")  # no earlier run: a few steps timed here
     assert "estimate: no earlier run of this work on this machine" in other.stdout
+    timed = re.search(r"timed here: ([0-9.]+) s a training step x 156 steps = ([0-9.]+) min a trial of training "
+                      r"alone \(start-up, kNN monitor and probe not included\), 10 trials 2 at a time: at least "
+                      r"([0-9]+) min", other.stdout)
+    assert timed, other.stdout
+    step = float(timed.group(1))
+    assert 0 < step < 60 and timed.group(3) == f"{5 * 156 * step / 60:.0f}"
+    cached = json.loads((Path(os.environ["HARNESS_CACHE"]) / "step_seconds.json").read_text())
+    assert [round(v, 3) for v in cached.values()] == [step]  # measured once per work, machine and threads
+    again = study_cli(tmp_path, *args, "--set", "optim.epochs=8")  # same step, other length: the cached step
+    assert f"timed here: {step:.3f} s a training step x 312 steps" in again.stdout
 
 
 def test_a_study_reuses_runs_another_study_finished_and_its_report_says_so(tmp_path, study_cli):
