@@ -5,7 +5,9 @@ HARNESS_FAULT=<point> SIGKILLs the process when it reaches <point> ("after-step-
 checkpoint's rename, when a previous one exists); HARNESS_FAULT=raise-once raises at the start of a
 trial, raise-always at the start of every attempt. HARNESS_FAULT=pace@S sleeps S seconds after
 every epoch: a job that outlives its time limit without spending CPU (the time-limit test).
-Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
+Each fires once per run directory (a marker file records it), so the retry that follows succeeds;
+HARNESS_FAULT_RUN=<run directory name> limits it to that trial (one trial of a packed job). Several
+faults at once are joined by '+' (HARNESS_FAULT=after-step-64+pace@1).
 Unset, every call is a no-op.
 """
 from __future__ import annotations
@@ -15,19 +17,27 @@ import time
 from pathlib import Path
 
 
+def _faults() -> list[str]:
+    return [f for f in os.environ.get("HARNESS_FAULT", "").split("+") if f]
+
+
 def _first_time(point: str, run_dir: Path | None, step: int | None = None) -> bool:
-    wanted = os.environ.get("HARNESS_FAULT", "")
-    name, _, at = wanted.partition("@")
-    if name != point or (at and str(step) != at):
-        return False
-    if run_dir is None:
+    for wanted in _faults():
+        name, _, at = wanted.partition("@")
+        if name != point or (at and str(step) != at):
+            continue
+        if run_dir is None:
+            return True
+        only = os.environ.get("HARNESS_FAULT_RUN")
+        if only and Path(run_dir).name != only:
+            return False
+        marker = Path(run_dir) / f".fault-{wanted}"
+        if marker.exists():
+            return False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
         return True
-    marker = Path(run_dir) / f".fault-{wanted}"
-    if marker.exists():
-        return False
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    return True
+    return False
 
 
 def kill_point(point: str, run_dir: Path | None = None, step: int | None = None) -> None:
@@ -36,13 +46,14 @@ def kill_point(point: str, run_dir: Path | None = None, step: int | None = None)
 
 
 def pace() -> None:
-    name, _, seconds = os.environ.get("HARNESS_FAULT", "").partition("@")
-    if name == "pace":
-        time.sleep(float(seconds))
+    for wanted in _faults():
+        name, _, seconds = wanted.partition("@")
+        if name == "pace":
+            time.sleep(float(seconds))
 
 
 def raise_point(point: str, run_dir: Path | None = None) -> None:
-    if os.environ.get("HARNESS_FAULT") == "raise-always":  # every attempt: retries run out
+    if "raise-always" in _faults():  # every attempt: retries run out
         raise RuntimeError("injected fault (HARNESS_FAULT=raise-always)")
     if _first_time(point, run_dir):
         raise RuntimeError(f"injected fault (HARNESS_FAULT={point})")

@@ -2,10 +2,12 @@
 
 The job is a thin shell around `harness.trial.run_trial`: everything it needs to resume lives in the
 run directory (config, checkpoints), so a requeued job (preemption, time limit) simply runs the
-trial again, which resumes from the newest good checkpoint.
+trial again, which resumes from the newest good checkpoint. A packed job (`resources.trials_per_job`)
+runs several trials, one process each, on one job's CPUs and device.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import signal
@@ -16,7 +18,9 @@ from typing import Any
 
 import submitit
 
+from . import runio
 from .optuna_adapter import trial_handle
+from .outcome import Outcome
 from .snapshot import jobs_use, restore_cwd
 from .studyfile import Resources, StudyError
 from .trial import PruningReporter, TrialSpec, run_trial
@@ -85,6 +89,88 @@ class TrialJob(submitit.helpers.Checkpointable):
         return PruningReporter(open_trial)
 
 
+class PackedJob(submitit.helpers.Checkpointable):
+    """Several trials in one job: one process per trial (its own run directory, threads, checkpoints
+    and pruning reports), on the job's CPUs and device, so packing changes nothing a trial computes.
+    Requeued (preemption, time limit), it starts again only the trials whose run has not ended, and
+    each resumes from its checkpoint. A trial that fails does not stop the others; its reason is the
+    job's result, and the driver retries it in a job of its own."""
+
+    def __init__(self, members: list[TrialJob]):
+        self.members = members
+        self._processes: list = []
+
+    def __getstate__(self) -> dict:  # processes are this attempt's, never pickled with a requeue
+        return {**self.__dict__, "_processes": []}
+
+    def __call__(self) -> dict[str, str | None]:
+        restore_cwd()
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter per trial: no shared torch state
+        reasons = context.SimpleQueue()
+        todo = [m for m in self.members if not _ended(m.spec.run_dir)]
+        self._processes = [context.Process(target=_run_member, args=(m, reasons), name=m.spec.key) for m in todo]
+        for process in self._processes:
+            process.start()
+        for process in self._processes:
+            process.join()
+        failures = {}
+        while not reasons.empty():
+            key, reason = reasons.get()
+            failures[key] = reason
+        for process in self._processes:
+            if process.exitcode and process.name not in failures:
+                how = (f"killed by signal {signal.Signals(-process.exitcode).name}" if process.exitcode < 0
+                       else f"exited with code {process.exitcode}")
+                failures[process.name] = f"the trial's process in the packed job was {how}"
+        return {m.spec.key: failures.get(m.spec.key) for m in self.members}
+
+    def checkpoint(self, *args, **kwargs):
+        """On preemption or time limit: stop the trials (each keeps its last checkpoint), then requeue."""
+        for process in self._processes:
+            if process.is_alive():
+                process.kill()
+        for process in self._processes:
+            process.join(timeout=30)
+        return super().checkpoint(*args, **kwargs)
+
+
+def _ended(run_dir) -> bool:
+    return runio.read_status(run_dir).get("status") in (Outcome.COMPLETED, Outcome.DIVERGED, Outcome.PRUNED)
+
+
+def _run_member(member: TrialJob, reasons) -> None:
+    """One packed trial, in its own process. Signals are the job's to handle, as for an unpacked
+    trial (submitit's handler in the job process stops this one in `checkpoint`), and the trial dies
+    with its job: a job SIGKILLed leaves no trial training on its own."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # submitit bypasses it: Slurm's SIGKILL follows
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    _die_with_parent()
+    try:
+        member()
+    except BaseException as exc:
+        reasons.put((member.spec.key, f"{type(exc).__name__}: {exc}"[:500]))
+        raise
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the job's end still stops it on SLURM (cgroup)
+        pass
+
+
+def pack(jobs: list[TrialJob], size: int) -> list:
+    """Trial jobs in packs of `size` (the last may be smaller); a pack of one is the trial's own job."""
+    packs = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    return [p[0] if len(p) == 1 else PackedJob(p) for p in packs]
+
+
+def members(job) -> list[TrialJob]:
+    return job.members if isinstance(job, PackedJob) else [job]
+
+
 # ---------------------------------------------------------------- executors
 
 class Executor:
@@ -118,19 +204,21 @@ class Executor:
 
     def threads_per_process(self, concurrent: int) -> int:
         """CPU threads for each training process: its share of this machine's cores when
-        `concurrent` jobs share it."""
+        `concurrent` trials share it."""
         return max(1, (os.cpu_count() or 1) // (concurrent * self.tasks))
 
     def ended(self, jobs: dict[str, float]) -> dict[str, str]:
         """{job id: submission time} -> {job id: final state} of the jobs that have ended."""
         raise NotImplementedError
 
-    def failure(self, job_id: str, state: str) -> str:
-        """Why a job that ended left no final status: the remote exception's last line, or its state."""
-        return self.job_exception(job_id) or f"the job ended in state {state} without a result"
+    def failure(self, job_id: str, state: str, key: str | None = None) -> str:
+        """Why a job that ended left no final status: the remote exception's last line, or its state.
+        `key`: the trial, in a packed job."""
+        return self.job_exception(job_id, key) or f"the job ended in state {state} without a result"
 
-    def job_exception(self, job_id: str) -> str | None:
-        """The last line of the exception a job raised, from submitit's result file (None: none)."""
+    def job_exception(self, job_id: str, key: str | None = None) -> str | None:
+        """The last line of the exception a job raised, from submitit's result file (None: none); for a
+        trial of a packed job, the reason the job recorded for it."""
         path = self.job(job_id).paths.result_pickle
         if not path.exists():
             return None
@@ -138,6 +226,8 @@ class Executor:
             outcome, value = submitit.core.utils.pickle_load(path)
         except Exception:  # a result file cut short: no exception to report
             return None
+        if outcome == "success" and isinstance(value, dict):
+            return value.get(key)
         if outcome != "error":
             return None
         lines = [line for line in str(value).strip().splitlines() if line.strip()]
@@ -151,7 +241,8 @@ class SlurmExecutor(Executor):
     kind = "slurm"
 
     def extra_parameters(self) -> dict[str, Any]:
-        return dict(mem_gb=self.res.mem_gb, slurm_array_parallelism=self.parallel,
+        jobs_at_once = max(1, self.parallel // self.res.trials_per_job)  # --parallel counts trials
+        return dict(mem_gb=self.res.mem_gb, slurm_array_parallelism=jobs_at_once,
                     slurm_signal_delay_s=self.res.signal_delay_s, slurm_partition=self.res.partition)
 
     def submit(self, callables: list, code_dir: Path) -> list:
@@ -159,7 +250,7 @@ class SlurmExecutor(Executor):
             return [self.inner.submit(fn) for fn in callables]
 
     def threads_per_process(self, concurrent: int) -> int:
-        return max(1, self.res.cpus // self.tasks)  # the job's own CPUs
+        return max(1, self.res.cpus // (self.tasks * self.res.trials_per_job))  # the job's own CPUs, shared
 
     def ended(self, jobs: dict[str, float]) -> dict[str, str]:
         states = slurm_states(list(jobs))
@@ -191,8 +282,8 @@ class LocalExecutor(Executor):
     def ended(self, jobs: dict[str, float]) -> dict[str, str]:
         return {job_id: "ENDED" for job_id in jobs if not local_alive(job_id)}
 
-    def failure(self, job_id: str, state: str) -> str:
-        exception = self.job_exception(job_id)
+    def failure(self, job_id: str, state: str, key: str | None = None) -> str:
+        exception = self.job_exception(job_id, key)
         if exception:
             return exception
         process = getattr(self.jobs.get(job_id), "_process", None)  # submitit's Popen of the job
@@ -227,7 +318,7 @@ class DebugExecutor(Executor):
     def ended(self, jobs: dict[str, float]) -> dict[str, str]:
         return {job_id: "FINISHED" for job_id in jobs}  # ran inside submit
 
-    def failure(self, job_id: str, state: str) -> str:
+    def failure(self, job_id: str, state: str, key: str | None = None) -> str:
         return self.errors.get(job_id, "the job ended without a final status (or ran in an earlier driver)")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import math
 import os
 import shlex
 import sys
@@ -197,6 +198,9 @@ class Driver:
         self.epochs = self.points[0][1].optim.epochs
         self.resources = self.study.resources_for(self.recipe)
         self.gpus = self.resources.gpus * self.resources.nodes
+        if opts.workers and self.resources.trials_per_job > 1:
+            raise StudyError(f"{self.study.path}: resources.trials_per_job: packing is for the driver's jobs; "
+                             f"--workers already runs one trial per worker process (drop one of them).")
         if opts.workers and (self.study.sampler != "grid" or self.study.race):
             raise StudyError("--workers: worker mode runs a fixed grid; searches and adaptive seeds need the "
                              "driver's rounds (drop --workers).")
@@ -326,9 +330,12 @@ class Driver:
                                                     threads)))
         if not prepared:
             return 0
-        jobs = self.executor.submit([job for _, job in prepared], self.code_dir)
-        for (trial, _), job in zip(prepared, jobs):
-            trial.set_user_attr("job_id", str(job.job_id))
+        by_key = {job.spec.key: trial for trial, job in prepared}
+        packs = launch.pack([job for _, job in prepared], self.resources.trials_per_job)
+        jobs = self.executor.submit(packs, self.code_dir)
+        for packed, job in zip(packs, jobs):
+            for member in launch.members(packed):
+                by_key[member.spec.key].set_user_attr("job_id", str(job.job_id))
         return len(prepared)
 
     # -------------------------------------------------------------- reconcile
@@ -364,8 +371,9 @@ class Driver:
                 job = submitit.core.utils.pickle_load(path).function
             except Exception:  # a pickle being written, or not ours
                 continue
-            if isinstance(job, launch.TrialJob):
-                by_trial[job.trial_id] = path.name[: -len("_submitted.pkl")]
+            if isinstance(job, (launch.TrialJob, launch.PackedJob)):
+                for member in launch.members(job):
+                    by_trial[member.trial_id] = path.name[: -len("_submitted.pkl")]
         for t in running:
             if "job_id" not in t.user_attrs and trial_id(t) in by_trial:
                 set_running_attrs(self.ostudy, t, {"job_id": by_trial[trial_id(t)]})
@@ -377,7 +385,7 @@ class Driver:
             status = runio.read_status(self.dir / t.user_attrs["run_dir"])
             where = (f" (the run had reached epoch {status['epoch']}, step {status.get('global_step')})"
                      if status.get("epoch") is not None else " (before training started)")
-            result.reason = self.executor.failure(t.user_attrs["job_id"], state) + where
+            result.reason = self.executor.failure(t.user_attrs["job_id"], state, t.user_attrs.get("key")) + where
         tell(self.ostudy, t, result)
 
     # -------------------------------------------------------------- worker mode
@@ -555,6 +563,12 @@ def dry_run(driver: Driver) -> str:
         if s.race else ""
     lines.append(f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
                  f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}")
+    if res.trials_per_job > 1:
+        jobs = math.ceil(n / res.trials_per_job)
+        lines.append(f"packing: {res.trials_per_job} trials a job, one process each with {threads} thread(s), "
+                     f"sharing the job's {res.cpus} CPUs{f' and {res.gpus} GPU' if res.gpus else ''}: {jobs} jobs for "
+                     f"{n} trials; GPU-hours at most {jobs * per_trial:.1f} instead of {n * per_trial:.1f} "
+                     f"unpacked (saves {(n - jobs) * per_trial:.1f})")
     if driver.kind == "local" and driver.points:  # SLURM jobs run on other machines: no local measurement
         from .runtime import machine_description
 

@@ -38,7 +38,8 @@ STUDY_COPY = "study.yaml"  # results/<study>/study.yaml: the file a study was st
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
             "direction", "pruner", "resources", "retries", "reference", "decide"}
-RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "tasks", "signal_delay_s", "max_timeouts"}
+RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "tasks", "signal_delay_s", "max_timeouts",
+                 "trials_per_job"}
 OBJECTIVES = ("probe_top1", "knn_top1")
 PRUNER_ARGS = {  # the Optuna pruner arguments a study file may set
     "none": set(), "median": {"n_startup_trials", "n_warmup_steps"},
@@ -63,6 +64,7 @@ class Resources:
     nodes: int = 1
     signal_delay_s: int = 60
     max_timeouts: int = 3
+    trials_per_job: int = 1  # trials packed into one job and its devices, one process each (launch.PackedJob)
 
 
 @dataclass
@@ -315,10 +317,21 @@ def _check_resources(path: Path, res: Any) -> None:
                 raise _fail(path, "resources.partition", "a partition name (string) or null is required.")
         elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise _fail(path, f"resources.{key}", f"a non-negative number is required, got {value!r}.")
-        elif key in ("gpus", "cpus", "nodes", "tasks", "time_min", "max_timeouts") and value != int(value):
+        elif key in ("gpus", "cpus", "nodes", "tasks", "time_min", "max_timeouts", "trials_per_job") \
+                and value != int(value):
             raise _fail(path, f"resources.{key}", f"a whole number is required, got {value!r}.")
     if res.get("nodes", 1) < 1 or res.get("cpus", 1) < 1 or res.get("time_min", 1) < 1:
         raise _fail(path, "resources", "nodes, cpus and time_min must be at least 1.")
+    packed = res.get("trials_per_job", 1)
+    if packed < 1:
+        raise _fail(path, "resources.trials_per_job", f"at least 1 is required, got {packed!r}.")
+    if packed > 1 and (res.get("nodes", 1) > 1 or res.get("gpus", 0) > 1 or res.get("tasks", 0) > 1):
+        raise _fail(path, "resources.trials_per_job", "packed trials share one device, one process each; a "
+                    "trial with several GPUs, tasks or nodes (DDP) cannot be packed. Set trials_per_job: 1, or "
+                    "gpus, tasks and nodes to at most 1.")
+    if packed > res.get("cpus", packed):
+        raise _fail(path, "resources.trials_per_job", f"{packed} trials a job need at least {packed} cpus (one "
+                    f"thread each), got cpus: {res['cpus']}.")
 
 
 def validate_levels(study: Study, recipe: str | None, extra: list[str]) -> tuple[list[tuple[dict, RunConfig]], list[str]]:

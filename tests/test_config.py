@@ -1,4 +1,5 @@
 """Bad configuration fails before training, naming the field and the fix."""
+import re
 import subprocess
 import sys
 
@@ -124,3 +125,19 @@ def test_cli_rejects_bad_input_before_creating_anything(tmp_path):
     assert proc.returncode == 2
     assert "moco.temperature" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("resources, message", [
+    ("{trials_per_job: 0}", "resources.trials_per_job: at least 1 is required"),
+    ("{trials_per_job: 1.5}", "resources.trials_per_job: a whole number is required"),
+    ("{trials_per_job: 2, gpus: 2}", "a trial with several GPUs, tasks or nodes (DDP) cannot be packed"),
+    ("{trials_per_job: 4, cpus: 2}", "4 trials a job need at least 4 cpus (one thread each), got cpus: 2"),
+])
+def test_impossible_trial_packing_is_named_in_the_study_file(tmp_path, resources, message):
+    from harness.studyfile import StudyError, load_study
+
+    path = tmp_path / "packed.yaml"
+    path.write_text(f"description: x\nrecipe: fmnist-tiny\nfactors: {{moco.momentum: [0.9]}}\nseeds: [0]\n"
+                    f"resources: {resources}\n")
+    with pytest.raises(StudyError, match=re.escape(message)):
+        load_study(str(path)).resources_for()

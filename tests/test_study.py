@@ -207,6 +207,71 @@ def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, 
     assert "Requeued job" in timed_log  # by submitit, from inside the job
 
 
+PACKED_PAIR = """description: two trials a job
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=10, moco.queue_size=256,
+            moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128, eval.probe_epochs=5, runtime.log_every=4]
+factors: {moco.momentum: [0.9, 0.99]}
+seeds: [0]
+retries: 1
+resources: {cpus: 2, mem_gb: 2, time_min: 10, trials_per_job: 2}
+"""
+
+
+def step_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+
+
+@pytest.mark.slow
+def test_two_trials_packed_in_one_slurm_job_requeue_together_and_fail_alone(tmp_path, slurm):
+    """resources.trials_per_job: 2 on the real cluster: both trials start in one array task, one process
+    each. `scontrol requeue` at their first checkpoints requeues the job: both resume mid-run. Then one
+    trial's process is SIGKILLed at step 64 (HARNESS_FAULT_RUN picks it): the other finishes in the pack,
+    the killed one is recorded with its reason and retried in a job of its own, from its checkpoint.
+    Every result is bit-identical to the same two trials run unpacked, one thread each."""
+    study = tmp_path / "packed.yaml"
+    study.write_text(PACKED_PAIR)
+    results = tmp_path / "results"
+    args = [str(study), "--executor", "slurm", "--parallel", "2"]
+    faults = {"HARNESS_FAULT": "after-step-64+pace@1", "HARNESS_FAULT_RUN": "momentum=0.9,seed=0"}
+    plan = run_study(results, *args, "--dry-run", slurm=slurm)
+    assert "packing: 2 trials a job, one process each with 1 thread(s), sharing the job's 2 CPUs: 1 jobs for 2 " \
+           "trials" in plan.stdout, plan.stdout
+    proc = run_study(results, *args, "--no-wait", slurm=slurm, env_extra=faults)
+    assert proc.returncode == 0, proc.stderr
+    runs = results / "packed" / "runs"
+    killed, other = runs / "momentum=0.9,seed=0", runs / "momentum=0.99,seed=0"
+    wait_for(lambda: all(list((r / "checkpoints").glob("ckpt-*.pt")) for r in (killed, other)), what="checkpoints")
+    (pack_job,) = {read_jsonl(r / "attempts.jsonl")[0]["job_id"] for r in (killed, other)}  # one job, both trials
+    subprocess.run(["scontrol", "requeue", pack_job], env=slurm.env, check=True)
+    done = run_study(results, *args, slurm=slurm, env_extra=faults)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    trials = trials_of(results, "packed")
+    assert completed_keys(trials) == ["momentum=0.9,seed=0", "momentum=0.99,seed=0"] and len(trials) == 3
+    (failed,) = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert failed.user_attrs["key"] == "momentum=0.9,seed=0" and failed.user_attrs["job_id"] == pack_job
+    assert "the trial's process in the packed job was killed by signal SIGKILL" in failed.user_attrs["failure_reason"]
+    alone = {a["job_id"] for a in read_jsonl(killed / "attempts.jsonl")} - {pack_job}
+    assert len(alone) == 1 and alone.isdisjoint(a["job_id"] for a in read_jsonl(other / "attempts.jsonl"))
+    pack_log = "".join(p.read_text() for p in (results / "packed" / "jobs").glob(f"{pack_job}_*.out"))
+    for run in (killed, other):  # the requeue hit both mid-run; each resumed from its own checkpoint
+        resumed = re.search(rf"resumed from \S*{re.escape(run.name)}\S* \(epoch (\d+), step", pack_log)
+        assert resumed and 1 <= int(resumed.group(1)) < 10, pack_log[-3000:]
+        assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"] == list(range(1, 11))
+
+    alone_results = tmp_path / "unpacked"
+    study.write_text(PACKED_PAIR.replace(", trials_per_job: 2", ""))
+    unpacked = run_study(alone_results, str(study), "--executor", "local", "--parallel", "2", "--no-share")
+    assert unpacked.returncode == 0, unpacked.stderr[-3000:]
+    for run in (killed, other):
+        twin = alone_results / "packed" / "runs" / run.name
+        assert read_jsonl(twin / "attempts.jsonl")[0]["runtime"]["threads"] == 1
+        assert read_jsonl(run / "attempts.jsonl")[0]["runtime"]["threads"] == 1
+        assert step_losses(run) == step_losses(twin) and len(step_losses(run)) > 10
+        assert json.loads((run / "probe.json").read_text())["top1"] == json.loads((twin / "probe.json").read_text())["top1"]
+
+
 @pytest.mark.slow
 def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials(tmp_path, slurm):
     """The smoke grid on a real Slurm as one job array, every trial raising once
