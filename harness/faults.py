@@ -5,9 +5,10 @@ HARNESS_FAULT=<point> SIGKILLs the process when it reaches <point> ("after-step-
 checkpoint's rename, when a previous one exists); HARNESS_FAULT=raise-once raises at the start of a
 trial, raise-always at the start of every attempt. HARNESS_FAULT=pace@S sleeps S seconds after
 every epoch: a job that outlives its time limit without spending CPU (the time-limit test).
-Each fires once per run directory (a marker file records it), so the retry that follows succeeds;
-HARNESS_FAULT_RUN=<run directory name> limits it to that trial (one trial of a packed job). Several
-faults at once are joined by '+' (HARNESS_FAULT=after-step-64+pace@1).
+Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
+<point>/<run directory name> limits a fault to that trial (one trial of a packed job, or of a study
+whose trials each get their own); several faults at once are joined by '+'
+(HARNESS_FAULT=after-step-64/momentum=0.9,seed=0+pace@1).
 Unset, every call is a no-op.
 """
 from __future__ import annotations
@@ -23,15 +24,15 @@ def _faults() -> list[str]:
 
 def _first_time(point: str, run_dir: Path | None, step: int | None = None) -> bool:
     for wanted in _faults():
-        name, _, at = wanted.partition("@")
+        fault, _, only = wanted.partition("/")
+        name, _, at = fault.partition("@")
         if name != point or (at and str(step) != at):
             continue
         if run_dir is None:
             return True
-        only = os.environ.get("HARNESS_FAULT_RUN")
         if only and Path(run_dir).name != only:
-            return False
-        marker = Path(run_dir) / f".fault-{wanted}"
+            continue
+        marker = Path(run_dir) / f".fault-{fault}"
         if marker.exists():
             return False
         marker.parent.mkdir(parents=True, exist_ok=True)

@@ -14,62 +14,63 @@ from harness.runio import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = """\
-description: one trial, checkpoints every 3 steps (8 steps per epoch, 2 epochs)
+description: five copies of one trial (keep_checkpoints changes nothing it computes), checkpoints every
+  3 steps (8 steps per epoch, 2 epochs); four are killed at a dangerous point each, one is the reference
 recipe: fmnist-tiny
 overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
             moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, runtime.log_every=1,
             runtime.checkpoint_every_steps=3, runtime.threads=1]
-factors: {moco.momentum: [0.99]}
+factors: {runtime.keep_checkpoints: [3, 4, 5, 6, 7]}
 seeds: [0]
 retries: 2
 """
 TIMING = {"epoch_seconds", "images_per_s", "seconds"}
-POINTS = {
-    "before the first checkpoint": "after-step-2",
-    "mid-epoch": "after-step-11",
-    "between checkpoint write and rename": "checkpoint-before-rename@6",  # the previous one is at step 3
-    "during the final probe": "probe",
+POINTS = {  # where -> (the fault, the copy it hits)
+    "before the first checkpoint": ("after-step-2", 4),
+    "mid-epoch": ("after-step-11", 5),
+    "between checkpoint write and rename": ("checkpoint-before-rename@6", 6),  # the previous one is at step 3
+    "during the final probe": ("probe", 7),
 }
+REFERENCE = 3
 
 
-def run_study(results: Path, study_file: Path, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HARNESS_RESULTS": str(results)}
-    env.pop("HARNESS_FAULT", None)
-    if fault:
-        env["HARNESS_FAULT"] = fault
-    cmd = [sys.executable, "-m", "harness.study", str(study_file), "--executor", "local", "--poll", "0.5",
-           "--no-report", "--parallel", "1"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+def run_dir(results: Path, keep: int) -> Path:
+    return results / "crash" / "runs" / f"keep_checkpoints={keep},seed=0"
 
 
-def outcome(results: Path) -> dict:
-    run = results / "crash" / "runs" / "momentum=0.99,seed=0"
+def outcome(results: Path, keep: int) -> dict:
+    run = run_dir(results, keep)
     metrics = [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run / "metrics.jsonl")]
     probes = sorted(p.name for p in run.glob("probe*.json"))
     probe = json.loads((run / "probe.json").read_text())
     study = optuna.load_study(study_name="crash", storage=f"sqlite:///{results / 'crash' / 'study.db'}")
+    trials = [t for t in study.get_trials() if t.params["runtime.keep_checkpoints"] == keep]
     return {"state": ckpt.load_latest(run / "checkpoints"), "metrics": metrics, "probes": probes,
-            "probe": {k: v for k, v in probe.items() if k not in TIMING}, "trials": study.get_trials()}
+            "probe": {k: v for k, v in probe.items() if k not in TIMING}, "trials": trials}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reference")
+def matrix(tmp_path_factory) -> Path:
+    """One study, two trials at a time: the reference copy and the four killed ones (each retried)."""
+    root = tmp_path_factory.mktemp("crash")
     study = root / "crash.yaml"
     study.write_text(STUDY)
-    proc = run_study(root / "results", study)
+    faults = "+".join(f"{fault}/keep_checkpoints={keep},seed=0" for fault, keep in POINTS.values())
+    env = {**os.environ, "HARNESS_RESULTS": str(root / "results"), "HARNESS_FAULT": faults}
+    cmd = [sys.executable, "-m", "harness.study", str(study), "--executor", "local", "--poll", "0.5",
+           "--no-report", "--parallel", "2", "--no-share"]  # the copies have one identity: never shared here
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return outcome(root / "results")
+    return root / "results"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", list(POINTS))
-def test_trial_killed_finishes_identically(where, reference, tmp_path):
-    study = tmp_path / "crash.yaml"
-    study.write_text(STUDY)
-    proc = run_study(tmp_path / "results", study, fault=POINTS[where])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = outcome(tmp_path / "results")
+def test_trial_killed_finishes_identically(where, matrix):
+    keep = POINTS[where][1]
+    reference = outcome(matrix, REFERENCE)
+    assert [t.state for t in reference["trials"]] == [optuna.trial.TrialState.COMPLETE]  # never killed
+    got = outcome(matrix, keep)
     states = [t.state for t in got["trials"]]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 1
     assert states.count(optuna.trial.TrialState.FAIL) == 1  # the killed attempt, retried
@@ -80,7 +81,7 @@ def test_trial_killed_finishes_identically(where, reference, tmp_path):
     steps = [r["step"] for r in got["metrics"] if r["kind"] == "step"]
     assert epochs == [1, 2] and steps == sorted(set(steps)) and len(steps) == 16  # nothing duplicated
     assert got["metrics"] == reference["metrics"]
-    attempts = read_jsonl(tmp_path / "results" / "crash" / "runs" / "momentum=0.99,seed=0" / "attempts.jsonl")
+    attempts = read_jsonl(run_dir(matrix, keep) / "attempts.jsonl")
     assert len(attempts) == 2 and {a["runtime"]["threads"] for a in attempts} == {1}  # the study's setting
     assert got["probe"] == reference["probe"]
     a, b = got["state"]["model"], reference["state"]["model"]

@@ -226,14 +226,14 @@ def step_losses(run: Path) -> list[tuple[int, float]]:
 def test_two_trials_packed_in_one_slurm_job_requeue_together_and_fail_alone(tmp_path, slurm):
     """resources.trials_per_job: 2 on the real cluster: both trials start in one array task, one process
     each. `scontrol requeue` at their first checkpoints requeues the job: both resume mid-run. Then one
-    trial's process is SIGKILLed at step 64 (HARNESS_FAULT_RUN picks it): the other finishes in the pack,
+    trial's process is SIGKILLed at step 64 (HARNESS_FAULT names its run): the other finishes in the pack,
     the killed one is recorded with its reason and retried in a job of its own, from its checkpoint.
     Every result is bit-identical to the same two trials run unpacked, one thread each."""
     study = tmp_path / "packed.yaml"
     study.write_text(PACKED_PAIR)
     results = tmp_path / "results"
     args = [str(study), "--executor", "slurm", "--parallel", "2"]
-    faults = {"HARNESS_FAULT": "after-step-64+pace@1", "HARNESS_FAULT_RUN": "momentum=0.9,seed=0"}
+    faults = {"HARNESS_FAULT": "after-step-64/momentum=0.9,seed=0+pace@1"}  # one trial of the pack killed
     plan = run_study(results, *args, "--dry-run", slurm=slurm)
     assert "packing: 2 trials a job, one process each with 1 thread(s), sharing the job's 2 CPUs: 1 jobs for 2 " \
            "trials" in plan.stdout, plan.stdout
