@@ -621,15 +621,34 @@ def render_html(title: str, md: str, figures_dir: Path) -> str:
     return PAGE.format(title=html.escape(title), body=body)
 
 
+def rebuild_suite_report(path: Path) -> Path:
+    """A suite's member reports and its one-page report, from the members' storages under
+    results/<suite>/ (default SQLite storages)."""
+    from .suite import load_suite
+    from .suite_report import build_suite_report
+
+    suite = load_suite(path)
+    members = []
+    for member in suite.members:
+        name = f"{suite.name}/{member.study}"
+        url = default_url((runio.RESULTS / name).resolve())
+        build_report(name, url)
+        members.append((name, url))
+    return build_suite_report(suite, members)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.report", description="Report of a study.")
-    parser.add_argument("name", help="the study's name (as in results/<name>)")
+    parser = argparse.ArgumentParser(prog="python -m harness.report", description="Report of a study or a suite.")
+    parser.add_argument("name", help="the study's name (as in results/<name>), or a suite's")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/<name>/)")
     parser.add_argument("--out", type=Path, help="output folder (default: results/<name>/report)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        out = build_report(args.name, args.storage, args.out)
+        from .suite import suite_path
+
+        suite = suite_path(args.name)
+        out = build_report(args.name, args.storage, args.out) if suite is None else rebuild_suite_report(suite)
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

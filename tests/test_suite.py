@@ -68,6 +68,16 @@ def test_a_suite_trains_each_shared_run_once_and_reports_on_one_page(tmp_path, s
     again = study_cli(results, str(suite), "--executor", "local", "--no-report")  # nothing left: nothing rerun
     assert again.returncode == 0 and len(trials(results, "ablation/by_k")) == 1
 
+    import shutil
+
+    from harness import report as report_cli
+
+    committed = pd.read_csv(report / "cost.csv")
+    shutil.rmtree(report)
+    assert report_cli.main([str(suite)]) == 0  # `python -m harness.report SUITE` rebuilds it from the storages
+    pd.testing.assert_frame_equal(pd.read_csv(report / "cost.csv"), committed)
+    assert (report / "report.html").read_text().count("data:image/png;base64,") == 3
+
 
 def test_a_wrong_suite_fails_before_anything_runs(tmp_path, study_cli):
     suite = write_suite(tmp_path)

@@ -124,12 +124,13 @@ def test_rerun_with_a_different_config_refuses_to_mix_runs(tmp_path):
 
 @pytest.mark.slow
 def test_fmnist_tiny_recipe_learns(tmp_path):
-    """The CPU recipe on real Fashion-MNIST, shortened for CI (3 epochs at batch 128; the full
-    recipe's figures are in the README): the loss falls, the kNN monitor rises, the probe reports a
-    pixel floor."""
+    """The CPU recipe on real Fashion-MNIST, shortened for CI (3 epochs at batch 128, probed on 2k test
+    images; the full recipe's figures are in the README): the loss falls, the kNN monitor rises, the
+    probe reports a pixel floor and beats the untrained encoder (measured: 0.842 vs 0.794)."""
     out = tmp_path / "fmnist-tiny"
+    short = ["optim.epochs=3", "optim.batch_size=128", "optim.lr_batch=128", "data.test_subset=2000"]
     args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out),
-            "--set", "optim.epochs=3", "--set", "optim.batch_size=128", "--set", "optim.lr_batch=128"]
+            *(a for key in short for a in ("--set", key))]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "epoch"]
@@ -144,8 +145,7 @@ def test_fmnist_tiny_recipe_learns(tmp_path):
     from harness.moco import build_moco
     from harness.probe import probe_backbone
 
-    cfg = make_config("fmnist-tiny", ["optim.epochs=3", "optim.batch_size=128", "optim.lr_batch=128",
-                                      "eval.pixel_floor=false"])
+    cfg = make_config("fmnist-tiny", [*short, "eval.pixel_floor=false"])
     torch.manual_seed(cfg.runtime.seed)
     untrained = probe_backbone(cfg, build_moco(cfg).encoder_q.backbone, None, torch.device("cpu"), "fast")
     assert probe["top1"] > untrained["top1"] + 0.01, (probe["top1"], untrained["top1"])
