@@ -371,9 +371,9 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         if len(bad):
             ax.scatter(pos(bad["x"]), [floor] * len(bad), marker="x", color=color, s=60, label=label)
     finish(ax, df["x"], f"{objective} (this study)", "This study: per-seed points, mean and 95 % interval")
-    if skipped:
-        ax.text(0.0, -0.3, "not run: " + "; ".join(why for _, why in skipped), transform=ax.transAxes, fontsize=7,
-                va="top", wrap=True, color="dimgray")
+    if skipped:  # named under the panels; the report's "Levels not run" says why
+        levels = ", ".join(" ".join(f"{k.split('.')[-1]}={v}" for k, v in level.items()) for level, _ in skipped)
+        fig.text(0.01, 0.01, f"not run (see 'Levels not run'): {levels}", fontsize=7, color="dimgray")
     if has_ref:
         ref = pd.DataFrame(reference["values"])
         ref["x"], _, _ = _axis(x_factor, ref[x_factor])
@@ -389,7 +389,7 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
             rax.scatter(pos(fails["x"]), [ok["value"].min() if len(ok) else 0] * len(fails), marker="x",
                         color="crimson", s=60, label="fail (paper)")
         finish(rax, ref["x"], reference.get("metric", "paper"), "Paper (different dataset and scale)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1) if skipped else (0, 0, 1, 1))
     return _save(fig, out / "objective")
 
 

@@ -204,7 +204,7 @@ def test_decision_table_of_an_adaptive_study(tmp_path):
     assert "Trials run: 12 of the fixed design's 12" in table
 
 
-@pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25)])
+@pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25), ("mechanisms", 14)])
 def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(tmp_path, name, trials):
     """results/examples/<study> carries its storage and run files: a fresh report of a copy gives the
     committed tables (what the README promises anyone who reruns it)."""
