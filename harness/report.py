@@ -360,7 +360,8 @@ def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, ref
         agg = part.groupby("x")[objective].agg(["mean", ci95_half]).reset_index()
         ax.scatter(pos(part["x"]), part[objective], color=palette[hv], alpha=0.55, s=22)
         ax.errorbar(pos(agg["x"]), agg["mean"], yerr=agg["ci95_half"].fillna(0), color=palette[hv], marker="o",
-                    capsize=4, lw=1.5, label=f"{hue} = {hv}" if hue else "mean and 95 % interval over seeds")
+                    capsize=4, lw=1.5, ls="none" if order else "-",  # categories are not a line's points
+                    label=f"{hue} = {hv}" if hue else "mean and 95 % interval over seeds")
     pixels = recorded_pixel_floor(done, objective)
     if pixels is not None:
         ax.axhline(pixels, color="gray", ls=":", lw=1.2, label=f"linear probe on raw pixels ({pixels:.3f})")
