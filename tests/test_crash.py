@@ -49,7 +49,12 @@ def outcome(results: Path, keep: int) -> dict:
             "probe": {k: v for k, v in probe.items() if k not in TIMING}, "trials": trials}
 
 
-@pytest.fixture(scope="module")
+# One xdist worker runs the whole matrix, and its study runs once per session: a module-scoped
+# fixture is set up again whenever the worker's tests of other modules come in between.
+pytestmark = pytest.mark.xdist_group("crash")
+
+
+@pytest.fixture(scope="session")
 def matrix(tmp_path_factory) -> Path:
     """One study, two trials at a time: the reference copy and the four killed ones (each retried)."""
     root = tmp_path_factory.mktemp("crash")
