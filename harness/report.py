@@ -33,6 +33,7 @@ def _plt():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
+    matplotlib.rcParams["svg.hashsalt"] = "harness"  # the same figure, the same SVG: rebuilt reports diff clean
     import matplotlib.pyplot as plt
 
     return plt
@@ -445,7 +446,7 @@ def plot_search(ostudy: optuna.Study, out: Path) -> list[Path]:
 def _save(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     fig.savefig(paths[0], dpi=130)
-    fig.savefig(paths[1])
+    fig.savefig(paths[1], metadata={"Date": None})
     _plt().close(fig)
     return paths
 
