@@ -162,32 +162,25 @@ def ci95_half(values) -> float:
 
 
 def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: bool = True) -> list[str]:
-    """Best level per factor and whether it beats the runner-up beyond seed noise (Welch's t-test)."""
-    from scipy import stats
-
+    """Best level per factor and whether it beats the runner-up beyond seed noise (Welch's t-test).
+    With several factors, a factor's levels are compared within each combination of the others (the
+    memory bank's K against the memory bank's, not pooled with MoCo's)."""
     done = trials[trials["state"] == "COMPLETE"].dropna(subset=[objective])
     lines = []
     for factor in factors:
-        groups = {lvl: g[objective].astype(float).to_numpy() for lvl, g in done.groupby(factor, sort=True)}
-        if not groups:
-            lines.append(f"{factor}: no completed trial yet.")
+        others = [f for f in factors if f != factor]
+        if not others:
+            lines.append(_best_level(done, factor, objective, maximize, factor))
             continue
-        ranked = sorted(groups, key=lambda lvl: groups[lvl].mean(), reverse=maximize)
-        best = ranked[0]
-        text = f"{factor}: best level {best} ({objective} {groups[best].mean():.4f}, n={len(groups[best])})"
-        if len(ranked) == 1:
-            lines.append(text + "; no other level completed to compare with.")
-            continue
-        second = ranked[1]
-        a, b = groups[best], groups[second]
-        diff = a.mean() - b.mean()
-        if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
-            lines.append(text + f"; runner-up {second} ({b.mean():.4f}); too few seeds to test the difference.")
-            continue
-        p = stats.ttest_ind(a, b, equal_var=False).pvalue
-        beyond = p < 0.05
-        lines.append(text + f"; runner-up {second} ({b.mean():.4f}), difference {diff:+.4f}, Welch's t-test "
-                     f"p = {p:.3g}: " + ("beyond seed noise." if beyond else "within seed noise."))
+        for held, part in done.groupby(others, sort=True):
+            held = held if isinstance(held, tuple) else (held,)
+            if part[factor].nunique() > 1:  # one level run at this combination: nothing to compare
+                at = ", ".join(f"{f} = {v}" for f, v in zip(others, held))
+                lines.append(_best_level(part, factor, objective, maximize, f"{factor} (at {at})"))
+        if done[factor].nunique() == 1:
+            lines.append(f"{factor}: one level only ({done[factor].iloc[0]}): nothing to compare.")
+        elif not any(line.startswith(factor + " (at ") for line in lines):
+            lines.append(f"{factor}: no combination of the other factors has two of its levels completed yet.")
     lines += floor_verdict(done, factors, objective)
     done_all = trials[trials["state"] == "COMPLETE"].dropna(subset=["final_loss", "chance_loss"])
     for factor in factors:
@@ -202,6 +195,26 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
         for level, g in dead.groupby(factor):
             lines.append(f"{factor} = {level}: {len(g)} run(s) diverged (loss NaN/inf) — reported as 'fail'.")
     return lines
+
+
+def _best_level(done: pd.DataFrame, factor: str, objective: str, maximize: bool, label: str) -> str:
+    from scipy import stats
+
+    groups = {lvl: g[objective].astype(float).to_numpy() for lvl, g in done.groupby(factor, sort=True)}
+    if not groups:
+        return f"{label}: no completed trial yet."
+    ranked = sorted(groups, key=lambda lvl: groups[lvl].mean(), reverse=maximize)
+    best = ranked[0]
+    text = f"{label}: best level {best} ({objective} {groups[best].mean():.4f}, n={len(groups[best])})"
+    if len(ranked) == 1:
+        return text + "; no other level completed to compare with."
+    second = ranked[1]
+    a, b = groups[best], groups[second]
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+        return text + f"; runner-up {second} ({b.mean():.4f}); too few seeds to test the difference."
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return text + (f"; runner-up {second} ({b.mean():.4f}), difference {a.mean() - b.mean():+.4f}, Welch's t-test "
+                   f"p = {p:.3g}: " + ("beyond seed noise." if p < 0.05 else "within seed noise."))
 
 
 DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file names no `decide`
@@ -285,12 +298,15 @@ def floor_verdict(done: pd.DataFrame, factors: list[str], objective: str) -> lis
     if floor is None:
         return []
     lines = []
-    for factor in factors:
-        means = done.groupby(factor, sort=True)[objective].mean()
-        above = [f"{lvl} ({m - floor:+.4f})" for lvl, m in means.items() if m > floor]
-        below = [f"{lvl} ({m - floor:+.4f})" for lvl, m in means.items() if m <= floor]
-        lines.append(f"{factor} vs the raw-pixel floor {floor:.4f} (the same linear probe on pixels): above it: "
-                     f"{', '.join(above) or 'no level'}; not above it: {', '.join(below) or 'no level'}.")
+    # With several factors, each combination of levels is a level (pooling would hide the weak ones).
+    for name, by in ([(f, f) for f in factors] if len(factors) == 1 else [(" x ".join(factors), factors)]):
+        means = done.groupby(by, sort=True)[objective].mean()
+        show = lambda lvl: ", ".join(map(str, lvl)) if isinstance(lvl, tuple) else str(lvl)  # noqa: E731
+        above = [f"{show(lvl)} ({m - floor:+.4f})" for lvl, m in means.items() if m > floor]
+        below = [f"{show(lvl)} ({m - floor:+.4f})" for lvl, m in means.items() if m <= floor]
+        sep = ", " if len(factors) == 1 else "; "  # combinations are themselves comma-separated
+        lines.append(f"{name} vs the raw-pixel floor {floor:.4f} (the same linear probe on pixels): above it: "
+                     f"{sep.join(above) or 'no level'}; not above it: {sep.join(below) or 'no level'}.")
     return lines
 
 

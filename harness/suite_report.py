@@ -73,8 +73,7 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
                      *([f"![{member}]({member}-objective.png)", ""] if figure.exists() else []),
                      _md_table(summary[[*factors, *SUMMARY_COLUMNS]]) if len(summary) else "(no trials)", "",
                      *[f"- {line}" for line in verdict(trials, factors, study_file.objective,
-                                                       study_file.direction == "maximize")[:len(factors)]
-                       if len(trials)],
+                                                       study_file.direction == "maximize") if len(trials)],
                      "", f"Full report: `{name}/report/report.html`.", ""]
     cost = pd.DataFrame(costs)
     total = {"study": "suite", **{c: cost[c].sum() for c in cost.columns if c != "study"}}

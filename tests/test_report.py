@@ -175,6 +175,26 @@ def test_verdict_tests_the_difference_and_flags_a_loss_at_chance():
     assert not any(line.startswith("moco.momentum = 0.99: completed, but") for line in stuck)
 
 
+def test_verdict_compares_a_factor_within_each_level_of_the_other():
+    """Two factors (the mechanisms study's shape): K is judged within each mechanism, never pooled
+    over them, and a mechanism that ran at one K only has nothing to compare."""
+    from harness.report import verdict
+
+    rows = [{"moco.queue_size": k, "moco.key_encoder": enc, "state": "COMPLETE", "probe_top1": v + d,
+             "final_loss": 3.0, "chance_loss": 8.3}
+            for k, enc, v in [(256, "memory_bank", 0.70), (4096, "memory_bank", 0.80), (256, "momentum", 0.90),
+                              (4096, "momentum", 0.85), (256, "end_to_end", 0.95)]
+            for d in (0.0, 0.01)]
+    lines = verdict(pd.DataFrame(rows), ["moco.queue_size", "moco.key_encoder"], "probe_top1")
+    bank = next(line for line in lines if line.startswith("moco.queue_size (at moco.key_encoder = memory_bank)"))
+    assert "best level 4096 (probe_top1 0.8050, n=2)" in bank  # pooled, 4096 would read 0.8275 and 256 0.8050
+    moco = next(line for line in lines if line.startswith("moco.queue_size (at moco.key_encoder = momentum)"))
+    assert "best level 256 (probe_top1 0.9050, n=2)" in moco
+    assert not any("end_to_end)" in line for line in lines if line.startswith("moco.queue_size"))
+    at_256 = next(line for line in lines if line.startswith("moco.key_encoder (at moco.queue_size = 256)"))
+    assert "best level end_to_end" in at_256
+
+
 def test_decision_table_of_an_adaptive_study(tmp_path):
     """Paired decisions from a results table: a clearly worse level is 'better'-d by the best with its
     interval; a level still undecided at max seeds says what the seeds could resolve."""
