@@ -280,9 +280,12 @@ def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials
     once, and ends with every trial complete exactly once."""
     fault = {"HARNESS_FAULT": "raise-once"}
     cmd, env = study_cmd(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm, env_extra=fault)
-    driver = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
 
     def submitted() -> bool:
+        assert driver.poll() is None, f"the driver ended before submitting:\n{log.read_text()[-3000:]}"
         if not (tmp_path / "smoke" / "study.db").exists():
             return False
         try:
@@ -290,7 +293,11 @@ def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials
         except Exception:  # the driver is still creating the storage's schema or the study
             return False
 
-    wait_for(submitted, what="a submitted job")
+    try:
+        wait_for(submitted, what="a submitted job")
+    except AssertionError as exc:  # what the driver said, and what Slurm says
+        queue = subprocess.run(["squeue"], env=slurm.env, capture_output=True, text=True).stdout
+        raise AssertionError(f"{exc}\n--- driver:\n{log.read_text()[-3000:]}\n--- squeue:\n{queue}") from None
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     proc = run_study(tmp_path, "smoke", "--executor", "slurm", "--parallel", "4", slurm=slurm, env_extra=fault)
