@@ -18,6 +18,9 @@ from .config import ConfigError, config_from_dict
 from .outcome import Outcome
 
 SKIP = {"code", "jobs", "report"}  # study subfolders that never hold run directories
+# Committed examples (results/examples/) are there to read and rebuild, not to stand in for a user's
+# own runs: the main command on a fresh clone trains. HARNESS_RESULTS=results/examples builds on them.
+EXAMPLES = "examples"
 REUSABLE = (Outcome.COMPLETED.value, Outcome.DIVERGED.value)  # results; pruned and failed runs are not
 
 
@@ -40,7 +43,7 @@ class RunIndex:
     def _finished(self) -> list[Path]:
         found = []
         for here, dirs, _ in os.walk(self.root):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP)
+            dirs[:] = sorted(d for d in dirs if d not in SKIP and not (d == EXAMPLES and Path(here) == self.root))
             if Path(here).name != "runs":
                 continue
             for name in list(dirs):

@@ -458,3 +458,21 @@ def test_a_study_reuses_runs_another_study_finished_and_its_report_says_so(tmp_p
         assert f"{key}: shared: earlier/runs/{key} finished the same run" in proc.stdout
     report = (tmp_path / "again" / "report" / "report.md").read_text()
     assert "## Shared runs" in report and "4 of 4 trials were not trained here" in report
+
+
+def test_committed_examples_are_not_shared_into_a_users_studies(tmp_path):
+    """results/examples/ holds runs made elsewhere, to read: a study under results/ trains its own,
+    unless HARNESS_RESULTS points at the examples themselves."""
+    import shutil
+
+    from harness.config import config_from_dict
+    from harness.shared import RunIndex
+
+    run = ROOT / "results" / "examples" / "momentum_sweep" / "runs" / "momentum=0.99,seed=0"
+    digest = config_from_dict(__import__("yaml").safe_load((run / "config.yaml").read_text())).digest()
+    copy = tmp_path / "results" / "examples" / "sweep" / "runs" / run.name
+    shutil.copytree(run, copy)
+    assert RunIndex(tmp_path / "results").find(digest) is None
+    assert RunIndex(tmp_path / "results" / "examples").find(digest) == copy
+    shutil.copytree(run, tmp_path / "results" / "mine" / "runs" / run.name)
+    assert RunIndex(tmp_path / "results").find(digest) == tmp_path / "results" / "mine" / "runs" / run.name
