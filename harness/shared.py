@@ -33,12 +33,20 @@ class RunIndex:
         self.root = Path(root).resolve()
         self._digests: dict[Path, tuple[float, str | None]] = {}  # run dir -> (status mtime, digest)
 
-    def find(self, digest: str, besides: Path | None = None) -> Path | None:
-        """A finished run with this identity (the first by path), other than `besides`."""
+    def find(self, digest: str, besides: Path | None = None, runs: dict[str, list[Path]] | None = None) -> Path | None:
+        """A finished run with this identity (the first by path), other than `besides`. `runs`: a
+        `by_digest()` taken once for many lookups (one walk of the results tree, not one each)."""
+        runs = self.by_digest() if runs is None else runs
+        return next((r for r in runs.get(digest, []) if r != besides), None)
+
+    def by_digest(self) -> dict[str, list[Path]]:
+        """Every finished run under the root, by identity digest, in path order."""
+        out: dict[str, list[Path]] = {}
         for run_dir in self._finished():
-            if run_dir != besides and self._digest(run_dir) == digest:
-                return run_dir
-        return None
+            digest = self._digest(run_dir)
+            if digest is not None:
+                out.setdefault(digest, []).append(run_dir)
+        return out
 
     def _finished(self) -> list[Path]:
         found = []

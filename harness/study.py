@@ -276,17 +276,19 @@ class Driver:
         same seed) from that run, instead of training it again (harness.shared)."""
         if self.study.sampler != "grid" or not self.opts.share:  # a search's points are chosen one by one
             return
-        for params in self.plan.pending(trials):
-            self.share(params)
+        pending = self.plan.pending(trials)
+        finished = self.runs.by_digest() if pending else {}  # one walk of the results tree a round
+        for params in pending:
+            self.share(params, finished)
 
-    def share(self, params: dict) -> bool:
+    def share(self, params: dict, finished: dict[str, list[Path]]) -> bool:
         spec = make_spec(self.study, params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
         if spec.run_dir.is_symlink():  # linked by a driver that stopped before recording the trial
             source = spec.run_dir.resolve()
         elif spec.run_dir.exists():  # this study's own run, perhaps partial: it goes on there
             return False
         else:
-            source = self.runs.find(spec.config.digest(), besides=spec.run_dir.resolve())
+            source = self.runs.find(spec.config.digest(), besides=spec.run_dir.resolve(), runs=finished)
             if source is None:
                 return False
         result = read_trial_result(source, self.study.objective, self.gpus)
@@ -545,9 +547,9 @@ def dry_run(driver: Driver) -> str:
                          f"K {cfg.moco.queue_size}, m {cfg.moco.momentum}, T {cfg.moco.temperature}, "
                          f"{cfg.moco.key_encoder}")
         n = len(driver.points)
-        shared_n = sum(driver.opts.share and driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" /
-                                                                                 trial_key(params)).resolve())
-                       is not None for params, cfg in driver.points)
+        finished = driver.runs.by_digest() if driver.opts.share else {}
+        shared_n = sum(driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve(),
+                                        runs=finished) is not None for params, cfg in driver.points)
         lines.append(f"{shared_n} of the {n} trials are finished runs of other studies (shared): {n - shared_n} to "
                      f"train")
         n -= shared_n

@@ -155,6 +155,7 @@ def suite_plan(suite: Suite, drivers) -> str:
     from .study import dry_run
 
     lines, seen, total, finished = [f"suite {suite.name}: {suite.description.strip()}"], set(), 0, 0
+    runs = drivers[0].runs.by_digest()  # one results root for every member
     for driver in drivers:
         lines += ["", dry_run(driver)]
         for params, cfg in driver.points:
@@ -163,7 +164,7 @@ def suite_plan(suite: Suite, drivers) -> str:
             if digest in seen:
                 continue
             seen.add(digest)
-            finished += driver.runs.find(digest) is not None
+            finished += digest in runs
     if not drivers[0].opts.share:
         return "\n".join([*lines, "", f"suite {suite.name}: {total} trials in {len(drivers)} studies, all trained "
                                        f"(--no-share)."])
