@@ -14,6 +14,13 @@ import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
 
 
+# The suite runs two pytest workers, each with jobs of its own, on few cores: more OpenMP threads than
+# cores. By default an idle OpenMP thread spins before it sleeps, and processes spinning against each
+# other ran a training 2-8x slower (measured in the README). PASSIVE makes waiting threads sleep;
+# thread counts, and so every number a test computes, are unchanged. Set before torch loads (the test
+# modules import it after this file); the jobs the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 ALLOW_SKIP = "HARNESS_ALLOW_SKIP"  # =1: a machine without the servers may skip their tests (never in CI)
 
 
@@ -28,6 +35,7 @@ def _require(installed: bool, what: str, packages: list[str]) -> None:
     pytest.fail(f"{what} is not installed: {install}, or set {ALLOW_SKIP}=1 to skip these tests knowingly.")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the suite runs on two workers), every test of one server runs in the worker
     that started it: the Slurm tests in one group, the PostgreSQL tests in another (each stops or
