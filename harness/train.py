@@ -270,7 +270,7 @@ class PretrainRun:
                                    for k, v in record.items() if k != "kind"))
         if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs:
             self.save()
-        faults.pace()
+        faults.pace(self.run_dir)
         return record
 
     def finish(self, outcome: Outcome, probe: bool) -> dict:

@@ -175,13 +175,15 @@ def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, 
     """Both ways SLURM interrupts a job, on a real cluster: `scontrol requeue` (what preemption does)
     and the time limit (Slurm sends USR2 60 s before a 2-min limit, checked every 30 s and up to 60 s
     early: 30-60 s into every attempt; submitit checkpoints and requeues). Each trial must be mid-run
-    when hit, resume from its checkpoint and run every epoch exactly once. HARNESS_FAULT=pace@3.5
-    sleeps 3.5 s after each epoch: ~70 s of work per trial, past the signal, at little CPU."""
+    when hit, resume from its checkpoint and run every epoch exactly once. HARNESS_FAULT=pace@3.5/<run>
+    sleeps 3.5 s after each of the timed-out trial's epochs: ~65 s of work, past the signal, at little
+    CPU; the preempted trial sleeps 0.5 s an epoch, so it is still running when requeued at its first
+    checkpoint but done before a time-limit signal could add an attempt of its own."""
     study = tmp_path / "interrupted.yaml"
     study.write_text(SLOW_PAIR)
     results = tmp_path / "results"
     args = [str(study), "--executor", "slurm", "--parallel", "2"]
-    pace = {"HARNESS_FAULT": "pace@3.5"}
+    pace = {"HARNESS_FAULT": "pace@3.5/momentum=0.99,seed=0+pace@0.5/momentum=0.9,seed=0"}
     proc = run_study(results, *args, "--no-wait", slurm=slurm, env_extra=pace)
     assert proc.returncode == 0, proc.stderr
     runs = results / "interrupted" / "runs"
