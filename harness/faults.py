@@ -4,8 +4,9 @@ HARNESS_FAULT=<point> SIGKILLs the process when it reaches <point> ("after-step-
 "checkpoint-before-rename", "probe"); <point>@N fires only at global step N (e.g. the second
 checkpoint's rename, when a previous one exists); HARNESS_FAULT=raise-once raises at the start of a
 trial, raise-always at the start of every attempt. HARNESS_FAULT=pace@S sleeps S seconds after
-every epoch: a job that outlives its time limit without spending CPU (the time-limit test);
-pace@S/<run> paces one trial only.
+every epoch of a run's first attempt: a job that outlives its time limit without spending CPU (the
+time-limit test), and, once resumed from a checkpoint, finishes without more waiting; pace@S/<run>
+paces one trial only.
 Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
 <point>/<run directory name> limits a fault to that trial (one trial of a packed job, or of a study
 whose trials each get their own); several faults at once are joined by '+'
@@ -47,7 +48,9 @@ def kill_point(point: str, run_dir: Path | None = None, step: int | None = None)
         os.kill(os.getpid(), 9)
 
 
-def pace(run_dir: Path | None = None) -> None:
+def pace(run_dir: Path | None = None, resumed: bool = False) -> None:
+    if resumed:  # only the attempt that started the run is slowed: a resumed one finishes at full speed
+        return
     for wanted in _faults():
         fault, _, only = wanted.partition("/")
         name, _, seconds = fault.partition("@")

@@ -154,6 +154,7 @@ class PretrainRun:
                                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                          foreach=True)
         self.state = RunState()
+        self.resumed = False  # this attempt went on from a checkpoint
         self.net: nn.Module = self.model
         self.last: dict = {}
 
@@ -162,6 +163,7 @@ class PretrainRun:
         if required and saved is None:
             raise ConfigError(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; "
                               f"drop --resume to start afresh.")
+        self.resumed = saved is not None
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
@@ -270,7 +272,7 @@ class PretrainRun:
                                    for k, v in record.items() if k != "kind"))
         if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs:
             self.save()
-        faults.pace(self.run_dir)
+        faults.pace(self.run_dir, resumed=self.resumed)
         return record
 
     def finish(self, outcome: Outcome, probe: bool) -> dict:

@@ -49,6 +49,9 @@ def pytest_collection_modifyitems(config, items):
         shared = any(d and d[-1].scope == "module" for d in defs.values())
         if server or shared:
             item.add_marker(pytest.mark.xdist_group(server or item.module.__name__))
+    # Longest first: xdist hands out the groups with most tests first, then single tests in this order;
+    # a slow end-to-end test picked up last would leave the other worker idle while it runs.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_sessionfinish(session, exitstatus):

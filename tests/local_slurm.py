@@ -127,7 +127,7 @@ class LocalSlurm:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
             f"AccountingStoragePort={self.dbd_port}", f"AccountingStoragePass={self.munge_socket}",
-            "SchedulerParameters=bf_interval=2,sched_interval=2", "ReturnToService=2", "KillWait=5",
+            "SchedulerParameters=bf_interval=2,sched_interval=2", "ReturnToService=2", "KillWait=2",
             "MinJobAge=300", "MailProg=/bin/true", "MpiDefault=none", "JobRequeue=1",
             "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny", "SlurmdParameters=config_overrides",
             # The machine's real cores: jobs that fit run at once, no more (as on a real node).

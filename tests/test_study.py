@@ -155,8 +155,9 @@ def wait_for(predicate, timeout=240, what="condition"):
 SLOW_PAIR = """\
 description: two slow trials on SLURM, one preempted by an admin requeue, one past its 2-min time limit
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=16,
-            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, runtime.checkpoint_every=1]
+overrides: [data.train_subset=256, data.test_subset=256, optim.batch_size=64, optim.epochs=8,
+            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_every=0,
+            runtime.checkpoint_every=1]
 factors: {moco.momentum: [0.9, 0.99]}
 seeds: [0]
 retries: 0   # no retry may rescue them: only submitit's requeue and the checkpoints
@@ -175,15 +176,16 @@ def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, 
     """Both ways SLURM interrupts a job, on a real cluster: `scontrol requeue` (what preemption does)
     and the time limit (Slurm sends USR2 60 s before a 2-min limit, checked every 30 s and up to 60 s
     early: 30-60 s into every attempt; submitit checkpoints and requeues). Each trial must be mid-run
-    when hit, resume from its checkpoint and run every epoch exactly once. HARNESS_FAULT=pace@3.5/<run>
-    sleeps 3.5 s after each of the timed-out trial's epochs: ~65 s of work, past the signal, at little
-    CPU; the preempted trial sleeps 0.5 s an epoch, so it is still running when requeued at its first
-    checkpoint but done before a time-limit signal could add an attempt of its own."""
+    when hit, resume from its checkpoint and run every epoch exactly once. HARNESS_FAULT=pace@7.5/<run>
+    sleeps 7.5 s after each of the timed-out trial's 8 epochs in its first attempt: ~65 s, past the
+    signal, at little CPU; the preempted trial sleeps 2 s an epoch, so it is still running when
+    requeued at its first checkpoint. Resumed, both finish at full speed, before a time-limit signal
+    could add a third attempt."""
     study = tmp_path / "interrupted.yaml"
     study.write_text(SLOW_PAIR)
     results = tmp_path / "results"
     args = [str(study), "--executor", "slurm", "--parallel", "2"]
-    pace = {"HARNESS_FAULT": "pace@3.5/momentum=0.99,seed=0+pace@0.5/momentum=0.9,seed=0"}
+    pace = {"HARNESS_FAULT": "pace@7.5/momentum=0.99,seed=0+pace@2/momentum=0.9,seed=0"}
     proc = run_study(results, *args, "--no-wait", slurm=slurm, env_extra=pace)
     assert proc.returncode == 0, proc.stderr
     runs = results / "interrupted" / "runs"
@@ -199,11 +201,11 @@ def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, 
     assert completed_keys(trials) == ["momentum=0.9,seed=0", "momentum=0.99,seed=0"] and len(trials) == 2
     jobs = results / "interrupted" / "jobs"
     for run in (preempted, timed_out):
-        assert epochs(run) == list(range(1, 17))  # every epoch exactly once
+        assert epochs(run) == list(range(1, 9))  # every epoch exactly once
         attempts = read_jsonl(run / "attempts.jsonl")
         assert len(attempts) >= 2
         log = "".join(p.read_text() for p in jobs.glob(f"{attempts[0]['job_id']}_*.out"))
-        assert 1 <= first_resumed_epoch(log) < 16  # hit mid-run, resumed from a checkpoint
+        assert 1 <= first_resumed_epoch(log) < 8  # hit mid-run, resumed from a checkpoint
     timed_log = "".join(p.read_text() for p in jobs.glob(f"{read_jsonl(timed_out / 'attempts.jsonl')[0]['job_id']}_*.out"))
     assert "Caught signal SIGUSR2" in timed_log and "this job is timed-out" in timed_log  # Slurm's time limit
     assert "Requeued job" in timed_log  # by submitit, from inside the job
@@ -239,6 +241,13 @@ def test_two_trials_packed_in_one_slurm_job_requeue_together_and_fail_alone(tmp_
     plan = run_study(results, *args, "--dry-run", slurm=slurm)
     assert "packing: 2 trials a job, one process each with 1 thread(s), sharing the job's 2 CPUs: 1 jobs for 2 " \
            "trials" in plan.stdout, plan.stdout
+    alone = tmp_path / "alone" / "packed.yaml"  # the same trials unpacked, run meanwhile: compared at the end
+    alone.parent.mkdir()
+    alone.write_text(PACKED_PAIR.replace(", trials_per_job: 2", ""))
+    alone_results = tmp_path / "unpacked"
+    twin_cmd, twin_env = study_cmd(alone_results, str(alone), "--executor", "local", "--parallel", "2", "--no-share")
+    twins = subprocess.Popen(twin_cmd, env=twin_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
     proc = run_study(results, *args, "--no-wait", slurm=slurm, env_extra=faults)
     assert proc.returncode == 0, proc.stderr
     runs = results / "packed" / "runs"
@@ -262,10 +271,8 @@ def test_two_trials_packed_in_one_slurm_job_requeue_together_and_fail_alone(tmp_
         assert resumed and 1 <= int(resumed.group(1)) < 10, pack_log[-3000:]
         assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"] == list(range(1, 11))
 
-    alone_results = tmp_path / "unpacked"
-    study.write_text(PACKED_PAIR.replace(", trials_per_job: 2", ""))
-    unpacked = run_study(alone_results, str(study), "--executor", "local", "--parallel", "2", "--no-share")
-    assert unpacked.returncode == 0, unpacked.stderr[-3000:]
+    twin_output, _ = twins.communicate(timeout=600)
+    assert twins.returncode == 0, twin_output[-3000:]
     for run in (killed, other):
         twin = alone_results / "packed" / "runs" / run.name
         assert read_jsonl(twin / "attempts.jsonl")[0]["runtime"]["threads"] == 1
