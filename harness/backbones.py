@@ -6,10 +6,31 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models import resnet18, resnet50
-from torchvision.models.resnet import BasicBlock
 
 from .batchnorm import SplitBatchNorm
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block, built as torchvision's (same layers, names and construction order, so
+    the same weights from a seed; tests/test_moco.py checks it against torchvision's). Kept here so
+    that a run of the tiny ResNet never imports torchvision: its detection ops import torch._dynamo,
+    ~1 s of CPU in every trial process."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
+                 norm_layer=nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
 
 
 class TinyResNet(nn.Module):
@@ -37,6 +58,8 @@ class TinyResNet(nn.Module):
 
 
 def _torchvision_resnet(arch: str, stem: str, in_channels: int, norm_layer) -> nn.Module:
+    from torchvision.models import resnet18, resnet50
+
     net = {"resnet18": resnet18, "resnet50": resnet50}[arch](weights=None, norm_layer=norm_layer)
     if stem == "cifar":  # 3x3 conv1, stride 1, no max-pool (the CIFAR-10 Colab)
         net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)

@@ -319,3 +319,27 @@ def test_memory_bank_trains_only_the_query_encoder_and_is_checkpointed():
     restored = make_bank(seed=5)
     restored.load_state_dict(model.state_dict())  # resume: the bank comes back exactly
     assert torch.equal(restored.bank, model.bank)
+
+
+@pytest.mark.parametrize("stride,down", [(1, False), (2, True)])
+def test_the_tiny_resnets_basic_block_is_torchvisions(stride, down):
+    """harness.backbones.BasicBlock (so that CPU runs need not import torchvision) builds the same
+    parameters from a seed, under the same names, and computes the same outputs and gradients."""
+    from torchvision.models.resnet import BasicBlock as Reference
+
+    from harness.backbones import BasicBlock
+
+    def build(cls):
+        torch.manual_seed(0)
+        shortcut = nn.Sequential(nn.Conv2d(4, 8, 1, stride, bias=False), nn.BatchNorm2d(8)) if down else None
+        return cls(4 if down else 8, 8, stride, shortcut, norm_layer=nn.BatchNorm2d)
+
+    ours, ref = build(BasicBlock), build(Reference)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), ref.state_dict().values()))
+    x = torch.randn(4, 4 if down else 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    outs = [m(x.clone().requires_grad_()) for m in (ours, ref)]
+    assert torch.equal(outs[0], outs[1])
+    for out in outs:
+        out.square().sum().backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours.parameters(), ref.parameters()))
