@@ -121,10 +121,10 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, study_cli):
 # ---------------------------------------------------------------- the smoke study, end to end
 
 @pytest.mark.slow
-def test_smoke_study_with_local_executor(tmp_path):
+def test_smoke_study_with_local_executor(tmp_path, study_cli):
     """The smoke grid run locally, two of its trials already enqueued but never run (what a worker-mode
     driver that died before its workers started leaves): they are neither lost nor duplicated; a
-    rerun has nothing left to do; --status lists every trial."""
+    rerun has nothing left to do; --status lists every trial (those two commands in this process)."""
     storage = f"sqlite:///{tmp_path / 'smoke' / 'study.db'}"
     (tmp_path / "smoke").mkdir()
     left = optuna.create_study(study_name="smoke", storage=storage, direction="maximize")
@@ -135,9 +135,9 @@ def test_smoke_study_with_local_executor(tmp_path):
     assert_every_trial_complete_once(trials_of(tmp_path))
     assert len(trials_of(tmp_path)) == 4
     assert_jobs_ran_the_snapshot(tmp_path)
-    again = run_study(tmp_path, "smoke", "--executor", "local")  # nothing left to do: nothing rerun
-    assert again.returncode == 0 and len(trials_of(tmp_path)) == 4
-    status = run_study(tmp_path, "smoke", "--status")
+    again = study_cli(tmp_path, "smoke", "--executor", "local", "--poll", "1", "--no-report")  # nothing rerun
+    assert again.returncode == 0 and len(trials_of(tmp_path)) == 4, again.stderr[-3000:]
+    status = study_cli(tmp_path, "smoke", "--status")
     assert status.returncode == 0 and "done 4/4 running 0 failed 0" in status.stdout
     rows = [line for line in status.stdout.splitlines() if "COMPLETE" in line]
     assert sorted(line.split()[1] for line in rows) == SMOKE_KEYS
