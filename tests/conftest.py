@@ -14,7 +14,7 @@ import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
 
 
-# The suite runs two pytest workers, each with jobs of its own, on few cores: more OpenMP threads than
+# The suite runs several pytest workers, each with jobs of its own, on few cores: more OpenMP threads than
 # cores. By default an idle OpenMP thread spins before it sleeps, and processes spinning against each
 # other ran a training 2-8x slower (measured in the README). PASSIVE makes waiting threads sleep;
 # thread counts, and so every number a test computes, are unchanged. Set before torch loads (the test
@@ -37,7 +37,7 @@ def _require(installed: bool, what: str, packages: list[str]) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (the suite runs on two workers), every test of one server runs in the worker
+    """Under pytest-xdist (the suite runs on three workers), every test of one server runs in the worker
     that started it: the Slurm tests in one group, the PostgreSQL tests in another (each stops or
     restarts its server, and a session fixture starts one server per worker). Tests sharing an
     expensive module-scoped fixture (the crash matrix's reference run) stay together too, so it is
