@@ -423,7 +423,9 @@ def test_dry_run_estimates_the_cost_from_earlier_runs_of_the_same_work(tmp_path,
     per_trial = statistics.median(walls)
     assert (f"estimate: {per_trial / 60:.1f} min a trial (median of 10 earlier runs of this work here), 10 trials "
             f"2 at a time: about {math.ceil(10 / 2) * per_trial / 60:.0f} min of wall time") in proc.stdout
-    other = study_cli(tmp_path, *args, "--set", "optim.epochs=4")  # no earlier run: a few steps timed here
+    cache = tmp_path / "cache"  # this test's own: other dry runs in this worker time steps of their own
+    other = study_cli(tmp_path, *args, "--set", "optim.epochs=4", env={"HARNESS_CACHE": str(cache)})  # no earlier
+    # run: a few steps timed here
     assert "estimate: no earlier run of this work on this machine" in other.stdout
     timed = re.search(r"timed here: ([0-9.]+) s a training step x 156 steps = ([0-9.]+) min a trial of training "
                       r"alone \(start-up, kNN monitor and probe not included\), 10 trials 2 at a time: at least "
@@ -431,9 +433,10 @@ def test_dry_run_estimates_the_cost_from_earlier_runs_of_the_same_work(tmp_path,
     assert timed, other.stdout
     step = float(timed.group(1))
     assert 0 < step < 60 and timed.group(3) == f"{5 * 156 * step / 60:.0f}"
-    cached = json.loads((Path(os.environ["HARNESS_CACHE"]) / "step_seconds.json").read_text())
+    cached = json.loads((cache / "step_seconds.json").read_text())
     assert [round(v, 3) for v in cached.values()] == [step]  # measured once per work, machine and threads
-    again = study_cli(tmp_path, *args, "--set", "optim.epochs=8")  # same step, other length: the cached step
+    again = study_cli(tmp_path, *args, "--set", "optim.epochs=8", env={"HARNESS_CACHE": str(cache)})  # same step,
+    # other length: the cached step
     assert f"timed here: {step:.3f} s a training step x 312 steps" in again.stdout
 
 
