@@ -267,6 +267,14 @@ class Driver:
             raise StudyError(f"another driver is already running study '{self.name}' "
                              f"(lock {self.dir / 'driver.lock'}); watch it with --status.") from None
 
+    def close(self) -> None:
+        """Release the driver lock now, not whenever the driver is garbage-collected: a process that
+        runs studies one after another (a suite, a rerun in the same process) must not find its own
+        finished driver still holding it."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()
+
     def trials(self) -> list[optuna.trial.FrozenTrial]:
         return self.ostudy.get_trials(deepcopy=False)
 
@@ -625,7 +633,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.status:
             return print_status(driver)
         driver.open()
-        driver.run_workers() if opts.workers else driver.run()
+        try:
+            driver.run_workers() if opts.workers else driver.run()
+        finally:
+            driver.close()
     except (StudyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -131,7 +131,10 @@ def main(path: Path, args, opts) -> int:
         for driver in drivers:
             print(f"[suite {suite.name}] study {driver.name}", flush=True)
             driver.open()
-            driver.run_workers() if opts.workers else driver.run()
+            try:
+                driver.run_workers() if opts.workers else driver.run()
+            finally:
+                driver.close()
             if not opts.wait:
                 print(f"[suite {suite.name}] --no-wait: members run one after another, so the suite goes on "
                       f"from here when this command is run again.")

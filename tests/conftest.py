@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
         if server or shared:
             item.add_marker(pytest.mark.xdist_group(server or item.module.__name__))
     # Longest first: xdist hands out the groups with most tests first, then single tests in this order;
-    # a slow end-to-end test picked up last would leave the other worker idle while it runs.
+    # a slow end-to-end test picked up last would leave the other workers idle while it runs.
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -1,5 +1,7 @@
 """Suites (`python -m harness.study SUITE`): studies run as one ablation, shared runs trained once,
 one report. Real training (one tiny trial), real Optuna storages, the local executor."""
+import fcntl
+import gc
 import json
 from pathlib import Path
 
@@ -39,8 +41,15 @@ def test_a_suite_trains_each_shared_run_once_and_reports_on_one_page(tmp_path, s
            "2 trials shared." in plan.stdout
     assert not results.exists()  # a dry run leaves nothing behind
 
-    proc = study_cli(results, str(suite), "--executor", "local")
-    assert proc.returncode == 0, proc.stderr
+    gc.disable()  # a driver kept alive by a reference cycle must not keep its lock: it is released, not collected
+    try:
+        proc = study_cli(results, str(suite), "--executor", "local")
+        assert proc.returncode == 0, proc.stderr
+        for member in ("by_m", "by_k", "by_t"):
+            with open(results / "ablation" / member / "driver.lock") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a driver holds it
+    finally:
+        gc.enable()
     (first,) = trials(results, "ablation/by_m")
     (second,) = trials(results, "ablation/by_k")
     (third,) = trials(results, "ablation/by_t")
