@@ -172,14 +172,16 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
         if not others:
             lines.append(_best_level(done, factor, objective, maximize, factor))
             continue
+        compared = False
         for held, part in done.groupby(others, sort=True):
             held = held if isinstance(held, tuple) else (held,)
             if part[factor].nunique() > 1:  # one level run at this combination: nothing to compare
                 at = ", ".join(f"{f} = {v}" for f, v in zip(others, held))
                 lines.append(_best_level(part, factor, objective, maximize, f"{factor} (at {at})"))
+                compared = True
         if done[factor].nunique() == 1:
             lines.append(f"{factor}: one level only ({done[factor].iloc[0]}): nothing to compare.")
-        elif not any(line.startswith(factor + " (at ") for line in lines):
+        elif not compared:
             lines.append(f"{factor}: no combination of the other factors has two of its levels completed yet.")
     lines += floor_verdict(done, factors, objective)
     done_all = trials[trials["state"] == "COMPLETE"].dropna(subset=["final_loss", "chance_loss"])

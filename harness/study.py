@@ -267,6 +267,14 @@ class Driver:
             raise StudyError(f"another driver is already running study '{self.name}' "
                              f"(lock {self.dir / 'driver.lock'}); watch it with --status.") from None
 
+    def open_and_run(self) -> None:
+        """Take the study's lock, run its trials (driver rounds, or workers), release the lock."""
+        self.open()
+        try:
+            self.run_workers() if self.opts.workers else self.run()
+        finally:
+            self.close()
+
     def close(self) -> None:
         """Release the driver lock now, not whenever the driver is garbage-collected: a process that
         runs studies one after another (a suite, a rerun in the same process) must not find its own
@@ -632,11 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.status:
             return print_status(driver)
-        driver.open()
-        try:
-            driver.run_workers() if opts.workers else driver.run()
-        finally:
-            driver.close()
+        driver.open_and_run()
     except (StudyError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

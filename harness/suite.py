@@ -130,11 +130,7 @@ def main(path: Path, args, opts) -> int:
             return 0
         for driver in drivers:
             print(f"[suite {suite.name}] study {driver.name}", flush=True)
-            driver.open()
-            try:
-                driver.run_workers() if opts.workers else driver.run()
-            finally:
-                driver.close()
+            driver.open_and_run()
             if not opts.wait:
                 print(f"[suite {suite.name}] --no-wait: members run one after another, so the suite goes on "
                       f"from here when this command is run again.")
