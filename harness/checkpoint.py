@@ -2,7 +2,10 @@
 
 A checkpoint holds the model (queue and pointer included), optimizer, grad scaler, position
 (epoch, step within epoch, global step), the running epoch sums, RNG states and the resolved config.
-Loading uses `torch.load(weights_only=True)`: no code runs from a checkpoint file.
+Loading uses `torch.load(weights_only=True)`: no code runs from a checkpoint file. Checkpoints
+always load to the CPU, whatever device the run trains on: `load_state_dict` of the model and the
+optimizer moves tensors to their parameters' device, and the RNG states must stay CPU ByteTensors
+(`torch.set_rng_state` refuses a CUDA one; a CUDA tensor has no `.numpy()`).
 """
 from __future__ import annotations
 
@@ -40,13 +43,18 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what `rng_state` saved. Tolerates tensors on another device (a checkpoint loaded
+    with some other map_location) and another number of visible GPUs than the saving process had:
+    the generators both have are restored, the rest keep their seeds (every training step reseeds
+    from (seed, step) anyway, see harness.train)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
@@ -72,9 +80,9 @@ def checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)), reverse=True)
 
 
-def load_file(path: Path, map_location="cpu") -> dict[str, Any]:
+def load_file(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, ...: all mean "not usable"
         raise CheckpointError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -82,11 +90,11 @@ def load_file(path: Path, map_location="cpu") -> dict[str, Any]:
     return state
 
 
-def load_latest(directory: Path, map_location="cpu") -> Optional[dict[str, Any]]:
+def load_latest(directory: Path) -> Optional[dict[str, Any]]:
     """The newest checkpoint that loads; unusable newer ones are skipped with a warning."""
     for path in checkpoints(directory):
         try:
-            state = load_file(path, map_location)
+            state = load_file(path)
         except CheckpointError as exc:
             warnings.warn(f"skipping {exc}; falling back to the previous checkpoint", stacklevel=2)
             continue

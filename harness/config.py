@@ -107,8 +107,9 @@ class EvalConfig:
 @dataclass
 class RuntimeConfig:
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto is resolved before a run's identity is taken (resolve_execution): the identity holds what runs.
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda for trials given GPUs, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: + GradScaler
     channels_last: Literal["auto", "yes", "no"] = "auto"
     compile: bool = False  # torch.compile the encoders: for long GPU runs (compiling takes minutes)
     checkpoint_every: int = 1  # epochs
@@ -116,6 +117,9 @@ class RuntimeConfig:
     keep_checkpoints: int = 2
     log_every: int = 20  # steps between loss read-backs (and NaN checks)
     threads: int = 0  # torch CPU threads; 0 = torch's default
+    # DDP: a collective that waits longer than this fails the run (NCCL's default is 10 minutes). No
+    # rank waits for another's lone work (harness.distributed), so only a real hang gets this far.
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -171,6 +175,7 @@ RUNTIME_ONLY = {
     "name": "a label: the same computation may serve several studies",
     "recipe": "a label: what the recipe set is in the other fields",
     "runtime.threads": "CPU threads: set from the cores a job gets, which differ between machines",
+    "runtime.dist_timeout_s": "how long a DDP collective may wait before the run fails",
     "runtime.compile": "torch.compile: the same graph, fused",
     "runtime.channels_last": "memory layout of the activations",
     "runtime.checkpoint_every": "checkpoint cadence",
@@ -195,6 +200,14 @@ def identity_of(data: dict) -> dict:
     """What a run computes: its config (as a dict) minus the runtime-only fields and the settings its
     dictionary mechanism never reads."""
     out = json.loads(json.dumps(data))  # a deep copy
+    runtime = out.get("runtime")
+    if isinstance(runtime, dict) and "auto" in (runtime.get("device"), runtime.get("precision")):
+        # Written before `auto` was resolved (resolve_execution): every such run trained on a CPU in fp32
+        # (no run of this project had met a GPU), which is what its identity says now.
+        if runtime.get("device") == "auto":
+            runtime["device"] = "cpu"
+        if runtime.get("precision") == "auto":
+            runtime["precision"] = "bf16" if runtime["device"] == "cuda" else "fp32"
     for key in (*RUNTIME_ONLY, *INERT.get(get_dotted(out, "moco.key_encoder"), ())):
         *parents, leaf = key.split(".")
         node = get_dotted(out, ".".join(parents)) if parents else out
@@ -329,8 +342,10 @@ def parse_override(text: str) -> dict:
     return nest(key, value)
 
 
-def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None) -> RunConfig:
-    """Recipe + overrides -> validated RunConfig (raises ConfigError)."""
+def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None,
+                gpus: int | None = None) -> RunConfig:
+    """Recipe + overrides -> validated RunConfig (raises ConfigError). `gpus`: the GPUs the run's
+    process will have; given, `auto` device and precision are resolved (resolve_execution)."""
     data = load_recipe_data(recipe)
     data.pop("resources", None)  # submission defaults for this scale (harness.studyfile), not run config
     data = _merge(data, {"recipe": recipe})
@@ -340,7 +355,23 @@ def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: 
         data["name"] = name
     cfg = _build(RunConfig, data, "")
     validate(cfg)
-    return cfg
+    return cfg if gpus is None else resolve_execution(cfg, gpus)
+
+
+def resolve_execution(cfg: RunConfig, gpus: int) -> RunConfig:
+    """`auto` device and precision made what will run, for a process given `gpus` GPUs (a study's
+    resources.gpus; harness.train: the GPUs it sees). Resolved before the run's identity is taken, so
+    a CPU fp32 run and a GPU bf16 run are two runs, never shared into each other's studies. bf16 is
+    the GPU default (Ampere and newer); an older GPU refuses it at the job's start (harness.runtime)
+    and says to set runtime.precision=fp16."""
+    r = cfg.runtime
+    device = r.device if r.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    precision = r.precision if r.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    _require(not (device == "cpu" and precision == "fp16"),
+             "runtime.precision: fp16 is for CUDA (with a gradient scaler); on a CPU use fp32 or bf16.")
+    if (device, precision) == (r.device, r.precision):
+        return cfg
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(r, device=device, precision=precision))
 
 
 def config_from_dict(data: dict) -> RunConfig:
@@ -400,6 +431,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
              f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], "
              f"got {cfg.model.tiny_widths}.")
+    _require(cfg.runtime.dist_timeout_s > 0,
+             f"runtime.dist_timeout_s: must be > 0 seconds, got {cfg.runtime.dist_timeout_s}.")
     _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)

@@ -271,15 +271,31 @@ def labelled_batches(images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig,
         yield x, labels[lo:lo + batch_size].to(device)
 
 
-def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256):
+def eval_subset(n: int, limit: Optional[int], split: str) -> Optional[torch.Tensor]:
+    """The evaluation subset of a split: `limit` of its `n` images by a fixed seeded permutation (the
+    same for every run, so kNN values compare across runs); None: all of them."""
+    if limit is None or limit >= n:
+        return None
+    return torch.randperm(n, generator=seeded_generator("eval", split))[:limit]
+
+
+def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256, limit: Optional[int] = None,
+                       part: tuple[int, int] = (0, 1)):
+    """Evaluation views (resize, centre crop) of an image folder's split: its seeded subset of `limit`
+    images, and of that rank `part[0]`'s chunk of `part[1]` (see harness.distributed.chunk_of)."""
     from torchvision import datasets
+
+    from .distributed import chunk_of
 
     base = folder_root(cfg.data.root)
     mean, std = NORMALIZATION["imagefolder"]
     size = cfg.data.image_size
     folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=int(size * 256 / 224)))
-    return torch.utils.data.DataLoader(folder, batch_size=batch_size, num_workers=cfg.data.num_workers,
-                                       pin_memory=device.type == "cuda")
+    pick = eval_subset(len(folder), limit, "train" if split == "train" else "test")
+    indices = list(range(len(folder))) if pick is None else pick.tolist()
+    chunk = indices[chunk_of(len(indices), *part)]
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(folder, chunk), batch_size=batch_size,
+                                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
 
 
 def folder_probe_set(cfg: RunConfig, spec):

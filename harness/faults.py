@@ -6,7 +6,9 @@ checkpoint's rename, when a previous one exists); HARNESS_FAULT=raise-once raise
 trial, raise-always at the start of every attempt. HARNESS_FAULT=pace@S sleeps S seconds after
 every epoch of a run's first attempt: a job that outlives its time limit without spending CPU (the
 time-limit test), and, once resumed from a checkpoint, finishes without more waiting; pace@S/<run>
-paces one trial only.
+paces one trial only. HARNESS_FAULT=stall-<point>@S sleeps S seconds at <point> ("probe": rank 0's
+final probe, made long), nan-loss@N makes the loss NaN at global step N (set in one DDP rank's
+environment: the rank that diverges alone).
 Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
 <point>/<run directory name> limits a fault to that trial (one trial of a packed job, or of a study
 whose trials each get their own); several faults at once are joined by '+'
@@ -63,3 +65,14 @@ def raise_point(point: str, run_dir: Path | None = None) -> None:
         raise RuntimeError("injected fault (HARNESS_FAULT=raise-always)")
     if _first_time(point, run_dir):
         raise RuntimeError(f"injected fault (HARNESS_FAULT={point})")
+
+
+def stall(point: str) -> None:
+    for wanted in _faults():
+        name, _, seconds = wanted.partition("@")
+        if name == f"stall-{point}":
+            time.sleep(float(seconds))
+
+
+def nan_at(step: int) -> bool:
+    return _first_time("nan-loss", None, step)

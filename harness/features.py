@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import data as data_mod
+from .distributed import chunk_of, gather_rows
 from .runtime import inference_autocast
 
 
@@ -26,16 +27,28 @@ def extract(model: nn.Module, batches, device) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(feats), torch.cat(labels)
 
 
-def split_batches(cfg, split: str, device, splits=None, limit: int | None = None):
-    """(image, label) batches of the labelled 'train' or 'test' split, evaluation view."""
+def split_batches(cfg, split: str, device, splits=None, limit: int | None = None, part: tuple[int, int] = (0, 1)):
+    """(image, label) batches of the labelled 'train' or 'test' split, evaluation view: at most
+    `limit` images (a seeded subset, the same in every run), and of those the chunk of rank `part[0]`
+    of `part[1]` (distributed.chunk_of) so that every rank extracts its share."""
     if cfg.data.dataset == "imagefolder":
-        return data_mod.folder_eval_loader(cfg, "train" if split == "train" else "val", device)
+        return data_mod.folder_eval_loader(cfg, "train" if split == "train" else "val", device, limit=limit,
+                                           part=part)
     images = getattr(splits, f"{split}_images")
     labels = getattr(splits, f"{split}_labels")
-    if limit is not None and limit < len(images):
-        pick = torch.randperm(len(images), generator=data_mod.seeded_generator("eval", split))[:limit]
+    pick = data_mod.eval_subset(len(images), limit, split)
+    if pick is not None:
         images, labels = images[pick], labels[pick]
-    return data_mod.labelled_batches(images, labels, cfg, device)
+    rows = chunk_of(len(images), *part)
+    return data_mod.labelled_batches(images[rows], labels[rows], cfg, device)
+
+
+def extract_split(model: nn.Module, cfg, split: str, device, splits=None, limit: int | None = None,
+                  rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`extract` of a split's evaluation images, sharded: each rank encodes its chunk, and every rank
+    returns the whole (gathered in rank order, i.e. the order of one process)."""
+    feats, labels = extract(model, split_batches(cfg, split, device, splits, limit, (rank, world)), device)
+    return gather_rows(feats), gather_rows(labels)
 
 
 def encoder_features(model: nn.Module, which: str) -> nn.Module:

@@ -268,16 +268,40 @@ class SlurmExecutor(Executor):
 
 
 class LocalExecutor(Executor):
+    """Jobs as processes on this machine. Trials with GPUs get GPUs of their own: `parallel` slots of
+    `resources.gpus` devices each, a slot given to one job at a time (CUDA_VISIBLE_DEVICES)."""
+
     kind = "local"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.jobs: dict[str, Any] = {}  # submitted by this driver: their exit codes can be read
+        self.slots = gpu_slots(self.res.gpus, self.parallel, visible_gpus()) if self.res.gpus else []
+        self.slot_of: dict[str, tuple[int, ...]] = {}  # job id -> its GPUs
 
     def submit(self, callables: list, code_dir: Path) -> list:
-        jobs = super().submit(callables, code_dir)
+        if not self.slots:
+            jobs = super().submit(callables, code_dir)
+        else:
+            jobs = []
+            with jobs_use(code_dir):
+                for fn in callables:
+                    slot = self._free_slot()
+                    # submitit's LocalExecutor sets CUDA_VISIBLE_DEVICES from it (AutoExecutor does not pass it on)
+                    self.inner._executor.update_parameters(visible_gpus=slot)
+                    job = self.inner.submit(fn)
+                    self.slot_of[str(job.job_id)] = slot
+                    jobs.append(job)
         self.jobs.update({str(job.job_id): job for job in jobs})
         return jobs
+
+    def _free_slot(self) -> tuple[int, ...]:
+        taken = {slot for job_id, slot in self.slot_of.items() if local_alive(job_id)}
+        for slot in self.slots:
+            if slot not in taken:
+                return slot
+        raise StudyError(f"the local executor has no free GPUs for another job: {len(self.slots)} slot(s) of "
+                         f"{self.res.gpus} GPU(s) are all in use; lower --parallel.")
 
     def ended(self, jobs: dict[str, float]) -> dict[str, str]:
         return {job_id: "ENDED" for job_id in jobs if not local_alive(job_id)}
@@ -343,6 +367,36 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
             job_id, state = line.split("|", 1)
             states[job_id.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
     return states
+
+
+def visible_gpus() -> list[int]:
+    """The GPUs this machine shows to its processes, without importing torch (the driver stays light):
+    CUDA_VISIBLE_DEVICES when set, else nvidia-smi's list, else none."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:  # the jobs' CUDA_VISIBLE_DEVICES names these same devices (submitit sets it)
+        ids = [d.strip() for d in listed.split(",") if d.strip()]
+        ids = ids[:next((i for i, d in enumerate(ids) if d == "-1"), len(ids))]  # CUDA stops at -1
+        if not all(d.isdigit() for d in ids):
+            raise StudyError(f"CUDA_VISIBLE_DEVICES={listed!r}: the local executor hands out GPUs by index; "
+                             f"give indices (e.g. 0,1) instead of UUIDs.")
+        return [int(d) for d in ids]
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return []
+    return list(range(sum(line.startswith("GPU ") for line in out.stdout.splitlines())))
+
+
+def gpu_slots(per_job: int, parallel: int, gpus: list[int]) -> list[tuple[int, ...]]:
+    """`parallel` disjoint sets of `per_job` GPUs, or a StudyError saying what is missing."""
+    if per_job * parallel > len(gpus):
+        raise StudyError(f"resources.gpus: {parallel} trial(s) at once x {per_job} GPU(s) need {per_job * parallel} "
+                         f"GPUs, and this machine shows {len(gpus)} (CUDA_VISIBLE_DEVICES or nvidia-smi); lower "
+                         f"--parallel to {len(gpus) // per_job if per_job <= len(gpus) else 0}"
+                         f"{'' if per_job <= len(gpus) else ' and resources.gpus'}, or use --executor slurm.")
+    return [tuple(gpus[i * per_job:(i + 1) * per_job]) for i in range(parallel)]
 
 
 def local_alive(job_id: str) -> bool:

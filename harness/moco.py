@@ -65,15 +65,20 @@ class MoCo(nn.Module):
         torch._foreach_add_(k_params, torch._foreach_mul(q_params, 1.0 - self.m))
 
     def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
-        """k = normalize(f_k(x_k)), encoded under Shuffle BN."""
+        """k = normalize(f_k(x_k)), encoded under Shuffle BN; normalised in fp32 (see _infonce)."""
         if self.key_encoder == "end_to_end":  # same encoder, gradient flows through keys
-            return F.normalize(encode_shuffled(self.encoder_q, x_k, self.shuffle_bn, differentiable=True), dim=1)
+            return F.normalize(encode_shuffled(self.encoder_q, x_k, self.shuffle_bn, differentiable=True).float(), dim=1)
         encoder = self.encoder_k if self.key_encoder == "momentum" else self.encoder_q
         with torch.no_grad():  # momentum: no gradient to f_k; shared: stop-gradient (the paper's m = 0)
-            return F.normalize(encode_shuffled(encoder, x_k, self.shuffle_bn), dim=1)
+            return F.normalize(encode_shuffled(encoder, x_k, self.shuffle_bn).float(), dim=1)
 
     def _infonce(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, 1 + negatives), positive in column 0, divided by T; cross-entropy loss."""
+        """Logits (N, 1 + negatives), positive in column 0, divided by T; cross-entropy loss.
+        Similarities in fp32 even under autocast: in bf16 a logit at T = 0.07 is rounded by ~0.06."""
+        with torch.autocast(q.device.type, enabled=False):
+            return self._infonce_fp32(q.float(), k.float())
+
+    def _infonce_fp32(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
         if self.key_encoder == "end_to_end":
             # Negatives: every other key of the global batch (no queue).
@@ -109,15 +114,16 @@ class MoCo(nn.Module):
         replacement, as InstDisc's sampler; one draw per step, shared by the batch, the same on every
         rank). Stored features are as old as the last epoch that saw their image: large but
         inconsistent, the paper's point."""
-        q = F.normalize(self.encoder_q(x_q), dim=1)
+        q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # similarities in fp32, as _infonce
         with torch.no_grad():
             positive = self.bank[index]  # N x C
             draw = torch.randint(self.bank.shape[0], (self.K,), device=q.device)
             if is_distributed():
                 dist.broadcast(draw, src=0)  # every rank uses rank 0's draw
             negatives = self.bank[draw]  # K x C
-        l_pos = torch.einsum("nc,nc->n", q, positive).unsqueeze(-1)
-        l_neg = torch.einsum("nc,kc->nk", q, negatives)
+        with torch.autocast(q.device.type, enabled=False):
+            l_pos = torch.einsum("nc,nc->n", q, positive).unsqueeze(-1)
+            l_neg = torch.einsum("nc,kc->nk", q, negatives)
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._update_bank(index, q.detach())
@@ -132,7 +138,7 @@ class MoCo(nn.Module):
         self.bank[index] = F.normalize(mixed, dim=1)
 
     def _one_direction(self, x_q: torch.Tensor, x_k: torch.Tensor):
-        q = F.normalize(self.encoder_q(x_q), dim=1)  # N x C, with gradient
+        q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # N x C, with gradient; fp32 (see _infonce)
         k = self._keys(x_k)  # N x C
         loss, logits = self._infonce(q, k)
         return loss, logits, k

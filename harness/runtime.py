@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,33 +22,57 @@ from .config import ConfigError, RunConfig
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    bf16: bool
+    precision: str  # fp32 | bf16 | fp16 (fp16 trains with a gradient scaler)
     channels_last: bool
     threads: int  # 0: torch's default
 
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
     @staticmethod
     def device_type(cfg: RunConfig) -> str:
-        """'cuda' or 'cpu', before a process group exists (the backend depends on it)."""
+        """'cuda' or 'cpu', before a process group exists (the backend depends on it). A run resolved
+        to CUDA (config.resolve_execution: its trial was given GPUs) that sees no GPU fails here, at
+        once, naming the node: training on the CPU instead would spend the whole time limit."""
+        if cfg.runtime.device == "cuda" and not torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(
+                f"runtime.device: this run needs a GPU (resources.gpus > 0, or runtime.device=cuda) but node "
+                f"{socket.gethostname()} shows none to it (CUDA_VISIBLE_DEVICES={visible!r}, torch "
+                f"{torch.__version__}, CUDA build {torch.version.cuda}): check the job's GPU request and the "
+                f"node's driver, or run on the CPU with runtime.device=cpu.")
         return "cuda" if cfg.runtime.device != "cpu" and torch.cuda.is_available() else "cpu"
 
     @classmethod
     def for_config(cls, cfg: RunConfig, local_rank: int = 0) -> "Runtime":
         r = cfg.runtime
-        if r.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("runtime.device: 'cuda' was asked for but no GPU is visible; use runtime.device=cpu.")
         if cls.device_type(cfg) == "cuda":
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
+            # Sites that bind one GPU per task show each rank a single device: its own, index 0.
+            index = local_rank % torch.cuda.device_count()
+            torch.cuda.set_device(index)
+            device = torch.device("cuda", index)
         else:
             device = torch.device("cpu")
         cuda = device.type == "cuda"
-        return cls(device=device, bf16=r.precision == "bf16" or (r.precision == "auto" and cuda),
+        precision = r.precision if r.precision != "auto" else ("bf16" if cuda else "fp32")
+        if cuda and precision == "bf16" and torch.cuda.get_device_capability(device) < (8, 0):
+            raise ConfigError(f"runtime.precision: bf16 on {torch.cuda.get_device_name(device)} (compute capability "
+                              f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) is emulated and slow; "
+                              f"use runtime.precision=fp16 (with a gradient scaler) or fp32 on GPUs before Ampere.")
+        if precision == "fp16" and not cuda:
+            raise ConfigError("runtime.precision: fp16 is for CUDA (with a gradient scaler); on a CPU use fp32 or bf16.")
+        return cls(device=device, precision=precision,
                    channels_last=r.channels_last == "yes" or (r.channels_last == "auto" and cuda),
                    threads=r.threads)
 
     def apply(self) -> "Runtime":
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.device.type == "cuda":
+            # cuDNN picks the fastest convolution algorithm per shape: GPU runs are then not bit-
+            # reproducible from run to run (resume stays exact in state: weights, queue, position).
+            torch.backends.cudnn.benchmark = True
         return self
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -60,11 +85,17 @@ class Runtime:
         return tuple(x.contiguous(memory_format=torch.channels_last) for x in images)
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
+
+    def grad_scaler(self) -> "torch.amp.GradScaler":
+        """fp16 needs loss scaling (its gradients underflow); bf16 and fp32 do not (a disabled scaler
+        is a no-op, so the training step is written once)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
     def describe(self) -> dict:
         """What an attempt ran with (recorded in attempts.jsonl)."""
-        return {"device": str(self.device), "precision": "bf16" if self.bf16 else "fp32",
+        return {"device": str(self.device), "precision": self.precision,
                 "channels_last": self.channels_last, "threads": torch.get_num_threads()}
 
 

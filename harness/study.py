@@ -201,6 +201,12 @@ class Driver:
         if opts.workers and self.resources.trials_per_job > 1:
             raise StudyError(f"{self.study.path}: resources.trials_per_job: packing is for the driver's jobs; "
                              f"--workers already runs one trial per worker process (drop one of them).")
+        ranks = (self.resources.tasks or max(self.resources.gpus, 1)) * self.resources.nodes
+        if opts.workers and ranks > 1:
+            raise StudyError(f"{self.study.path}: resources: a trial here is {ranks} DDP processes (gpus "
+                             f"{self.resources.gpus}, tasks {self.resources.tasks}, nodes {self.resources.nodes}); "
+                             f"--workers runs one process per trial. Drop --workers (the driver's jobs run DDP), "
+                             f"or give each trial one GPU (--set is not enough: resources.gpus: 1 in the study).")
         if opts.workers and (self.study.sampler != "grid" or self.study.race):
             raise StudyError("--workers: worker mode runs a fixed grid; searches and adaptive seeds need the "
                              "driver's rounds (drop --workers).")

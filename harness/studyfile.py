@@ -109,7 +109,8 @@ class Study:
         """The point's config: recipe, the study's overrides, --set, then the factor levels and seed."""
         levels = [nest(key, value) for key, value in params.items() if key != "seed"]
         seed = nest("runtime.seed", params.get("seed", self.seeds[0]))
-        return make_config(recipe or self.recipe, [*self.overrides, *extra, *levels, seed], name=run_name)
+        gpus = self.resources_for(recipe).gpus  # `auto` device and precision become what the trial's job runs
+        return make_config(recipe or self.recipe, [*self.overrides, *extra, *levels, seed], name=run_name, gpus=gpus)
 
     def check_overrides(self, overrides: list[str], source: str) -> None:
         """An override of a factor's key (or of the seed) would be silently replaced by each level."""

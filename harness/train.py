@@ -28,9 +28,9 @@ from . import checkpoint as ckpt
 from . import distributed as dist_mod
 from . import faults, runio
 from .config import RUNTIME_ONLY, ConfigError, RunConfig, dump_yaml, get_dotted, identity_diff, make_config, validate
-from .data import NUM_CLASSES, load_tensors, pretrain_views, seeded_generator
+from .data import NUM_CLASSES, folder_classes, load_tensors, pretrain_views, seeded_generator
 from .datafiles import check_dataset
-from .features import encoder_features, extract, split_batches
+from .features import encoder_features, extract_split
 from .knn import knn_accuracy
 from .moco import build_moco, compile_encoders
 from .outcome import RUNNING, Outcome
@@ -82,13 +82,15 @@ class Progress:
             self.bar.close()
 
 
-def knn_monitor(cfg: RunConfig, encoder: nn.Module, splits, device) -> float:
+def knn_monitor(cfg: RunConfig, encoder: nn.Module, splits, device, rank: int = 0, world: int = 1) -> float:
+    """kNN top-1 of the query encoder on the seeded eval subsets (eval.knn_train_subset / _test_subset),
+    in memory or from an image folder. Every rank extracts its share of the images; all get the value."""
     e = cfg.eval
     model = encoder_features(encoder, e.knn_features)
-    bank, bank_labels = extract(model, split_batches(cfg, "train", device, splits, e.knn_train_subset), device)
-    test, test_labels = extract(model, split_batches(cfg, "test", device, splits, e.knn_test_subset), device)
-    classes = NUM_CLASSES.get(cfg.data.dataset) or int(bank_labels.max()) + 1
-    return knn_accuracy(bank, bank_labels, test, test_labels, classes, e.knn_k, e.knn_t)
+    bank, bank_labels = extract_split(model, cfg, "train", device, splits, e.knn_train_subset, rank, world)
+    test, test_labels = extract_split(model, cfg, "test", device, splits, e.knn_test_subset, rank, world)
+    classes = NUM_CLASSES.get(cfg.data.dataset) or folder_classes(cfg)
+    return dist_mod.broadcast_float(knn_accuracy(bank, bank_labels, test, test_labels, classes, e.knn_k, e.knn_t))
 
 
 # ---------------------------------------------------------------- the run directory
@@ -153,13 +155,14 @@ class PretrainRun:
         self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.scaled_lr(),
                                          momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
                                          foreach=True)
+        self.scaler = rt.grad_scaler()  # fp16 only; a no-op otherwise
         self.state = RunState()
         self.resumed = False  # this attempt went on from a checkpoint
         self.net: nn.Module = self.model
         self.last: dict = {}
 
     def resume(self, required: bool) -> None:
-        saved = ckpt.load_latest(self.run_dir / "checkpoints", map_location=self.rt.device)
+        saved = ckpt.load_latest(self.run_dir / "checkpoints")  # on the CPU; load_state_dict moves tensors
         if required and saved is None:
             raise ConfigError(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; "
                               f"drop --resume to start afresh.")
@@ -167,6 +170,8 @@ class PretrainRun:
         if saved is not None:
             self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
+            if saved.get("scaler"):
+                self.scaler.load_state_dict(saved["scaler"])
             self.state = RunState.from_checkpoint(saved)
             ckpt.set_rng_state(saved["rng"])
         s = self.state
@@ -182,7 +187,8 @@ class PretrainRun:
     def save(self) -> None:
         if self.is_main:
             ckpt.save(self.run_dir / "checkpoints", {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": None,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 **self.state.to_checkpoint(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
             }, keep=self.cfg.runtime.keep_checkpoints)
         if self.world > 1:
@@ -198,7 +204,8 @@ class PretrainRun:
                 if lr is None:
                     return Outcome.DIVERGED
                 record = self.end_epoch(time.perf_counter() - tic, start_step, lr, progress)
-                if on_epoch is not None and on_epoch(self.state.epoch, record):
+                # Only rank 0 talks to the pruner; every rank leaves the loop on its word, at the same step.
+                if dist_mod.rank0_decides(on_epoch is not None and on_epoch(self.state.epoch, record)):
                     return Outcome.PRUNED
             return Outcome.COMPLETED
         finally:
@@ -219,9 +226,12 @@ class PretrainRun:
             torch.manual_seed(seeded_generator("step", cfg.runtime.seed, s.global_step, self.rank).initial_seed())
             with self.rt.autocast():
                 out = self.net(x_q, x_k, index)
+            if faults.nan_at(s.global_step + 1):
+                out["loss"] = out["loss"] * float("nan")
             self.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            self.optimizer.step()
+            self.scaler.scale(out["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             s.global_step, s.step_in_epoch = s.global_step + 1, step + 1
             # Accumulate on the device; read back only every log_every steps (no per-step sync).
             loss_acc = out["loss"].detach() if loss_acc is None else loss_acc + out["loss"].detach()
@@ -229,7 +239,10 @@ class PretrainRun:
             n_acc += 1
             last_of_epoch = step + 1 == per_epoch
             if s.global_step % cfg.runtime.log_every == 0 or last_of_epoch:
-                mean_loss = self._log_steps(loss_acc.item(), acc_acc.item(), n_acc, lr, progress)
+                # Averaged over ranks: what is logged is the global batch's loss, and a NaN on any rank
+                # stops every rank at this same step.
+                loss_sum, acc_sum = dist_mod.mean_over_ranks(loss_acc.item(), acc_acc.item())
+                mean_loss = self._log_steps(loss_sum, acc_sum, n_acc, lr, progress)
                 loss_acc = acc_acc = None
                 n_acc = 0
                 if not math.isfinite(mean_loss):
@@ -261,8 +274,9 @@ class PretrainRun:
                   "pretext_acc": s.sums["accuracy"] / count, "lr": lr, "epoch_seconds": seconds,
                   "images_per_s": (self.views.steps_per_epoch - start_step) * cfg.optim.batch_size / seconds}
         every, final = cfg.eval.knn_every, s.epoch + 1 == cfg.optim.epochs
-        if every and ((s.epoch + 1) % every == 0 or final) and self.is_main and self.splits:
-            record["knn_top1"] = knn_monitor(cfg, self.model.encoder_q, self.splits, self.rt.device)
+        if every and ((s.epoch + 1) % every == 0 or final):  # all ranks: each extracts its share
+            record["knn_top1"] = knn_monitor(cfg, self.model.encoder_q, self.splits, self.rt.device,
+                                             self.rank, self.world)
         s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, {"loss": 0.0, "accuracy": 0.0, "count": 0}
         self.last = record
         if self.is_main:
@@ -276,18 +290,22 @@ class PretrainRun:
         return record
 
     def finish(self, outcome: Outcome, probe: bool) -> dict:
-        """The final probe (completed runs, once) and status.json. Returns the final status."""
+        """The final probe (completed runs, once) and status.json. Returns the final status.
+
+        The process group is released first, every rank at the same point: the probe runs on rank 0
+        alone (hours for main_lincls on ImageNet), and a rank parked in a barrier meanwhile would be
+        aborted by the collective timeout. The other ranks return at once; the job ends with rank 0."""
         s = self.state
+        dist_mod.release()
         result = {"status": outcome.value, "epoch": s.epoch, "global_step": s.global_step, "world_size": self.world,
                   "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1")}
         if self.is_main:
             if outcome is Outcome.COMPLETED and probe and self.cfg.eval.probe != "none" \
                     and not (self.run_dir / "probe.json").exists():
                 runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step, stage="probe")
+                faults.stall("probe")
                 result["probe"] = probe_run(self.cfg, self.run_dir, self.model.encoder_q, self.splits, self.rt.device)
             runio.write_status(self.run_dir, outcome.value, **{k: v for k, v in result.items() if k != "status"})
-        if self.world > 1:
-            torch.distributed.barrier()
         return result
 
 
@@ -297,7 +315,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
     `attempt`: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl.
     `wait_for_lock`: a busy run directory is waited for (trial jobs), not an error (the CLI)."""
     run_dir = Path(run_dir)
-    rank, world, local_rank = dist_mod.init_from_env(Runtime.device_type(cfg))
+    rank, world, local_rank = dist_mod.init_from_env(Runtime.device_type(cfg), cfg.runtime.dist_timeout_s)
     validate(cfg, world_size=world)
     rt = Runtime.for_config(cfg, local_rank).apply()
     run_lock = runio.lock_run_dir(run_dir, wait_for_lock) if rank == 0 else None  # held until the run returns
@@ -311,6 +329,8 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
     finally:
         if run_lock is not None:
             run_lock.close()
+        if dist_mod.is_distributed():  # left by an error: leave the group without waiting for the others
+            torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-probe", action="store_true", help="skip the final linear probe")
     args = parser.parse_args(argv)
     try:
-        cfg = make_config(args.recipe, args.overrides)
+        cfg = make_config(args.recipe, args.overrides, gpus=torch.cuda.device_count())  # auto: what this machine runs
         check_dataset(cfg)
         run_dir = args.out or runio.RESULTS / "runs" / args.recipe
         runio.check_writable(run_dir)
