@@ -10,6 +10,8 @@ Device windows are short, so everything worth knowing about a GPU is measured in
                path: images/s, achieved TFLOP/s, peak device memory
   packing      1, 2 and 4 training processes of cifar10-r18 on the device at once: aggregate
                images/s (what several trials per GPU would gain; 1 and 2 at the small size)
+  GPU paths    resume on the device, NCCL gathers, syncs per step, layout x cudnn.benchmark,
+               bf16 vs fp32 logits (harness.gpu_checks)
 
 On a machine without a GPU it runs the same code at small sizes (`--size small`, the default
 there), which is how CI tests it.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import gpu_checks
 from .config import make_config
 from .data import pretrain_views
 from .runtime import Runtime
@@ -140,6 +143,7 @@ def run(args) -> list[dict]:
     for recipe in RECIPES:
         rows += throughput(size, recipe)
     rows += packing(size)
+    rows += gpu_checks.run(size)
     failed = [r["check"] for r in rows if r.get("ok") is False]
     rows.append({"part": "device", "check": "summary", "size": size["name"],
                  "fast_paths": "all within tolerance" if not failed else f"OUT OF TOLERANCE: {', '.join(failed)}"})
@@ -153,7 +157,9 @@ def table(rows: list[dict]) -> str:
 
     lines = ["| check | recipe | result |", "|---|---|---|"]
     for r in rows:
-        if r["check"] == "fp32 eager":
+        if gpu_checks.describe(r) is not None:
+            result = gpu_checks.describe(r)
+        elif r["check"] == "fp32 eager":
             result = f"reference: losses {', '.join(fmt(x, 5) for x in r['losses'])}"
         elif "ok" in r:
             result = (f"{'ok' if r['ok'] else 'OUT OF TOLERANCE'}: loss rel. diff {fmt(r['loss_rel_diff'])} "

@@ -80,9 +80,16 @@ def estimate_line(results: Path, cfg: RunConfig, machine: str, threads: int, tri
 
 
 def steps_per_epoch(cfg: RunConfig) -> int:
+    """Training steps an epoch (drop_last, as training): in-memory datasets by their known size, image
+    folders by counting their training images."""
     from .data import pretrain_size
+    from .datafiles import folder_image_count
 
-    return max(1, (pretrain_size(cfg) or cfg.optim.batch_size) // cfg.optim.batch_size)  # drop_last, as training
+    images = pretrain_size(cfg)
+    if images is None and cfg.data.dataset == "imagefolder":
+        images = folder_image_count(cfg.data.root)
+        images = min(images, cfg.data.train_subset) if cfg.data.train_subset else images
+    return max(1, (images or cfg.optim.batch_size) // cfg.optim.batch_size)
 
 
 def timed_step_seconds(cfg: RunConfig, machine: str, threads: int, steps: int = 6, warmup: int = 2) -> float:

@@ -7,11 +7,14 @@ runs several trials, one process each, on one job's CPUs and device.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -182,15 +185,21 @@ class Executor:
     def __init__(self, folder: Path, res: Resources, name: str, parallel: int):
         self.folder, self.res, self.parallel = folder, res, parallel
         self.tasks = res.tasks or max(res.gpus, 1)  # one process per GPU: DDP
+        python = {"slurm_python": res.python} if self.kind == "slurm" and res.python else {}
         self.inner = submitit.AutoExecutor(folder=str(folder), cluster=self.kind,
-                                           slurm_max_num_timeout=res.max_timeouts)
+                                           slurm_max_num_timeout=res.max_timeouts, **python)
+        # A gres string says the GPUs itself (some sites reject --gpus-per-node).
+        gpus_per_node = None if res.gres else (res.gpus or None)
         params: dict[str, Any] = dict(name=name, timeout_min=res.time_min, nodes=res.nodes,
                                       tasks_per_node=self.tasks, cpus_per_task=max(1, res.cpus // self.tasks),
-                                      gpus_per_node=res.gpus or None, **self.extra_parameters())
+                                      gpus_per_node=gpus_per_node, **self.extra_parameters())
         self.inner.update_parameters(**{k: v for k, v in params.items() if v is not None})
 
     def extra_parameters(self) -> dict[str, Any]:
         return {}
+
+    def preflight(self) -> None:
+        """Raises StudyError for jobs this executor could not run, before any trial is asked."""
 
     def parameters(self) -> dict[str, Any]:
         """The job parameters as submitit will pass them (sbatch options on SLURM)."""
@@ -237,17 +246,62 @@ class Executor:
         raise NotImplementedError
 
 
+# srun of Slurm 22.05-23.02 no longer takes --cpus-per-task from the allocation: each rank would get one core.
+SRUN_CPUS = "export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}"
+
+
 class SlurmExecutor(Executor):
     kind = "slurm"
 
     def extra_parameters(self) -> dict[str, Any]:
-        jobs_at_once = max(1, self.parallel // self.res.trials_per_job)  # --parallel counts trials
-        return dict(mem_gb=self.res.mem_gb, slurm_array_parallelism=jobs_at_once,
-                    slurm_signal_delay_s=self.res.signal_delay_s, slurm_partition=self.res.partition)
+        r = self.res
+        jobs_at_once = max(1, self.parallel // r.trials_per_job)  # --parallel counts trials
+        memory = ({"slurm_mem_per_gpu": f"{r.mem_per_gpu:g}G"} if r.mem_per_gpu
+                  else {"slurm_mem": "0"} if r.mem_gb == 0 else {"mem_gb": r.mem_gb})  # --mem=0: the whole node
+        site = dict(account=r.account, qos=r.qos, constraint=r.constraint, exclude=r.exclude, gres=r.gres,
+                    gpus_per_task=r.gpus_per_task, cpus_per_gpu=r.cpus_per_gpu, comment=r.comment,
+                    exclusive=True if r.exclusive else None, srun_args=list(r.srun_args) or None,
+                    additional_parameters=dict(r.additional_parameters) or None)
+        return dict(**memory, slurm_array_parallelism=jobs_at_once, slurm_signal_delay_s=r.signal_delay_s,
+                    slurm_partition=r.partition, slurm_setup=[SRUN_CPUS, *r.setup],
+                    **{f"slurm_{k}": v for k, v in site.items() if v is not None})
+
+    def sbatch_lines(self) -> list[str]:
+        """The job script's #SBATCH lines and setup, as submitit writes them (what --dry-run shows)."""
+        inner = self.inner._executor
+        text = inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+        return [line for line in text.splitlines() if line.startswith("#SBATCH")
+                or line in [SRUN_CPUS, *self.res.setup]]
+
+    def preflight(self) -> None:
+        """`sbatch --test-only` of the study's job script: an account, QOS, partition or size the site
+        refuses is one StudyError naming the field, before any trial is asked or submitted."""
+        inner = self.inner._executor
+        with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
+            fh.write(inner._make_submission_file_text("true", "preflight"))
+        try:
+            with outside_allocation():
+                out = subprocess.run(["sbatch", "--test-only", fh.name], capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            return  # a slow controller: the real submission says what is wrong, if anything
+        finally:
+            os.unlink(fh.name)
+        if out.returncode != 0:
+            raise StudyError(explain_sbatch(out.stderr))
 
     def submit(self, callables: list, code_dir: Path) -> list:
-        with jobs_use(code_dir), self.inner.batch():  # one job array
-            return [self.inner.submit(fn) for fn in callables]
+        """One job array per MaxArraySize tasks, submitted with a clean environment: a driver started
+        inside an allocation (salloc, a job) must not pass its SLURM_* variables on to its jobs."""
+        size = max_array_size()
+        jobs = []
+        try:
+            with jobs_use(code_dir), outside_allocation():
+                for lo in range(0, len(callables), size):
+                    with self.inner.batch():  # one job array
+                        jobs += [self.inner.submit(fn) for fn in callables[lo:lo + size]]
+        except submitit.core.utils.FailedJobError as exc:
+            raise StudyError(explain_sbatch(str(exc))) from None
+        return jobs
 
     def threads_per_process(self, concurrent: int) -> int:
         return max(1, self.res.cpus // (self.tasks * self.res.trials_per_job))  # the job's own CPUs, shared
@@ -257,10 +311,11 @@ class SlurmExecutor(Executor):
         out = {}
         for job_id, submitted in jobs.items():
             state = states.get(job_id, "UNKNOWN")
-            # sacct may lag a fresh submission; a job unknown for 5 minutes has vanished
-            if state in ALIVE or (state == "UNKNOWN" and time.time() - submitted < 300):
+            # A fresh submission may not be known to any source yet; one unknown to all of them
+            # (sacct, squeue, scontrol) for VANISH_S has vanished.
+            if state in ALIVE or (state == "UNKNOWN" and time.time() - submitted < vanish_seconds()):
                 continue
-            out[job_id] = state
+            out[job_id] = "UNKNOWN to sacct, squeue and scontrol" if state == "UNKNOWN" else state
         return out
 
     def job(self, job_id: str):
@@ -276,10 +331,20 @@ class LocalExecutor(Executor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.jobs: dict[str, Any] = {}  # submitted by this driver: their exit codes can be read
-        self.slots = gpu_slots(self.res.gpus, self.parallel, visible_gpus()) if self.res.gpus else []
+        self.slots, self.gpu_problem = [], None
+        if self.res.gpus:
+            try:
+                self.slots = gpu_slots(self.res.gpus, self.parallel, visible_gpus())
+            except StudyError as exc:  # said by preflight (a run) or noted (a dry run)
+                self.gpu_problem = str(exc)
         self.slot_of: dict[str, tuple[int, ...]] = {}  # job id -> its GPUs
 
+    def preflight(self) -> None:
+        if self.gpu_problem:
+            raise StudyError(self.gpu_problem)
+
     def submit(self, callables: list, code_dir: Path) -> list:
+        self.preflight()
         if not self.slots:
             jobs = super().submit(callables, code_dir)
         else:
@@ -355,18 +420,123 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str, parallel: 
 
 # ---------------------------------------------------------------- re-attachment
 
+SBATCH_CAUSES = (  # sbatch's words -> the field to change
+    ("invalid account", "resources.account: the site does not know this account for you (sacctmgr show assoc "
+                        "user=$USER lists yours)"),
+    ("invalid qos", "resources.qos: not a QOS this account may use (sacctmgr show assoc user=$USER format=qos)"),
+    ("invalid partition", "resources.partition: no such partition here (sinfo -s lists them)"),
+    ("maxsubmit", "the site's limit on queued jobs: lower --parallel, or wait for jobs to end"),
+    ("qosmax", "a QOS limit (jobs, GPUs or time per user): lower --parallel, resources.gpus or time_min, or use "
+               "another resources.qos"),
+    ("accounting/qos policy", "a QOS or account limit: lower --parallel, resources.gpus or time_min, or use another "
+                              "resources.qos"),
+    ("time limit", "resources.time_min: above the partition's or QOS's limit (sinfo -o '%P %l')"),
+    ("gres", "resources.gres / resources.gpus: not a GRES this site has (sinfo -o '%P %G')"),
+    ("feature", "resources.constraint: no node has these features (sinfo -o '%N %f')"),
+    ("memory", "resources.mem_gb / mem_per_gpu: more memory than a node has"),
+    ("node configuration is not available", "resources: no node has this many cpus, GPUs or this much memory "
+                                            "(or constraint/exclude leave none)"),
+    ("job array", "the job array is larger than the site's MaxArraySize"),
+)
+
+
+@contextlib.contextmanager
+def outside_allocation():
+    """submitit's clean_env (no SLURM_* or SUBMITIT_* variables of a surrounding allocation reach the
+    jobs), keeping SLURM_CONF: where the Slurm client finds its cluster, not a property of a job."""
+    conf = os.environ.get("SLURM_CONF")
+    with submitit.helpers.clean_env():
+        if conf:
+            os.environ["SLURM_CONF"] = conf
+        yield
+
+
+def explain_sbatch(stderr: str) -> str:
+    """One line: what sbatch said, and the field to change."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    said = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "no message")
+    cause = next((fix for words, fix in SBATCH_CAUSES if words in said.lower()), None)
+    return f"sbatch refused the job: {said.removeprefix('sbatch: error: ')}" + (f" -> {cause}" if cause else "")
+
+
+@functools.lru_cache(maxsize=1)
+def max_array_size() -> int:
+    """The largest job array this site takes (scontrol show config: MaxArraySize; 1001 by default)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 1000
+    for line in out.splitlines():
+        if line.split("=")[0].strip() == "MaxArraySize":
+            with contextlib.suppress(ValueError):
+                return max(1, int(line.split("=", 1)[1].strip()))  # submitit's indices: 0..n-1 < MaxArraySize
+    return 1000
+
+
+def vanish_seconds() -> float:
+    """How long a job no source knows counts as just submitted (HARNESS_SLURM_VANISH_S; tests shorten it)."""
+    return float(os.environ.get("HARNESS_SLURM_VANISH_S", "300"))
+
+
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """One sacct call for all jobs (array tasks included): {job id: state}. Missing ids are absent."""
+    """{job id: state} for jobs and array tasks, from every source that knows them: sacct (accounting,
+    also for ended jobs), then squeue for what sacct does not know (a pending array task has no
+    accounting record until it starts; sites without slurmdbd have none at all), then scontrol for
+    recently ended jobs on such sites. Ids no source knows are absent."""
     if not job_ids:
         return {}
-    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))],
-                         capture_output=True, text=True, timeout=60)
+    wanted = sorted(set(job_ids))
+    states = {k: v for k, v in _sacct(wanted).items() if v != "UNKNOWN"}
+    missing = [j for j in wanted if j not in states]
+    if missing:
+        states.update({k: v for k, v in _squeue(missing).items() if k in missing})
+    for job_id in [j for j in missing if j not in states]:
+        state = _scontrol(job_id)
+        if state:
+            states[job_id] = state
+    return states
+
+
+def _sacct(job_ids: list[str]) -> dict[str, str]:
+    try:
+        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
     states = {}
-    for line in out.stdout.splitlines():
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
         if "|" in line:
             job_id, state = line.split("|", 1)
             states[job_id.strip()] = state.split()[0] if state.strip() else "UNKNOWN"
     return states
+
+
+def _squeue(job_ids: list[str]) -> dict[str, str]:
+    """Pending and running jobs, array tasks one by one (-r: a throttled range ID_[a-b%N] expanded)."""
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states = {}
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        if "|" in line:
+            job_id, state = line.split("|", 1)
+            states[job_id.strip()] = state.strip() or "UNKNOWN"
+    return states
+
+
+def _scontrol(job_id: str) -> str | None:
+    """A job the controller still holds (ended ones for MinJobAge, 300 s by default)."""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for field in out.stdout.split() if out.returncode == 0 else []:
+        if field.startswith("JobState="):
+            return field.split("=", 1)[1]
+    return None
 
 
 def visible_gpus() -> list[int]:

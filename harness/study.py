@@ -262,6 +262,7 @@ class Driver:
                              f"or use another --storage to start a separate study.")
         self.executor = launch.make_executor(self.kind, self.dir / "jobs", self.resources, self.name,
                                              self.opts.parallel)
+        self.executor.preflight()  # a refused account/QOS/partition, too few GPUs: one line, before any trial is asked
         self.code_dir = snapshot.take(self.dir / "code")  # what every job of this driver runs
 
     def lock(self):
@@ -581,6 +582,16 @@ def dry_run(driver: Driver) -> str:
     with tempfile.TemporaryDirectory() as scratch:  # a dry run leaves nothing behind
         executor = launch.make_executor(driver.kind, Path(scratch), res, driver.name, driver.opts.parallel)
         lines.append(f"job parameters ({driver.kind}): {json.dumps(executor.parameters(), default=str)}")
+        if driver.kind == "slurm":
+            lines.append("job script (as sbatch gets it; the job array adds --array):")
+            lines += [f"  {line}" for line in executor.sbatch_lines()]
+        try:
+            executor.preflight()
+        except StudyError as exc:
+            lines.append(f"note: a run would stop here: {exc}")
+        _, sources = driver.study.resources_with_sources(driver.recipe)
+        lines.append("resources from: " + "; ".join(f"{key} {getattr(res, key)!r} ({origin})"
+                                                    for key, origin in sorted(sources.items())))
         threads = driver.points[0][1].runtime.threads or executor.threads_per_process(driver.opts.parallel)
     per_trial = res.gpus * res.nodes * res.time_min / 60
     first = f"the first round at most {len(driver.points) // s.race.max * s.race.initial * per_trial:.1f}; " \

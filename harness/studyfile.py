@@ -32,14 +32,14 @@ import yaml
 
 from .config import ConfigError, RunConfig, load_recipe_data, make_config, nest
 from .decide import RaceSpec
+from .resources import Resources, StudyError, check_resources
+from .resources import merge as merge_resources
 
 STUDY_DIR = Path(__file__).resolve().parent.parent / "studies"
 STUDY_COPY = "study.yaml"  # results/<study>/study.yaml: the file a study was started from
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
             "direction", "pruner", "resources", "retries", "reference", "decide"}
-RESOURCE_KEYS = {"gpus", "cpus", "mem_gb", "time_min", "partition", "nodes", "tasks", "signal_delay_s", "max_timeouts",
-                 "trials_per_job"}
 OBJECTIVES = ("probe_top1", "knn_top1")
 PRUNER_ARGS = {  # the Optuna pruner arguments a study file may set
     "none": set(), "median": {"n_startup_trials", "n_warmup_steps"},
@@ -47,24 +47,6 @@ PRUNER_ARGS = {  # the Optuna pruner arguments a study file may set
     "threshold": {"lower", "upper", "n_warmup_steps"},
 }
 PRUNERS = tuple(PRUNER_ARGS)
-
-
-class StudyError(ValueError):
-    """A study that cannot run; raised before anything is submitted."""
-
-
-@dataclass
-class Resources:
-    gpus: int = 0  # per node
-    tasks: int = 0  # processes per node (DDP ranks); 0 = one per GPU, or one without GPUs
-    cpus: int = 2  # per node
-    mem_gb: float = 8
-    time_min: int = 60
-    partition: Optional[str] = None
-    nodes: int = 1
-    signal_delay_s: int = 60
-    max_timeouts: int = 3
-    trials_per_job: int = 1  # trials packed into one job and its devices, one process each (launch.PackedJob)
 
 
 @dataclass
@@ -88,11 +70,15 @@ class Study:
     race: Optional[RaceSpec] = None  # adaptive seeds (harness.decide); None: every level gets every seed
 
     def resources_for(self, recipe: str | None = None) -> Resources:
-        """The recipe's resources (its scale: CPU minutes or GPU days), then the study's overrides."""
-        base = load_recipe_data(recipe or self.recipe).get("resources", {}) or {}
-        merged = {**base, **self.resources}
-        _check_resources(self.path, merged)
-        return Resources(**merged)
+        """The recipe's resources (its scale: CPU minutes or GPU days), the user's cluster file (site
+        defaults), then the study's own (harness.resources)."""
+        return self.resources_with_sources(recipe)[0]
+
+    def resources_with_sources(self, recipe: str | None = None) -> tuple[Resources, dict[str, str]]:
+        """resources_for, and where each value set anywhere came from (what --dry-run shows)."""
+        recipe = recipe or self.recipe
+        base = load_recipe_data(recipe).get("resources", {}) or {}
+        return merge_resources(recipe, base, self.path, self.resources)
 
     # -- trials ------------------------------------------------------------------------------
     def grid(self) -> list[dict[str, Any]]:
@@ -241,7 +227,7 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
     if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 20:
         raise _fail(path, "retries", "an integer from 0 to 20 is required.")
     raw_res = data.get("resources", {}) or {}
-    _check_resources(path, raw_res)
+    check_resources(path, raw_res, whole=False)
     overrides = data.get("overrides", []) or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise _fail(path, "overrides", "a list of 'section.key=value' strings is required.")
@@ -306,33 +292,6 @@ def make_pruner(name: str, epochs: int, args: dict | None = None):
     if name == "threshold":
         return optuna.pruners.ThresholdPruner(**args)
     return optuna.pruners.NopPruner()
-
-
-def _check_resources(path: Path, res: Any) -> None:
-    if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
-        bad = sorted(set(res) - RESOURCE_KEYS) if isinstance(res, dict) else res
-        raise _fail(path, "resources", f"unknown entries {bad}; allowed: {', '.join(sorted(RESOURCE_KEYS))}.")
-    for key, value in res.items():
-        if key == "partition":
-            if value is not None and not isinstance(value, str):
-                raise _fail(path, "resources.partition", "a partition name (string) or null is required.")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise _fail(path, f"resources.{key}", f"a non-negative number is required, got {value!r}.")
-        elif key in ("gpus", "cpus", "nodes", "tasks", "time_min", "max_timeouts", "trials_per_job") \
-                and value != int(value):
-            raise _fail(path, f"resources.{key}", f"a whole number is required, got {value!r}.")
-    if res.get("nodes", 1) < 1 or res.get("cpus", 1) < 1 or res.get("time_min", 1) < 1:
-        raise _fail(path, "resources", "nodes, cpus and time_min must be at least 1.")
-    packed = res.get("trials_per_job", 1)
-    if packed < 1:
-        raise _fail(path, "resources.trials_per_job", f"at least 1 is required, got {packed!r}.")
-    if packed > 1 and (res.get("nodes", 1) > 1 or res.get("gpus", 0) > 1 or res.get("tasks", 0) > 1):
-        raise _fail(path, "resources.trials_per_job", "packed trials share one device, one process each; a "
-                    "trial with several GPUs, tasks or nodes (DDP) cannot be packed. Set trials_per_job: 1, or "
-                    "gpus, tasks and nodes to at most 1.")
-    if packed > res.get("cpus", packed):
-        raise _fail(path, "resources.trials_per_job", f"{packed} trials a job need at least {packed} cpus (one "
-                    f"thread each), got cpus: {res['cpus']}.")
 
 
 def validate_levels(study: Study, recipe: str | None, extra: list[str]) -> tuple[list[tuple[dict, RunConfig]], list[str]]:

@@ -143,10 +143,12 @@ class RunState:
 class PretrainRun:
     """MoCo pretraining of one run directory: resume, epochs, end-of-epoch work, finish."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, rt: Runtime, rank: int, world: int):
+    def __init__(self, cfg: RunConfig, run_dir: Path, rt: Runtime, rank: int, world: int, splits=None):
+        """`splits`: in-memory images to train on instead of the dataset's files (the device check's
+        synthetic images)."""
         self.cfg, self.run_dir, self.rt, self.rank, self.world = cfg, run_dir, rt, rank, world
         self.is_main = rank == 0
-        self.splits = None if cfg.data.dataset == "imagefolder" else load_tensors(cfg)
+        self.splits = splits or (None if cfg.data.dataset == "imagefolder" else load_tensors(cfg))
         self.views = pretrain_views(cfg, rt.device, rank, world, self.splits)
         torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank (and every level)
         self.model = rt.prepare(build_moco(cfg, bank_size=self.views.size))
@@ -310,7 +312,7 @@ class PretrainRun:
 
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCallback | None = None,
-          probe: bool = True, attempt: dict | None = None, wait_for_lock: bool = False) -> dict:
+          probe: bool = True, attempt: dict | None = None, wait_for_lock: bool = False, splits=None) -> dict:
     """Pretrain (resuming from the newest good checkpoint), then probe. Returns the final status.
     `attempt`: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl.
     `wait_for_lock`: a busy run directory is waited for (trial jobs), not an error (the CLI)."""
@@ -323,7 +325,7 @@ def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCa
         prepare_run_dir(cfg, run_dir, rank == 0)
         if rank == 0:
             record_attempt(run_dir, cfg, rt, attempt)
-        run = PretrainRun(cfg, run_dir, rt, rank, world)
+        run = PretrainRun(cfg, run_dir, rt, rank, world, splits)
         run.resume(required=resume)
         return run.finish(run.run_epochs(on_epoch), probe)
     finally:

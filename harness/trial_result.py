@@ -42,8 +42,11 @@ def read_trial_result(run_dir: Path, objective: str, gpus: int = 0) -> TrialResu
     identity = runio.read_json(run_dir / "identity.json")
     if identity:
         attrs["identity"] = identity["digest"]
-    hours = sum(r.get("epoch_seconds", 0) for r in runio.read_jsonl(run_dir / "metrics.jsonl")
-                if r.get("kind") == "epoch") / 3600
+    # Training epochs and the final probe: the trial's devices are held for both (in a DDP trial the
+    # other ranks are released from collectives during the probe, not from the job's allocation).
+    probe_seconds = json.loads(probe_file.read_text()).get("seconds", 0) if probe_file.exists() else 0
+    hours = (sum(r.get("epoch_seconds", 0) for r in runio.read_jsonl(run_dir / "metrics.jsonl")
+                 if r.get("kind") == "epoch") + probe_seconds) / 3600
     attrs.update(hours=hours, gpu_hours=hours * gpus)
     value, reason = None, None
     if outcome is Outcome.COMPLETED:

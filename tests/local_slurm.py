@@ -51,6 +51,8 @@ def _run(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 class LocalSlurm:
+    ACCOUNT, QOS, GPUS = "lab", "short", 2  # what the cluster enforces and declares (see _start_slurm)
+
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.conf = self.root / "slurm.conf"
@@ -123,7 +125,10 @@ class LocalSlurm:
             f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'run/slurmctld.pid'}", f"SlurmdPidFile={r / 'run/slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log/slurmctld.log'}", f"SlurmdLogFile={r / 'log/slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            # CPU binding as on real clusters: a task sees only the cores it was given.
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/affinity", "JobAcctGatherType=jobacct_gather/none",
+            # Accounts and QOS enforced as on most sites: a job needs a valid account, QOS and limits.
+            "AccountingStorageEnforce=associations,limits,qos", "GresTypes=gpu",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
             f"AccountingStoragePort={self.dbd_port}", f"AccountingStoragePass={self.munge_socket}",
@@ -131,12 +136,24 @@ class LocalSlurm:
             "MinJobAge=300", "MailProg=/bin/true", "MpiDefault=none", "JobRequeue=1",
             "CommunicationParameters=NoInAddrAny,NoCtldInAddrAny", "SlurmdParameters=config_overrides",
             # The machine's real cores: jobs that fit run at once, no more (as on a real node).
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 State=UNKNOWN",
-            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""]))
+            # Two GPUs declared on stand-in device files (/dev/null, /dev/zero): gres and --gpus requests are
+            # accepted and scheduled, and a job can read what it was given; nothing can compute on them.
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 Gres=gpu:{self.GPUS} "
+            f"State=UNKNOWN",
+            f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+            f"PartitionName=long Nodes={host} MaxTime=INFINITE State=UP", ""]))
+        (r / "gres.conf").write_text("".join(f"NodeName={host} Name=gpu File={device}\n"
+                                             for device in ("/dev/null", "/dev/zero")[:self.GPUS]))
         _run("slurmdbd", env=self.env)
         _wait(lambda: self._port_open(self.dbd_port), "slurmdbd")
         _wait(lambda: subprocess.run(["sacctmgr", "-i", "add", "cluster", "harness"], env=self.env,
                                      capture_output=True).returncode == 0, "sacctmgr add cluster")
+        # A lab account and a short QOS next to the default ones: studies may name them, others are refused.
+        for command in (["add", "qos", self.QOS, "MaxWall=02:00:00"],
+                        ["add", "account", self.ACCOUNT, "Cluster=harness", "Description=lab", "Organization=lab"],
+                        ["add", "user", "root", f"Account={self.ACCOUNT}", "Cluster=harness"],
+                        ["modify", "user", "root", "set", f"QOS=normal,{self.QOS}", "DefaultQOS=normal"]):
+            _run("sacctmgr", "-i", *command, env=self.env)
         _run("slurmctld", env=self.env)
         _run("slurmd", env=self.env)
         _wait(self._node_idle, "the node to become idle")

@@ -17,7 +17,15 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert [r["check"] for r in rows] == [
         "fp32 eager", "bf16 autocast", "channels_last", "torch.compile",
         "throughput batched", "throughput per_image", "throughput batched", "throughput per_image",
-        "packing 1", "packing 2", "summary"]
+        "packing 1", "packing 2", "resume on the device", "gather channels_last", "syncs per step",
+        "layout channels_last=no cudnn.benchmark=False", "layout channels_last=no cudnn.benchmark=True",
+        "layout channels_last=yes cudnn.benchmark=False", "layout channels_last=yes cudnn.benchmark=True",
+        "logits bf16 vs fp32", "summary"]
+    gpu = {r["check"]: r for r in rows if r["part"] == "gpu"}
+    # The checks that settle the GPU paths ran on the CPU too: resume exact, gathers equal, fp32 logits.
+    assert gpu["resume on the device"]["ok"] and gpu["resume on the device"]["state_max_diff"] == 0
+    assert gpu["gather channels_last"]["ok"] and gpu["logits bf16 vs fp32"]["ok"]
+    assert gpu["logits bf16 vs fp32"]["bf16_einsum_max_diff"] > 10 * gpu["logits bf16 vs fp32"]["model_max_diff"]
     # the fast paths train like fp32 eager: same batches, same start, losses and queue within tolerance
     fast = [r for r in rows if "ok" in r]
     assert len(fast) == 3 and all(r["ok"] for r in fast), fast

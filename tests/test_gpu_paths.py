@@ -183,6 +183,21 @@ def test_an_image_folder_run_logs_its_knn_monitor(tmp_path):
     assert result["knn_top1"] == epochs[-1]["knn_top1"]
 
 
+def test_estimate_counts_an_image_folders_steps_and_gpu_hours_count_the_probe(tmp_path):
+    from harness.estimate import steps_per_epoch
+    from harness.trial_result import read_trial_result
+
+    root = _image_folder(tmp_path / "data", {"train": 120, "val": 30})
+    cfg = make_config("imagenet-r50-v2", [*FOLDER, f"data.root={root}"])
+    assert steps_per_epoch(cfg) == 120 // 32  # was 1 for any folder: ~5000x too few steps for ImageNet
+    run = tmp_path / "run"
+    run.mkdir()
+    runio.append_jsonl(run / "metrics.jsonl", {"kind": "epoch", "epoch": 1, "epoch_seconds": 1800.0})
+    runio.write_json(run / "probe.json", {"top1": 0.5, "top5": 0.9, "protocol": "standard", "seconds": 3600.0})
+    runio.write_status(run, "completed", epoch=1)
+    assert read_trial_result(run, "probe_top1", gpus=8).attrs["gpu_hours"] == pytest.approx(8 * 1.5)
+
+
 # ---------------------------------------------------------------- 5. workers and several GPUs a trial
 
 def _gpu_study(tmp_path: Path, resources: dict) -> Path:
@@ -229,7 +244,8 @@ def test_the_local_executor_sets_each_jobs_visible_gpus(tmp_path):
 
 
 # What the job's own environment says (a stdlib callable: the job needs no test module to unpickle it).
-_visible = functools.partial(subprocess.check_output, ["sh", "-c", "echo $CUDA_VISIBLE_DEVICES"], text=True)
+# Alive for 5 s, so that the second job is submitted while the first still holds its GPU.
+_visible = functools.partial(subprocess.check_output, ["sh", "-c", "echo $CUDA_VISIBLE_DEVICES; sleep 5"], text=True)
 
 
 # ---------------------------------------------------------------- device and precision before identity
