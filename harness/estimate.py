@@ -63,6 +63,9 @@ def estimate_line(results: Path, cfg: RunConfig, machine: str, threads: int, tri
     if trials == 0:
         return "estimate: nothing to train"
     runs = measured_seconds(results, cfg, machine, threads)
+    if not runs and cfg.runtime.device == "cuda" and "no GPU" in machine:
+        return (f"estimate: this work trains on CUDA and this machine ({machine}) has no GPU to time a step on; "
+                f"{trials} trials x {steps_per_epoch(cfg) * cfg.optim.epochs} steps each")
     if not runs:
         step = timed_step_seconds(cfg, machine, threads)
         steps = cfg.optim.epochs * steps_per_epoch(cfg)

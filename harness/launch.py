@@ -497,10 +497,10 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def _sacct(job_ids: list[str]) -> dict[str, str]:
+def _job_table(command: list[str]) -> dict[str, str]:
+    """{job id: first word of its state} from `JobID|State` lines; {} when the command fails."""
     try:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(command, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return {}
     states = {}
@@ -511,20 +511,14 @@ def _sacct(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def _sacct(job_ids: list[str]) -> dict[str, str]:
+    return _job_table(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(job_ids)])
+
+
 def _squeue(job_ids: list[str]) -> dict[str, str]:
     """Pending and running jobs, array tasks one by one (-r: a throttled range ID_[a-b%N] expanded)."""
     bases = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)],
-                             capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    states = {}
-    for line in out.stdout.splitlines() if out.returncode == 0 else []:
-        if "|" in line:
-            job_id, state = line.split("|", 1)
-            states[job_id.strip()] = state.strip() or "UNKNOWN"
-    return states
+    return _job_table(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
 
 
 def _scontrol(job_id: str) -> str | None:
@@ -561,6 +555,9 @@ def visible_gpus() -> list[int]:
 
 def gpu_slots(per_job: int, parallel: int, gpus: list[int]) -> list[tuple[int, ...]]:
     """`parallel` disjoint sets of `per_job` GPUs, or a StudyError saying what is missing."""
+    if not gpus:
+        raise StudyError(f"resources.gpus: {per_job} GPU(s) a trial, and this machine shows 0 (CUDA_VISIBLE_DEVICES "
+                         f"or nvidia-smi): use --executor slurm, or resources.gpus: 0 to train on the CPU.")
     if per_job * parallel > len(gpus):
         raise StudyError(f"resources.gpus: {parallel} trial(s) at once x {per_job} GPU(s) need {per_job * parallel} "
                          f"GPUs, and this machine shows {len(gpus)} (CUDA_VISIBLE_DEVICES or nvidia-smi); lower "

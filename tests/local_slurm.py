@@ -51,7 +51,7 @@ def _run(*args: str, env=None) -> subprocess.CompletedProcess:
 
 
 class LocalSlurm:
-    ACCOUNT, QOS, GPUS = "lab", "short", 2  # what the cluster enforces and declares (see _start_slurm)
+    ACCOUNT, QOS, GPUS, FEATURE = "lab", "short", 2, "a100"  # what the cluster enforces and declares (_start_slurm)
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -138,7 +138,7 @@ class LocalSlurm:
             # The machine's real cores: jobs that fit run at once, no more (as on a real node).
             # Two GPUs declared on stand-in device files (/dev/null, /dev/zero): gres and --gpus requests are
             # accepted and scheduled, and a job can read what it was given; nothing can compute on them.
-            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 Gres=gpu:{self.GPUS} "
+            f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=16000 Gres=gpu:{self.GPUS} Features={self.FEATURE} "
             f"State=UNKNOWN",
             f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
             f"PartitionName=long Nodes={host} MaxTime=INFINITE State=UP", ""]))

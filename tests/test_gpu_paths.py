@@ -225,7 +225,7 @@ def test_local_executor_gives_each_parallel_trial_its_own_gpus_or_says_what_is_m
         gpu_slots(2, 2, [0, 1, 2])
     proc = study_cli(tmp_path / "res", str(_gpu_study(tmp_path, {"gpus": 1})), "--executor", "local",
                      env={"CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 2 and "this machine shows 0" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "this machine shows 0" in proc.stderr and "--executor slurm" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_the_local_executor_sets_each_jobs_visible_gpus(tmp_path):

@@ -1,0 +1,190 @@
+"""Site-specific SLURM: the cluster knobs of `resources`, the user's cluster file, and what sbatch
+refuses, on the test cluster that enforces accounts and QOS (tests/local_slurm.py)."""
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from harness.launch import SlurmExecutor, explain_sbatch
+from harness.resources import Resources, StudyError, check_resources
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# What the job's own environment and cores are (a stdlib callable: nothing of the tests to unpickle).
+REPORT = functools.partial(subprocess.check_output, ["sh", "-c", "echo SETUP=$HARNESS_SETUP_RAN OUTER=$SLURM_OUTER "
+                                                     "CPT=$SLURM_CPUS_PER_TASK SRUN_CPT=$SRUN_CPUS_PER_TASK "
+                                                     "CVD=$CUDA_VISIBLE_DEVICES NPROC=$(nproc)"], text=True)
+
+
+def _study_file(tmp_path: Path, resources: dict, **changes) -> Path:
+    data = yaml.safe_load((ROOT / "studies" / "smoke.yaml").read_text())
+    data["resources"] = {**data["resources"], **resources}
+    data.update(changes)
+    path = tmp_path / "site.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+EVERY_KNOB = {"account": "lab", "qos": "short", "partition": "long", "constraint": "a100", "gres": "gpu:2",
+              "cpus": 2, "mem_gb": 1, "comment": "harness-test", "exclusive": True, "time_min": 5,
+              "setup": ["export HARNESS_SETUP_RAN=yes"], "additional_parameters": {"hold": True},
+              "srun_args": ["--cpu-bind=cores"]}
+
+
+def test_the_knobs_are_checked_when_a_study_is_loaded():
+    check_resources("s.yaml", EVERY_KNOB)
+    for bad, field in (({"account": 3}, "resources.account"), ({"setup": "module load x"}, "resources.setup"),
+                       ({"exclusive": "yes"}, "resources.exclusive"), ({"accuont": "lab"}, "resources"),
+                       ({"additional_parameters": {"mem": "4G"}}, "resources.additional_parameters"),
+                       ({"gres": "gpu:a100:8", "gpus": 4}, "resources.gres")):
+        with pytest.raises(StudyError, match=re.escape(field)):
+            check_resources("s.yaml", bad)
+    assert Resources(gres="gpu:a100:8").gres_gpus() == 8 and Resources(gres="gpu").gres_gpus() == 1
+
+
+def test_sbatch_refusals_are_one_line_naming_the_field():
+    said = explain_sbatch("sbatch: error: Batch job submission failed: Invalid account or account/partition "
+                          "combination specified\n")
+    assert said.count("\n") == 0 and "resources.account" in said and "Invalid account" in said
+    assert "resources.qos" in explain_sbatch("sbatch: error: Batch job submission failed: Invalid qos specification")
+    assert "--parallel" in explain_sbatch("sbatch: error: QOSMaxSubmitJobPerUserLimit")
+
+
+def test_dry_run_shows_the_sbatch_lines_sbatch_accepts_and_the_job_sees(tmp_path, slurm, study_cli, monkeypatch):
+    """Every knob, from the study file and a cluster file: --dry-run prints the #SBATCH lines and where
+    each value came from; the same parameters submitted are what `scontrol show job` reports, and
+    the job sees its setup line, its own cores and GPUs, and none of the driver's allocation."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"resources": {"account": "lab", "setup": EVERY_KNOB["setup"]}}))
+    knobs = {k: v for k, v in EVERY_KNOB.items() if k not in ("account", "setup")}
+    study = _study_file(tmp_path, knobs)
+    env = {"SLURM_CONF": str(slurm.conf), "HARNESS_CLUSTER": str(cluster)}
+    plan = study_cli(tmp_path / "res", str(study), "--executor", "slurm", "--dry-run", env=env)
+    assert plan.returncode == 0, plan.stderr
+    lines = [line.strip() for line in plan.stdout.splitlines() if line.strip().startswith("#SBATCH")]
+    for expected in ("--account=lab", "--qos=short", "--partition=long", "--constraint=a100", "--gres=gpu:2",
+                     "--comment=harness-test", "--exclusive", "--mem=1GB", "--hold"):
+        assert f"#SBATCH {expected}" in lines, (expected, lines)
+    assert "export HARNESS_SETUP_RAN=yes" in plan.stdout
+    assert f"account 'lab' (cluster file {cluster})" in plan.stdout and f"qos 'short' (study file {study})" in plan.stdout
+
+    # The same resources, submitted: what the controller holds, and what the job sees.
+    from harness.studyfile import load_study_file
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_OUTER", "driver-allocation")  # as inside salloc: must not reach the job
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "7")
+    res = load_study_file(study, "site").resources_for()
+    executor = SlurmExecutor(tmp_path / "jobs", res, "knobs", parallel=1)
+    executor.preflight()
+    (job,) = executor.submit([REPORT], tmp_path)
+    try:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job.job_id.split("_")[0]], env=slurm.env,
+                               capture_output=True, text=True, check=True).stdout
+        fields = dict(f.split("=", 1) for f in shown.split() if "=" in f)
+        assert (fields["Account"], fields["QOS"], fields["Partition"]) == ("lab", "short", "long")
+        assert fields["Features"] == "a100" and fields["Comment"] == "harness-test"
+        assert fields["OverSubscribe"] == "NO" and "gres:gpu:2" in fields.get("TresPerNode", "")
+        assert fields["Reason"] == "JobHeldUser"  # additional_parameters: --hold reached sbatch
+        subprocess.run(["scontrol", "release", job.job_id], env=slurm.env, check=True)
+        outs = job.results()  # gres gpu:2 -> two GPUs, one rank (task) each
+    finally:
+        subprocess.run(["scancel", job.job_id], env=slurm.env, capture_output=True)
+    assert len(outs) == 2
+    for out in outs:
+        seen = dict(item.split("=", 1) for item in out.split())
+        assert seen["SETUP"] == "yes" and seen["OUTER"] == ""  # the setup line ran; the driver's allocation stayed out
+        assert seen["CPT"] == "1" and seen["SRUN_CPT"] == "1" and seen["NPROC"] == "1"  # cpus 2 / 2 ranks, bound
+        assert seen["CVD"] == "0,1"  # the node's two GRES GPUs
+
+
+def test_a_wrong_account_is_one_line_before_any_trial_and_the_right_one_runs(tmp_path, slurm, study_cli):
+    env = {"SLURM_CONF": str(slurm.conf), "HARNESS_CLUSTER": None}
+    wrong = study_cli(tmp_path / "res", str(_study_file(tmp_path, {"account": "nosuch"})), "--executor", "slurm",
+                      env=env)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    (line,) = [line for line in wrong.stderr.splitlines() if line.startswith("error:")]
+    assert "Invalid account" in line and "resources.account" in line
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'res' / 'site' / 'study.db'}")
+    assert all(not s.n_trials for s in optuna.get_all_study_summaries(storage))  # no trial asked, none FAIL
+    qos = study_cli(tmp_path / "res2", str(_study_file(tmp_path, {"qos": "fast"})), "--executor", "slurm", env=env)
+    assert qos.returncode == 2 and "resources.qos" in qos.stderr and "Traceback" not in qos.stderr
+    # With the lab account and the short QOS (from a cluster file and the study), a trial runs to the end.
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"account": "lab"}))
+    study = _study_file(tmp_path, {"qos": "short"}, factors={"moco.momentum": [0.9]}, seeds=[0])
+    proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "slurm", "--poll", "2",
+                           "--no-report"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, **slurm.env, "HARNESS_RESULTS": str(tmp_path / "ok"),
+                               "HARNESS_CLUSTER": str(cluster)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = json.loads(next((tmp_path / "ok" / "site" / "runs").glob("*/status.json")).read_text())
+    assert status["status"] == "completed"
+    jobs = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "Account,QOS", "--name", "site"], env=slurm.env,
+                          capture_output=True, text=True).stdout.split()
+    assert jobs and set(jobs) == {"lab|short"}
+
+
+DDP_PAIR = """description: one DDP trial of two ranks
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=6, moco.queue_size=256,
+            moco.bn_splits=4, moco.shuffle_bn=ddp, eval.pixel_floor=false, eval.knn_every=0, eval.probe=none,
+            runtime.checkpoint_every=1, runtime.dist_timeout_s=60]
+factors: {moco.momentum: [0.99]}
+seeds: [0]
+retries: 0   # only the requeue and the checkpoints may finish it
+resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10}
+"""
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_path, slurm):
+    """resources.tasks: 2 on the real cluster: submitit's srun starts two ranks (gloo, Shuffle BN across
+    them), each bound to its own core. `scontrol requeue` after the first checkpoint: both ranks start
+    again and resume; the final state equals the same trial run uninterrupted by the local executor."""
+    import torch
+
+    from harness import checkpoint as ckpt
+    from harness.runio import read_jsonl
+
+    study = tmp_path / "ddp.yaml"
+    study.write_text(DDP_PAIR)
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": ""}
+    command = [sys.executable, "-m", "harness.study", str(study), "--poll", "1", "--no-report", "--no-share"]
+    reference = subprocess.run([*command, "--executor", "local"], capture_output=True, text=True, timeout=600,
+                               cwd=ROOT, env={**base, "HARNESS_RESULTS": str(tmp_path / "local")})
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    env = {**base, **slurm.env, "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
+    driver = subprocess.Popen([*command, "--executor", "slurm"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "slurm" / "ddp" / "runs" / "momentum=0.99,seed=0"
+    try:
+        deadline = time.time() + 300
+        while not list((run / "checkpoints").glob("ckpt-*.pt")):
+            assert driver.poll() is None and time.time() < deadline, "no checkpoint before the requeue"
+            time.sleep(0.5)
+        job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
+        subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)
+        out, _ = driver.communicate(timeout=600)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    attempts = read_jsonl(run / "attempts.jsonl")
+    assert len(attempts) >= 2 and all("(1 cores available to the job)" in a["machine"] for a in attempts)
+    epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epochs == list(range(1, 7))  # every epoch once, resumed mid-run
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["world_size"] == 2
+    mine = ckpt.load_latest(run / "checkpoints")
+    theirs = ckpt.load_latest(tmp_path / "local" / "ddp" / "runs" / "momentum=0.99,seed=0" / "checkpoints")
+    assert mine["global_step"] == theirs["global_step"]
+    assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # queue included
