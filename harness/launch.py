@@ -24,6 +24,7 @@ import submitit
 from . import runio
 from .optuna_adapter import trial_handle
 from .outcome import Outcome
+from .pruning_relay import RelayReporter
 from .snapshot import jobs_use, restore_cwd
 from .studyfile import Resources, StudyError
 from .trial import PruningReporter, TrialSpec, run_trial
@@ -63,18 +64,25 @@ class TrialJob(submitit.helpers.Checkpointable):
     """Pretrain + probe one trial. On preemption/timeout submitit requeues this same object;
     `run_trial` resumes from the run directory's checkpoint, so no state travels in the pickle."""
 
-    def __init__(self, spec: TrialSpec, storage_url: str, study_name: str, trial_id: int,
-                 pruner: tuple | None, threads: int = 0):
-        """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning."""
+    def __init__(self, spec: TrialSpec, storage_url: str | None, study_name: str, trial_id: int,
+                 pruner: tuple | None, threads: int = 0, relay_wait_s: float | None = None):
+        """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning.
+        `relay_wait_s`: pruning goes through the run directory to the driver (harness.pruning_relay),
+        which answers within this many seconds; the job never opens the storage (`storage_url` None).
+        None: the job reports to the storage itself (a driver that does not wait, --no-wait)."""
         self.spec, self.storage_url, self.study_name = spec, storage_url, study_name
         self.trial_id, self.pruner, self.threads = trial_id, pruner, threads
+        self.relay_wait_s = relay_wait_s
 
     def __call__(self) -> str:
         restore_cwd()
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # DDP across the job's tasks
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        reporter = self._reporter() if self.pruner and env.global_rank == 0 else None
+        reporter = None
+        if self.pruner and env.global_rank == 0:
+            relay_wait_s = getattr(self, "relay_wait_s", None)  # jobs pickled before the relay report themselves
+            reporter = RelayReporter(self.spec.run_dir, relay_wait_s) if relay_wait_s else self._reporter()
         result = run_trial(self.spec, self.threads, reporter, attempt={"job_id": env.job_id})
         return result.outcome.value
 

@@ -26,12 +26,12 @@ from typing import Any
 
 import optuna
 
-from . import launch, runio, shared, snapshot
+from . import launch, pruning_relay, runio, shared, snapshot
 from .config import ConfigError
 from .datafiles import check_dataset
 from .decide import RaceState, level_label, level_of, race, summary, values_by_level
 from .estimate import estimate_line
-from .optuna_adapter import set_running_attrs, trial_id
+from .optuna_adapter import set_running_attrs, trial_handle, trial_id
 from .outcome import Outcome, state_label
 from .report import build_report  # up front: a driver that ran for days must not report with newer code
 from .storage import Outage, default_url, open_storage, redact
@@ -39,6 +39,10 @@ from .suite import main as suite_main, suite_path
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, make_pruner, trial_key, validate_levels
 from .trial import failure_attrs, make_spec, tell, tell_failure
 from .trial_result import read_trial_result
+
+# How long a job waits for the driver's pruning decision after an epoch (the driver answers every
+# --poll seconds; a driver that does not answer costs no training, see harness.pruning_relay).
+RELAY_WAIT_S = 120.0
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -351,8 +355,10 @@ class Driver:
             for name, value in {**spec.attrs, "executor": self.kind, "submitted": time.time(),
                                 "code": self.code_dir.name}.items():
                 trial.set_user_attr(name, value)
-            prepared.append((trial, launch.TrialJob(spec, self.storage_url, self.name, trial_id(trial), pruner,
-                                                    threads)))
+            # A driver that waits relays pruning: its jobs never open the storage (harness.pruning_relay).
+            relay = RELAY_WAIT_S if self.opts.wait else None
+            prepared.append((trial, launch.TrialJob(spec, None if relay else self.storage_url, self.name,
+                                                    trial_id(trial), pruner, threads, relay_wait_s=relay)))
         if not prepared:
             return 0
         by_key = {job.spec.key: trial for trial, job in prepared}
@@ -362,6 +368,14 @@ class Driver:
             for member in launch.members(packed):
                 by_key[member.spec.key].set_user_attr("job_id", str(job.job_id))
         return len(prepared)
+
+    def relay_pruning(self) -> None:
+        """The pruner's decisions for the running trials' epoch reports (their jobs wait for them)."""
+        if self.study.pruner == "none":
+            return
+        for t in self.trials():
+            if t.state == RUNNING and "run_dir" in t.user_attrs and t.user_attrs.get("executor") != "worker":
+                pruning_relay.relay(trial_handle(self.ostudy, trial_id(t)), self.dir / t.user_attrs["run_dir"])
 
     # -------------------------------------------------------------- reconcile
     def reconcile(self) -> None:
@@ -457,7 +471,9 @@ class Driver:
             time.sleep(self.opts.poll)
 
     def round(self, view: "ProgressView") -> bool:
-        """One look: record ended jobs, submit what the plan allows. True when nothing is left to do."""
+        """One look: answer pruning reports, record ended jobs, submit what the plan allows. True when
+        nothing is left to do."""
+        self.relay_pruning()
         self.reconcile()
         self.share_finished(self.trials())
         trials = self.trials()

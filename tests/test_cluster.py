@@ -188,3 +188,43 @@ def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_
     theirs = ckpt.load_latest(tmp_path / "local" / "ddp" / "runs" / "momentum=0.99,seed=0" / "checkpoints")
     assert mine["global_step"] == theirs["global_step"]
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # queue included
+
+
+PRUNED = """description: TPE over tau with a pruner every trial fails
+recipe: fmnist-tiny
+overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
+            moco.queue_size=256, eval.pixel_floor=false]
+sampler: tpe
+n_trials: 1
+factors: {moco.temperature: {type: float, low: 0.1, high: 0.3}}
+seeds: [0]
+pruner: {type: threshold, lower: 0.99}
+retries: 0
+resources: {cpus: 1, mem_gb: 2, time_min: 10}
+"""
+
+
+@pytest.mark.slow
+def test_pruning_on_slurm_goes_through_the_driver_and_jobs_never_open_the_storage(tmp_path, slurm):
+    """The job writes epoch 1's kNN to its run directory and waits; the driver reports it to the pruner
+    and writes back 'prune'; the job stops. The submitted job carries no storage URL at all."""
+    import submitit
+
+    from harness.runio import read_jsonl
+
+    study = tmp_path / "prune.yaml"
+    study.write_text(PRUNED)
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "slurm", "--poll", "1",
+                           "--no-report"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, **slurm.env, "HARNESS_RESULTS": str(results), "HARNESS_CLUSTER": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name="prune", storage=f"sqlite:///{results / 'prune' / 'study.db'}").get_trials()
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    run = results / "prune" / trial.user_attrs["run_dir"]
+    logged = [r["knn_top1"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert trial.intermediate_values == {1: logged[0]} and len(logged) == 1  # stopped after epoch 1
+    assert json.loads((run / "pruning" / "decision-00001.json").read_text())["prune"] is True
+    (pickled,) = (results / "prune" / "jobs").glob("*_submitted.pkl")
+    job = submitit.core.utils.pickle_load(pickled).function
+    assert job.storage_url is None and job.relay_wait_s > 0
