@@ -364,12 +364,18 @@ class LocalExecutor(Executor):
                     self.inner._executor.update_parameters(visible_gpus=slot)
                     job = self.inner.submit(fn)
                     self.slot_of[str(job.job_id)] = slot
+                    self.jobs[str(job.job_id)] = job
                     jobs.append(job)
         self.jobs.update({str(job.job_id): job for job in jobs})
         return jobs
 
+    def _alive(self, job_id: str) -> bool:
+        """Ours: the Popen says (a child just started may not have exec'd submitit yet); else by PID."""
+        process = getattr(self.jobs.get(job_id), "_process", None)
+        return process.poll() is None if process is not None else local_alive(job_id)
+
     def _free_slot(self) -> tuple[int, ...]:
-        taken = {slot for job_id, slot in self.slot_of.items() if local_alive(job_id)}
+        taken = {slot for job_id, slot in self.slot_of.items() if self._alive(job_id)}
         for slot in self.slots:
             if slot not in taken:
                 return slot

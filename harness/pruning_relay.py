@@ -31,7 +31,10 @@ def _decision(run_dir: Path, epoch: int) -> Path:
 
 
 class RelayReporter:
-    """The job's side: an EpochCallback (harness.train) that asks the driver."""
+    """The job's side: an EpochCallback (harness.train) that asks the driver. It waits up to `wait_s`
+    for each answer while the driver answers; once an answer did not come (the driver stopped, or is
+    riding out an outage), it stops waiting and only looks: a decision that arrives later still stops
+    the run at the next epoch, and waiting resumes once the driver answers again."""
 
     def __init__(self, run_dir: Path, wait_s: float):
         self.run_dir, self.wait_s, self.unanswered = Path(run_dir), wait_s, 0
@@ -43,16 +46,17 @@ class RelayReporter:
         if not decision.exists():  # a resumed attempt may find the answer to its first attempt's report
             _report(self.run_dir, epoch).parent.mkdir(exist_ok=True)
             runio.write_json(_report(self.run_dir, epoch), {"epoch": epoch, "value": record["knn_top1"]})
-        deadline = time.monotonic() + self.wait_s
-        while not decision.exists():
-            if time.monotonic() > deadline:
-                if not self.unanswered:
-                    print(f"[trial] no pruning decision from the driver within {self.wait_s:.0f} s (epoch {epoch}); "
-                          f"training goes on, the value waits in {decision.parent}.", flush=True)
-                self.unanswered += 1
-                return False
+        deadline = time.monotonic() + (0 if self.unanswered else self.wait_s)
+        while not decision.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        return bool(runio.read_json(decision).get("prune"))
+        if decision.exists():
+            self.unanswered = 0
+            return bool(runio.read_json(decision).get("prune"))
+        if not self.unanswered:
+            print(f"[trial] no pruning decision from the driver within {self.wait_s:.0f} s (epoch {epoch}); training "
+                  f"goes on without waiting, the values wait in {decision.parent}.", flush=True)
+        self.unanswered += 1
+        return any(runio.read_json(d).get("prune") for d in decision.parent.glob("decision-*.json"))
 
 
 def relay(trial, run_dir: Path) -> int:

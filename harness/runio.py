@@ -1,6 +1,7 @@
 """Small, safe file operations on a run directory (atomic writes, JSON lines)."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -95,6 +96,39 @@ def check_writable(directory: Path) -> None:
                           f"choose another output location.") from None
 
 
+class LockUnsupported(OSError):
+    """flock is not available on this filesystem (Lustre mounted without -o flock, some NFS setups)."""
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount holding `path`, as /proc/mounts names it: 'TYPE at MOUNTPOINT'."""
+    best, path = ("unknown", "?"), str(Path(path).resolve())
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, point, kind, *_ = line.split()
+            if path == point or path.startswith(point.rstrip("/") + "/"):
+                if len(point) >= len(best[1]) or best[1] == "?":
+                    best = (kind, point)
+    except OSError:
+        pass
+    return f"{best[0]} at {best[1]}"
+
+
+def flock(handle, flags: int) -> None:
+    """fcntl.flock, or LockUnsupported naming the filesystem: the harness's run-directory and study
+    locks need locks that every node sees (NFSv4, Lustre with -o flock, GPFS, local disks)."""
+    try:
+        fcntl.flock(handle, flags)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        if exc.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL):
+            raise LockUnsupported(exc.errno, f"{handle.name}: the filesystem ({filesystem_of(Path(handle.name))}) "
+                                  f"does not support file locks ({exc.strerror}); put results/ (HARNESS_RESULTS) on "
+                                  f"one that does (NFSv4, Lustre mounted with -o flock, GPFS)") from None
+        raise
+
+
 def lock_run_dir(run_dir: Path, wait: bool = False):
     """Hold an exclusive lock on a run directory while training in it (released when the process
     ends, killed or not): a second process on the same run fails fast instead of interleaving, or,
@@ -104,14 +138,14 @@ def lock_run_dir(run_dir: Path, wait: bool = False):
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / ".lock", "a+")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         if not wait:
             handle.close()
             raise RunDirBusy(f"{run_dir}: another process is training in this run directory") from None
         print(f"[train] {run_dir}: another job of this trial is still training here; waiting for it to end, "
               f"then going on from its last checkpoint.", flush=True)
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        flock(handle, fcntl.LOCK_EX)
     return handle
 
 

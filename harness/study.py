@@ -40,9 +40,9 @@ from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_fil
 from .trial import failure_attrs, make_spec, tell, tell_failure
 from .trial_result import read_trial_result
 
-# How long a job waits for the driver's pruning decision after an epoch (the driver answers every
-# --poll seconds; a driver that does not answer costs no training, see harness.pruning_relay).
-RELAY_WAIT_S = 120.0
+# How long a job waits for the driver's pruning decision after an epoch: the driver answers within a
+# round (--poll seconds apart); a driver that does not answer costs one such wait (harness.pruning_relay).
+RELAY_WAIT_S, RELAY_WAIT_POLLS = 30.0, 10
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
@@ -273,7 +273,9 @@ class Driver:
         """One driver per study directory at a time; a second one says so and exits."""
         self._lock = open(self.dir / "driver.lock", "a+")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            runio.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except runio.LockUnsupported as exc:
+            raise StudyError(str(exc.strerror)) from None
         except BlockingIOError:
             raise StudyError(f"another driver is already running study '{self.name}' "
                              f"(lock {self.dir / 'driver.lock'}); watch it with --status.") from None
@@ -356,7 +358,7 @@ class Driver:
                                 "code": self.code_dir.name}.items():
                 trial.set_user_attr(name, value)
             # A driver that waits relays pruning: its jobs never open the storage (harness.pruning_relay).
-            relay = RELAY_WAIT_S if self.opts.wait else None
+            relay = max(RELAY_WAIT_S, RELAY_WAIT_POLLS * self.opts.poll) if self.opts.wait else None
             prepared.append((trial, launch.TrialJob(spec, None if relay else self.storage_url, self.name,
                                                     trial_id(trial), pruner, threads, relay_wait_s=relay)))
         if not prepared:

@@ -228,3 +228,34 @@ def test_pruning_on_slurm_goes_through_the_driver_and_jobs_never_open_the_storag
     (pickled,) = (results / "prune" / "jobs").glob("*_submitted.pkl")
     job = submitit.core.utils.pickle_load(pickled).function
     assert job.storage_url is None and job.relay_wait_s > 0
+
+
+def test_a_filesystem_without_locks_is_one_line_naming_it(tmp_path, study_cli, monkeypatch):
+    """Lustre mounted without -o flock answers flock with ENOSYS (it cannot be mounted here: the call
+    is what is replaced). The driver says so, naming the filesystem, before any trial."""
+    import errno
+    import fcntl
+
+    from harness import runio
+
+    def no_locks(handle, flags):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(runio.fcntl, "flock", no_locks)
+    proc = study_cli(tmp_path / "res", "smoke", "--executor", "local")
+    monkeypatch.setattr(runio.fcntl, "flock", fcntl.flock)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "does not support file locks" in proc.stderr and runio.filesystem_of(tmp_path).split()[0] in proc.stderr
+
+
+def test_a_grid_larger_than_max_array_size_is_submitted_as_several_arrays(tmp_path, slurm, monkeypatch):
+    from harness import launch
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    monkeypatch.setattr(launch, "max_array_size", lambda: 2)
+    executor = SlurmExecutor(tmp_path / "jobs", Resources(cpus=1, mem_gb=0.2, time_min=2), "split", parallel=3)
+    jobs = executor.submit([functools.partial(time.sleep, 0)] * 3, tmp_path)
+    try:
+        assert len({job.job_id.split("_")[0] for job in jobs}) == 2 and all(job.result() is None for job in jobs)
+    finally:
+        subprocess.run(["scancel", *[job.job_id for job in jobs]], env=slurm.env, capture_output=True)
