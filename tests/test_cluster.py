@@ -160,9 +160,9 @@ def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_
     study.write_text(DDP_PAIR)
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": ""}
     command = [sys.executable, "-m", "harness.study", str(study), "--poll", "1", "--no-report", "--no-share"]
-    reference = subprocess.run([*command, "--executor", "local"], capture_output=True, text=True, timeout=600,
-                               cwd=ROOT, env={**base, "HARNESS_RESULTS": str(tmp_path / "local")})
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    # The uninterrupted twin trains meanwhile (the Slurm tests run one after another: no waiting for it first).
+    reference = subprocess.Popen([*command, "--executor", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True, cwd=ROOT, env={**base, "HARNESS_RESULTS": str(tmp_path / "local")})
     env = {**base, **slurm.env, "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
     driver = subprocess.Popen([*command, "--executor", "slurm"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -175,9 +175,12 @@ def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_
         job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
         subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)
         out, _ = driver.communicate(timeout=600)
+        _, reference_err = reference.communicate(timeout=600)
     finally:
         driver.kill()
+        reference.kill()
     assert driver.returncode == 0, out[-3000:]
+    assert reference.returncode == 0, reference_err[-2000:]
     attempts = read_jsonl(run / "attempts.jsonl")
     assert len(attempts) >= 2 and all("(1 cores available to the job)" in a["machine"] for a in attempts)
     epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
