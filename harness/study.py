@@ -42,7 +42,7 @@ from .trial_result import read_trial_result
 
 # How long a job waits for the driver's pruning decision after an epoch: the driver answers within a
 # round (--poll seconds apart); a driver that does not answer costs one such wait (harness.pruning_relay).
-RELAY_WAIT_S, RELAY_WAIT_POLLS = 30.0, 10
+RELAY_WAIT_S, RELAY_WAIT_POLLS = 5.0, 10
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
