@@ -113,6 +113,8 @@ def check_syncs(size: dict) -> dict:
 
 
 def check_layout(size: dict) -> list[dict]:
+    from .bench import _sync
+
     rows = []
     for channels_last in ("no", "yes"):
         for benchmark in (False, True):
@@ -132,11 +134,6 @@ def check_layout(size: dict) -> list[dict]:
                          "images_per_s": cfg.optim.batch_size / statistics.median(timings)})
     torch.backends.cudnn.benchmark = torch.cuda.is_available()
     return rows
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def check_logits(device: torch.device, queue_size: int) -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from test_study import PRUNING_STUDY
 
 from harness.launch import SlurmExecutor, explain_sbatch
 from harness.resources import Resources, StudyError, check_resources
@@ -193,18 +194,7 @@ def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # queue included
 
 
-PRUNED = """description: TPE over tau with a pruner every trial fails
-recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
-            moco.queue_size=256, eval.pixel_floor=false]
-sampler: tpe
-n_trials: 1
-factors: {moco.temperature: {type: float, low: 0.1, high: 0.3}}
-seeds: [0]
-pruner: {type: threshold, lower: 0.99}
-retries: 0
-resources: {cpus: 1, mem_gb: 2, time_min: 10}
-"""
+PRUNED = PRUNING_STUDY + "resources: {cpus: 1, mem_gb: 2, time_min: 10}\n"  # test_study's, on Slurm
 
 
 @pytest.mark.slow

@@ -346,11 +346,7 @@ resources: {tasks: 2, cpus: 2, time_min: 10}
     assert (run / "probe.json").exists()
 
 
-@pytest.mark.slow
-def test_pruner_decision_stops_the_running_trial(tmp_path):
-    """A search whose pruner (a kNN threshold no tiny run reaches) stops the trial after its first epoch."""
-    study = tmp_path / "prune.yaml"
-    study.write_text("""\
+PRUNING_STUDY = """\
 description: TPE over tau with a pruner every trial fails
 recipe: fmnist-tiny
 overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
@@ -361,7 +357,14 @@ factors: {moco.temperature: {type: float, low: 0.1, high: 0.3}}
 seeds: [0]
 pruner: {type: threshold, lower: 0.99}
 retries: 0
-""")
+"""
+
+
+@pytest.mark.slow
+def test_pruner_decision_stops_the_running_trial(tmp_path):
+    """A search whose pruner (a kNN threshold no tiny run reaches) stops the trial after its first epoch."""
+    study = tmp_path / "prune.yaml"
+    study.write_text(PRUNING_STUDY)
     proc = run_study(tmp_path / "results", str(study), "--executor", "local")
     assert proc.returncode == 0, proc.stderr[-3000:]
     storage = f"sqlite:///{tmp_path / 'results' / 'prune' / 'study.db'}"
