@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/local_slurm.py, tests/lo
 
 import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
+import two_node_slurm  # noqa: E402
 
 
 # The suite runs several pytest workers, each with jobs of its own, on few cores: more OpenMP threads than
@@ -87,6 +88,18 @@ def slurm():
     _require(local_slurm.available(), "Slurm", local_slurm.PACKAGES)
     with _service_dir("harness-slurm-") as root:
         cluster = local_slurm.LocalSlurm(root)
+        try:
+            yield cluster.start()
+        finally:
+            cluster.stop()
+
+
+@pytest.fixture
+def two_nodes():
+    """A real two-node Slurm (a slurmd per network namespace, no accounting), for one test."""
+    _require(two_node_slurm.available(), "Slurm", local_slurm.PACKAGES)
+    with _service_dir("harness-2nodes-") as root:
+        cluster = two_node_slurm.TwoNodeSlurm(root)
         try:
             yield cluster.start()
         finally:

@@ -147,25 +147,27 @@ resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10}
 """
 
 
-@pytest.mark.slow
-def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_path, slurm):
-    """resources.tasks: 2 on the real cluster: submitit's srun starts two ranks (gloo, Shuffle BN across
-    them), each bound to its own core. `scontrol requeue` after the first checkpoint: both ranks start
-    again and resume; the final state equals the same trial run uninterrupted by the local executor."""
+def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slurm_env: dict, prefix=()) -> Path:
+    """Run the one-trial DDP study `study_text` on Slurm (the driver's command after `prefix`), requeue its
+    job after the first checkpoint, and the same trial uninterrupted by the local executor (2 ranks on
+    this machine) meanwhile. Asserts both complete, every epoch ran once, and the final states are
+    bit-identical (queue included). Returns the Slurm run's directory."""
     import torch
 
     from harness import checkpoint as ckpt
     from harness.runio import read_jsonl
 
-    study = tmp_path / "ddp.yaml"
-    study.write_text(DDP_PAIR)
+    (tmp_path / "ddp.yaml").write_text(study_text)
+    (tmp_path / "local.yaml").write_text(DDP_PAIR)  # same trial: 2 ranks on one node
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": ""}
-    command = [sys.executable, "-m", "harness.study", str(study), "--poll", "1", "--no-report", "--no-share"]
+    options = ["--poll", "1", "--no-report", "--no-share"]
     # The uninterrupted twin trains meanwhile (the Slurm tests run one after another: no waiting for it first).
-    reference = subprocess.Popen([*command, "--executor", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    reference = subprocess.Popen([sys.executable, "-m", "harness.study", str(tmp_path / "local.yaml"), *options,
+                                  "--executor", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True, cwd=ROOT, env={**base, "HARNESS_RESULTS": str(tmp_path / "local")})
-    env = {**base, **slurm.env, "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
-    driver = subprocess.Popen([*command, "--executor", "slurm"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    env = {**base, **slurm_env, "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
+    driver = subprocess.Popen([*prefix, sys.executable, "-m", "harness.study", str(tmp_path / "ddp.yaml"), *options,
+                               "--executor", "slurm"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "slurm" / "ddp" / "runs" / "momentum=0.99,seed=0"
     try:
@@ -174,7 +176,7 @@ def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_
             assert driver.poll() is None and time.time() < deadline, "no checkpoint before the requeue"
             time.sleep(0.5)
         job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
-        subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)
+        subprocess.run([*prefix, "scontrol", "requeue", job_id], env=slurm_env, check=True)
         out, _ = driver.communicate(timeout=600)
         _, reference_err = reference.communicate(timeout=600)
     finally:
@@ -189,9 +191,32 @@ def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "completed" and status["world_size"] == 2
     mine = ckpt.load_latest(run / "checkpoints")
-    theirs = ckpt.load_latest(tmp_path / "local" / "ddp" / "runs" / "momentum=0.99,seed=0" / "checkpoints")
+    theirs = ckpt.load_latest(tmp_path / "local" / "local" / "runs" / "momentum=0.99,seed=0" / "checkpoints")
     assert mine["global_step"] == theirs["global_step"]
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # queue included
+    return run
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_path, slurm):
+    """resources.tasks: 2 on the real cluster: submitit's srun starts two ranks (gloo, Shuffle BN across
+    them), each bound to its own core. `scontrol requeue` after the first checkpoint: both ranks start
+    again and resume; the final state equals the same trial run uninterrupted by the local executor."""
+    _requeued_ddp_run_equals_the_local_one(tmp_path, DDP_PAIR, slurm.env)
+
+
+@pytest.mark.slow
+def test_a_two_node_ddp_trial_rendezvouses_from_the_allocation_and_resumes_after_a_requeue(tmp_path, two_nodes):
+    """resources.nodes: 2 on a cluster of two slurmd, each in its own network namespace (tests/two_node_slurm.py):
+    one rank per node, rendezvous at the allocation's first node by name (submitit's environment), gloo
+    across the veth link, Shuffle BN across nodes. Requeued after the first checkpoint, it ends
+    bit-identical to the same 2-rank trial on one machine."""
+    two_node_study = DDP_PAIR.replace("{cpus: 2, tasks: 2,", "{cpus: 1, nodes: 2, tasks: 1,")
+    assert two_node_study != DDP_PAIR
+    run = _requeued_ddp_run_equals_the_local_one(tmp_path, two_node_study, two_nodes.env, prefix=two_nodes.exec())
+    # Each attempt's two ranks ran on the two nodes (submitit's JobEnvironment line in each rank's log).
+    logs = " ".join(p.read_text() for p in (run.parents[1] / "jobs").glob("*_log.out"))
+    assert re.search(r"node=0\(2\), global_rank=0\(2\)", logs) and re.search(r"node=1\(2\), global_rank=1\(2\)", logs)
 
 
 PRUNED = PRUNING_STUDY + "resources: {cpus: 1, mem_gb: 2, time_min: 10}\n"  # test_study's, on Slurm
