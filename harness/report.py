@@ -21,7 +21,8 @@ import pandas as pd
 from . import runio
 from .outcome import state_label
 from .storage import default_url, open_storage, redact
-from .decide import EQUAL, UNDECIDED, WORSE, RaceSpec, level_label, race, values_by_level
+from .decide import (EQUAL, SLIGHTLY_WORSE, UNDECIDED, WORSE, RaceSpec, level_label, race, seeds_to_decide,
+                     values_by_level)
 from .studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, skipped_levels
 
 METRICS = ("probe_top1", "knn_top1")
@@ -247,13 +248,21 @@ def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], 
     label = lambda level: level_label(level, factors)  # noqa: E731
     pct = 100 if objective.endswith("top1") else 1
     unit = " pt" if pct == 100 else ""
-    lines = [f"Paired by seed against the best level; t-intervals of the mean paired difference, the error rate "
-             f"{1 - spec.confidence:.2g} split (Bonferroni) over {spec.looks} look(s) and {max(len(state.seeds) - 1, 1)} "
-             f"comparison(s): each interval at {100 * (1 - spec.alpha(len(state.seeds))):.2f} %. Practically equal: "
-             f"the interval inside ± {spec.margin * pct:g}{unit}"
+    comparisons = max(len(state.seeds) - 1, 1)
+    plan = spec.plan(len(state.seeds))
+    if spec.looks == 1:
+        rule = (f"the error rate {1 - spec.confidence:.2g} split (Bonferroni) over {comparisons} comparison(s): each "
+                f"interval at {100 * (1 - plan[0][2]):.2f} %")
+    else:
+        rule = (f"the error rate {1 - spec.confidence:.2g} split (Bonferroni) over {comparisons} comparison(s), each "
+                f"spending its share over {spec.looks} looks ({SPENDING_NAMES[spec.spending]}): intervals at "
+                + ", ".join(f"{100 * (1 - level):.3f} %" for _, _, level in plan) + f" at {spec.initial}..{spec.max} seeds")
+    lines = [f"Paired by seed against the best level; t-intervals of the mean paired difference, {rule}. "
+             f"Practically equal: the interval inside ± {spec.margin * pct:g}{unit}"
              f"{'' if study_file.race else ' (the default margin; set decide: {margin: ...} in the study file)'}.",
              "", "| comparison | difference | interval | n | decision |", "|---|---|---|---|---|"]
-    words = {WORSE: "better", EQUAL: "practically equal", UNDECIDED: "undecided"}
+    words = {WORSE: "better", SLIGHTLY_WORSE: "better, by less than the margin", EQUAL: "practically equal",
+             UNDECIDED: "undecided"}
     for c in [*state.decisions.values(), *state.current.values()]:
         decision = words[c.verdict]
         if c.verdict == UNDECIDED and state.done:
@@ -266,7 +275,49 @@ def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], 
     ran = int((trials["state"] != "RUNNING").sum())
     lines += ["", f"Best: {label(state.best)}. Trials run: {ran} of the fixed design's {fixed} at {spec.max} seeds per "
               f"level ({100 * ran / max(fixed, 1):.0f} %){'' if state.done else '; the race goes on'}."]
-    return lines
+    asked = sum(state.seeds.values())
+    if state.done and study_file.race and ran > asked:  # e.g. seeds run under an earlier rule, kept, not used
+        lines[-1] += (f" This rule asked for {asked} of them; the other {ran - asked} (seeds past a level's "
+                      "decision, run under an earlier rule) are in the tables but not in the decisions.")
+    hints = seed_hints(trials, study_file, factors, objective)
+    return lines + (["", *hints] if hints else [])
+
+
+SPENDING_NAMES = {"obrien-fleming": "O'Brien-Fleming-type spending", "pocock": "Pocock-type spending",
+                  "bonferroni": "evenly, Bonferroni"}
+
+
+def seed_hints(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str) -> list[str]:
+    """For a fixed design: about how many seeds would decide each comparison it left undecided, from
+    the observed paired spread, and how to spend them only where needed (a race)."""
+    if study_file.race:
+        return []
+    spec, state, _ = race_of(trials, study_file, factors, objective)
+    if not state.done or not state.current:
+        return []
+    values, _ = race_values(trials, study_file, factors, objective)
+    sign = 1.0 if study_file.direction == "maximize" else -1.0
+    pct, unit = (100, " pt") if objective.endswith("top1") else (1, "")
+    alpha = spec.plan(len(state.seeds))[0][2]
+    lines, most = [], 0
+    for c in state.current.values():
+        diffs = sign * (np.asarray(values[c.level][:c.n]) - np.asarray(values[c.best][:c.n]))
+        sd = float(np.std(diffs, ddof=1))
+        n = seeds_to_decide(float(diffs.mean()), sd, spec.margin, alpha)
+        most = max(most, n or 0)
+        lines.append(f"- {level_label(c.best, factors)} vs {level_label(c.level, factors)}: "
+                     + (f"about {n} seeds per level would decide it" if n else "more than 200 seeds per level would "
+                        "be needed to decide it")
+                     + f" (80 % of the time, if the paired differences keep their mean {-c.diff * pct:+.2f}{unit} and "
+                       f"spread {sd * pct:.2g}{unit}).")
+    if not lines:
+        return []
+    name = study_file.name.split("@")[0].split("/")[-1]  # a suite's member: its own study file
+    return [f"What would decide the undecided comparisons (from {state.seeds[state.best]} seeds' paired spread; "
+            "a rough guide, the spread of two seeds is itself uncertain):", "", *lines, "",
+            f"A race spends such seeds only where undecided: in the study file write `seeds: {{initial: "
+            f"{max(2, state.seeds[state.best])}, max: {max(most, 2)}}}` and `decide: {{margin: {spec.margin:g}}}`, "
+            f"then run `python -m harness.study {name}` (the finished seeds are reused)."]
 
 
 def plot_interval_width(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str,
@@ -278,7 +329,7 @@ def plot_interval_width(trials: pd.DataFrame, study_file: Study, factors: list[s
     fig, ax = _plt().subplots(figsize=(5.5, 4))
     n, width = zip(*state.widths)
     ax.plot(n, width, marker="o", label="mean interval width of the levels still compared")
-    ax.axhline(2 * spec.margin, color="gray", ls=":", label=f"2 x margin: narrower can show 'equal'")
+    ax.axhline(2 * spec.margin, color="gray", ls=":", label="2 x margin: narrower can show 'equal'")
     ax.set(xlabel="seeds per level", ylabel=f"interval width ({objective})", yscale="log")
     ax.set_title("Decision intervals vs seeds", fontsize=10)
     ax.legend(fontsize=8)
@@ -534,6 +585,12 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     pngs = [p for p in plots if p.suffix == ".png"]
     md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped)
     (out / "report.md").write_text(md)
+    hints = (seed_hints(trials, study_file, factors, objective)
+             if study_file.sampler == "grid" and len(trials) else [])
+    if hints:  # what would decide an undecided fixed design (the study command prints it)
+        (out / "hints.txt").write_text("\n".join(hints) + "\n")
+    else:
+        (out / "hints.txt").unlink(missing_ok=True)
     (out / "report.html").write_text(render_html(name, md, out))
     return out
 

@@ -571,6 +571,16 @@ def print_status(driver: Driver) -> int:
     return 0
 
 
+def spending_plan(spec, levels: int) -> list[str]:
+    """The race's error rate, look by look (what `decide.spending` spends where)."""
+    alpha = spec.comparison_alpha(levels)
+    lines = [f"spending plan ({spec.spending}): error rate {1 - spec.confidence:.3g} over {max(levels - 1, 1)} "
+             f"comparison(s) with the best, {alpha:.4g} each, spent over {spec.looks} look(s):"]
+    lines += [f"  look at {n} seeds: spends {spent:.3g} of it; interval at {100 * (1 - level):.3f} % "
+              f"(nominal level {level:.3g})" for n, spent, level in spec.plan(levels)]
+    return lines
+
+
 def dry_run(driver: Driver) -> str:
     s, res = driver.study, driver.resources
     lines = [f"study {driver.name}: {s.description}", f"recipe {driver.recipe}; storage {redact(driver.storage_url)}; "
@@ -581,6 +591,7 @@ def dry_run(driver: Driver) -> str:
         lines.append(f"adaptive seeds: {levels} levels x {s.race.initial} seeds = {n} trials at first; then one "
                      f"more seed for the undecided levels and the best, up to {s.race.max} seeds: at most "
                      f"{levels * s.race.max} trials (margin {s.race.margin}, confidence {s.race.confidence})")
+        lines += spending_plan(s.race, levels)
     if s.sampler == "grid":
         lines.append(f"{len(driver.points)} trials (levels x seeds), objective {s.objective} ({s.direction}):")
         for params, cfg in driver.points:
@@ -680,7 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if opts.wait and opts.report:
-        print(f"report: {build_report(driver.name, driver.storage_url)}")
+        out = build_report(driver.name, driver.storage_url)
+        print(f"report: {out}")
+        hints = (out / "hints.txt").read_text().strip() if (out / "hints.txt").exists() else ""
+        if hints:  # an undecided fixed design says what would decide it
+            print(hints)
     return 0
 
 

@@ -32,6 +32,7 @@ import yaml
 
 from .config import ConfigError, RunConfig, load_recipe_data, make_config, nest
 from .decide import RaceSpec
+from .spending import SPENDING
 from .resources import Resources, StudyError, check_resources
 from .resources import merge as merge_resources
 
@@ -259,15 +260,18 @@ def _parse_seeds(path: Path, seeds: Any, decide: Any, sampler: str) -> tuple[lis
             raise _fail(path, "seeds", f"need 2 <= initial <= max <= 100 (two seeds are the fewest a paired "
                         f"interval can use), got {seeds}.")
         decide = decide or {}
-        if not isinstance(decide, dict) or set(decide) - {"margin", "confidence"}:
-            raise _fail(path, "decide", "a mapping {margin, confidence} is required, e.g. {margin: 0.005, "
-                        "confidence: 0.95}.")
+        if not isinstance(decide, dict) or set(decide) - {"margin", "confidence", "spending"}:
+            raise _fail(path, "decide", "a mapping {margin, confidence, spending} is required, e.g. {margin: 0.005, "
+                        "confidence: 0.95} (spending: obrien-fleming, the default; pocock; bonferroni).")
+        spending = decide.get("spending", "obrien-fleming")
+        if spending not in SPENDING:
+            raise _fail(path, "decide.spending", f"one of {', '.join(SPENDING)} is required, got {spending!r}.")
         margin, confidence = decide.get("margin", 0.005), decide.get("confidence", 0.95)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or margin < 0:
             raise _fail(path, "decide.margin", f"a difference >= 0 in the objective's units is required, got {margin!r}.")
         if not isinstance(confidence, (int, float)) or isinstance(confidence, bool) or not 0.5 <= confidence < 1:
             raise _fail(path, "decide.confidence", f"a number in [0.5, 1) is required, got {confidence!r}.")
-        race = RaceSpec(seeds["initial"], seeds["max"], float(margin), float(confidence))
+        race = RaceSpec(seeds["initial"], seeds["max"], float(margin), float(confidence), spending)
         return list(range(race.max)), race
     if decide is not None:
         raise _fail(path, "decide", "applies to adaptive seeds only; write seeds as {initial: 2, max: 8}.")

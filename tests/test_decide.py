@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from harness.decide import EQUAL, SCENARIOS, UNDECIDED, WORSE, RaceSpec, error_rates, interval, race
+from harness.decide import (EQUAL, SCENARIOS, SLIGHTLY_WORSE, UNDECIDED, WORSE, RaceSpec, classify, error_rates,
+                            interval, race, seeds_to_decide)
+from harness.spending import SPENDING, boundaries, increments, nominal_levels
 
 SPEC = RaceSpec(initial=2, max=8, margin=0.005, confidence=0.95)
 
@@ -14,7 +16,40 @@ def test_interval_is_the_t_interval_of_the_paired_differences():
     mean, low, high = interval(d, 0.01)
     ref = stats.t.interval(0.99, len(d) - 1, loc=d.mean(), scale=stats.sem(d))
     assert mean == pytest.approx(d.mean()) and (low, high) == pytest.approx(ref)
-    assert SPEC.alpha(5) == pytest.approx(0.05 / (7 * 4))  # split over 7 looks and 4 comparisons
+    assert SPEC.comparison_alpha(5) == pytest.approx(0.05 / 4)  # split over 4 comparisons with the best
+    assert [level for _, _, level in RaceSpec(2, 8, 0.005, spending="bonferroni").plan(5)] == \
+        pytest.approx([0.05 / (7 * 4)] * 7)  # the first rule: evenly over 7 looks too
+
+
+@pytest.mark.parametrize("kind", SPENDING)
+def test_the_looks_spend_exactly_the_comparisons_error_rate_and_the_boundaries_cross_that_often(kind):
+    """Per-look increments sum to alpha; and with no difference (known variance, a Brownian path of
+    seed sums) the first crossing of look k's boundary happens with look k's increment -- checked by
+    400,000 simulated paths, so the correlation between looks is what the boundaries use."""
+    looks, alpha = (2, 3, 4, 5, 6), 0.0125
+    spend = increments(kind, looks, alpha)
+    assert sum(spend) == pytest.approx(alpha) and all(a >= 0 for a in spend)
+    c = np.array(boundaries(kind, looks, alpha))
+    rng = np.random.default_rng(0)
+    steps = rng.normal(size=(400_000, len(looks))) * np.sqrt(np.diff([0, *looks]))
+    crossed = np.abs(np.cumsum(steps, axis=1)) / np.sqrt(looks) >= c
+    first = np.where(crossed.any(axis=1), crossed.argmax(axis=1), -1)
+    observed = [np.mean(first == k) for k in range(len(looks))]
+    if kind == "bonferroni":  # no correlation used: each look crosses less often than it could
+        assert all(o <= a + 4e-4 for o, a in zip(observed, spend)) and sum(observed) < alpha * 0.8
+    else:
+        assert observed == pytest.approx(spend, abs=4e-4)  # ~3 standard errors at the largest increment
+    if kind == "obrien-fleming":  # little early, most at the last look
+        assert spend[0] < 1e-4 and spend[-1] > alpha / 2 and nominal_levels(kind, looks, alpha)[-1] > alpha / 2
+    if kind == "pocock":  # about equal boundaries
+        assert max(c) - min(c) < 0.2
+
+
+def test_an_interval_below_zero_inside_the_margin_is_worse_by_less_than_the_margin():
+    assert classify(-0.004, -0.001, 0.005) == SLIGHTLY_WORSE
+    assert classify(-0.009, -0.001, 0.005) == WORSE
+    assert classify(-0.004, +0.001, 0.005) == EQUAL
+    assert classify(-0.009, +0.001, 0.005) == UNDECIDED
 
 
 def test_race_decides_from_paired_seeds_and_asks_for_one_more_seed_where_undecided():
@@ -49,14 +84,39 @@ def test_race_stops_at_max_seeds_with_the_undecided_ones_named():
     assert state.widths[-1][1] < state.widths[1][1]
 
 
+@pytest.mark.parametrize("spending", SPENDING)
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_simulated_races_keep_the_error_rate_and_save_trials_when_levels_are_far_apart(name):
-    rates = error_rates(spec=SPEC, runs=300, **SCENARIOS[name])
-    alpha = 1 - SPEC.confidence
+def test_simulated_races_keep_the_error_rate_and_save_trials_when_levels_are_far_apart(name, spending):
+    spec = RaceSpec(2, 8, 0.005, 0.95, spending)
+    rates = error_rates(spec=spec, runs=300, **SCENARIOS[name])
+    alpha = 1 - spec.confidence
     assert rates["truly_best_declared_worse"] <= alpha
     assert rates["clearly_worse_declared_equal"] <= alpha
     if name == "well separated":
         assert rates["fraction_of_fixed"] <= 0.6 and rates["clearly_worse_declared_worse"] >= 0.95
+
+
+def test_spending_at_the_last_look_settles_more_close_calls_than_the_even_split():
+    """The close call (levels 0.3 and 0.8 points under the best): the same simulated races decide the
+    worse levels more often under O'Brien-Fleming-type spending than under the even split."""
+    rates = {kind: error_rates(spec=RaceSpec(2, 8, 0.005, 0.95, kind), runs=300, **SCENARIOS["close call"])
+             for kind in ("obrien-fleming", "bonferroni")}
+    assert rates["obrien-fleming"]["clearly_worse_declared_worse"] > rates["bonferroni"]["clearly_worse_declared_worse"] + 0.03
+
+
+@pytest.mark.parametrize("diff, sd", [(-0.0025, 0.002), (-0.02, 0.01), (0.0, 0.003), (-0.006, 0.004)])
+def test_the_seed_hint_names_a_count_that_decides_at_least_80_percent_of_the_time(diff, sd):
+    """A fixed design with the hinted seeds, simulated 20,000 times with paired differences of that mean
+    and spread, classified as the report classifies (t-interval at the comparison's level): decided
+    at least 80 % of the time (within 3 Monte Carlo standard errors)."""
+    margin, alpha = 0.005, 0.0125
+    n = seeds_to_decide(diff, sd, margin, alpha)
+    assert n is not None and n >= 2
+    rng = np.random.default_rng(1)
+    d = rng.normal(diff, sd, size=(20_000, n))
+    mean, half = d.mean(axis=1), stats.t.ppf(1 - alpha / 2, n - 1) * d.std(axis=1, ddof=1) / np.sqrt(n)
+    decided = (mean + half < 0) | (mean - half > 0) | ((mean - half > -margin) & (mean + half < margin))
+    assert decided.mean() >= 0.8 - 3 * np.sqrt(0.16 / 20_000)
 
 
 RACE_STUDY = """\
@@ -128,5 +188,23 @@ def test_a_killed_driver_resumes_the_race_without_losing_or_repeating_a_trial(tm
     assert len(keys) == len(set(keys))  # nothing trained twice
     values = {m: [next(t.value for t in trials if t.params == {"moco.momentum": m, "seed": s})
                   for s in range(3) if f"momentum={m},seed={s}" in keys] for m in (0.9, 0.99)}
-    state = race(values, RaceSpec(2, 3, 0.0))
+    state = race(values, RaceSpec(2, 3, 0.0, spending="obrien-fleming"))  # the rule the driver raced by
     assert state.done and {m: len(v) for m, v in values.items()} == state.seeds  # exactly what the race asks
+
+
+def test_the_dry_run_of_a_race_prints_its_spending_plan(tmp_path, study_cli):
+    """`--dry-run` of the committed race: per look, the error rate it spends (summing to the
+    comparison's share) and the interval's level; a spending the study file names is the one shown."""
+    import re
+
+    proc = study_cli(tmp_path, "momentum_race", "--dry-run", "--executor", "local")
+    assert proc.returncode == 0, proc.stderr
+    assert "spending plan (obrien-fleming): error rate 0.05 over 4 comparison(s) with the best, 0.0125 each" in proc.stdout
+    spent = [float(x) for x in re.findall(r"look at \d seeds: spends ([0-9.e-]+) of it", proc.stdout)]
+    assert len(spent) == 5 and sum(spent) == pytest.approx(0.0125, rel=1e-2) and spent == sorted(spent)
+    study = tmp_path / "pocock.yaml"
+    study.write_text(RACE_STUDY.replace("decide: {margin: 0.0}", "decide: {margin: 0.0, spending: pocock}"))
+    assert "spending plan (pocock)" in study_cli(tmp_path, str(study), "--dry-run", "--executor", "local").stdout
+    study.write_text(RACE_STUDY.replace("decide: {margin: 0.0}", "decide: {margin: 0.0, spending: even}"))
+    wrong = study_cli(tmp_path, str(study), "--dry-run", "--executor", "local")
+    assert wrong.returncode == 2 and "decide.spending" in wrong.stderr and "obrien-fleming" in wrong.stderr

@@ -214,14 +214,44 @@ def test_decision_table_of_an_adaptive_study(tmp_path):
                          "probe_top1": base + shared[seed] + wiggle * (-1) ** seed})
     lines = decision_lines(pd.DataFrame(rows), study, ["moco.momentum"], "probe_top1")
     table = "\n".join(lines)
-    assert "split (Bonferroni) over 3 look(s) and 2 comparison(s)" in table
+    assert "split (Bonferroni) over 2 comparison(s), each spending its share over 3 looks (O'Brien-Fleming" in table
     better = next(line for line in lines if line.startswith("| 0.99 vs 0.9 |"))
     # At 3 seeds 0.999 leads (its own noise), so 0.9 is compared with it and stays undecided; at 4 the
-    # best is 0.99 and the paired differences 0.048, 0.052, 0.048, 0.052 give 5.00 +- t(3 df) x sd / 2.
-    assert better == "| 0.99 vs 0.9 | +5.00 pt | [+4.28, +5.72] | 4 | better |"
+    # best is 0.99 and the paired differences 0.048, 0.052, 0.048, 0.052 give 5.00 +- t(3 df) x sd / 2
+    # at the last look's level (0.025 for each comparison, spent over 3 looks).
+    from scipy import stats
+
+    from harness.spending import nominal_levels
+
+    level = nominal_levels("obrien-fleming", (2, 3, 4), 0.025)[-1]
+    assert 0.0125 < level < 0.025  # the last look gets most of it (the even split: 0.0083)
+    half = 100 * stats.t.ppf(1 - level / 2, 3) * np.std([0.048, 0.052, 0.048, 0.052], ddof=1) / 2
+    assert better == f"| 0.99 vs 0.9 | +5.00 pt | [{5 - half:+.2f}, {5 + half:+.2f}] | 4 | better |"
     undecided = next(line for line in lines if line.startswith("| 0.99 vs 0.999 |"))
     assert "| 4 | undecided at 4 seeds: the difference is below ±" in undecided
     assert "Trials run: 12 of the fixed design's 12" in table
+
+
+def test_an_undecided_fixed_design_says_how_many_seeds_would_decide_it_and_how_to_race_for_them(tmp_path):
+    """The main command's fixed 2-seed design leaves close comparisons undecided: the report names, per
+    comparison, the seed count its observed paired spread needs (harness.decide.seeds_to_decide, whose
+    80 % is checked by simulation in test_decide) and the race that spends them."""
+    import yaml
+
+    from harness.decide import seeds_to_decide
+    from harness.report import decision_lines
+    from harness.studyfile import parse_study
+
+    study = parse_study("sweep", tmp_path / "sweep.yaml", yaml.safe_load(
+        "description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99]}\nseeds: [0, 1]\n"))
+    rows = [{"moco.momentum": m, "seed": s, "state": "COMPLETE", "probe_top1": v}
+            for m, values in ((0.9, (0.846, 0.851)), (0.99, (0.850, 0.853))) for s, v in enumerate(values)]
+    lines = decision_lines(pd.DataFrame(rows), study, ["moco.momentum"], "probe_top1")
+    diffs = np.array([0.846 - 0.850, 0.851 - 0.853])
+    n = seeds_to_decide(diffs.mean(), diffs.std(ddof=1), 0.005, 0.05)
+    hint = next(line for line in lines if line.startswith("- 0.99 vs 0.9:"))
+    assert f"about {n} seeds per level would decide it" in hint and n > 2
+    assert any(f"`seeds: {{initial: 2, max: {n}}}`" in line and "python -m harness.study sweep" in line for line in lines)
 
 
 @pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25), ("mechanisms", 14)])
