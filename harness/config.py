@@ -88,6 +88,11 @@ class EvalConfig:
     knn_features: Literal["backbone", "head"] = "backbone"
     knn_train_subset: Optional[int] = None  # memory bank size cap (None = the training set)
     knn_test_subset: Optional[int] = None
+    # Dictionary diagnostics (harness.diagnostics): key consistency against age, alignment/uniformity,
+    # effective rank. Epochs between them: None = with the kNN monitor; 0 = never. They read the run,
+    # never change it: not part of its identity.
+    diagnostics_every: Optional[int] = None
+    diagnostics_subset: int = 512  # images for alignment, uniformity and effective rank
     probe: Literal["fast", "standard", "none"] = "fast"
     probe_epochs: int = 100  # standard protocol
     probe_lr: float = 30.0
@@ -183,6 +188,8 @@ RUNTIME_ONLY = {
     "runtime.keep_checkpoints": "checkpoints kept on disk",
     "runtime.log_every": "how often the loss is read back and logged",
     "data.num_workers": "DataLoader processes; each image's augmentation is seeded by its index",
+    "eval.diagnostics_every": "how often the dictionary diagnostics read the run (they never change it)",
+    "eval.diagnostics_subset": "images the diagnostics read",
 }
 
 

@@ -185,12 +185,27 @@ class InMemoryViews:
         order = torch.randperm(len(self.images), generator=seeded_generator("order", seed, epoch))
         per_rank = batch // self.world
         for step in range(start_step, self.steps_per_epoch):
-            lo = step * batch + self.rank * per_rank
-            idx = order[lo:lo + per_rank].to(self.images.device)
-            images = self.images[idx]
-            g = seeded_generator("augment", seed, epoch, step, self.rank)
-            views = (self.augment(images, g), self.augment(images, g))
-            yield (*views, idx) if indices else views
+            views = self._batch(order, epoch, step)
+            yield views if indices else views[:2]
+
+    def _batch(self, order: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        batch, per_rank = self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
+        lo = step * batch + self.rank * per_rank
+        idx = order[lo:lo + per_rank].to(self.images.device)
+        images = self.images[idx]
+        g = seeded_generator("augment", self.cfg.runtime.seed, epoch, step, self.rank)
+        return self.augment(images, g), self.augment(images, g), idx
+
+    def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
+        order = torch.randperm(len(self.images), generator=seeded_generator("order", self.cfg.runtime.seed, epoch))
+        return self._batch(order, epoch, step)
+
+    def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of a fixed seeded subset of n training images (the diagnostics' own generator)."""
+        g = seeded_generator("diagnostics", self.cfg.runtime.seed)
+        idx = torch.randperm(len(self.images), generator=g)[:n].to(self.images.device)
+        return self.augment(self.images[idx], g), self.augment(self.images[idx], g)
 
 
 class _TwoViews(torch.utils.data.Dataset):
@@ -246,6 +261,24 @@ class LoaderViews:
         for (x_q, x_k), keys in zip(loader, batches):
             views = x_q.to(self.device, non_blocking=True), x_k.to(self.device, non_blocking=True)
             yield (*views, torch.tensor([i for _, i in keys], device=self.device)) if indices else views
+
+    def _items(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views of `keys` made here, in this process (no DataLoader): each item's own seed."""
+        x_q, x_k = zip(*(self.dataset[key] for key in keys))
+        return torch.stack(x_q).to(self.device), torch.stack(x_k).to(self.device)
+
+    def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
+        seed, batch, per_rank = self.cfg.runtime.seed, self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
+        order = torch.randperm(len(self.dataset), generator=seeded_generator("order", seed, epoch)).tolist()
+        keys = [((seed, epoch, step), i) for i in order[step * batch + self.rank * per_rank:][:per_rank]]
+        return (*self._items(keys), torch.tensor([i for _, i in keys], device=self.device))
+
+    def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of a fixed seeded subset of n training images (the diagnostics' own seed key)."""
+        seed = self.cfg.runtime.seed
+        idx = torch.randperm(len(self.dataset), generator=seeded_generator("diagnostics", seed))[:n].tolist()
+        return self._items([(("diagnostics", seed), i) for i in idx])
 
 
 def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, splits=None):

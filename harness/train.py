@@ -26,7 +26,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed as dist_mod
-from . import faults, runio
+from . import diagnostics, faults, runio
 from .config import RUNTIME_ONLY, ConfigError, RunConfig, dump_yaml, get_dotted, identity_diff, make_config, validate
 from .data import NUM_CLASSES, folder_classes, load_tensors, pretrain_views, seeded_generator
 from .datafiles import check_dataset
@@ -279,6 +279,8 @@ class PretrainRun:
         if every and ((s.epoch + 1) % every == 0 or final):  # all ranks: each extracts its share
             record["knn_top1"] = knn_monitor(cfg, self.model.encoder_q, self.splits, self.rt.device,
                                              self.rank, self.world)
+        if diagnostics.due(cfg, s.epoch + 1, final):  # reads the run, changes nothing (all ranks)
+            record.update(diagnostics.measure(self))
         s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, {"loss": 0.0, "accuracy": 0.0, "count": 0}
         self.last = record
         if self.is_main:
