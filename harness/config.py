@@ -92,7 +92,7 @@ class EvalConfig:
     # effective rank. Epochs between them: None = with the kNN monitor; 0 = never. They read the run,
     # never change it: not part of its identity.
     diagnostics_every: Optional[int] = None
-    diagnostics_subset: int = 512  # images for alignment, uniformity and effective rank
+    diagnostics_subset: int = 256  # images for alignment, uniformity and effective rank (its cap)
     probe: Literal["fast", "standard", "none"] = "fast"
     probe_epochs: int = 100  # standard protocol
     probe_lr: float = 30.0

@@ -14,7 +14,8 @@ holds are compared with the keys the *current* key encoder gives the very same v
   alignment,        Wang & Isola 2020 on a fixed subset: E||f(x) - f(x')||^2 over two views, and
   uniformity        log E exp(-2 ||f(x) - f(y)||^2) over pairs of images (normalised embeddings).
   effective rank    exp(entropy) of the normalised singular values of the backbone features
-                    (Roy & Vetterli 2007; RankMe): collapse shows as a falling rank.
+                    (Roy & Vetterli 2007; RankMe): collapse shows as a falling rank. At most the
+                    subset's size (eval.diagnostics_subset): keep it above the feature width.
 
 None of it changes what the run computes: every random draw is made under a forked generator state,
 every buffer the forward passes touch (BatchNorm statistics) is restored, parameters are only read,
@@ -85,6 +86,11 @@ def queue_consistency(run) -> list[tuple[int, float]]:
     oldest = min(model.K // per_step, step)  # blocks written so far and not overwritten
     result = []
     for age in sampled_ages(oldest) if oldest else []:
+        if age == 1 and model.key_encoder == "momentum":
+            # The newest block was encoded by theta_k as it is now (the momentum update comes first in
+            # a step, and no step has run since): 1 by construction, not computed.
+            result.append((1, 1.0))
+            continue
         made = step - age  # the step (0-based) whose keys fill this block
         lo = (made * per_step) % model.K
         stored = model.queue[:, lo:lo + per_step].T.float()
@@ -115,12 +121,12 @@ def alignment_uniformity_rank(run) -> dict[str, float]:
     effective rank, on a fixed subset (eval mode: BatchNorm reads its statistics, updates none)."""
     encoder = run.model.encoder_q
     v1, v2 = run.views.pairs(run.cfg.eval.diagnostics_subset)
-    v1, v2 = run.rt.layout(v1, v2)
+    (both,) = run.rt.layout(torch.cat([v1, v2]))
     encoder.eval()
-    with run.rt.autocast():
-        h1 = encoder.backbone(v1).float()
-        z1 = F.normalize(encoder.head(h1).float(), dim=1)
-        z2 = F.normalize(encoder(v2).float(), dim=1)
+    with run.rt.autocast():  # one pass over both views (eval mode: no batch dependence)
+        h = encoder.backbone(both).float()
+        z1, z2 = F.normalize(encoder.head(h).float(), dim=1).chunk(2)
+    h1 = h[:len(v1)]
     alignment = float((z1 - z2).pow(2).sum(dim=1).mean())
     uniformity = float(torch.pdist(z1).pow(2).mul(-2).exp().mean().log())
     s = torch.linalg.svdvals(h1.double())

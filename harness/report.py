@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from . import runio
+from . import consistency_report, runio
 from .outcome import state_label
 from .storage import default_url, open_storage, redact
 from .decide import (EQUAL, SLIGHTLY_WORSE, UNDECIDED, WORSE, RaceSpec, level_label, race, seeds_to_decide,
@@ -570,7 +570,11 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
             trials[f] = None
     curves = curves_table(trials, factors, study_dir)
     summary = summary_table(trials, factors) if len(trials) else pd.DataFrame()
-    _write_tables(out, {"trials": trials, "curves": curves, "summary": summary})
+    consistency = consistency_report.consistency_table(trials, factors, study_dir) if len(trials) else pd.DataFrame()
+    diagnostics = (consistency_report.diagnostics_table(trials, factors, study_dir, objective)
+                   if len(trials) and factors else pd.DataFrame())
+    _write_tables(out, {"trials": trials, "curves": curves, "summary": summary, "consistency": consistency,
+                        "diagnostics": diagnostics})
 
     skipped = not_run_levels(study_file, ostudy.user_attrs.get("signature", {}))
     plots: list[Path] = []
@@ -578,12 +582,14 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         plots += plot_objective(trials, factors, objective, study_file.reference, out, skipped)
         plots += plot_curves(curves, factors, out)
         plots += plot_knn_vs_probe(trials, factors, out)
+        plots += consistency_report.plot_consistency(consistency, factors, out, _plt, _sns, _save)
         if study_file.race:
             plots += plot_interval_width(trials, study_file, factors, objective, out)
     if study_file.sampler == "tpe":
         plots += plot_search(ostudy, out)
     pngs = [p for p in plots if p.suffix == ".png"]
-    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped)
+    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
+                   consistency_report.markdown(diagnostics, _md_table))
     (out / "report.md").write_text(md)
     hints = (seed_hints(trials, study_file, factors, objective)
              if study_file.sampler == "grid" and len(trials) else [])
@@ -607,7 +613,8 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
-              summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]]) -> str:
+              summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]],
+              dictionary: list[str] = ()) -> str:
     verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
@@ -623,7 +630,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
           "## Verdict", "", *[f"- {line}" for line in verdicts], "",
           *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective), ""]
             if study_file.sampler == "grid" and len(trials) else []),
-          "## Summary (per level)", "", _md_table(summary) if len(summary) else "(no trials)", ""]
+          "## Summary (per level)", "", _md_table(summary) if len(summary) else "(no trials)", "", *dictionary]
     if study_file.reference.get("values"):
         md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "
                "is drawn in its own panel: a different dataset and scale, never on our y-axis.", ""]

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from . import runio
+from . import consistency_report, runio
 from .report import (_md_table, factor_names, machine_summary, render_html, stored_study, summary_table,
                      trials_table, verdict)
 from .storage import open_storage
@@ -40,6 +40,23 @@ def cost_row(member: str, suite: str, trials: pd.DataFrame, study_dir: Path) -> 
             "GPU-hours": float(trained["gpu_hours"].fillna(0).astype(float).sum()),
             "hours saved by sharing": float(trials.loc[shared, "shared_hours"].fillna(0).astype(float).sum())
             if "shared_hours" in trials else 0.0}
+
+
+def dictionary_section(member: str, study_dir: Path, factors: list[str], out: Path) -> list[str]:
+    """For the studies of the paper's argument (momentum, dictionary mechanism): key consistency against
+    key age beside the accuracy, from the member's own report."""
+    if not {"moco.momentum", "moco.key_encoder"} & set(factors):
+        return []
+    report = study_dir / "report"
+    lines = []
+    if (report / "diagnostics.csv").exists():
+        table = pd.read_csv(report / "diagnostics.csv")
+        if len(table):
+            lines += consistency_report.markdown(table.astype(object).where(table.notna(), None), _md_table)[2:]
+    if (report / "consistency.png").exists():
+        shutil.copyfile(report / "consistency.png", out / f"{member}-consistency.png")
+        lines += [f"![{member}: key consistency vs age]({member}-consistency.png)", ""]
+    return lines
 
 
 def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
@@ -74,7 +91,8 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
                      _md_table(summary[[*factors, *SUMMARY_COLUMNS]]) if len(summary) else "(no trials)", "",
                      *[f"- {line}" for line in verdict(trials, factors, study_file.objective,
                                                        study_file.direction == "maximize") if len(trials)],
-                     "", f"Full report: `{name}/report/report.html`.", ""]
+                     "", *dictionary_section(member, study_dir, factors, out),
+                     f"Full report: `{name}/report/report.html`.", ""]
     cost = pd.DataFrame(costs)
     total = {"study": "suite", **{c: cost[c].sum() for c in cost.columns if c != "study"}}
     cost = pd.concat([cost, pd.DataFrame([total])], ignore_index=True)

@@ -46,6 +46,7 @@ def test_a_key_encoder_that_never_changes_gives_consistency_one_at_every_age(tmp
     ages = epochs[-1]["key_consistency_ages"]
     assert [age for age, _ in ages] == [1, 2, 4]  # newest, 1/4 (= 1/2 here), oldest: K / B = 4 blocks
     assert all(value == pytest.approx(1.0, abs=1e-6) for _, value in ages)
+    assert ages[0] == [1, 1.0]  # the newest block: the key encoder as it is now, 1 by construction
 
 
 def test_momentum_zero_makes_old_keys_less_consistent_than_momentum_099(tmp_path):
