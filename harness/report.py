@@ -582,7 +582,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         plots += plot_objective(trials, factors, objective, study_file.reference, out, skipped)
         plots += plot_curves(curves, factors, out)
         plots += plot_knn_vs_probe(trials, factors, out)
-        plots += consistency_report.plot_consistency(consistency, factors, out, _plt, _sns, _save)
+        plots += consistency_report.plot_consistency(consistency, trials, factors, objective, out, _plt, _sns, _save)
         if study_file.race:
             plots += plot_interval_width(trials, study_file, factors, objective, out)
     if study_file.sampler == "tpe":

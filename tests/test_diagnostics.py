@@ -68,3 +68,18 @@ def test_a_memory_bank_entry_just_updated_is_closer_than_an_old_one(tmp_path):
     ages = dict(epochs[-1]["key_consistency_ages"])
     assert sorted(ages) == [1, 2, 4, 8]  # 8 steps an epoch
     assert ages[1] > ages[8] and ages[1] > 0.9
+
+
+def test_under_ddp_the_fresh_keys_are_laid_out_as_the_queue_stored_them(tmp_path):
+    """2 gloo ranks, Shuffle BN across them (ddp), symmetric loss: with m = 1 the regenerated keys of
+    every rank, gathered in rank order, are the stored ones exactly -- any other layout (or another
+    permutation) would fall far below 1. A collective left waiting fails within the group's timeout."""
+    from test_gpu_paths import ddp_train
+
+    ddp_train(tmp_path / "run", "moco.momentum=1.0", "moco.shuffle_bn=ddp", "moco.symmetric=true",
+              "optim.epochs=2", "eval.knn_every=0", "eval.diagnostics_every=1")
+    epochs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "epoch"]
+    ages = epochs[-1]["key_consistency_ages"]
+    assert len(ages) >= 2 and all(value == pytest.approx(1.0, abs=1e-5) for _, value in ages)
+    assert "alignment" in epochs[-1]

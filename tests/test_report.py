@@ -275,3 +275,38 @@ def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(t
         committed = pd.read_csv(example / "report" / table)
         pd.testing.assert_frame_equal(fresh, committed)
     assert len(pd.read_csv(example / "report" / "trials.csv")) == trials
+
+
+def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_made_before(tmp_path, monkeypatch):
+    """The committed momentum sweep (run with the diagnostics) gets a consistency table with a value per
+    level and its plot; the mechanisms example (runs made before them) says 'not measured' for the
+    queue and the bank, '1 by construction' for end-to-end, and never prints a number for them; the
+    suite page shows the section for its momentum and mechanism studies only."""
+    import shutil
+    from pathlib import Path
+
+    from harness import report, runio
+
+    examples = Path(__file__).resolve().parent.parent / "results" / "examples"
+    for name in ("momentum_sweep", "mechanisms", "moco_ablation"):
+        shutil.copytree(examples / name, tmp_path / name, ignore=shutil.ignore_patterns("report"))
+    monkeypatch.setattr(runio, "RESULTS", tmp_path)
+    assert report.main(["momentum_sweep"]) == 0 and report.main(["mechanisms"]) == 0
+    sweep = pd.read_csv(tmp_path / "momentum_sweep" / "report" / "diagnostics.csv")
+    assert len(sweep) == 5 and sweep["key_consistency"].between(0, 1.000001).all()
+    assert (sweep["seeds measured"] == "2 of 2").all() and sweep["effective_rank"].gt(1).all()
+    assert (tmp_path / "momentum_sweep" / "report" / "consistency.png").exists()
+    ages = pd.read_csv(tmp_path / "momentum_sweep" / "report" / "consistency.csv")
+    assert sorted(ages["key_age_steps"].unique()) == [1, 4, 8, 16]  # K / B = 16 blocks
+    md = (tmp_path / "mechanisms" / "report" / "report.md").read_text()
+    section = md.split("## Dictionary consistency", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "key_consistency" not in line
+            and not line.startswith("|---")]
+    assert len(rows) == 7 and all(line.count("not measured") >= 3 for line in rows)
+    assert all(("1 by construction" in line) == ("end_to_end" in line) for line in rows)
+    assert not (tmp_path / "mechanisms" / "report" / "consistency.png").exists()
+    assert report.main(["moco_ablation"]) == 0
+    suite = (tmp_path / "moco_ablation" / "report" / "report.md").read_text()
+    members = {part.split("\n", 1)[0]: part for part in suite.split("\n## ")[1:]}
+    assert "key_consistency" in members["momentum_sweep"] and "key_consistency" in members["mechanisms"]
+    assert "key_consistency" not in members["queue_sweep"]
