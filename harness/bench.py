@@ -222,7 +222,51 @@ def bench_overhead(args) -> list[dict]:
     return rows
 
 
-PARTS = {"train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead,
+def bench_diagnostics(args) -> list[dict]:
+    """What the dictionary diagnostics (harness.diagnostics) cost against a training epoch, on one
+    state: train enough steps to fill the queue, then time `measure()` and the training steps."""
+    import tempfile
+
+    from . import diagnostics
+    from .train import PretrainRun
+
+    rows = []
+    for subset in (128, 256):
+        cfg, rt, splits = _setup(args, "batched")
+        cfg.eval.diagnostics_subset = subset
+        run = PretrainRun(cfg, Path(tempfile.mkdtemp(prefix="bench-diagnostics-")), rt, 0, 1, splits=splits)
+        batches = run.views.epoch(0, 0, indices=True)
+        fill = cfg.moco.queue_size // cfg.optim.batch_size  # every sampled age exists
+        timed = min(max(args.steps, fill), run.views.steps_per_epoch - args.warmup)
+        tic = 0.0
+        for i, (x_q, x_k, index) in zip(range(args.warmup + timed), batches):
+            if i == args.warmup:
+                _sync(rt.device)
+                tic = time.perf_counter()
+            with rt.autocast():
+                out = run.model(*rt.layout(x_q, x_k), index)
+            run.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            run.optimizer.step()
+        _sync(rt.device)
+        step_s = (time.perf_counter() - tic) / timed
+        run.state.global_step = run.state.step_in_epoch = args.warmup + timed
+        timings = []
+        for _ in range(args.repeats):
+            tic = time.perf_counter()
+            record = diagnostics.measure(run)
+            _sync(rt.device)
+            timings.append(time.perf_counter() - tic)
+        epoch_s = step_s * run.views.steps_per_epoch
+        rows.append({"part": "diagnostics", "subset": subset, "recipe": cfg.recipe, "device": str(rt.device),
+                     "diagnostics_s": statistics.median(timings), "step_s": step_s,
+                     "steps_per_epoch": run.views.steps_per_epoch, "epoch_s": epoch_s,
+                     "fraction_of_epoch": statistics.median(timings) / epoch_s,
+                     "ages": [age for age, _ in record.get("key_consistency_ages", [])]})
+    return rows
+
+
+PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead,
          "device": devicecheck.run}
 
 

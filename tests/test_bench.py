@@ -40,3 +40,17 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert all(len(r["per_process_images_per_s"]) == r["processes"] and r["aggregate_images_per_s"] > 0
                for r in packing)
     assert "| torch.compile | cifar10-r18 | ok: loss rel. diff" in proc.stdout  # the table a person reads
+
+
+def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):
+    """`python -m harness.bench diagnostics`: both subsets, every sampled age present (the queue filled
+    first), a cost that is a fraction of the epoch (no figure asserted: speed is the bench's, not a test's)."""
+    cmd = [sys.executable, "-m", "harness.bench", "diagnostics", "--out", str(tmp_path), "--repeats", "1",
+           "--set", "data.train_subset=1024", "--set", "optim.batch_size=64", "--set", "moco.queue_size=256",
+           "--set", "moco.bn_splits=4", "--set", "runtime.threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("bench-diagnostics-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["subset"] for r in rows] == [128, 256]
+    assert all(r["ages"] == [1, 2, 4] and 0 < r["fraction_of_epoch"] < 1 and r["steps_per_epoch"] == 16 for r in rows)
