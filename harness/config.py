@@ -93,7 +93,7 @@ class EvalConfig:
     # never change it: not part of its identity.
     diagnostics_every: Optional[int] = None
     # Images for alignment, uniformity and effective rank (the rank's cap). 128: with the queue's three
-    # regenerated batches the diagnostics cost ~1.5 % of a CPU-recipe epoch (256: 3.0-3.3 %, measured).
+    # regenerated batches the diagnostics cost 2.4 % of a CPU-recipe epoch (256: 3.4 %; bench diagnostics).
     diagnostics_subset: int = 128
     probe: Literal["fast", "standard", "none"] = "fast"
     probe_epochs: int = 100  # standard protocol
