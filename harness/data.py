@@ -181,9 +181,7 @@ class InMemoryViews:
 
     def epoch(self, epoch: int, start_step: int = 0, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """(view 1, view 2) batches; with `indices`, also the images' indices in the training set."""
-        seed, batch = self.cfg.runtime.seed, self.cfg.optim.batch_size
-        order = torch.randperm(len(self.images), generator=seeded_generator("order", seed, epoch))
-        per_rank = batch // self.world
+        order = torch.randperm(len(self.images), generator=seeded_generator("order", self.cfg.runtime.seed, epoch))
         for step in range(start_step, self.steps_per_epoch):
             views = self._batch(order, epoch, step)
             yield views if indices else views[:2]
