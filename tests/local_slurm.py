@@ -50,6 +50,20 @@ def _run(*args: str, env=None) -> subprocess.CompletedProcess:
     return proc
 
 
+def start_munge(r: Path) -> Path:
+    """munged with a fresh key under r/munge-key, its socket, pid, log and seed under r/run and r/log;
+    returns the socket (a path socket: any network namespace on this machine reaches it)."""
+    key = r / "munge-key" / "munge.key"
+    key.write_bytes(secrets.token_bytes(1024))
+    key.chmod(0o400)
+    os.chown(key, 0, 0)
+    socket_path = r / "run" / "munge.socket"
+    _run("munged", f"--socket={socket_path}", f"--key-file={key}", f"--pid-file={r / 'run/munged.pid'}",
+         f"--log-file={r / 'log/munged.log'}", f"--seed-file={r / 'run/munged.seed'}", "--force")
+    _wait(socket_path.exists, "munged")
+    return socket_path
+
+
 class LocalSlurm:
     ACCOUNT, QOS, GPUS, FEATURE = "lab", "short", 2, "a100"  # what the cluster enforces and declares (_start_slurm)
 
@@ -71,15 +85,7 @@ class LocalSlurm:
         return self
 
     def _start_munge(self) -> None:
-        r = self.root
-        key = r / "munge-key" / "munge.key"
-        key.write_bytes(secrets.token_bytes(1024))
-        key.chmod(0o400)
-        os.chown(key, 0, 0)
-        self.munge_socket = r / "run" / "munge.socket"
-        _run("munged", f"--socket={self.munge_socket}", f"--key-file={key}", f"--pid-file={r / 'run/munged.pid'}",
-             f"--log-file={r / 'log/munged.log'}", f"--seed-file={r / 'run/munged.seed'}", "--force")
-        _wait(self.munge_socket.exists, "munged")
+        self.munge_socket = start_munge(self.root)
 
     def _start_mariadb(self) -> None:
         r = self.root

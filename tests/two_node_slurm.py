@@ -15,13 +15,12 @@ driver. No accounting (no slurmdbd), as on many lab clusters. By hand:
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from local_slurm import _run, _wait, available  # noqa: F401  (available: same daemons minus the database)
+from local_slurm import _run, _wait, available, start_munge  # noqa: F401  (available: same daemons minus the database)
 from processes import wait_exited
 
 SUBNET = "10.231.7"  # exists only inside the two namespaces
@@ -54,7 +53,7 @@ class TwoNodeSlurm:
         (r / "munge-key").chmod(0o700)
         (r / "run").chmod(0o755)
         self._network()
-        self._start_munge()
+        self.munge_socket = start_munge(r)
         self._start_slurm()
         return self
 
@@ -71,17 +70,6 @@ class TwoNodeSlurm:
         for node, ns in self.namespaces.items():
             _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.address[node]}/24", "dev", self.veth)
             _run("ip", "netns", "exec", ns, "ip", "link", "set", self.veth, "up")
-
-    def _start_munge(self) -> None:
-        r = self.root
-        key = r / "munge-key" / "munge.key"
-        key.write_bytes(secrets.token_bytes(1024))
-        key.chmod(0o400)
-        os.chown(key, 0, 0)
-        self.munge_socket = r / "run" / "munge.socket"  # a path socket: reachable from both namespaces
-        _run("munged", f"--socket={self.munge_socket}", f"--key-file={key}", f"--pid-file={r / 'run/munged.pid'}",
-             f"--log-file={r / 'log/munged.log'}", f"--seed-file={r / 'run/munged.seed'}", "--force")
-        _wait(self.munge_socket.exists, "munged")
 
     def _start_slurm(self) -> None:
         r = self.root
