@@ -107,17 +107,14 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Closed form: channel(n) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1."""
     h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
-    out = torch.zeros_like(x)
-    for k, (r, g, b) in enumerate(choices):
-        mask = (i == k).unsqueeze(1)
-        out = torch.where(mask, torch.stack([r, g, b], 1), out)
-    return out
+    h6 = h * 6.0
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h6 + n) % 6.0
+        channels.append(v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, 1)
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -160,11 +157,12 @@ class BatchAugment:
         self.std = torch.tensor(std).view(1, -1, 1, 1)
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        spec, n, dev = self.spec, images.shape[0], images.device
-        _, c, height, width = images.shape
-        x = images.float().div_(255)
+        return self.colour(self.crop_flip(images.float().div_(255), g), g)
 
-        # Random resized crop + horizontal flip, as one affine resampling.
+    def crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Random resized crop + horizontal flip of a float batch in [0, 1], as one affine resampling."""
+        spec, n, dev = self.spec, x.shape[0], x.device
+        _, c, height, width = x.shape
         top, left, h, w = sample_crops(n, height, width, spec, g)
         flip = torch.rand(n, generator=g) < spec.flip_p
         theta = torch.zeros(n, 2, 3)
@@ -173,37 +171,49 @@ class BatchAugment:
         theta[:, 0, 2] = (2 * left + w) / width - 1
         theta[:, 1, 2] = (2 * top + h) / height - 1
         grid = F.affine_grid(theta.to(dev), [n, c, self.size, self.size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def colour(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Colour jitter, grayscale, blur and normalisation of a float batch in [0, 1] (already cropped
+        to `size`): the part of the recipe that needs no file, batched wherever `x` lives.
+
+        Each operation runs only on the images it applies to (chosen on the CPU, where the parameters
+        are drawn, so no device sync): hue, the costliest, once per image instead of four times."""
+        spec, n, dev, c = self.spec, x.shape[0], x.device, x.shape[1]
+        x = x.clone()
+
+        def apply(rows: torch.Tensor, op) -> None:  # x[rows] = op(x[rows], rows), rows on the CPU
+            if len(rows):
+                idx = rows.to(dev)
+                x[idx] = op(x.index_select(0, idx), rows)
+
+        def per_image(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return values[rows].view(-1, 1, 1, 1).to(dev)
 
         # Colour jitter, applied with probability jitter_p, its four parts in a random order per image.
         if spec.jitter_p > 0 and any(spec.jitter):
             b, ct, s, hue = spec.jitter
-            apply = (torch.rand(n, generator=g) < spec.jitter_p).view(n, 1, 1, 1).to(dev)
-            factors = [_uniform(n, max(0.0, 1 - v), 1 + v, g) for v in (b, ct, s)] + [_uniform(n, -hue, hue, g)]
-            order = torch.argsort(torch.rand(n, 4, generator=g), dim=1).to(dev)
-            bf, cf, sf, hf = (f.view(n, 1, 1, 1).to(dev) for f in factors)
-            jittered = x
+            jitter = torch.rand(n, generator=g) < spec.jitter_p
+            bf, cf, sf, hf = [_uniform(n, max(0.0, 1 - v), 1 + v, g) for v in (b, ct, s)] + [_uniform(n, -hue, hue, g)]
+            order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
+            ops = {0: (b, lambda v, r: (v * per_image(bf, r)).clamp(0, 1)),
+                   1: (ct, lambda v, r: _blend(v, _grayscale(v).mean(dim=(1, 2, 3), keepdim=True), per_image(cf, r))),
+                   2: (s and c == 3, lambda v, r: _blend(v, _grayscale(v), per_image(sf, r))),
+                   3: (hue and c == 3, lambda v, r: _adjust_hue(v, per_image(hf, r)))}
             for stage in range(4):
-                op = order[:, stage].view(n, 1, 1, 1)
-                if b:
-                    jittered = torch.where(op == 0, (jittered * bf).clamp(0, 1), jittered)
-                if ct:
-                    mean = _grayscale(jittered).mean(dim=(1, 2, 3), keepdim=True)
-                    jittered = torch.where(op == 1, _blend(jittered, mean, cf), jittered)
-                if s and c == 3:
-                    jittered = torch.where(op == 2, _blend(jittered, _grayscale(jittered), sf), jittered)
-                if hue and c == 3:
-                    jittered = torch.where(op == 3, _adjust_hue(jittered, hf), jittered)
-            x = torch.where(apply, jittered, x)
+                for code, (enabled, op) in ops.items():
+                    if enabled:
+                        apply(torch.nonzero(jitter & (order[:, stage] == code)).flatten(), op)
 
         if spec.grayscale_p > 0 and c == 3:
-            gray = (torch.rand(n, generator=g) < spec.grayscale_p).view(n, 1, 1, 1).to(dev)
-            x = torch.where(gray, _grayscale(x).expand_as(x), x)
+            gray = torch.rand(n, generator=g) < spec.grayscale_p
+            apply(torch.nonzero(gray).flatten(), lambda v, r: _grayscale(v).expand_as(v))
 
         if spec.blur_p > 0:
-            blur = (torch.rand(n, generator=g) < spec.blur_p).view(n, 1, 1, 1).to(dev)
-            sigma = _uniform(n, *spec.blur_sigma, g).to(dev)
-            x = torch.where(blur, _gaussian_blur(x, sigma, blur_kernel_size(self.size)), x)
+            blur = torch.rand(n, generator=g) < spec.blur_p
+            sigma = _uniform(n, *spec.blur_sigma, g)
+            ksize = blur_kernel_size(self.size)
+            apply(torch.nonzero(blur).flatten(), lambda v, r: _gaussian_blur(v, sigma[r].to(dev), ksize))
 
         return (x - self.mean.to(dev)) / self.std.to(dev)
 

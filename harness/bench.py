@@ -2,7 +2,8 @@
 
   train     MoCo steps/s and images/s after warm-up, batched (on-device) vs per-image (PIL +
             DataLoader) data path, median of repeats, synchronised timing; FLOP/s of the step
-  data      augmented image pairs/s: batched vs per-image
+  data      augmented image pairs/s: batched vs per-image; on an image-folder recipe (data.root, or
+            --synthetic-jpeg N) the loader's images/s per core, old and new path side by side
   probe     fast vs standard linear probe on a trained run (--run DIR): seconds and top-1
   overhead  submit -> trial-start latency per executor (debug, local, slurm when present)
   device    the prepared check for a lent GPU (harness/devicecheck.py): fast paths vs fp32 eager,
@@ -62,6 +63,11 @@ def _median_rate(timings: list[float], units: float) -> float:
 
 
 def bench_data(args) -> list[dict]:
+    cfg = make_config(args.recipe, args.overrides)
+    if cfg.data.dataset == "imagefolder" and not args.synthetic:  # files: the folder pipeline's bench
+        from .bench_folders import bench_folder_data
+
+        return bench_folder_data(args, args.overrides, lambda c: Runtime.for_config(c).apply())
     rows = []
     for loader in ("batched", "per_image"):
         cfg, rt, splits = _setup(args, loader)
@@ -289,6 +295,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--synthetic", type=int, default=0, metavar="N",
                         help="use N random images of the dataset's shape instead of its files")
+    parser.add_argument("--synthetic-jpeg", type=int, default=0, metavar="N",
+                        help="data part, image-folder recipes: write N photo-like 500x375 JPEGs to a temporary "
+                             "folder and time the input pipelines on them (else data.root is read)")
     parser.add_argument("--run", help="a finished run directory (probe part)")
     parser.add_argument("--probe-epochs", type=int, help="standard probe epochs (default: the run's config)")
     parser.add_argument("--out", type=Path, default=Path("results/bench"))

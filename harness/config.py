@@ -36,10 +36,12 @@ class DataConfig:
     # RandomResizedCrop area range of the two views. MoCo's recipes all use [0.2, 1]; small images
     # may want milder crops (a 0.2 crop of a 28-px image is 12 px wide; see fmnist-tiny).
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    # batched: on-device augmentation of in-memory datasets; per_image: PIL + DataLoader workers
-    # (always used for image folders; for in-memory datasets it exists for comparison, see harness.bench).
-    loader: Literal["batched", "per_image"] = "batched"
-    num_workers: int = 2  # DataLoader workers for the per-image path
+    # batched: in-memory datasets augmented on the device; image folders cropped in DataLoader workers
+    # (uint8) and coloured on the device (harness.folder_views). per_image: the classic pipeline, every
+    # step per image in workers (the comparison path, see harness.bench). device_decode (image folders):
+    # workers only read the files; decode (nvjpeg on CUDA), crops and colours on the device.
+    loader: Literal["batched", "per_image", "device_decode"] = "batched"
+    num_workers: int = 2  # DataLoader workers for image folders and the per-image path
 
 
 @dataclass
@@ -443,6 +445,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     _require(cfg.runtime.dist_timeout_s > 0,
              f"runtime.dist_timeout_s: must be > 0 seconds, got {cfg.runtime.dist_timeout_s}.")
     _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
+    _require(d.loader != "device_decode" or d.dataset == "imagefolder",
+             f"data.loader: device_decode decodes image files; {d.dataset} is held in memory (use batched).")
+    _require(d.num_workers >= 0, f"data.num_workers: must be >= 0 (0: load in the training process), "
+                                 f"got {d.num_workers}.")
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)
         _require(value is None or value > 0, f"data.{key}: must be positive or null, got {value}.")

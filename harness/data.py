@@ -2,7 +2,8 @@
 
 In-memory datasets (Fashion-MNIST, CIFAR-10/100, STL-10) are held once as a uint8 tensor on the
 training device and augmented there in batch (`InMemoryViews`). Image folders (ImageNet,
-ImageNet-100) go through a DataLoader with per-image transforms (`LoaderViews`).
+ImageNet-100) are cropped in DataLoader workers and coloured on the device (`folder_views`);
+`LoaderViews` is the classic per-image pipeline, kept as the comparison path (`data.loader=per_image`).
 
 Every random choice of a step (data order, augmentation) derives from (seed, epoch, step, rank),
 so a run resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
@@ -246,12 +247,17 @@ class LoaderViews:
         self.size = len(self.dataset)
         self.steps_per_epoch = len(self.dataset) // cfg.optim.batch_size
 
+    def _keys(self, order: list, epoch: int, step: int) -> list:
+        batch, per_rank = self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
+        lo = step * batch + self.rank * per_rank
+        return [((self.cfg.runtime.seed, epoch, step), i) for i in order[lo:lo + per_rank]]
+
+    def _order(self, epoch: int) -> list:
+        return torch.randperm(len(self.dataset), generator=seeded_generator("order", self.cfg.runtime.seed, epoch)).tolist()
+
     def epoch(self, epoch: int, start_step: int = 0, indices: bool = False):
-        seed, batch = self.cfg.runtime.seed, self.cfg.optim.batch_size
-        order = torch.randperm(len(self.dataset), generator=seeded_generator("order", seed, epoch)).tolist()
-        per_rank = batch // self.world
-        batches = [[((seed, epoch, step), i) for i in order[step * batch + self.rank * per_rank:][:per_rank]]
-                   for step in range(start_step, self.steps_per_epoch)]
+        order = self._order(epoch)
+        batches = [self._keys(order, epoch, step) for step in range(start_step, self.steps_per_epoch)]
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -267,9 +273,7 @@ class LoaderViews:
 
     def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
         """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
-        seed, batch, per_rank = self.cfg.runtime.seed, self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
-        order = torch.randperm(len(self.dataset), generator=seeded_generator("order", seed, epoch)).tolist()
-        keys = [((seed, epoch, step), i) for i in order[step * batch + self.rank * per_rank:][:per_rank]]
+        keys = self._keys(self._order(epoch), epoch, step)
         return (*self._items(keys), torch.tensor([i for _, i in keys], device=self.device))
 
     def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +287,11 @@ def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: i
     """The pretraining batches. `splits` given for an image-folder recipe: images in memory (the
     benchmarks' synthetic data), through the same augmentation paths."""
     if cfg.data.dataset == "imagefolder" and splits is None:
-        return LoaderViews(cfg, device, rank, world)
+        if cfg.data.loader == "per_image":
+            return LoaderViews(cfg, device, rank, world)
+        from .folder_views import FolderViews
+
+        return FolderViews(cfg, device, rank, world)
     splits = splits or load_tensors(cfg)
     if cfg.data.loader == "per_image":
         return LoaderViews(cfg, device, rank, world, images=splits.pretrain)
@@ -317,11 +325,14 @@ def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256
     from torchvision import datasets
 
     from .distributed import chunk_of
+    from .folder_views import EvalDecode
 
     base = folder_root(cfg.data.root)
     mean, std = NORMALIZATION["imagefolder"]
-    size = cfg.data.image_size
-    folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=int(size * 256 / 224)))
+    size, resize = cfg.data.image_size, int(cfg.data.image_size * 256 / 224)
+    # the pretraining views' decode, reduced where the shorter side stays >= the resize
+    folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=resize),
+                                  loader=EvalDecode(resize))
     pick = eval_subset(len(folder), limit, "train" if split == "train" else "test")
     indices = list(range(len(folder))) if pick is None else pick.tolist()
     chunk = indices[chunk_of(len(indices), *part)]
@@ -333,9 +344,11 @@ def folder_probe_set(cfg: RunConfig, spec):
     """main_lincls's training views of an image folder: per-image crop + flip (in loader workers)."""
     from torchvision import datasets
 
+    from .folder_views import decode_full
+
     mean, std = NORMALIZATION["imagefolder"]
     return datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"),
-                                per_image_transform(spec, cfg.data.image_size, mean, std))
+                                per_image_transform(spec, cfg.data.image_size, mean, std), loader=decode_full)
 
 
 def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: int):
