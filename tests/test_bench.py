@@ -54,3 +54,21 @@ def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):
     rows = json.loads(report.read_text())["rows"]
     assert [r["subset"] for r in rows] == [128, 256]
     assert all(r["ages"] == [1, 2, 4] and 0 < r["fraction_of_epoch"] < 1 and r["steps_per_epoch"] == 16 for r in rows)
+
+
+def test_the_data_bench_times_old_and_new_folder_pipelines_side_by_side(tmp_path):
+    """`bench data` on an image-folder recipe (it died with KeyError: 'imagefolder'): photo-like JPEGs
+    written for it, each path's loader images/s per core and the device side's images/s in one JSON."""
+    cmd = [sys.executable, "-m", "harness.bench", "data", "--recipe", "imagenet-r50-v2", "--synthetic-jpeg", "24",
+           "--set", "optim.batch_size=8", "--set", "data.image_size=64", "--set", "runtime.device=cpu",
+           "--steps", "1", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("bench-data-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["path"] for r in rows] == ["per_image", "batched", "device_decode", "speedup"]
+    assert all(r["loader_images_per_s_per_core"] > 0 for r in rows[:3])
+    assert all(r["device_images_per_s"] > 0 for r in rows[1:3]) and "device_images_per_s" not in rows[0]
+    speedup = rows[3]
+    assert speedup["batched_over_per_image"] == rows[1]["loader_images_per_s_per_core"] / rows[0]["loader_images_per_s_per_core"]
+    assert speedup["synthetic_jpeg"]["images"] == 24 and speedup["synthetic_jpeg"]["size"] == [500, 375]
