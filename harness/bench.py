@@ -26,7 +26,7 @@ import torch
 
 from .config import EVAL_ONLY, ConfigError, RunConfig, make_config, with_overrides
 from .data import CHANNELS, TensorSplits, load_tensors, pretrain_views
-from . import devicecheck
+from . import devicecheck, runio
 from .runtime import Runtime, machine_description
 from .moco import build_moco, compile_encoders
 
@@ -300,7 +300,7 @@ def main(argv=None) -> int:
                              "folder and time the input pipelines on them (else data.root is read)")
     parser.add_argument("--run", help="a finished run directory (probe part)")
     parser.add_argument("--probe-epochs", type=int, help="standard probe epochs (default: the run's config)")
-    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--out", type=Path, default=runio.RESULTS / "bench", help="where the JSON goes (default: $HARNESS_RESULTS/bench)")
     parser.add_argument("--size", choices=["auto", "full", "small"], default="auto",
                         help="device part: full on a GPU, small (seconds, the same code) on a CPU; auto picks")
     parser.add_argument("--batched-only", action="store_true", help=argparse.SUPPRESS)  # packing's processes

@@ -627,6 +627,11 @@ def dry_run(driver: Driver) -> str:
         if s.race else ""
     lines.append(f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
                  f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}")
+    first_cfg = driver.points[0][1] if driver.points else None
+    if first_cfg is not None and first_cfg.data.dataset == "imagefolder" and res.gpus > 0:
+        from .input_budget import loader_cores_line
+
+        lines.append(loader_cores_line(first_cfg, res.gpus, res.cpus, runio.RESULTS / "bench"))
     if res.trials_per_job > 1:
         jobs = math.ceil(n / res.trials_per_job)
         lines.append(f"packing: {res.trials_per_job} trials a job, one process each with {threads} thread(s), "

@@ -253,3 +253,37 @@ def test_an_image_folder_study_runs_end_to_end_with_knn_monitor_and_probe(tmp_pa
         assert probe["protocol"] == "standard" and (probe["train_size"], probe["test_size"]) == (128, 60)
         assert probe["top1"] > 0.5  # 3 classes far apart (chance 1/3)
     assert (results / "report" / "report.md").exists()
+
+
+def test_the_dry_run_of_a_gpu_folder_study_says_how_many_loader_cores_a_gpu_needs(tmp_path):
+    """From the benchmarks' JSON files (results/bench): the loader's images/s per core (bench data)
+    and what a GPU trains (the device check), or which command measures what is missing."""
+    root = fmnist_folder(tmp_path / "data", {"train": 40, "val": 6})
+    study = tmp_path / "gpu_folder.yaml"
+    study.write_text(f"description: x\nrecipe: imagenet-r50-v2\noverrides: [data.root={root}]\n"
+                     "factors: {moco.momentum: [0.99, 0.999]}\nseeds: [0]\n")
+    results = tmp_path / "results"
+    env = {**os.environ, "HARNESS_RESULTS": str(results)}
+
+    def dry_run() -> str:
+        proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--dry-run", "--executor", "local"],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return next(line for line in proc.stdout.splitlines() if line.startswith("input pipeline"))
+
+    assert "not measured" in dry_run() and "python -m harness.bench data --recipe imagenet-r50-v2" in dry_run()
+    (results / "bench").mkdir(parents=True)
+    data_row = {"part": "data", "path": "batched", "recipe": "imagenet-r50-v2", "image_size": 224,
+                "augmentation": "v2", "loader_images_per_s_per_core": 100.0}
+    (results / "bench" / "bench-data-1.json").write_text(json.dumps(
+        {"machine": "CPU X", "time": "2026-12-01T00:00:00", "rows": [data_row, {**data_row, "image_size": 64,
+                                                                               "loader_images_per_s_per_core": 1e4}]}))
+    line = dry_run()
+    assert "a loader core makes 100 images/s (CPU X" in line and "10 cores per GPU for each 1000 images/s" in line
+    gpu_row = {"part": "device", "check": "throughput batched", "recipe": "imagenet-r50-v2", "gpu": "NVIDIA H100",
+               "images_per_s": 1450.0}
+    (results / "bench" / "bench-device-1.json").write_text(json.dumps({"time": "2026-12-01T01:00:00",
+                                                                       "rows": [gpu_row]}))
+    line = dry_run()  # the recipe's 8 GPUs and 80 CPUs: 10 a GPU, 15 needed
+    assert "a GPU trains 1450 images/s (NVIDIA H100" in line and "15 loader cores per GPU needed" in line
+    assert "gives 10 CPUs per GPU (too few" in line
