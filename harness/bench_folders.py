@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import make_config
+from .config import ConfigError, make_config
 
 IMAGENET_TYPICAL = (500, 375)  # ImageNet-1k's most common size (width, height)
 
@@ -98,6 +98,9 @@ def bench_folder_data(args, cfg_overrides: list[str], rt_for) -> list[dict]:
         if args.synthetic_jpeg:
             folder_info = write_synthetic_folder(Path(scratch), args.synthetic_jpeg)
             overrides.append(f"data.root={scratch}")
+        elif not make_config(args.recipe, overrides).data.root:
+            raise ConfigError("data.root: bench data on an image-folder recipe reads a folder: --set data.root=<dir> "
+                              "(train/<class>/ images), or --synthetic-jpeg N to write N photo-like JPEGs for it.")
         rates = {}
         for loader in ("per_image", "batched", "device_decode"):
             cfg = make_config(args.recipe, [*overrides, f"data.loader={loader}", "data.num_workers=0"])

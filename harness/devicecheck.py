@@ -10,6 +10,9 @@ Device windows are short, so everything worth knowing about a GPU is measured in
                path: images/s, achieved TFLOP/s, peak device memory
   packing      1, 2 and 4 training processes of cifar10-r18 on the device at once: aggregate
                images/s (what several trials per GPU would gain; 1 and 2 at the small size)
+  input        the image-folder pipeline on photo-like JPEGs: each path's loader images/s per core and
+               its device side's images/s (colours; for device_decode nvjpeg decode, crops and colours),
+               and device_decode's views against the worker path's on the device
   GPU paths    resume on the device, NCCL gathers, syncs per step, layout x cudnn.benchmark,
                bf16 vs fp32 logits (harness.gpu_checks)
 
@@ -137,12 +140,39 @@ def packing(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
     return rows
 
 
+def input_pipeline(size: dict, recipe: str = "imagenet-r50-v2") -> list[dict]:
+    """bench data's folder rows on the device, and device_decode's views against the worker path's."""
+    from .bench_folders import bench_folder_data, write_synthetic_folder
+
+    full = size["name"] == "full"
+    overrides = [*size["overrides"].get(recipe, [])] if not full else []
+    overrides += ["optim.batch_size=64"] if full else []
+    args = Namespace(recipe=recipe, synthetic_jpeg=512 if full else 24, warmup=1, steps=2 if full else 1,
+                     repeats=2 if full else 1)
+    rows = [{**row, "part": "input", "check": f"input {row['path']}"}
+            for row in bench_folder_data(args, overrides, lambda c: Runtime.for_config(c).apply())]
+    with tempfile.TemporaryDirectory(prefix="check-jpeg-") as root:
+        write_synthetic_folder(Path(root), 64 if full else 16)
+        views = []
+        for loader in ("batched", "device_decode"):
+            cfg = make_config(recipe, [*overrides, f"data.root={root}", f"data.loader={loader}", "data.num_workers=0",
+                                       "optim.batch_size=16"])
+            rt = Runtime.for_config(cfg).apply()
+            views.append(pretrain_views(cfg, rt.device).batch_at(0, 0))
+        diff = torch.cat([(a - b).abs().flatten().float().cpu() for a, b in zip(views[0][:2], views[1][:2])])
+    rows.append({"part": "input", "check": "input device_decode vs batched", "recipe": recipe,
+                 "device": str(views[0][0].device), "mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max()),
+                 "ok": bool(diff.mean() < 0.05) and torch.equal(views[0][2].cpu(), views[1][2].cpu())})
+    return rows
+
+
 def run(args) -> list[dict]:
     size = _size(args.size)
     rows = check_fast_paths(size)
     for recipe in RECIPES:
         rows += throughput(size, recipe)
     rows += packing(size)
+    rows += input_pipeline(size)
     rows += gpu_checks.run(size)
     failed = [r["check"] for r in rows if r.get("ok") is False]
     rows.append({"part": "device", "check": "summary", "size": size["name"],
@@ -161,6 +191,15 @@ def table(rows: list[dict]) -> str:
             result = gpu_checks.describe(r)
         elif r["check"] == "fp32 eager":
             result = f"reference: losses {', '.join(fmt(x, 5) for x in r['losses'])}"
+        elif r["check"] == "input speedup":
+            result = f"loader per core: batched {r['batched_over_per_image']:.1f}x per_image"
+        elif r["check"] == "input device_decode vs batched":
+            result = (f"{'ok' if r['ok'] else 'DIFFERENT'}: views differ by {r['mean_abs_diff']:.3g} on average "
+                      f"(max {r['max_abs_diff']:.3g}, normalised units) on {r['device']}")
+        elif r["check"].startswith("input"):
+            device = (f", device side {r['device_images_per_s']:.0f} images/s on {r['device']}"
+                      if r.get("device_images_per_s") else "")
+            result = f"loader {r['loader_images_per_s_per_core']:.0f} images/s per core{device}"
         elif "ok" in r:
             result = (f"{'ok' if r['ok'] else 'OUT OF TOLERANCE'}: loss rel. diff {fmt(r['loss_rel_diff'])} "
                       f"(tol. {r['tolerance'][0]:g}), queue max diff {fmt(r['queue_max_diff'])} "

@@ -17,7 +17,8 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert [r["check"] for r in rows] == [
         "fp32 eager", "bf16 autocast", "channels_last", "torch.compile",
         "throughput batched", "throughput per_image", "throughput batched", "throughput per_image",
-        "packing 1", "packing 2", "resume on the device", "gather channels_last", "syncs per step",
+        "packing 1", "packing 2", "input per_image", "input batched", "input device_decode", "input speedup",
+        "input device_decode vs batched", "resume on the device", "gather channels_last", "syncs per step",
         "layout channels_last=no cudnn.benchmark=False", "layout channels_last=no cudnn.benchmark=True",
         "layout channels_last=yes cudnn.benchmark=False", "layout channels_last=yes cudnn.benchmark=True",
         "logits bf16 vs fp32", "summary"]
@@ -39,6 +40,8 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert [r["processes"] for r in packing] == [1, 2]  # and 4 at full size
     assert all(len(r["per_process_images_per_s"]) == r["processes"] and r["aggregate_images_per_s"] > 0
                for r in packing)
+    inputs = {r["check"]: r for r in rows if r["check"].startswith("input")}
+    assert inputs["input device_decode vs batched"]["ok"] and inputs["input batched"]["device_images_per_s"] > 0
     assert "| torch.compile | cifar10-r18 | ok: loss rel. diff" in proc.stdout  # the table a person reads
 
 
