@@ -23,7 +23,7 @@ import torch
 from . import runio
 from .augment import RECIPES, AugmentSpec, BatchAugment, center_view, eval_transform, per_image_transform
 from .config import ConfigError, RunConfig
-from .datafiles import default_root, fashion_mnist_files, folder_root, missing_files
+from .datafiles import default_root, fashion_mnist_files, folder_root, missing_files, pretrain_size  # noqa: F401
 
 IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
 
@@ -150,17 +150,6 @@ def load_tensors(cfg: RunConfig) -> TensorSplits:
     if tidx is not None:
         splits.test_images, splits.test_labels = splits.test_images[tidx], splits.test_labels[tidx]
     return splits
-
-
-FULL_PRETRAIN_SIZE = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "stl10": 105000}
-
-
-def pretrain_size(cfg: RunConfig) -> Optional[int]:
-    """Images per pretraining epoch, where known without reading the files (in-memory datasets)."""
-    full = FULL_PRETRAIN_SIZE.get(cfg.data.dataset)
-    if full is None:
-        return None
-    return min(full, cfg.data.train_subset) if cfg.data.train_subset else full
 
 
 # ---------------------------------------------------------------- two-view sources

@@ -2,7 +2,6 @@
 is submitted, so no torch here (a driver's start stays cheap; `data` loads the files)."""
 from __future__ import annotations
 
-import os
 import functools
 import os
 from pathlib import Path
@@ -83,3 +82,14 @@ def folder_image_count(root: str, split: str = "train") -> int:
             for _, _, files in os.walk(class_dir.path, followlinks=True):
                 count += sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in files)
     return count
+
+
+FULL_PRETRAIN_SIZE = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "stl10": 105000}
+
+
+def pretrain_size(cfg: RunConfig) -> Optional[int]:
+    """Images per pretraining epoch, where known without reading the files (in-memory datasets)."""
+    full = FULL_PRETRAIN_SIZE.get(cfg.data.dataset)
+    if full is None:
+        return None
+    return min(full, cfg.data.train_subset) if cfg.data.train_subset else full

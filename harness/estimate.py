@@ -85,8 +85,7 @@ def estimate_line(results: Path, cfg: RunConfig, machine: str, threads: int, tri
 def steps_per_epoch(cfg: RunConfig) -> int:
     """Training steps an epoch (drop_last, as training): in-memory datasets by their known size, image
     folders by counting their training images."""
-    from .data import pretrain_size
-    from .datafiles import folder_image_count
+    from .datafiles import folder_image_count, pretrain_size
 
     images = pretrain_size(cfg)
     if images is None and cfg.data.dataset == "imagefolder":

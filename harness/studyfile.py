@@ -327,7 +327,7 @@ def skipped_levels(study: Study, recipe: str | None, extra: list[str]) -> list[t
 
 def _grid_configs(study: Study, recipe: str | None, extra: list[str]):
     """(params, config, why it is not run or None) for every grid point; ConfigError -> StudyError."""
-    from .data import pretrain_size
+    from .datafiles import pretrain_size
 
     points = study.grid() if study.sampler == "grid" else [_search_corners(study)]
     for params in points:

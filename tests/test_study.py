@@ -491,3 +491,16 @@ def test_committed_examples_are_not_shared_into_a_users_studies(tmp_path):
     assert RunIndex(tmp_path / "results" / "examples").find(digest) == copy
     shutil.copytree(run, tmp_path / "results" / "mine" / "runs" / run.name)
     assert RunIndex(tmp_path / "results").find(digest) == tmp_path / "results" / "mine" / "runs" / run.name
+
+
+def test_a_driver_start_imports_no_torch(tmp_path):
+    """`--status` and a driver's planning read study files, storage and JSON: torch (seconds to import,
+    more on a cluster's shared file system) must not come in with them. `studyfile` once took
+    `pretrain_size` from `harness.data`, which imports torch."""
+    env = {**os.environ, "HARNESS_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness.study", "smoke", "--status"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert {"harness.studyfile", "harness.launch", "harness.report"} <= imported  # the driver came in
+    assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
