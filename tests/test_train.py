@@ -221,3 +221,40 @@ def test_a_second_job_of_the_same_trial_waits_for_the_first_then_goes_on(tmp_pat
     held.close()  # the first job ends
     job.join(300)
     assert result.get("status") == "completed" and result["global_step"] == 8
+
+
+def test_learning_rate_schedule_warm_up_cosine_and_step_values():
+    """The official code's schedules (main_moco.adjust_learning_rate), per epoch, after a linear
+    warm-up per step; the base is optim.lr scaled by batch / lr_batch."""
+    import math
+
+    from harness.config import make_config
+    from harness.train import learning_rate
+
+    cfg = make_config("fmnist-tiny", ["optim.lr=0.4", "optim.lr_batch=256", "optim.batch_size=128", "optim.epochs=10",
+                                      "optim.warmup_epochs=2"])
+    base = 0.2  # 0.4 x 128 / 256
+    assert learning_rate(cfg, 0, 0, 5) == pytest.approx(base * 1 / 10)  # warm-up: step 1 of 10
+    assert learning_rate(cfg, 1, 4, 5) == pytest.approx(base)  # its last step reaches the base
+    assert learning_rate(cfg, 2, 0, 5) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 2 / 10)))
+    assert learning_rate(cfg, 5, 3, 5) == pytest.approx(base * 0.5)  # cosine: constant within an epoch
+    assert learning_rate(cfg, 9, 0, 5) == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    step = make_config("fmnist-tiny", ["optim.lr=0.03", "optim.lr_batch=256", "optim.batch_size=256",
+                                       "optim.epochs=200", "optim.schedule=step", "optim.milestones=[120, 160]"])
+    assert [learning_rate(step, e, 0, 100) for e in (0, 119, 120, 159, 160, 199)] == pytest.approx(
+        [0.03, 0.03, 0.003, 0.003, 0.0003, 0.0003])
+
+
+def test_training_steps_use_the_schedule(tmp_path):
+    """The learning rate each logged step trained with is the schedule's (cosine over 2 epochs: the
+    base, then half of it), not a constant."""
+    from harness.config import make_config
+    from harness.train import learning_rate
+
+    assert run_train(tmp_path, "optim.lr=0.12").returncode == 0
+    cfg = make_config("fmnist-tiny", [*SMALL, "optim.lr=0.12"])
+    steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    assert len(steps) == 16
+    for r in steps:
+        assert r["lr"] == pytest.approx(learning_rate(cfg, r["epoch"], (r["step"] - 1) % 8, 8))
+    assert steps[0]["lr"] == pytest.approx(2 * steps[-1]["lr"])
