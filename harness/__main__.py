@@ -1,3 +1,3 @@
-from .train import main
+from harness.train import main
 
 raise SystemExit(main())

@@ -14,7 +14,6 @@ import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
 import two_node_slurm  # noqa: E402
 
-
 # The suite runs several pytest workers, each with jobs of its own, on few cores: more OpenMP threads than
 # cores. By default an idle OpenMP thread spins before it sleeps, and processes spinning against each
 # other ran a training 2-8x slower (measured in the README). PASSIVE makes waiting threads sleep;
@@ -130,7 +129,8 @@ def study_cli(monkeypatch, capsys):
     """`python -m harness.study ARGS` in this process, for commands that only check their input or
     print a plan (no interpreter start and torch import: ~3 s a call). Commands that run jobs, or
     must be killed, stay subprocesses."""
-    from harness import runio, study
+    from harness import study
+    from harness.run import runio
 
     def run(results: Path, *argv: str, env: dict | None = None) -> CliResult:
         monkeypatch.setattr(runio, "RESULTS", Path(results))

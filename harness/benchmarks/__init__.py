@@ -1,0 +1,1 @@
+"""Throughput measured, not guessed: `python -m harness.bench` parts and the device check."""

@@ -1,0 +1,250 @@
+"""`python -m harness.bench [train] [data] [probe] [overhead]`: throughput, measured, not guessed.
+
+  train     MoCo steps/s and images/s after warm-up, batched (on-device) vs per-image (PIL +
+            DataLoader) data path, median of repeats, synchronised timing; FLOP/s of the step
+  data      augmented image pairs/s: batched vs per-image; on an image-folder recipe (data.root, or
+            --synthetic-jpeg N) the loader's images/s per core, old and new path side by side
+  probe     fast vs standard linear probe on a trained run (--run DIR): seconds and top-1
+  overhead  submit -> trial-start latency per executor (debug, local, slurm when present)
+  device    the prepared check for a lent GPU (harness/devicecheck.py): fast paths vs fp32 eager,
+            throughput of the GPU recipes, peak memory, several trials on one device
+
+Prints a table and writes JSON to results/bench/.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from harness.benchmarks import devicecheck
+from harness.data.datasets import load_tensors, pretrain_views
+from harness.data.synthetic import synthetic_splits
+from harness.run.config import EVAL_ONLY, RunConfig, make_config, with_overrides
+from harness.training.runtime import Runtime
+from harness.training.step import training_step
+
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor figures
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+
+
+def _setup(args, loader: str):
+    cfg = make_config(args.recipe, [*args.overrides, f"data.loader={loader}"])
+    rt = Runtime.for_config(cfg).apply()
+    splits = synthetic_splits(cfg, args.synthetic) if args.synthetic else load_tensors(cfg)
+    return cfg, rt, splits
+
+
+def _median_rate(timings: list[float], units: float) -> float:
+    return units / statistics.median(timings)
+
+
+def bench_data(args) -> list[dict]:
+    cfg = make_config(args.recipe, args.overrides)
+    if cfg.data.dataset == "imagefolder" and not args.synthetic:  # files: the folder pipeline's bench
+        from harness.benchmarks.folders import bench_folder_data
+
+        return bench_folder_data(args, args.overrides, lambda c: Runtime.for_config(c).apply())
+    rows = []
+    for loader in ("batched", "per_image"):
+        cfg, rt, splits = _setup(args, loader)
+        device = rt.device
+        views = pretrain_views(cfg, device, splits=splits)
+        it = iter(views.epoch(0))
+        for _ in range(args.warmup):
+            next(it)
+        timings = []
+        for _ in range(args.repeats):
+            _sync(device)
+            tic = time.perf_counter()
+            for _ in range(args.steps):
+                x_q, x_k = next(it)
+            _sync(device)
+            timings.append(time.perf_counter() - tic)
+        pairs = _median_rate(timings, args.steps * cfg.optim.batch_size)
+        rows.append({"part": "data", "path": loader, "pairs_per_s": pairs, "batch": cfg.optim.batch_size,
+                     "workers": cfg.data.num_workers if loader == "per_image" else 0, "device": str(device)})
+    return rows
+
+
+def _step_flops(model, x_q, x_k, index) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x_q, x_k, index)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def _barrier(spec: str | None) -> None:
+    """`--barrier PATH:K`: wait until K processes have reached this point (packing runs time one window)."""
+    if not spec:
+        return
+    path, count = spec.rsplit(":", 1)
+    Path(f"{path}.{os.getpid()}").touch()
+    parent, name = Path(path).parent, Path(path).name
+    while len(list(parent.glob(f"{name}.*"))) < int(count):
+        time.sleep(0.01)
+
+
+
+
+def bench_train(args) -> list[dict]:
+    rows = []
+    for loader in ("batched",) if getattr(args, "batched_only", False) else ("batched", "per_image"):
+        cfg, rt, splits = _setup(args, loader)
+        device, cuda = rt.device, rt.device.type == "cuda"
+        model, step = training_step(cfg, rt, splits)  # compiled (if asked) during warm-up: not timed
+        views = pretrain_views(cfg, device, splits=splits)
+        epochs = (views.epoch(e, indices=True) for e in range(10_000))
+        batches = (b for epoch in epochs for b in epoch)
+        first = next(batches)
+        with rt.autocast():
+            flops = _step_flops(model, *rt.layout(*first[:2]), first[2])
+        for _ in range(args.warmup):
+            step(*next(batches))
+        _sync(device)
+        _barrier(getattr(args, "barrier", None))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        window_start = time.time()
+        timings = []
+        for _ in range(args.repeats):
+            _sync(device)
+            tic = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step(*next(batches))
+            loss.item()  # one read-back per repeat: the loop itself never syncs
+            _sync(device)
+            timings.append(time.perf_counter() - tic)
+        window = [window_start, time.time()]
+        steps_per_s = _median_rate(timings, args.steps)
+        row = {"part": "train", "path": loader, "steps_per_s": steps_per_s,
+               "images_per_s": steps_per_s * cfg.optim.batch_size, "batch": cfg.optim.batch_size,
+               "recipe": cfg.recipe, "arch": cfg.model.arch, "device": str(device),
+               "step_tflop": flops / 1e12, "achieved_tflops": flops * steps_per_s / 1e12,
+               "images": args.repeats * args.steps * cfg.optim.batch_size, "window": window}
+        if cuda:
+            name = torch.cuda.get_device_name(device)
+            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
+            row.update(gpu=name, bf16_peak_tflops=peak, peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30,
+                       fraction_of_peak=(row["achieved_tflops"] / peak) if peak else None)
+        rows.append(row)
+    return rows
+
+
+def bench_probe(args) -> list[dict]:
+    if not args.run:
+        raise SystemExit("error: bench probe needs --run DIR (a finished pretraining run)")
+    from harness.training.probe import load_trained_encoder, probe_backbone
+
+    device = Runtime.for_config(RunConfig()).apply().device  # the run may come from another machine
+    cfg, encoder, _ = load_trained_encoder(Path(args.run), device)
+    # --set applies to the run's config here, evaluation settings only (e.g. a newer recipe's probe).
+    extra = [f"eval.probe_epochs={args.probe_epochs}"] if args.probe_epochs else []
+    cfg = with_overrides(cfg, args.overrides + extra, only=EVAL_ONLY)
+    cfg.eval.pixel_floor = False
+    rows = []
+    for protocol in ("fast", "standard"):
+        result = probe_backbone(cfg, encoder.backbone, None, device, protocol)
+        rows.append({"part": "probe", "protocol": protocol, "seconds": result["seconds"], "top1": result["top1"],
+                     "epochs": cfg.eval.probe_epochs if protocol == "standard" else None, "device": str(device)})
+    rows.append({"part": "probe", "protocol": "fast vs standard",
+                 "speedup": rows[1]["seconds"] / rows[0]["seconds"],
+                 "top1_difference_points": 100 * (rows[0]["top1"] - rows[1]["top1"])})
+    return rows
+
+
+def _started_at() -> float:
+    return time.time()
+
+
+def bench_overhead(args) -> list[dict]:
+    import shutil
+    import tempfile
+
+    import submitit
+
+    from harness.execution.executors import slurm_problem
+
+    kinds = ["debug", "local"] + ([] if slurm_problem() else ["slurm"])
+    rows = []
+    with tempfile.TemporaryDirectory(dir=".") as folder:
+        for kind in kinds:
+            executor = submitit.AutoExecutor(folder=str(Path(folder) / kind), cluster=kind)
+            executor.update_parameters(timeout_min=5, cpus_per_task=1)
+            latencies = []
+            for _ in range(args.repeats):
+                tic = time.time()
+                job = executor.submit(_started_at)
+                latencies.append(job.result() - tic)
+            rows.append({"part": "overhead", "executor": kind, "submit_to_start_s": statistics.median(latencies),
+                         "repeats": args.repeats})
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
+def bench_diagnostics(args) -> list[dict]:
+    """What the dictionary diagnostics (harness.diagnostics) cost against a training epoch, on one
+    state: train enough steps to fill the queue, then time `measure()` and the training steps."""
+    import tempfile
+
+    from harness.training import diagnostics
+    from harness.training.pretrain import PretrainRun
+
+    rows = []
+    for subset in (128, 256):
+        cfg, rt, splits = _setup(args, "batched")
+        cfg.eval.diagnostics_subset = subset
+        run = PretrainRun(cfg, Path(tempfile.mkdtemp(prefix="bench-diagnostics-")), rt, 0, 1, splits=splits)
+        batches = run.views.epoch(0, 0, indices=True)
+        fill = cfg.moco.queue_size // cfg.optim.batch_size  # every sampled age exists
+        timed = min(max(args.steps, fill), run.views.steps_per_epoch - args.warmup)
+        tic = 0.0
+        for i, (x_q, x_k, index) in zip(range(args.warmup + timed), batches):
+            if i == args.warmup:
+                _sync(rt.device)
+                tic = time.perf_counter()
+            with rt.autocast():
+                out = run.model(*rt.layout(x_q, x_k), index)
+            run.optimizer.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            run.optimizer.step()
+        _sync(rt.device)
+        step_s = (time.perf_counter() - tic) / timed
+        run.state.global_step = run.state.step_in_epoch = args.warmup + timed
+        timings = []
+        for _ in range(args.repeats):
+            tic = time.perf_counter()
+            record = diagnostics.measure(run)
+            _sync(rt.device)
+            timings.append(time.perf_counter() - tic)
+        epoch_s = step_s * run.views.steps_per_epoch
+        rows.append({"part": "diagnostics", "subset": subset, "recipe": cfg.recipe, "device": str(rt.device),
+                     "diagnostics_s": statistics.median(timings), "step_s": step_s,
+                     "steps_per_epoch": run.views.steps_per_epoch, "epoch_s": epoch_s,
+                     "fraction_of_epoch": statistics.median(timings) / epoch_s,
+                     "ages": [age for age, _ in record.get("key_consistency_ages", [])]})
+    return rows
+
+
+PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead,
+         "device": devicecheck.run}
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        cells = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None]
+        lines.append("  ".join(cells))
+    return "\n".join(lines)

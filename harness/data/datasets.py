@@ -1,0 +1,355 @@
+"""Datasets by name, and the two-view batch sources the trainer iterates.
+
+In-memory datasets (Fashion-MNIST, CIFAR-10/100, STL-10) are held once as a uint8 tensor on the
+training device and augmented there in batch (`InMemoryViews`). Image folders (ImageNet,
+ImageNet-100) are cropped in DataLoader workers and coloured on the device (`folder_views`);
+`LoaderViews` is the classic per-image pipeline, kept as the comparison path (`data.loader=per_image`).
+
+Every random choice of a step (data order, augmentation) derives from (seed, epoch, step, rank),
+so a run resumed mid-epoch sees exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from harness.data.augment import RECIPES, AugmentSpec, BatchAugment, center_view, eval_transform, per_image_transform
+from harness.run import runio
+from harness.run.config import ConfigError, RunConfig
+from harness.run.datafiles import CHANNELS, default_root, fashion_mnist_files, folder_root, missing_files, pretrain_size  # noqa: F401
+
+IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
+
+NORMALIZATION = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
+
+
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU generator whose seed is a stable hash of `key` (same on every machine and run)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+# ---------------------------------------------------------------- loading files
+
+@dataclass
+class TensorSplits:
+    """uint8 images (N, C, H, W) and int64 labels; `pretrain` may hold unlabelled images."""
+    pretrain: torch.Tensor
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def _idx_bytes(path: Path) -> bytes:
+    """An IDX file's bytes. A gzipped one is decompressed once into the cache (named by the file's
+    size and time, so a changed file is decompressed again): every trial process reads the dataset,
+    and gunzipping Fashion-MNIST's 26 MB took ~0.3 s of CPU each time."""
+    if path.suffix != ".gz":
+        return path.read_bytes()
+    stat = path.stat()
+    cached = runio.cache_dir() / "idx" / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    try:
+        return cached.read_bytes()
+    except OSError:
+        pass
+    with gzip.open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        runio.write_atomic_bytes(cached, raw)
+    except OSError:  # a read-only cache only costs the decompression next time
+        pass
+    return raw
+
+
+def _read_idx(path: Path) -> torch.Tensor:
+    raw = _idx_bytes(path)
+    magic, count = struct.unpack(">II", raw[:8])
+    if magic == 2049:  # labels
+        return torch.frombuffer(bytearray(raw[8:]), dtype=torch.uint8).long()
+    if magic == 2051:  # images
+        rows, cols = struct.unpack(">II", raw[8:16])
+        return torch.frombuffer(bytearray(raw[16:]), dtype=torch.uint8).view(count, 1, rows, cols)
+    raise ConfigError(f"data.root: {path} is not an IDX file (magic {magic}).")
+
+
+def _load_fashion_mnist(root: Optional[str]) -> TensorSplits:
+    where = fashion_mnist_files(root)
+    gz = ".gz" if (where / "train-images-idx3-ubyte.gz").exists() else ""
+    read = lambda stem: _read_idx(where / f"{stem}{gz}")  # noqa: E731
+    train_x, train_y = read("train-images-idx3-ubyte"), read("train-labels-idx1-ubyte")
+    return TensorSplits(train_x, train_x, train_y, read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte"))
+
+
+def _load_torchvision(dataset: str, root: Optional[str]) -> TensorSplits:
+    from torchvision import datasets
+
+    base = Path(root).expanduser() if root else default_root(dataset)
+    expected = {"cifar10": "cifar-10-batches-py/", "cifar100": "cifar-100-python/", "stl10": "stl10_binary/"}
+    if not (base / expected[dataset]).exists():
+        raise missing_files(dataset, base, expected[dataset])
+
+    def hwc(array) -> torch.Tensor:
+        return torch.as_tensor(array).permute(0, 3, 1, 2).contiguous()
+
+    if dataset == "stl10":
+        unl = datasets.STL10(str(base), split="unlabeled", download=False)
+        tr = datasets.STL10(str(base), split="train", download=False)
+        te = datasets.STL10(str(base), split="test", download=False)
+        train_x = torch.as_tensor(tr.data)
+        pretrain = torch.cat([train_x, torch.as_tensor(unl.data)])  # 'train+unlabeled', as the paper
+        return TensorSplits(pretrain, train_x, torch.as_tensor(tr.labels).long(),
+                            torch.as_tensor(te.data), torch.as_tensor(te.labels).long())
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    tr, te = cls(str(base), train=True, download=False), cls(str(base), train=False, download=False)
+    train_x = hwc(tr.data)
+    return TensorSplits(train_x, train_x, torch.tensor(tr.targets), hwc(te.data), torch.tensor(te.targets))
+
+
+def _subset(n_total: int, n: Optional[int], seed_key: str) -> Optional[torch.Tensor]:
+    if n is None or n >= n_total:
+        return None
+    return torch.randperm(n_total, generator=seeded_generator("subset", seed_key))[:n].sort().values
+
+
+def load_tensors(cfg: RunConfig) -> TensorSplits:
+    d = cfg.data
+    if d.dataset == "imagefolder":  # was a KeyError deep in _load_torchvision
+        raise ConfigError("data.dataset: an image folder is read file by file (harness.folder_views), not held in "
+                          "memory; a benchmark of it takes --synthetic N (random images in memory), or for "
+                          "`bench data` data.root=<folder> or --synthetic-jpeg N.")
+    splits = _load_fashion_mnist(d.root) if d.dataset == "fashion_mnist" else _load_torchvision(d.dataset, d.root)
+    # Subsets are fixed (seeded by dataset name, not by the run seed) so every run of a study sees
+    # the same images.
+    same_pretrain = splits.pretrain is splits.train_images
+    idx = _subset(len(splits.train_images), d.train_subset, d.dataset + "/train")
+    if idx is not None:
+        splits.train_images, splits.train_labels = splits.train_images[idx], splits.train_labels[idx]
+        if same_pretrain:
+            splits.pretrain = splits.train_images
+    if not same_pretrain:
+        pidx = _subset(len(splits.pretrain), d.train_subset, d.dataset + "/pretrain")
+        if pidx is not None:
+            splits.pretrain = splits.pretrain[pidx]
+    tidx = _subset(len(splits.test_images), d.test_subset, d.dataset + "/test")
+    if tidx is not None:
+        splits.test_images, splits.test_labels = splits.test_images[tidx], splits.test_labels[tidx]
+    return splits
+
+
+# ---------------------------------------------------------------- two-view sources
+
+def view_spec(cfg: RunConfig) -> AugmentSpec:
+    """The pretraining views' augmentation: the named recipe with data.crop_scale as its crop range."""
+    return dataclasses.replace(RECIPES[cfg.data.augmentation], crop_scale=tuple(cfg.data.crop_scale))
+
+
+class InMemoryViews:
+    """Pretraining batches from a uint8 tensor on the device, both views augmented in batch."""
+
+    def __init__(self, images: torch.Tensor, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1):
+        self.images = images.to(device)
+        self.cfg, self.rank, self.world = cfg, rank, world
+        mean, std = NORMALIZATION[cfg.data.dataset]
+        self.augment = BatchAugment(view_spec(cfg), cfg.data.image_size, mean, std)
+        self.size = len(images)  # training images (the memory bank's entries)
+        self.steps_per_epoch = len(images) // cfg.optim.batch_size  # drop_last: K % B stays aligned
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the "
+                              f"{len(images)} training images; lower it or enlarge data.train_subset.")
+
+    def epoch(self, epoch: int, start_step: int = 0, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(view 1, view 2) batches; with `indices`, also the images' indices in the training set."""
+        order = torch.randperm(len(self.images), generator=seeded_generator("order", self.cfg.runtime.seed, epoch))
+        for step in range(start_step, self.steps_per_epoch):
+            views = self._batch(order, epoch, step)
+            yield views if indices else views[:2]
+
+    def _batch(self, order: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        batch, per_rank = self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
+        lo = step * batch + self.rank * per_rank
+        idx = order[lo:lo + per_rank].to(self.images.device)
+        images = self.images[idx]
+        g = seeded_generator("augment", self.cfg.runtime.seed, epoch, step, self.rank)
+        return self.augment(images, g), self.augment(images, g), idx
+
+    def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
+        order = torch.randperm(len(self.images), generator=seeded_generator("order", self.cfg.runtime.seed, epoch))
+        return self._batch(order, epoch, step)
+
+    def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of a fixed seeded subset of n training images (the diagnostics' own generator)."""
+        g = seeded_generator("diagnostics", self.cfg.runtime.seed)
+        idx = torch.randperm(len(self.images), generator=g)[:n].to(self.images.device)
+        return self.augment(self.images[idx], g), self.augment(self.images[idx], g)
+
+
+class _TwoViews(torch.utils.data.Dataset):
+    """Image i -> two views; its sampler passes (seed key, index) so each item's augmentation is
+    reproducible whichever worker draws it."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        seed_key, index = key
+        image = self.images[index]
+        if isinstance(image, tuple):  # ImageFolder: (PIL image, label)
+            image = image[0]
+        elif isinstance(image, torch.Tensor):  # in-memory uint8 CHW -> PIL, as a classic pipeline would
+            from torchvision.transforms.v2.functional import to_pil_image
+
+            image = to_pil_image(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seeded_generator("item", *seed_key, index).initial_seed())
+            return self.transform(image), self.transform(image)
+
+
+class LoaderViews:
+    """Pretraining batches through a DataLoader with per-image (PIL) transforms in worker processes:
+    the path for image folders, and the comparison path for in-memory datasets."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, images=None):
+        mean, std = NORMALIZATION[cfg.data.dataset]
+        transform = per_image_transform(view_spec(cfg), cfg.data.image_size, mean, std)
+        if images is None:
+            from torchvision import datasets
+
+            images = datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"))
+        self.dataset = _TwoViews(images, transform)
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        self.size = len(self.dataset)
+        self.steps_per_epoch = len(self.dataset) // cfg.optim.batch_size
+
+    def _keys(self, order: list, epoch: int, step: int) -> list:
+        batch, per_rank = self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
+        lo = step * batch + self.rank * per_rank
+        return [((self.cfg.runtime.seed, epoch, step), i) for i in order[lo:lo + per_rank]]
+
+    def _order(self, epoch: int) -> list:
+        return torch.randperm(len(self.dataset), generator=seeded_generator("order", self.cfg.runtime.seed, epoch)).tolist()
+
+    def epoch(self, epoch: int, start_step: int = 0, indices: bool = False):
+        order = self._order(epoch)
+        batches = [self._keys(order, epoch, step) for step in range(start_step, self.steps_per_epoch)]
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if self.cfg.data.num_workers else None)
+        for (x_q, x_k), keys in zip(loader, batches):
+            views = x_q.to(self.device, non_blocking=True), x_k.to(self.device, non_blocking=True)
+            yield (*views, torch.tensor([i for _, i in keys], device=self.device)) if indices else views
+
+    def _items(self, keys: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views of `keys` made here, in this process (no DataLoader): each item's own seed."""
+        x_q, x_k = zip(*(self.dataset[key] for key in keys))
+        return torch.stack(x_q).to(self.device), torch.stack(x_k).to(self.device)
+
+    def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
+        keys = self._keys(self._order(epoch), epoch, step)
+        return (*self._items(keys), torch.tensor([i for _, i in keys], device=self.device))
+
+    def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of a fixed seeded subset of n training images (the diagnostics' own seed key)."""
+        seed = self.cfg.runtime.seed
+        idx = torch.randperm(len(self.dataset), generator=seeded_generator("diagnostics", seed))[:n].tolist()
+        return self._items([(("diagnostics", seed), i) for i in idx])
+
+
+def pretrain_views(cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1, splits=None):
+    """The pretraining batches. `splits` given for an image-folder recipe: images in memory (the
+    benchmarks' synthetic data), through the same augmentation paths."""
+    if cfg.data.dataset == "imagefolder" and splits is None:
+        if cfg.data.loader == "per_image":
+            return LoaderViews(cfg, device, rank, world)
+        from harness.data.folder_views import FolderViews
+
+        return FolderViews(cfg, device, rank, world)
+    splits = splits or load_tensors(cfg)
+    if cfg.data.loader == "per_image":
+        return LoaderViews(cfg, device, rank, world, images=splits.pretrain)
+    return InMemoryViews(splits.pretrain, cfg, device, rank, world)
+
+
+# ---------------------------------------------------------------- evaluation views
+
+def labelled_batches(images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig, device,
+                     batch_size: int | None = None):
+    """Un-augmented, normalised (image, label) batches of an in-memory split."""
+    batch_size = batch_size or (512 if device.type == "cuda" else 128)  # CPU: smaller stays in cache (1.5x)
+    mean, std = NORMALIZATION[cfg.data.dataset]
+    for lo in range(0, len(images), batch_size):
+        x = center_view(images[lo:lo + batch_size].to(device), cfg.data.image_size, mean, std)
+        yield x, labels[lo:lo + batch_size].to(device)
+
+
+def eval_subset(n: int, limit: Optional[int], split: str) -> Optional[torch.Tensor]:
+    """The evaluation subset of a split: `limit` of its `n` images by a fixed seeded permutation (the
+    same for every run, so kNN values compare across runs); None: all of them."""
+    if limit is None or limit >= n:
+        return None
+    return torch.randperm(n, generator=seeded_generator("eval", split))[:limit]
+
+
+def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256, limit: Optional[int] = None,
+                       share: Callable[[int], slice] = lambda n: slice(0, n)):
+    """Evaluation views (resize, centre crop) of an image folder's split: its seeded subset of `limit`
+    images, and of those the rows `share(len(subset))` (a rank's chunk, harness.model.distributed.chunk_of)."""
+    from torchvision import datasets
+
+    from harness.data.folder_views import EvalDecode
+
+    base = folder_root(cfg.data.root)
+    mean, std = NORMALIZATION["imagefolder"]
+    size, resize = cfg.data.image_size, int(cfg.data.image_size * 256 / 224)
+    # the pretraining views' decode, reduced where the shorter side stays >= the resize
+    folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=resize),
+                                  loader=EvalDecode(resize))
+    pick = eval_subset(len(folder), limit, "train" if split == "train" else "test")
+    indices = list(range(len(folder))) if pick is None else pick.tolist()
+    chunk = indices[share(len(indices))]
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(folder, chunk), batch_size=batch_size,
+                                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+
+
+def folder_probe_set(cfg: RunConfig, spec):
+    """main_lincls's training views of an image folder: per-image crop + flip (in loader workers)."""
+    from torchvision import datasets
+
+    from harness.data.folder_views import decode_full
+
+    mean, std = NORMALIZATION["imagefolder"]
+    return datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"),
+                                per_image_transform(spec, cfg.data.image_size, mean, std), loader=decode_full)
+
+
+def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: int):
+    """One epoch of `folder`, shuffled by (seed, epoch) so that a probe is reproducible."""
+    return torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       generator=seeded_generator("probe", cfg.runtime.seed, epoch),
+                                       num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+
+
+def folder_classes(cfg: RunConfig) -> int:
+    from torchvision.datasets.folder import find_classes
+
+    return len(find_classes(str(folder_root(cfg.data.root) / "train"))[0])

@@ -1,0 +1,268 @@
+"""Image-folder pretraining views, with the work split where it belongs.
+
+The classic loader (the official MoCo's, and `data.loader=per_image` here) makes each view in a
+DataLoader worker: decode, crop, flip, colour jitter, grayscale, a 23x23 blur and normalisation, all
+per image on the CPU, handed over as float32. One CPU core then makes ~70 v2 pairs a second, far
+below what one GPU trains. Here (`data.loader=batched`, the default):
+
+* loader workers do only what needs the file (`CropFlipPairs`): decode once per image (PIL, i.e.
+  libjpeg-turbo; a reduced DCT decode when both crops are at least twice the output size), the two
+  RandomResizedCrops resized to the recipe's size, the flips, and hand over **uint8** (4x less to
+  pin and copy than float32);
+* colour jitter, grayscale, blur and normalisation run batched on the training device
+  (`BatchAugment.colour`, the in-memory path's code: same distributions, explicit generators);
+* the DataLoader and its workers persist across epochs (`EpochBatches` is told the epoch).
+
+With `data.loader=device_decode` the workers only read the files' bytes and draw the crops; the
+decode (nvjpeg through `torchvision.io.decode_jpeg` on CUDA), crops and resizes run on the device.
+
+Every random choice derives from (seed, epoch, step, rank, image index), never from a worker's
+state, so any number of workers and a run resumed mid-epoch see exactly the same views.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from harness.data.augment import AugmentSpec, BatchAugment, sample_crops
+from harness.run.config import ConfigError, RunConfig
+
+# (seed key, image index): what the batch sampler hands a worker for one image.
+Key = tuple[tuple, int]
+
+
+def seeded(*key) -> torch.Generator:
+    from harness.data.datasets import seeded_generator
+
+    return seeded_generator(*key)
+
+
+# ---------------------------------------------------------------- decoding (workers and evaluation)
+
+def decode_rgb(path: str, at_least: Optional[tuple[float, float]] = None):
+    """An image file as an RGB PIL image, and the factors (x, y) its decoded size is of the file's.
+
+    `at_least` (width, height): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
+    scaling, much cheaper than decoding in full and resizing) as long as it stays that large."""
+    from PIL import Image
+
+    image = Image.open(path)
+    width, height = image.size
+    if at_least is not None and image.format == "JPEG":
+        image.draft("RGB", (math.ceil(at_least[0]), math.ceil(at_least[1])))
+    image = image.convert("RGB")
+    return image, (image.size[0] / width, image.size[1] / height)
+
+
+class EvalDecode:
+    """ImageFolder `loader` for evaluation views (resize the shorter side to `shorter`, centre crop):
+    a reduced decode where the shorter side stays at least `shorter` (picklable, for workers)."""
+
+    def __init__(self, shorter: int):
+        self.shorter = shorter
+
+    def __call__(self, path: str):
+        from PIL import Image
+
+        with Image.open(path) as probe:
+            width, height = probe.size
+        scale = self.shorter / min(width, height)
+        return decode_rgb(path, (width * scale, height * scale) if scale < 1 else None)[0]
+
+
+def decode_full(path: str):
+    """ImageFolder `loader` for views whose crop is drawn after loading (the probe's): a full decode."""
+    return decode_rgb(path)[0]
+
+
+# ---------------------------------------------------------------- the worker side
+
+def draw_crops(key: Key, width: int, height: int, spec: AugmentSpec):
+    """Both views' RandomResizedCrop boxes (top, left, h, w) and flips of image `key`, from the
+    image's own generator (torchvision's distributions; see augment.sample_crops)."""
+    seed_key, index = key
+    g = seeded("item", *seed_key, index)
+    top, left, h, w = sample_crops(2, height, width, spec, g)
+    flip = torch.rand(2, generator=g) < spec.flip_p
+    return torch.stack([top, left, h, w], 1), flip
+
+
+class CropFlipPairs(torch.utils.data.Dataset):
+    """Key (seed key, index) -> (view 1, view 2, index): uint8 HWC crops of side `size`, flipped.
+
+    `samples`: ImageFolder's (path, class) list. With `encoded`, a worker returns the file's bytes
+    and the drawn boxes instead (the device decodes, see `decode_on_device`)."""
+
+    def __init__(self, samples: list, spec: AugmentSpec, size: int, encoded: bool = False):
+        self.samples, self.spec, self.size, self.encoded = samples, spec, size, encoded
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: Key):
+        from PIL import Image
+
+        path = self.samples[key[1]][0]
+        if self.encoded:
+            with Image.open(path) as probe:
+                width, height = probe.size
+            boxes, flip = draw_crops(key, width, height, self.spec)
+            data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+            return data, boxes, flip, key[1]
+        with Image.open(path) as probe:
+            width, height = probe.size
+        boxes, flip = draw_crops(key, width, height, self.spec)
+        # Decode once for both views, as small as the smaller crop allows (each side >= the output's).
+        smallest_h, smallest_w = boxes[:, 2].min().item(), boxes[:, 3].min().item()
+        at_least = (width * self.size / smallest_w, height * self.size / smallest_h)
+        image, (sx, sy) = decode_rgb(path, at_least if at_least[0] < width and at_least[1] < height else None)
+        views = []
+        for (top, left, h, w), flipped in zip(boxes.tolist(), flip.tolist()):
+            # crop and resize in one PIL pass (bilinear, antialiased: torchvision's RandomResizedCrop on PIL)
+            view = image.resize((self.size, self.size), Image.BILINEAR,
+                                box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+            if flipped:
+                view = view.transpose(Image.FLIP_LEFT_RIGHT)
+            views.append(torch.frombuffer(bytearray(view.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3))
+        return views[0], views[1], key[1]
+
+
+def collate_encoded(items):
+    """Batch of `encoded` items: byte strings differ in length, so they stay a list."""
+    data, boxes, flips, index = zip(*items)
+    return list(data), torch.stack(boxes), torch.stack(flips), torch.tensor(index)
+
+
+def decode_on_device(data: list, boxes: torch.Tensor, flips: torch.Tensor, size: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views (float in [0, 1], NCHW) of encoded images, decoded on `device` (nvjpeg on CUDA;
+    libjpeg-turbo on the CPU), cropped and resized there (bilinear, antialiased)."""
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    jpeg = [bool(d[:2].tolist() == [0xFF, 0xD8]) for d in data]
+    decoded: list = [None] * len(data)
+    jpegs = [i for i, j in enumerate(jpeg) if j]
+    if jpegs:
+        # one batched call: nvjpeg decodes the whole list at once on CUDA
+        for i, image in zip(jpegs, decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
+            decoded[i] = image
+    for i in (i for i, j in enumerate(jpeg) if not j):  # PNG and others: the CPU decodes them
+        decoded[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
+    views = []
+    for v in range(2):
+        out = []
+        for image, (top, left, h, w), flipped in zip(decoded, boxes[:, v].tolist(), flips[:, v].tolist()):
+            crop = image[None, :, top:top + h, left:left + w].float()
+            crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            out.append(crop.flip(-1) if flipped else crop)
+        views.append(torch.cat(out).clamp_(0, 255).div_(255))
+    return views[0], views[1]
+
+
+# ---------------------------------------------------------------- the main-process side
+
+class EpochBatches:
+    """The batch sampler of one persistent DataLoader: this rank's share of each step's global batch,
+    from `start_step` of the epoch it was last told (the DataLoader iterates it anew every epoch)."""
+
+    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.per_rank = batch // world
+        self.steps_per_epoch = n // batch  # drop_last: K % B stays aligned
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def keys(self, epoch: int, step: int, order: Optional[list] = None) -> list[Key]:
+        order = order if order is not None else self.order(epoch)
+        lo = step * self.batch + self.rank * self.per_rank
+        return [((self.seed, epoch, step), i) for i in order[lo:lo + self.per_rank]]
+
+    def order(self, epoch: int) -> list[int]:
+        return torch.randperm(self.n, generator=seeded("order", self.seed, epoch)).tolist()
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        order = self.order(self.epoch)
+        for step in range(self.start_step, self.steps_per_epoch):
+            yield self.keys(self.epoch, step, order)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+
+class FolderViews:
+    """Pretraining batches of an image folder: crops in loader workers (uint8), colours on the device."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,
+                 samples: Optional[list] = None):
+        from harness.data.datasets import NORMALIZATION, view_spec
+
+        if samples is None:
+            from torchvision import datasets
+
+            from harness.run.datafiles import folder_root
+
+            samples = datasets.ImageFolder(str(folder_root(cfg.data.root) / "train")).samples
+        self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
+        spec, size = view_spec(cfg), cfg.data.image_size
+        self.encoded = cfg.data.loader == "device_decode"
+        self.dataset = CropFlipPairs(samples, spec, size, encoded=self.encoded)
+        self.augment = BatchAugment(spec, size, *NORMALIZATION["imagefolder"])
+        self.size = len(samples)  # training images (the memory bank's entries)
+        self.sampler = EpochBatches(self.size, cfg.optim.batch_size, rank, world, cfg.runtime.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the {self.size} "
+                              f"training images of {cfg.data.root}; lower it or add images.")
+        self._loader: Optional[torch.utils.data.DataLoader] = None
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        """One DataLoader for the whole run: its workers start once, not every epoch."""
+        if self._loader is None:
+            workers = self.cfg.data.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self.sampler, num_workers=workers,
+                collate_fn=collate_encoded if self.encoded else None,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=4 if workers else None)
+        return self._loader
+
+    def epoch(self, epoch: int, start_step: int = 0, indices: bool = False):
+        self.sampler.set_epoch(epoch, start_step)
+        for step, batch in enumerate(self.loader(), start=start_step):
+            views = self._finish(batch, epoch, step)
+            yield views if indices else views[:2]
+
+    def _finish(self, batch, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        """Worker output -> normalised float views on the device: the batched colour augmentation,
+        from the step's generator (both views, in turn)."""
+        if self.encoded:
+            data, boxes, flips, index = batch
+            x_q, x_k = decode_on_device(data, boxes, flips, self.cfg.data.image_size, self.device)
+        else:
+            u_q, u_k, index = batch
+            x_q, x_k = (u.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255).contiguous()
+                        for u in (u_q, u_k))
+        g = seeded("augment", self.cfg.runtime.seed, epoch, step, self.rank)
+        return self.augment.colour(x_q, g), self.augment.colour(x_k, g), index.to(self.device)
+
+    def _items(self, keys: list[Key], epoch, step) -> tuple[torch.Tensor, ...]:
+        """The views of `keys` made here, in this process (no DataLoader), as a worker makes them."""
+        items = [self.dataset[key] for key in keys]
+        batch = collate_encoded(items) if self.encoded else torch.utils.data.default_collate(items)
+        return self._finish(batch, epoch, step)
+
+    def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+        """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
+        return self._items(self.sampler.keys(epoch, step), epoch, step)
+
+    def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of a fixed seeded subset of n training images (the diagnostics' own seed key)."""
+        seed = self.cfg.runtime.seed
+        idx = torch.randperm(self.size, generator=seeded("diagnostics", seed))[:n].tolist()
+        return self._items([(("diagnostics", seed), i) for i in idx], "diagnostics", seed)[:2]

@@ -1,0 +1,378 @@
+"""The driver of one study: it asks its plan which trials to run, submits their jobs, watches them
+and records each result (`python -m harness.study NAME` runs it; harness/study.py is the face).
+
+The driver is the only writer of final trial states. It reads each finished trial's run directory
+(status.json, probe.json), so a driver killed and started again re-attaches to running jobs by id,
+never reruns a completed trial, and retries lost or failed ones up to the study's `retries`.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+
+from harness.execution import executors, pruning_relay
+from harness.execution.jobs import PackedJob, TrialJob, members, pack
+from harness.execution.optuna_adapter import set_running_attrs, trial_handle, trial_id
+from harness.execution.plans import AdaptivePlan, GridPlan, SearchPlan
+from harness.execution.status import ProgressView
+from harness.execution.storage import Outage, default_url, open_storage, redact
+from harness.execution.trial import failure_attrs, make_spec, tell, tell_failure
+from harness.planning import shared
+from harness.planning.studyfile import (
+    STUDY_COPY,
+    Study,
+    StudyError,
+    load_study_file,
+    make_pruner,
+    trial_key,
+    validate_levels,
+)
+from harness.run import runio, snapshot
+from harness.run.config import ConfigError
+from harness.run.datafiles import check_dataset
+from harness.run.outcome import Outcome
+from harness.run.trial_result import read_trial_result
+
+# How long a job waits for the driver's pruning decision after an epoch: the driver answers within a
+# round (--poll seconds apart); a driver that does not answer costs one such wait (harness.pruning_relay).
+RELAY_WAIT_S, RELAY_WAIT_POLLS = 5.0, 10
+
+FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+RUNNING = optuna.trial.TrialState.RUNNING
+WAITING = optuna.trial.TrialState.WAITING
+FAIL = optuna.trial.TrialState.FAIL
+
+
+@dataclass
+class Options:
+    """How to run a study (the command line's flags; a test or a notebook builds one directly)."""
+    recipe: str | None = None  # swap the study's base recipe
+    executor: str = "auto"  # auto | slurm | local | debug
+    storage: str | None = None  # Optuna storage URL; default: SQLite in results/<study>/
+    parallel: int = 2  # trials at once (array parallelism)
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE, for every trial
+    wait: bool = True  # wait for the trials, then report
+    report: bool = True
+    workers: int = 0  # worker mode: N processes pull trials from the storage
+    heartbeat: int = 30  # worker heartbeat (PostgreSQL/MySQL)
+    poll: float = 5.0  # seconds between looks at the jobs
+    outage_limit_s: float = 1800.0  # how long the driver waits out a database that does not answer
+    command: str = "python -m harness.study"  # the command line that re-attaches (passwords redacted)
+    share: bool = True  # reuse runs other studies finished (harness.shared); False: train every point here
+
+
+# ---------------------------------------------------------------- the driver
+
+class Driver:
+    def __init__(self, study: Study, opts: Options):
+        self.opts = opts
+        self.recipe = opts.recipe or study.recipe
+        self.name = study.name + ("" if self.recipe == study.recipe else f"@{self.recipe}")
+        self.dir = (runio.RESULTS / self.name).resolve()
+        self.study = self._stored_study(study)
+        self.study.check_overrides(opts.overrides, "--set")
+        self.points, notes = validate_levels(self.study, opts.recipe, opts.overrides)  # impossible levels fail here
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+        check_dataset(self.points[0][1])
+        self.storage_url = opts.storage or default_url(self.dir)
+        self.kind = executors.resolve_executor(opts.executor)
+        self.epochs = self.points[0][1].optim.epochs
+        self.resources = self.study.resources_for(self.recipe)
+        self.gpus = self.resources.gpus * self.resources.nodes
+        if opts.workers and self.resources.trials_per_job > 1:
+            raise StudyError(f"{self.study.path}: resources.trials_per_job: packing is for the driver's jobs; "
+                             f"--workers already runs one trial per worker process (drop one of them).")
+        ranks = (self.resources.tasks or max(self.resources.gpus, 1)) * self.resources.nodes
+        if opts.workers and ranks > 1:
+            raise StudyError(f"{self.study.path}: resources: a trial here is {ranks} DDP processes (gpus "
+                             f"{self.resources.gpus}, tasks {self.resources.tasks}, nodes {self.resources.nodes}); "
+                             f"--workers runs one process per trial. Drop --workers (the driver's jobs run DDP), "
+                             f"or give each trial one GPU (--set is not enough: resources.gpus: 1 in the study).")
+        if opts.workers and (self.study.sampler != "grid" or self.study.race):
+            raise StudyError("--workers: worker mode runs a fixed grid; searches and adaptive seeds need the "
+                             "driver's rounds (drop --workers).")
+        if self.kind != "slurm" and self.resources.nodes > 1:
+            raise StudyError(f"{self.study.path}: resources.nodes: {self.resources.nodes} nodes per trial need "
+                             f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
+                             f"or set resources.nodes to 1.")
+        self.runs = shared.RunIndex(runio.RESULTS)  # finished runs of every study: shared, not trained twice
+        if self.study.sampler != "grid":
+            self.plan = SearchPlan(self.study, max(1, opts.parallel))
+        else:
+            self.plan = AdaptivePlan(self.study, self.points) if self.study.race else GridPlan(self.study, self.points)
+
+    def _stored_study(self, given: Study) -> Study:
+        """A study goes on with the file it started from (results/<study>/study.yaml): an edited
+        studies/ file under a running study is reported, not silently used."""
+        copy = self.dir / STUDY_COPY
+        if not copy.exists():
+            return given
+        if copy.read_text() != given.path.read_text():
+            print(f"note: {given.path} differs from the copy study '{self.name}' started from ({copy}); the "
+                  f"study goes on with that copy. To run the edited file, give it another name (or another "
+                  f"--storage and results directory).", file=sys.stderr)
+        return load_study_file(copy, given.name)
+
+    # -------------------------------------------------------------- setup
+    def open(self) -> None:
+        runio.check_writable(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock()
+        if not (self.dir / STUDY_COPY).exists():
+            runio.write_atomic(self.dir / STUDY_COPY, self.study.path.read_text())
+        # Heartbeats belong to processes that run trials: workers, not the driver.
+        storage = open_storage(self.storage_url, self.opts.heartbeat if self.opts.workers else None,
+                               self.study.retries)
+        sampler = (optuna.samplers.TPESampler(seed=0, constant_liar=True) if self.study.sampler == "tpe"
+                   else optuna.samplers.RandomSampler(seed=0))  # grid points are enqueued, never sampled
+        try:
+            self.ostudy = optuna.create_study(study_name=self.name, storage=storage, load_if_exists=True,
+                                              direction=self.study.direction, sampler=sampler,
+                                              pruner=make_pruner(self.study.pruner, self.epochs, self.study.pruner_args))
+        except Exception as exc:
+            raise StudyError(f"--storage {redact(self.storage_url)}: cannot create the study ({exc})") from None
+        signature = {"recipe": self.recipe, "overrides": self.opts.overrides, "study_file": self.study.path.read_text()}
+        saved = self.ostudy.user_attrs.get("signature")
+        if saved is None:
+            self.ostudy.set_user_attr("signature", signature)
+            self.ostudy.set_user_attr("objective", self.study.objective)
+            self.ostudy.set_metric_names([self.study.objective])  # named in optuna-dashboard
+        elif saved["recipe"] != self.recipe or saved["overrides"] != self.opts.overrides:
+            raise StudyError(f"study '{self.name}' in {redact(self.storage_url)} was started with --recipe "
+                             f"{saved['recipe']} and --set {saved['overrides'] or '(none)'}; rerun with the same, "
+                             f"or use another --storage to start a separate study.")
+        self.executor = executors.make_executor(self.kind, self.dir / "jobs", self.resources, self.name,
+                                             self.opts.parallel)
+        self.executor.preflight()  # a refused account/QOS/partition, too few GPUs: one line, before any trial is asked
+        self.code_dir = snapshot.take(self.dir / "code")  # what every job of this driver runs
+
+    def lock(self):
+        """One driver per study directory at a time; a second one says so and exits."""
+        self._lock = open(self.dir / "driver.lock", "a+")
+        try:
+            runio.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except runio.LockUnsupported as exc:
+            raise StudyError(str(exc.strerror)) from None
+        except BlockingIOError:
+            raise StudyError(f"another driver is already running study '{self.name}' "
+                             f"(lock {self.dir / 'driver.lock'}); watch it with --status.") from None
+
+    def open_and_run(self) -> None:
+        """Take the study's lock, run its trials (driver rounds, or workers), release the lock."""
+        self.open()
+        try:
+            self.run_workers() if self.opts.workers else self.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the driver lock now, not whenever the driver is garbage-collected: a process that
+        runs studies one after another (a suite, a rerun in the same process) must not find its own
+        finished driver still holding it."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.close()
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.ostudy.get_trials(deepcopy=False)
+
+    # -------------------------------------------------------------- shared runs
+    def share_finished(self, trials) -> None:
+        """Record every pending grid point that some study has already finished (same identity,
+        same seed) from that run, instead of training it again (harness.shared)."""
+        if self.study.sampler != "grid" or not self.opts.share:  # a search's points are chosen one by one
+            return
+        pending = self.plan.pending(trials)
+        finished = self.runs.by_digest() if pending else {}  # one walk of the results tree a round
+        for params in pending:
+            self.share(params, finished)
+
+    def share(self, params: dict, finished: dict[str, list[Path]]) -> bool:
+        spec = make_spec(self.study, params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
+        if spec.run_dir.is_symlink():  # linked by a driver that stopped before recording the trial
+            source = spec.run_dir.resolve()
+        elif spec.run_dir.exists():  # this study's own run, perhaps partial: it goes on there
+            return False
+        else:
+            source = self.runs.find(spec.config.digest(), besides=spec.run_dir.resolve(), runs=finished)
+            if source is None:
+                return False
+        result = read_trial_result(source, self.study.objective, self.gpus)
+        if result.outcome not in (Outcome.COMPLETED, Outcome.DIVERGED):  # e.g. finished without this objective
+            return False
+        if not spec.run_dir.is_symlink():
+            shared.link(spec.run_dir, source)
+        origin = os.path.relpath(source, runio.RESULTS.resolve())
+        # Its training time was spent by the study that ran it: not counted again here.
+        attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), "executor": "shared",
+                 "shared_from": origin, "shared_hours": result.attrs.get("hours", 0.0), "hours": 0.0, "gpu_hours": 0.0}
+        distributions = {key: optuna.distributions.CategoricalDistribution(levels)
+                         for key, levels in self.study.factors.items()}
+        distributions["seed"] = optuna.distributions.CategoricalDistribution(self.study.seeds)
+        done = result.outcome is Outcome.COMPLETED
+        self.ostudy.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions, value=result.value if done else None,
+            state=optuna.trial.TrialState.COMPLETE if done else FAIL,
+            user_attrs={k: v for k, v in attrs.items() if v is not None}))
+        print(f"[study {self.name}] {spec.key}: shared: {origin} finished the same run (identity "
+              f"{spec.config.digest()}); not trained again.", flush=True)
+        return True
+
+    # -------------------------------------------------------------- submit
+    def submit(self, todo: list[dict | None]) -> int:
+        """Create one trial per entry and launch its jobs (a job array on SLURM)."""
+        pruner = (self.study.pruner, self.epochs, self.study.pruner_args) if self.study.pruner != "none" else None
+        threads = self.executor.threads_per_process(self.opts.parallel)
+        prepared = []
+        for params in todo:
+            trial, params = self.plan.ask(self.ostudy, params)
+            try:
+                spec = make_spec(self.study, params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
+            except ConfigError as exc:  # a sampled point the recipe cannot run (search spaces)
+                tell_failure(self.ostudy, trial, Outcome.INVALID, str(exc))
+                continue
+            for name, value in {**spec.attrs, "executor": self.kind, "submitted": time.time(),
+                                "code": self.code_dir.name}.items():
+                trial.set_user_attr(name, value)
+            # A driver that waits relays pruning: its jobs never open the storage (harness.pruning_relay).
+            relay = max(RELAY_WAIT_S, RELAY_WAIT_POLLS * self.opts.poll) if self.opts.wait else None
+            prepared.append((trial, TrialJob(spec, None if relay else self.storage_url, self.name,
+                                                    trial_id(trial), pruner, threads, relay_wait_s=relay)))
+        if not prepared:
+            return 0
+        by_key = {job.spec.key: trial for trial, job in prepared}
+        packs = pack([job for _, job in prepared], self.resources.trials_per_job)
+        jobs = self.executor.submit(packs, self.code_dir)
+        for packed, job in zip(packs, jobs):
+            for member in members(packed):
+                by_key[member.spec.key].set_user_attr("job_id", str(job.job_id))
+        return len(prepared)
+
+    def relay_pruning(self) -> None:
+        """The pruner's decisions for the running trials' epoch reports (their jobs wait for them)."""
+        if self.study.pruner == "none":
+            return
+        for t in self.trials():
+            if t.state == RUNNING and "run_dir" in t.user_attrs and t.user_attrs.get("executor") != "worker":
+                pruning_relay.relay(trial_handle(self.ostudy, trial_id(t)), self.dir / t.user_attrs["run_dir"])
+
+    # -------------------------------------------------------------- reconcile
+    def reconcile(self) -> None:
+        """Tell Optuna the outcome of every RUNNING trial whose job has ended (or vanished)."""
+        # Workers tell Optuna themselves (heartbeats cover the ones that die).
+        running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get("executor") != "worker"]
+        if any("job_id" not in t.user_attrs for t in running):
+            self._recover_job_ids(running)
+        mine = {t.user_attrs["job_id"]: t.user_attrs.get("submitted", 0) for t in running
+                if "job_id" in t.user_attrs and t.user_attrs.get("executor", self.kind) == self.kind}
+        ended = self.executor.ended(mine)
+        for t in running:
+            job_id = t.user_attrs.get("job_id")
+            if job_id is None:  # the driver died between ask() and recording the job it may have started
+                set_running_attrs(self.ostudy, t, {"never_ran": True})  # no retry is spent on it
+                tell_failure(self.ostudy, t, Outcome.FAILED, "lost: the driver stopped before recording a job; "
+                             "the point is asked again (a job it did start is waited for by the new one)")
+            elif t.user_attrs.get("executor", self.kind) != self.kind:
+                tell_failure(self.ostudy, t, Outcome.FAILED, f"lost: submitted with the {t.user_attrs['executor']} "
+                             f"executor, re-attached with {self.kind}")
+            elif job_id in ended:
+                self.finalize(t, ended[job_id])
+
+    def _recover_job_ids(self, running) -> None:
+        """A driver killed between submitting and recording job ids left trials without one; find
+        their jobs in submitit's own records (each submitted pickle holds its TrialJob)."""
+        import submitit
+
+        by_trial = {}
+        for path in (self.dir / "jobs").glob("*_submitted.pkl"):
+            try:
+                job = submitit.core.utils.pickle_load(path).function
+            except Exception:  # a pickle being written, or not ours
+                continue
+            if isinstance(job, (TrialJob, PackedJob)):
+                for member in members(job):
+                    by_trial[member.trial_id] = path.name[: -len("_submitted.pkl")]
+        for t in running:
+            if "job_id" not in t.user_attrs and trial_id(t) in by_trial:
+                set_running_attrs(self.ostudy, t, {"job_id": by_trial[trial_id(t)]})
+                t.user_attrs["job_id"] = by_trial[trial_id(t)]
+
+    def finalize(self, t, state: str) -> None:
+        result = read_trial_result(self.dir / t.user_attrs["run_dir"], self.study.objective, self.gpus)
+        if result.outcome is Outcome.FAILED and result.reason is None:
+            status = runio.read_status(self.dir / t.user_attrs["run_dir"])
+            where = (f" (the run had reached epoch {status['epoch']}, step {status.get('global_step')})"
+                     if status.get("epoch") is not None else " (before training started)")
+            result.reason = self.executor.failure(t.user_attrs["job_id"], state, t.user_attrs.get("key")) + where
+        tell(self.ostudy, t, result)
+
+    # -------------------------------------------------------------- worker mode
+    def run_workers(self) -> None:
+        """Enqueue every pending grid point once, then let N workers pull them (see harness.worker)."""
+        from harness.execution.worker import WorkerJob
+
+        view = ProgressView(self)
+        for _ in range(self.study.retries + 1):
+            self.share_finished(self.trials())
+            for params in self.plan.pending(self.trials()):
+                key = trial_key(params)
+                self.ostudy.enqueue_trial(params, user_attrs={"key": key, "run_dir": f"runs/{key}"})
+            if not any(t.state == WAITING for t in self.trials()):
+                break
+            job = WorkerJob(str(self.dir / STUDY_COPY), self.name, self.storage_url, self.opts.recipe,
+                            self.opts.overrides, str(self.dir), self.executor.threads_per_process(self.opts.workers),
+                            self.opts.heartbeat, self.gpus)
+            jobs = self.executor.submit([job] * self.opts.workers, self.code_dir)
+            if not self.opts.wait:
+                print(f"{len(jobs)} workers submitted; --status to check ({self.dir})")
+                return
+            outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
+            while True:
+                outage.patiently(lambda: view.show(self.trials()))
+                if all(j.done() for j in jobs):
+                    break
+                time.sleep(self.opts.poll)
+
+    # -------------------------------------------------------------- main loop
+    def run(self) -> None:
+        """Rounds of reconcile and submit until the plan is done. A round cut by a database outage is
+        simply done again once the database answers: every step of it can be repeated (a trial
+        asked but not submitted waits; a job submitted but not recorded is found by its pickle)."""
+        view = ProgressView(self)
+        outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
+        while True:
+            finished = outage.patiently(lambda: self.round(view))
+            if not self.opts.wait:
+                print(f"submitted; rerun the same command to re-attach, or --status to check ({self.dir})")
+                return
+            if finished:
+                break
+            time.sleep(self.opts.poll)
+
+    def round(self, view: ProgressView) -> bool:
+        """One look: answer pruning reports, record ended jobs, submit what the plan allows. True when
+        nothing is left to do."""
+        self.relay_pruning()
+        self.reconcile()
+        self.share_finished(self.trials())
+        trials = self.trials()
+        running = sum(t.state == RUNNING for t in trials)
+        free = None if self.kind == "slurm" else max(0, self.opts.parallel - running)
+        news = self.plan.news(trials)
+        if news:  # said once per change, as the race goes
+            print(f"[study {self.name}] {news}", flush=True)
+        todo = self.plan.todo(trials, free)
+        if todo:
+            self.submit(todo)
+        trials = self.trials()
+        view.show(trials)
+        return not any(t.state == RUNNING for t in trials) and self.plan.finished(trials)
+
+

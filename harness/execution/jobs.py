@@ -1,0 +1,146 @@
+"""The job side of submitit: what runs inside a job (one trial, or several packed in one job).
+
+The job is a thin shell around `harness.execution.trial.run_trial`: everything it needs to resume
+lives in the run directory (config, checkpoints), so a requeued job (preemption, time limit) simply
+runs the trial again, which resumes from the newest good checkpoint. A packed job
+(`resources.trials_per_job`) runs several trials, one process each, on one job's CPUs and device.
+The driver side (executors, job states) is harness.execution.executors; it never runs in a job.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import signal
+
+import submitit
+
+from harness.execution.optuna_adapter import trial_handle
+from harness.execution.pruning_relay import RelayReporter
+from harness.execution.trial import PruningReporter, TrialSpec, run_trial
+from harness.run import runio
+from harness.run.outcome import Outcome
+from harness.run.snapshot import restore_cwd
+
+# ---------------------------------------------------------------- the job
+
+class TrialJob(submitit.helpers.Checkpointable):
+    """Pretrain + probe one trial. On preemption/timeout submitit requeues this same object;
+    `run_trial` resumes from the run directory's checkpoint, so no state travels in the pickle."""
+
+    def __init__(self, spec: TrialSpec, storage_url: str | None, study_name: str, trial_id: int,
+                 pruner: tuple | None, threads: int = 0, relay_wait_s: float | None = None):
+        """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning.
+        `relay_wait_s`: pruning goes through the run directory to the driver (harness.pruning_relay),
+        which answers within this many seconds; the job never opens the storage (`storage_url` None).
+        None: the job reports to the storage itself (a driver that does not wait, --no-wait)."""
+        self.spec, self.storage_url, self.study_name = spec, storage_url, study_name
+        self.trial_id, self.pruner, self.threads = trial_id, pruner, threads
+        self.relay_wait_s = relay_wait_s
+
+    def __call__(self) -> str:
+        restore_cwd()
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # DDP across the job's tasks
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        reporter = None
+        if self.pruner and env.global_rank == 0:
+            relay_wait_s = getattr(self, "relay_wait_s", None)  # jobs pickled before the relay report themselves
+            reporter = RelayReporter(self.spec.run_dir, relay_wait_s) if relay_wait_s else self._reporter()
+        result = run_trial(self.spec, self.threads, reporter, attempt={"job_id": env.job_id})
+        return result.outcome.value
+
+    def _reporter(self) -> PruningReporter:
+        def open_trial():  # on the first report: a database down at the job's start costs no training
+            import optuna
+
+            from harness.execution.storage import open_storage
+            from harness.planning.studyfile import make_pruner
+
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, None),
+                                      pruner=make_pruner(*self.pruner))
+            return trial_handle(study, self.trial_id)
+
+        return PruningReporter(open_trial)
+
+
+class PackedJob(submitit.helpers.Checkpointable):
+    """Several trials in one job: one process per trial (its own run directory, threads, checkpoints
+    and pruning reports), on the job's CPUs and device, so packing changes nothing a trial computes.
+    Requeued (preemption, time limit), it starts again only the trials whose run has not ended, and
+    each resumes from its checkpoint. A trial that fails does not stop the others; its reason is the
+    job's result, and the driver retries it in a job of its own."""
+
+    def __init__(self, members: list[TrialJob]):
+        self.members = members
+        self._processes: list = []
+
+    def __getstate__(self) -> dict:  # processes are this attempt's, never pickled with a requeue
+        return {**self.__dict__, "_processes": []}
+
+    def __call__(self) -> dict[str, str | None]:
+        restore_cwd()
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter per trial: no shared torch state
+        reasons = context.SimpleQueue()
+        todo = [m for m in self.members if not _ended(m.spec.run_dir)]
+        self._processes = [context.Process(target=_run_member, args=(m, reasons), name=m.spec.key) for m in todo]
+        for process in self._processes:
+            process.start()
+        for process in self._processes:
+            process.join()
+        failures = {}
+        while not reasons.empty():
+            key, reason = reasons.get()
+            failures[key] = reason
+        for process in self._processes:
+            if process.exitcode and process.name not in failures:
+                how = (f"killed by signal {signal.Signals(-process.exitcode).name}" if process.exitcode < 0
+                       else f"exited with code {process.exitcode}")
+                failures[process.name] = f"the trial's process in the packed job was {how}"
+        return {m.spec.key: failures.get(m.spec.key) for m in self.members}
+
+    def checkpoint(self, *args, **kwargs):
+        """On preemption or time limit: stop the trials (each keeps its last checkpoint), then requeue."""
+        for process in self._processes:
+            if process.is_alive():
+                process.kill()
+        for process in self._processes:
+            process.join(timeout=30)
+        return super().checkpoint(*args, **kwargs)
+
+
+def _ended(run_dir) -> bool:
+    return runio.read_status(run_dir).get("status") in (Outcome.COMPLETED, Outcome.DIVERGED, Outcome.PRUNED)
+
+
+def _run_member(member: TrialJob, reasons) -> None:
+    """One packed trial, in its own process. Signals are the job's to handle, as for an unpacked
+    trial (submitit's handler in the job process stops this one in `checkpoint`), and the trial dies
+    with its job: a job SIGKILLed leaves no trial training on its own."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # submitit bypasses it: Slurm's SIGKILL follows
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    _die_with_parent()
+    try:
+        member()
+    except BaseException as exc:
+        reasons.put((member.spec.key, f"{type(exc).__name__}: {exc}"[:500]))
+        raise
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the job's end still stops it on SLURM (cgroup)
+        pass
+
+
+def pack(jobs: list[TrialJob], size: int) -> list:
+    """Trial jobs in packs of `size` (the last may be smaller); a pack of one is the trial's own job."""
+    packs = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    return [p[0] if len(p) == 1 else PackedJob(p) for p in packs]
+
+
+def members(job) -> list[TrialJob]:
+    return job.members if isinstance(job, PackedJob) else [job]
+
+

@@ -1,0 +1,190 @@
+"""MoCo (He et al. 2019, Algorithm 1; Chen et al. 2020 for v2): one module, read top to bottom.
+
+Where the ablated factors act:
+  m   (momentum)     -> `_momentum_update_key_encoder`
+  K   (queue size)   -> `queue` buffer, `_dequeue_and_enqueue` (memory bank: K negatives drawn per step)
+  tau (temperature)  -> `_infonce`
+  encoder sharing    -> `_keys` (key_encoder = momentum | shared | end_to_end)
+  dictionary         -> key_encoder = memory_bank: `_memory_bank_step` (the paper's Figure 2b and 3)
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from harness.model.distributed import concat_all_gather, concat_all_gather_with_grad, is_distributed, rank
+from harness.model.shuffle_bn import encode_shuffled
+
+KEY_ENCODERS = ("momentum", "shared", "end_to_end", "memory_bank")
+
+
+class MoCo(nn.Module):
+    def __init__(self, make_encoder: Callable[[], nn.Module], dim: int = 128, queue_size: int = 65536,
+                 momentum: float = 0.999, temperature: float = 0.07, key_encoder: str = "momentum",
+                 shuffle_bn: str = "split", symmetric: bool = False, bank_size: int = 0, bank_momentum: float = 0.5):
+        super().__init__()
+        if key_encoder not in KEY_ENCODERS:
+            raise ValueError(f"key_encoder must be one of {KEY_ENCODERS}, got {key_encoder!r}")
+        if key_encoder == "memory_bank" and bank_size <= 0:
+            raise ValueError("key_encoder='memory_bank' needs bank_size: the number of training images")
+        self.m, self.T, self.K = momentum, temperature, queue_size
+        self.key_encoder, self.shuffle_bn, self.symmetric = key_encoder, shuffle_bn, symmetric
+
+        self.encoder_q = make_encoder()
+        if key_encoder == "momentum":
+            # theta_k starts as a copy of theta_q and is only ever changed by the momentum update.
+            self.encoder_k = copy.deepcopy(self.encoder_q)
+            for p in self.encoder_k.parameters():
+                p.requires_grad_(False)
+        if key_encoder == "memory_bank":
+            # Wu et al. 2018 (InstDisc), as MoCo compared it (Sec. 3.2, Fig. 2b): one feature per
+            # training image, random unit vectors at the start; a buffer, so checkpoints carry it.
+            self.bank_m = bank_momentum
+            self.register_buffer("bank", F.normalize(torch.randn(bank_size, dim), dim=1))
+        elif key_encoder != "end_to_end":
+            # Buffers, so checkpoints carry the queue and its pointer.
+            self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
+            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    # -- Algorithm 1, step by step ------------------------------------------------------------
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q, parameters only (BN statistics are the key
+        encoder's own, from its own forward passes)."""
+        k_params = list(self.encoder_k.parameters())
+        q_params = list(self.encoder_q.parameters())
+        # Two separately rounded products, as the official `k * m + q * (1 - m)` (no fused alpha).
+        torch._foreach_mul_(k_params, self.m)
+        torch._foreach_add_(k_params, torch._foreach_mul(q_params, 1.0 - self.m))
+
+    def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        """k = normalize(f_k(x_k)), encoded under Shuffle BN; normalised in fp32 (see _infonce)."""
+        if self.key_encoder == "end_to_end":  # same encoder, gradient flows through keys
+            return F.normalize(encode_shuffled(self.encoder_q, x_k, self.shuffle_bn, differentiable=True).float(), dim=1)
+        encoder = self.encoder_k if self.key_encoder == "momentum" else self.encoder_q
+        with torch.no_grad():  # momentum: no gradient to f_k; shared: stop-gradient (the paper's m = 0)
+            return F.normalize(encode_shuffled(encoder, x_k, self.shuffle_bn).float(), dim=1)
+
+    def _infonce(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, 1 + negatives), positive in column 0, divided by T; cross-entropy loss.
+        Similarities in fp32 even under autocast: in bf16 a logit at T = 0.07 is rounded by ~0.06."""
+        with torch.autocast(q.device.type, enabled=False):
+            return self._infonce_fp32(q.float(), k.float())
+
+    def _infonce_fp32(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
+        if self.key_encoder == "end_to_end":
+            # Negatives: every other key of the global batch (no queue).
+            k_all = concat_all_gather_with_grad(k)
+            sim = torch.einsum("nc,mc->nm", q, k_all)  # N x G
+            n = q.shape[0]
+            own = torch.arange(n, device=q.device) + rank() * n
+            keep = torch.ones_like(sim, dtype=torch.bool)
+            keep[torch.arange(n, device=q.device), own] = False
+            l_neg = sim[keep].view(n, -1)  # N x (G - 1)
+        else:
+            # The queue as it was before this step: enqueue happens after both losses.
+            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # N x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits.float(), labels), logits
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor) -> None:
+        """Overwrite the oldest keys with this step's keys from every rank; advance the pointer."""
+        keys = concat_all_gather(keys)
+        batch = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        assert self.K % batch == 0, "validated in config: K is a multiple of the keys per step"
+        self.queue[:, ptr:ptr + batch] = keys.T.to(self.queue.dtype)
+        self.queue_ptr[0] = (ptr + batch) % self.K
+
+    # -- the memory bank (Wu et al. 2018), the dictionary MoCo replaces ----------------------
+
+    def _memory_bank_step(self, x_q: torch.Tensor, index: torch.Tensor):
+        """Keys come from the bank, not from an encoder: the positive is the stored feature of the
+        query's own image (InstDisc's v_i), the negatives K entries drawn uniformly at random (with
+        replacement, as InstDisc's sampler; one draw per step, shared by the batch, the same on every
+        rank). Stored features are as old as the last epoch that saw their image: large but
+        inconsistent, the paper's point."""
+        q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # similarities in fp32, as _infonce
+        with torch.no_grad():
+            positive = self.bank[index]  # N x C
+            draw = torch.randint(self.bank.shape[0], (self.K,), device=q.device)
+            if is_distributed():
+                dist.broadcast(draw, src=0)  # every rank uses rank 0's draw
+            negatives = self.bank[draw]  # K x C
+        with torch.autocast(q.device.type, enabled=False):
+            l_pos = torch.einsum("nc,nc->n", q, positive).unsqueeze(-1)
+            l_neg = torch.einsum("nc,kc->nk", q, negatives)
+        logits = torch.cat([l_pos, l_neg], dim=1) / self.T
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        self._update_bank(index, q.detach())
+        return F.cross_entropy(logits.float(), labels), logits
+
+    @torch.no_grad()
+    def _update_bank(self, index: torch.Tensor, q: torch.Tensor) -> None:
+        """InstDisc's proximal update of the batch's own entries: v <- normalize(m_b v + (1 - m_b) q),
+        m_b = 0.5; the whole global batch on every rank, so all ranks hold the same bank."""
+        index, q = concat_all_gather(index), concat_all_gather(q)
+        mixed = self.bank_m * self.bank[index] + (1.0 - self.bank_m) * q.to(self.bank.dtype)
+        self.bank[index] = F.normalize(mixed, dim=1)
+
+    def _one_direction(self, x_q: torch.Tensor, x_k: torch.Tensor):
+        q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # N x C, with gradient; fp32 (see _infonce)
+        k = self._keys(x_k)  # N x C
+        loss, logits = self._infonce(q, k)
+        return loss, logits, k
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`index`: the batch's image indices in the training set (used by the memory bank only)."""
+        if self.key_encoder == "memory_bank":  # x_k is not used: the bank supplies the keys
+            loss, logits = self._memory_bank_step(x_q, index)
+            return {"loss": loss, "accuracy": (logits.argmax(dim=1) == 0).float().mean().detach()}
+        if self.key_encoder == "momentum":
+            self._momentum_update_key_encoder()  # uses theta_q as left by the last SGD step
+        loss, logits, k = self._one_direction(x_q, x_k)
+        keys = k
+        if self.symmetric:  # swap the crops; both losses see the same (old) queue
+            loss_21, _, k_1 = self._one_direction(x_k, x_q)
+            loss = loss + loss_21
+            keys = torch.cat([k, k_1])
+        if self.key_encoder != "end_to_end":
+            self._dequeue_and_enqueue(keys.detach())
+        # Pretext accuracy: how often the positive wins (near 100 % hints at BN "cheating").
+        accuracy = (logits.argmax(dim=1) == 0).float().mean()
+        return {"loss": loss, "accuracy": accuracy.detach()}
+
+
+def compile_encoders(model: MoCo, backend: str = "inductor") -> None:
+    """torch.compile the query and key encoders in place (nn.Module.compile): parameter names, hence
+    checkpoints, and the momentum update over their parameters stay exactly as without it."""
+    model.encoder_q.compile(backend=backend)
+    if hasattr(model, "encoder_k"):
+        model.encoder_k.compile(backend=backend)
+
+
+def build_moco(cfg, bank_size: int | None = None) -> MoCo:
+    """MoCo from a RunConfig (the encoder factory lives here so both encoders match). `bank_size`:
+    the training images, for key_encoder=memory_bank (default: the in-memory dataset's size)."""
+    from harness.model.backbones import Encoder, build_backbone
+    from harness.run.datafiles import CHANNELS, pretrain_size
+
+    mc = cfg.moco
+    splits = mc.bn_splits if mc.shuffle_bn == "split" else 1
+
+    def make_encoder() -> nn.Module:
+        backbone = build_backbone(cfg.model.arch, cfg.model.stem, CHANNELS[cfg.data.dataset], splits,
+                                  cfg.model.tiny_widths, cfg.model.tiny_stem_stride)
+        return Encoder(backbone, mc.dim, mc.mlp)
+
+    return MoCo(make_encoder, dim=mc.dim, queue_size=mc.queue_size, momentum=mc.momentum,
+                temperature=mc.temperature, key_encoder=mc.key_encoder, shuffle_bn=mc.shuffle_bn,
+                symmetric=mc.symmetric, bank_momentum=mc.bank_momentum,
+                bank_size=(bank_size or pretrain_size(cfg) or 0) if mc.key_encoder == "memory_bank" else 0)

@@ -1,0 +1,500 @@
+"""Typed run configuration: recipes (YAML data files), dotted overrides, validation.
+
+A run is fully described by one `RunConfig`. Recipes live in `studies/recipes/<name>.yaml`
+and are plain data (loaded with `yaml.safe_load`: no code runs from a recipe). Every error
+names the field and says how to fix it, and is raised before any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "studies" / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion_mnist"
+    root: Optional[str] = None  # None: the dataset's default location (see harness.data)
+    train_subset: Optional[int] = None  # first N of a fixed seeded permutation; None = all
+    test_subset: Optional[int] = None
+    image_size: int = 28  # crop size of the pretraining views
+    augmentation: Literal["v1", "v2", "cifar"] = "cifar"
+    # RandomResizedCrop area range of the two views. MoCo's recipes all use [0.2, 1]; small images
+    # may want milder crops (a 0.2 crop of a 28-px image is 12 px wide; see fmnist-tiny).
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    # batched: in-memory datasets augmented on the device; image folders cropped in DataLoader workers
+    # (uint8) and coloured on the device (harness.folder_views). per_image: the classic pipeline, every
+    # step per image in workers (the comparison path, see harness.bench). device_decode (image folders):
+    # workers only read the files; decode (nvjpeg on CUDA), crops and colours on the device.
+    loader: Literal["batched", "per_image", "device_decode"] = "batched"
+    num_workers: int = 2  # DataLoader workers for image folders and the per-image path
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet_tiny", "resnet18", "resnet50"] = "resnet_tiny"
+    stem: Literal["imagenet", "cifar"] = "cifar"  # cifar: 3x3 conv1, stride 1, no max-pool
+    tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # resnet_tiny stage widths
+    # resnet_tiny's first conv stride: 2 runs every stage at half the resolution (~4x fewer MACs).
+    tiny_stem_stride: int = 1
+
+
+@dataclass
+class MocoConfig:
+    dim: int = 128  # feature dimension of q and k
+    queue_size: int = 4096  # K: number of negative keys
+    momentum: float = 0.99  # m: key encoder EMA coefficient
+    temperature: float = 0.1  # tau
+    mlp: bool = False  # MoCo v2 projection head
+    # momentum: MoCo; shared: keys from the query encoder (m = 0); end_to_end: keys with gradient, the
+    # batch as negatives; memory_bank: Wu et al. 2018's bank of one feature per image (the paper's Fig. 3)
+    key_encoder: Literal["momentum", "shared", "end_to_end", "memory_bank"] = "momentum"
+    bank_momentum: float = 0.5  # memory bank: v <- m_b v + (1 - m_b) q (InstDisc: 0.5)
+    shuffle_bn: Literal["ddp", "split", "none"] = "split"
+    bn_splits: int = 8
+    symmetric: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 10
+    batch_size: int = 256  # global batch, over all processes
+    lr: float = 0.06  # learning rate at batch `lr_batch`; scaled linearly with batch_size
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: list[int] = field(default_factory=lambda: [120, 160])  # epochs, for `step`
+    warmup_epochs: int = 0
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 1  # epochs between kNN monitor evaluations; 0 = never
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_features: Literal["backbone", "head"] = "backbone"
+    knn_train_subset: Optional[int] = None  # memory bank size cap (None = the training set)
+    knn_test_subset: Optional[int] = None
+    # Dictionary diagnostics (harness.diagnostics): key consistency against age, alignment/uniformity,
+    # effective rank. Epochs between them: None = with the kNN monitor; 0 = never. They read the run,
+    # never change it: not part of its identity.
+    diagnostics_every: Optional[int] = None
+    # Images for alignment, uniformity and effective rank (the rank's cap). 128: with the queue's three
+    # regenerated batches the diagnostics cost 2.4 % of a CPU-recipe epoch (256: 3.4 %; bench diagnostics).
+    diagnostics_subset: int = 128
+    probe: Literal["fast", "standard", "none"] = "fast"
+    probe_epochs: int = 100  # standard protocol
+    probe_lr: float = 30.0
+    # L2 on the fc weight. main_lincls: 0 (1.28M ImageNet images); a probe on a small training split
+    # overfits without it, as the fast probe's held-out L2 choice shows (see the fmnist-tiny recipe).
+    probe_weight_decay: float = 0.0
+    probe_batch_size: int = 256
+    probe_milestones: list[float] = field(default_factory=lambda: [0.6, 0.8])  # fractions of epochs
+    # main_lincls's train crop; small images (28-32 px) lose too much at 0.08 (see the fmnist-tiny recipe).
+    probe_crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # BatchNorm without affine before the fc (the MAE linear probe): standardises the frozen features so
+    # one lr suits any backbone. Off = main_lincls exactly.
+    probe_feature_bn: bool = False
+    pixel_floor: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    seed: int = 0
+    # auto is resolved before a run's identity is taken (resolve_execution): the identity holds what runs.
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda for trials given GPUs, else cpu
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; fp16: + GradScaler
+    channels_last: Literal["auto", "yes", "no"] = "auto"
+    compile: bool = False  # torch.compile the encoders: for long GPU runs (compiling takes minutes)
+    checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # 0 = only at epoch boundaries
+    keep_checkpoints: int = 2
+    log_every: int = 20  # steps between loss read-backs (and NaN checks)
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    # DDP: a collective that waits longer than this fails the run (NCCL's default is 10 minutes). No
+    # rank waits for another's lone work (harness.distributed), so only a real hang gets this far.
+    dist_timeout_s: int = 1800
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    recipe: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """What this run computes (see RUNTIME_ONLY): two configs with one identity are one run."""
+        return identity_of(self.to_dict())
+
+    def digest(self) -> str:
+        return identity_digest(self.to_dict())
+
+    def scaled_lr(self) -> float:
+        return self.optim.lr * self.optim.batch_size / self.optim.lr_batch
+
+
+# ---------------------------------------------------------------- dotted keys
+
+def nest(key: str, value: Any) -> dict:
+    """'moco.momentum', 0.99 -> {'moco': {'momentum': 0.99}}: the one reading of a dotted key."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def get_dotted(data: dict, key: str, default: Any = None) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+# ---------------------------------------------------------------- run identity
+
+# Fields that change how a run executes but not what it computes; a run resumed under other values
+# is the same run (each attempt records the values it ran with, see harness.train). At most they
+# change the order of floating-point sums, as any other machine would.
+RUNTIME_ONLY = {
+    "name": "a label: the same computation may serve several studies",
+    "recipe": "a label: what the recipe set is in the other fields",
+    "runtime.threads": "CPU threads: set from the cores a job gets, which differ between machines",
+    "runtime.dist_timeout_s": "how long a DDP collective may wait before the run fails",
+    "runtime.compile": "torch.compile: the same graph, fused",
+    "runtime.channels_last": "memory layout of the activations",
+    "runtime.checkpoint_every": "checkpoint cadence",
+    "runtime.checkpoint_every_steps": "checkpoint cadence",
+    "runtime.keep_checkpoints": "checkpoints kept on disk",
+    "runtime.log_every": "how often the loss is read back and logged",
+    "data.num_workers": "DataLoader processes; each image's augmentation is seeded by its index",
+    "eval.diagnostics_every": "how often the dictionary diagnostics read the run (they never change it)",
+    "eval.diagnostics_subset": "images the diagnostics read",
+}
+
+
+# Settings a dictionary mechanism never reads (harness.moco): two configs that differ only there train
+# the same run, so a study's end-to-end point at the recipe's K is another study's end-to-end point.
+INERT = {
+    "momentum": ("moco.bank_momentum",),
+    "shared": ("moco.momentum", "moco.bank_momentum"),  # no key encoder to average into
+    "end_to_end": ("moco.momentum", "moco.bank_momentum", "moco.queue_size"),  # negatives: the batch
+    "memory_bank": ("moco.momentum",),  # keys: the bank (its K draws and momentum count)
+}
+
+
+def identity_of(data: dict) -> dict:
+    """What a run computes: its config (as a dict) minus the runtime-only fields and the settings its
+    dictionary mechanism never reads."""
+    out = json.loads(json.dumps(data))  # a deep copy
+    runtime = out.get("runtime")
+    if isinstance(runtime, dict) and "auto" in (runtime.get("device"), runtime.get("precision")):
+        # Written before `auto` was resolved (resolve_execution): every such run trained on a CPU in fp32
+        # (no run of this project had met a GPU), which is what its identity says now.
+        if runtime.get("device") == "auto":
+            runtime["device"] = "cpu"
+        if runtime.get("precision") == "auto":
+            runtime["precision"] = "bf16" if runtime["device"] == "cuda" else "fp32"
+    for key in (*RUNTIME_ONLY, *INERT.get(get_dotted(out, "moco.key_encoder"), ())):
+        *parents, leaf = key.split(".")
+        node = get_dotted(out, ".".join(parents)) if parents else out
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
+
+
+def identity_digest(data: dict) -> str:
+    """A short, stable digest of a run's identity (canonical JSON)."""
+    text = json.dumps(identity_of(data), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def identity_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ between two identities."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        items = {}
+        for k, v in d.items():
+            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return items
+
+    a, b = flat(identity_of(old)), flat(identity_of(new))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+# ---------------------------------------------------------------- building from data
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner)
+    if origin is Literal:
+        if isinstance(value, bool) and {"yes", "no"} <= set(args):  # YAML reads yes/no as booleans
+            value = "yes" if value else "no"
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{path}: {value!r} is not allowed; use one of {choices}.")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}; write e.g. {path}=[1,2].")
+        return [_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}.")
+        return value
+    raise TypeError(f"unsupported annotation {tp} at {path}")  # a bug in this module, not user input
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names)} "
+                              f"Valid keys here: {', '.join(sorted(names))}.")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(path, value, tp)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe_data(name: str) -> dict:
+    path = RECIPE_DIR / f"{name}.yaml"
+    if "/" in name or "\\" in name or ".." in name or not path.is_file():
+        raise ConfigError(f"unknown recipe '{name}'.{_suggest(name, recipe_names())} "
+                          f"Available recipes: {', '.join(recipe_names())}.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level.")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """'moco.momentum=0.99' -> {'moco': {'momentum': 0.99}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected the form section.key=value, e.g. moco.momentum=0.99.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': the key is empty or malformed; e.g. moco.momentum=0.99.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}).") from None
+    return nest(key, value)
+
+
+def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None,
+                gpus: int | None = None) -> RunConfig:
+    """Recipe + overrides -> validated RunConfig (raises ConfigError). `gpus`: the GPUs the run's
+    process will have; given, `auto` device and precision are resolved (resolve_execution)."""
+    data = load_recipe_data(recipe)
+    data.pop("resources", None)  # submission defaults for this scale (harness.studyfile), not run config
+    data = _merge(data, {"recipe": recipe})
+    for override in overrides:
+        data = _merge(data, parse_override(override) if isinstance(override, str) else override)
+    if name is not None:
+        data["name"] = name
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg if gpus is None else resolve_execution(cfg, gpus)
+
+
+def resolve_execution(cfg: RunConfig, gpus: int) -> RunConfig:
+    """`auto` device and precision made what will run, for a process given `gpus` GPUs (a study's
+    resources.gpus; harness.train: the GPUs it sees). Resolved before the run's identity is taken, so
+    a CPU fp32 run and a GPU bf16 run are two runs, never shared into each other's studies. bf16 is
+    the GPU default (Ampere and newer); an older GPU refuses it at the job's start (harness.runtime)
+    and says to set runtime.precision=fp16."""
+    r = cfg.runtime
+    device = r.device if r.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+    precision = r.precision if r.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    _require(not (device == "cpu" and precision == "fp16"),
+             "runtime.precision: fp16 is for CUDA (with a gradient scaler); on a CPU use fp32 or bf16.")
+    if (device, precision) == (r.device, r.precision):
+        return cfg
+    return dataclasses.replace(cfg, runtime=dataclasses.replace(r, device=device, precision=precision))
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def with_overrides(cfg: RunConfig, overrides: typing.Sequence[str], only: typing.Sequence[str] = ()) -> RunConfig:
+    """A validated copy of `cfg` with dotted overrides. `only` lists the keys (or `section.` prefixes)
+    that may change: re-probing a finished run may change how it is evaluated, never what its
+    checkpoint was trained with."""
+    data = cfg.to_dict()
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if only and not any(key == o or (o.endswith(".") and key.startswith(o)) for o in only):
+            raise ConfigError(f"override '{text}': only {', '.join(o + '*' if o.endswith('.') else o for o in only)} "
+                              f"can change here; the rest is fixed by the run's config.yaml and checkpoint.")
+        data = _merge(data, parse_override(text))
+    return config_from_dict(data)
+
+
+# Settings a finished run can be evaluated with afresh (harness.probe, bench probe).
+EVAL_ONLY = ("eval.", "data.test_subset")
+
+
+# ---------------------------------------------------------------- semantic validation
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _require_crop_scale(key: str, value: list[float], usual: str) -> None:
+    """A RandomResizedCrop area range: [low, high] with 0 < low <= high <= 1."""
+    _require(len(value) == 2 and 0 < value[0] <= value[1] <= 1,
+             f"{key}: expected [low, high] with 0 < low <= high <= 1 ({usual}), got {value}.")
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Checks that need more than one field. `world_size` is checked once it is known."""
+    m, o, d = cfg.moco, cfg.optim, cfg.data
+    _require(0.0 <= m.momentum <= 1.0,
+             f"moco.momentum: m={m.momentum} is outside [0, 1]; the paper uses 0.999 (ImageNet) or 0.99 (CIFAR).")
+    _require(m.temperature > 0,
+             f"moco.temperature: tau={m.temperature} must be > 0; the paper uses 0.07 (v1) or 0.2 (v2).")
+    _require(m.dim > 0, f"moco.dim: must be > 0 (the paper uses 128), got {m.dim}.")
+    _require(o.batch_size > 0, f"optim.batch_size: must be > 0, got {o.batch_size}.")
+    _require(o.epochs > 0, f"optim.epochs: must be > 0, got {o.epochs}.")
+    _require(o.lr > 0 and o.lr_batch > 0, "optim.lr and optim.lr_batch: must be > 0.")
+    _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}.")
+    _require(0 <= o.warmup_epochs < o.epochs,
+             f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
+    _require_crop_scale("data.crop_scale", d.crop_scale, "MoCo: [0.2, 1]")
+    _require(cfg.model.tiny_stem_stride in (1, 2),
+             f"model.tiny_stem_stride: must be 1 or 2, got {cfg.model.tiny_stem_stride}.")
+    _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
+             f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], "
+             f"got {cfg.model.tiny_widths}.")
+    _require(cfg.runtime.dist_timeout_s > 0,
+             f"runtime.dist_timeout_s: must be > 0 seconds, got {cfg.runtime.dist_timeout_s}.")
+    _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
+    _require(d.loader != "device_decode" or d.dataset == "imagefolder",
+             f"data.loader: device_decode decodes image files; {d.dataset} is held in memory (use batched).")
+    _require(d.num_workers >= 0, f"data.num_workers: must be >= 0 (0: load in the training process), "
+                                 f"got {d.num_workers}.")
+    for key in ("train_subset", "test_subset"):
+        value = getattr(d, key)
+        _require(value is None or value > 0, f"data.{key}: must be positive or null, got {value}.")
+    e = cfg.eval
+    _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k and eval.knn_t: must be > 0 (InstDisc: k=200, t=0.1).")
+    _require(e.probe_epochs > 0 and e.probe_batch_size > 0,
+             "eval.probe_epochs and eval.probe_batch_size: must be > 0.")
+    _require(e.probe_lr > 0, f"eval.probe_lr: must be > 0 (main_lincls uses 30), got {e.probe_lr}.")
+    _require(e.probe_weight_decay >= 0,
+             f"eval.probe_weight_decay: must be >= 0 (main_lincls uses 0), got {e.probe_weight_decay}.")
+    _require_crop_scale("eval.probe_crop_scale", e.probe_crop_scale, "main_lincls: [0.08, 1]")
+    if m.key_encoder in ("end_to_end", "memory_bank"):
+        # Negatives are the other keys of the batch, or K draws from the bank: no queue to wrap.
+        _require(not m.symmetric, f"moco.symmetric: not defined for key_encoder={m.key_encoder}; "
+                                  f"set moco.symmetric=false.")
+        if m.key_encoder == "memory_bank":
+            _require(m.queue_size > 0, f"moco.queue_size: K (negatives drawn from the bank) must be > 0, "
+                                       f"got {m.queue_size}.")
+            _require(0.0 <= m.bank_momentum < 1.0, f"moco.bank_momentum: must be in [0, 1) (InstDisc: 0.5), "
+                                                   f"got {m.bank_momentum}.")
+    else:
+        keys_per_step = o.batch_size * (2 if m.symmetric else 1)
+        _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")
+        _require(m.queue_size % keys_per_step == 0,
+                 f"moco.queue_size: K={m.queue_size} is not a multiple of the keys enqueued per step "
+                 f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''}); "
+                 f"the queue would wrap mid-batch. Use K={_nearest_multiple(m.queue_size, keys_per_step)} "
+                 f"or change optim.batch_size.")
+    if m.shuffle_bn == "split":
+        _require(m.bn_splits >= 1, f"moco.bn_splits: must be >= 1, got {m.bn_splits}.")
+    if world_size is not None:
+        _require(o.batch_size % world_size == 0,
+                 f"optim.batch_size: {o.batch_size} is not divisible by the {world_size} processes.")
+        per_rank = o.batch_size // world_size
+        if m.shuffle_bn == "split":
+            _require(per_rank % m.bn_splits == 0,
+                     f"moco.bn_splits: the per-process batch {per_rank} is not divisible by bn_splits={m.bn_splits}.")
+        if m.shuffle_bn == "ddp":
+            _require(world_size > 1,
+                     "moco.shuffle_bn: 'ddp' shuffles keys across processes but this run has one process; "
+                     "use moco.shuffle_bn=split (SplitBatchNorm, as the CIFAR Colab) on a single device.")
+
+
+def _nearest_multiple(k: int, b: int) -> int:
+    return max(b, round(k / b) * b)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

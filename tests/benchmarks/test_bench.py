@@ -1,0 +1,77 @@
+"""`python -m harness.bench`: the prepared device check, run here at its small size (the same code a
+lent GPU runs at full size), which also shows every recipe benchmarks on synthetic images."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_device_check_runs_every_part_at_small_size(tmp_path):
+    cmd = [sys.executable, "-m", "harness.bench", "device", "--size", "small", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("bench-device-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["check"] for r in rows] == [
+        "fp32 eager", "bf16 autocast", "channels_last", "torch.compile",
+        "throughput batched", "throughput per_image", "throughput batched", "throughput per_image",
+        "packing 1", "packing 2", "input per_image", "input batched", "input device_decode", "input speedup",
+        "input device_decode vs batched", "resume on the device", "gather channels_last", "syncs per step",
+        "layout channels_last=no cudnn.benchmark=False", "layout channels_last=no cudnn.benchmark=True",
+        "layout channels_last=yes cudnn.benchmark=False", "layout channels_last=yes cudnn.benchmark=True",
+        "logits bf16 vs fp32", "summary"]
+    gpu = {r["check"]: r for r in rows if r["part"] == "gpu"}
+    # The checks that settle the GPU paths ran on the CPU too: resume exact, gathers equal, fp32 logits.
+    assert gpu["resume on the device"]["ok"] and gpu["resume on the device"]["state_max_diff"] == 0
+    assert gpu["gather channels_last"]["ok"] and gpu["logits bf16 vs fp32"]["ok"]
+    assert gpu["logits bf16 vs fp32"]["bf16_einsum_max_diff"] > 10 * gpu["logits bf16 vs fp32"]["model_max_diff"]
+    # the fast paths train like fp32 eager: same batches, same start, losses and queue within tolerance
+    fast = [r for r in rows if "ok" in r and r["part"] == "device"]
+    assert len(fast) == 3 and all(r["ok"] for r in fast), fast
+    assert all(len(r["losses"]) == 3 for r in rows[:4])
+    # imagenet-r50-v2 (an image-folder recipe) ran on synthetic images through both data paths
+    throughput = [r for r in rows if r["check"].startswith("throughput")]
+    assert [r["recipe"] for r in throughput] == ["cifar10-r18"] * 2 + ["imagenet-r50-v2"] * 2
+    assert all(r["images_per_s"] > 0 and r["achieved_tflops"] > 0 for r in throughput)
+    assert throughput[2]["arch"] == "resnet50"
+    packing = [r for r in rows if r["check"].startswith("packing")]
+    assert [r["processes"] for r in packing] == [1, 2]  # and 4 at full size
+    assert all(len(r["per_process_images_per_s"]) == r["processes"] and r["aggregate_images_per_s"] > 0
+               for r in packing)
+    inputs = {r["check"]: r for r in rows if r["check"].startswith("input")}
+    assert inputs["input device_decode vs batched"]["ok"] and inputs["input batched"]["device_images_per_s"] > 0
+    assert "| torch.compile | cifar10-r18 | ok: loss rel. diff" in proc.stdout  # the table a person reads
+
+
+def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):
+    """`python -m harness.bench diagnostics`: both subsets, every sampled age present (the queue filled
+    first), a cost that is a fraction of the epoch (no figure asserted: speed is the bench's, not a test's)."""
+    cmd = [sys.executable, "-m", "harness.bench", "diagnostics", "--out", str(tmp_path), "--repeats", "1",
+           "--set", "data.train_subset=1024", "--set", "optim.batch_size=64", "--set", "moco.queue_size=256",
+           "--set", "moco.bn_splits=4", "--set", "runtime.threads=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("bench-diagnostics-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["subset"] for r in rows] == [128, 256]
+    assert all(r["ages"] == [1, 2, 4] and 0 < r["fraction_of_epoch"] < 1 and r["steps_per_epoch"] == 16 for r in rows)
+
+
+def test_the_data_bench_times_old_and_new_folder_pipelines_side_by_side(tmp_path):
+    """`bench data` on an image-folder recipe (it died with KeyError: 'imagefolder'): photo-like JPEGs
+    written for it, each path's loader images/s per core and the device side's images/s in one JSON."""
+    cmd = [sys.executable, "-m", "harness.bench", "data", "--recipe", "imagenet-r50-v2", "--synthetic-jpeg", "24",
+           "--set", "optim.batch_size=8", "--set", "data.image_size=64", "--set", "runtime.device=cpu",
+           "--steps", "1", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (report,) = tmp_path.glob("bench-data-*.json")
+    rows = json.loads(report.read_text())["rows"]
+    assert [r["path"] for r in rows] == ["per_image", "batched", "device_decode", "speedup"]
+    assert all(r["loader_images_per_s_per_core"] > 0 for r in rows[:3])
+    assert all(r["device_images_per_s"] > 0 for r in rows[1:3]) and "device_images_per_s" not in rows[0]
+    speedup = rows[3]
+    assert speedup["batched_over_per_image"] == rows[1]["loader_images_per_s_per_core"] / rows[0]["loader_images_per_s_per_core"]
+    assert speedup["synthetic_jpeg"]["images"] == 24 and speedup["synthetic_jpeg"]["size"] == [500, 375]

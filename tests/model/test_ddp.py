@@ -1,0 +1,108 @@
+"""The DDP Shuffle BN path, with two real CPU processes (gloo)."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from harness.model.moco import MoCo
+from harness.model.shuffle_bn import encode_shuffled
+
+DIM, K, PER_RANK = 8, 32, 4
+
+
+class RecordingMoCo(MoCo):
+    """Keeps the local keys handed to the enqueue, to compare with the queue afterwards."""
+
+    def _dequeue_and_enqueue(self, keys):
+        self.last_local_keys = keys.clone()
+        super()._dequeue_and_enqueue(keys)
+
+
+def encoder():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, DIM))
+
+
+def worker(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same initial weights and queue on both ranks
+    model = RecordingMoCo(encoder, dim=DIM, queue_size=K, momentum=0.9, temperature=0.2, shuffle_bn="ddp")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(100 + rank)  # different images per rank
+    for _ in range(2):
+        x_q, x_k = torch.randn(PER_RANK, 3, 5, 5, generator=g), torch.randn(PER_RANK, 3, 5, 5, generator=g)
+        torch.manual_seed(rank)  # different local RNG: the permutation must still come from rank 0
+        out = ddp(x_q, x_k)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    keys = [torch.empty_like(model.last_local_keys) for _ in range(world)]
+    dist.all_gather(keys, model.last_local_keys)
+
+    # Without BN, shuffle -> encode -> unshuffle must give exactly the unshuffled encoding.
+    torch.manual_seed(rank)
+    linear = nn.Linear(3 * 5 * 5, DIM)
+    dist.broadcast(linear.weight.data, 0)
+    dist.broadcast(linear.bias.data, 0)
+    x = torch.randn(PER_RANK, 3, 5, 5, generator=g)
+    flat = lambda t: linear(t.flatten(1))  # noqa: E731
+    restored = torch.allclose(encode_shuffled(flat, x, "ddp"), flat(x), atol=1e-6)
+
+    # With BatchNorm, the shuffle must change what each rank's BN sees: keys differ from an
+    # unshuffled encoding (an identity permutation would give the same keys).
+    model.train()
+    torch.manual_seed(rank)
+    x = torch.randn(PER_RANK, 3, 5, 5, generator=g)
+    with torch.no_grad():
+        mixed = not torch.allclose(encode_shuffled(model.encoder_k, x, "ddp"), model.encoder_k(x), atol=1e-4)
+
+    results[rank] = {"queue": model.queue.clone(), "ptr": int(model.queue_ptr), "keys": torch.cat(keys),
+                     "restored": restored, "mixed": mixed, "state": {k: v.clone() for k, v in model.state_dict().items()}}
+    dist.destroy_process_group()
+
+
+def test_ddp_shuffle_bn_fills_identical_queues_with_the_global_batch(tmp_path):
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    r0, r1 = results[0], results[1]
+    assert torch.equal(r0["queue"], r1["queue"])
+    global_batch = world * PER_RANK
+    assert r0["ptr"] == r1["ptr"] == 2 * global_batch  # two steps of the global batch
+    # The second step's keys of both ranks, in rank order, occupy the slots after the first step's.
+    assert torch.equal(r0["queue"][:, global_batch:2 * global_batch], r0["keys"].T)
+    assert torch.allclose(r0["keys"].norm(dim=1), torch.ones(global_batch), atol=1e-5)
+    assert r0["restored"] and r1["restored"]
+    assert r0["mixed"] and r1["mixed"]
+    # After the steps both ranks hold the same query and key encoders (DDP averaged the gradients).
+    params = [k for k in r0["state"] if "running" not in k and "num_batches" not in k]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in params)
+
+
+def bank_worker(rank, world, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial bank on both ranks
+    model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder="memory_bank", bank_size=20)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100 + rank)
+    for step in range(2):
+        x = torch.randn(PER_RANK, 3, 5, 5, generator=g)
+        index = torch.arange(PER_RANK) + PER_RANK * (2 * step + rank)  # each rank its own images
+        torch.manual_seed(rank)  # different local RNG: the draw of negatives must still be rank 0's
+        ddp(x, x, index)["loss"].backward()
+    results[rank] = {"bank": model.bank.clone()}
+    dist.destroy_process_group()
+
+
+def test_ddp_memory_bank_is_the_same_on_every_rank_and_updated_for_the_global_batch(tmp_path):
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(bank_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    torch.manual_seed(0)
+    initial = MoCo(encoder, dim=DIM, queue_size=K, key_encoder="memory_bank", bank_size=20).bank
+    b0, b1 = results[0]["bank"], results[1]["bank"]
+    assert torch.equal(b0, b1)
+    changed = (b0 != initial).any(dim=1)
+    assert changed[:16].all() and not changed[16:].any()  # both ranks' images of both steps, nothing else
