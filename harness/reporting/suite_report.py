@@ -15,17 +15,10 @@ import pandas as pd
 from harness.execution.storage import default_url, open_storage
 from harness.planning.suitefile import load_suite
 from harness.reporting import consistency_report
-from harness.reporting.study_report import (
-    _md_table,
-    build_report,
-    factor_names,
-    machine_summary,
-    render_html,
-    stored_study,
-    summary_table,
-    trials_table,
-    verdict,
-)
+from harness.reporting.page import md_table, render_html
+from harness.reporting.study_report import build_report, machine_summary, stored_study
+from harness.reporting.tables import factor_names, summary_table, trials_table
+from harness.reporting.verdicts import verdict
 from harness.run import runio
 
 SUMMARY_COLUMNS = ["n", "probe_top1_mean", "probe_top1_ci95_low", "probe_top1_ci95_high", "knn_top1_mean",
@@ -63,7 +56,7 @@ def dictionary_section(member: str, study_dir: Path, factors: list[str], out: Pa
     if (report / "diagnostics.csv").exists():
         table = pd.read_csv(report / "diagnostics.csv")
         if len(table):
-            lines += consistency_report.markdown(table.astype(object).where(table.notna(), None), _md_table)[2:]
+            lines += consistency_report.markdown(table.astype(object).where(table.notna(), None), md_table)[2:]
     if (report / "consistency.png").exists():
         shutil.copyfile(report / "consistency.png", out / f"{member}-consistency.png")
         lines += [f"![{member}: key consistency vs age]({member}-consistency.png)", ""]
@@ -99,7 +92,7 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
                      *([f"Paper: {ref.get('source', '')}; {ref.get('metric', '')} — right-hand panel."]
                        if ref.get("values") else ["The paper gives no value for this factor."]), "",
                      *([f"![{member}]({member}-objective.png)", ""] if figure.exists() else []),
-                     _md_table(summary[[*factors, *SUMMARY_COLUMNS]]) if len(summary) else "(no trials)", "",
+                     md_table(summary[[*factors, *SUMMARY_COLUMNS]]) if len(summary) else "(no trials)", "",
                      *[f"- {line}" for line in verdict(trials, factors, study_file.objective,
                                                        study_file.direction == "maximize") if len(trials)],
                      "", *dictionary_section(member, study_dir, factors, out),
@@ -119,7 +112,7 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
           f"{int(total['trials'])} trials; {int(total['trained'])} runs trained, "
           f"{int(total['shared within the suite'])} shared between the suite's studies and "
           f"{int(total['shared with other studies'])} with studies outside it (same identity: config and seed, "
-          f"trained once).", "", _md_table(cost), "", *sections]
+          f"trained once).", "", md_table(cost), "", *sections]
     text = "\n".join(md) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(render_html(f"suite {suite.name}", text, out))

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from harness import report as harness_report
-from harness.reporting.study_report import _axis
+from harness.reporting.plots import _axis
 from harness.run import runio
 from harness.run.config import RUNTIME_ONLY, identity_diff, make_config
 from harness.run.runio import read_jsonl

@@ -157,7 +157,7 @@ def test_report_html_as_a_reader_sees_it(tmp_path, synthetic_study):
 def test_verdict_tests_the_difference_and_flags_a_loss_at_chance():
     """Welch's t-test between the best level and the runner-up, both ways; and a run that 'completed'
     with its loss still near ln(K+1) is called out."""
-    from harness.reporting.study_report import verdict
+    from harness.reporting.verdicts import verdict
 
     def table(best, second, loss=3.0):
         rows = [{"moco.momentum": 0.99, "state": "COMPLETE", "probe_top1": v, "final_loss": 3.0, "chance_loss": 8.3}
@@ -178,7 +178,7 @@ def test_verdict_tests_the_difference_and_flags_a_loss_at_chance():
 def test_verdict_compares_a_factor_within_each_level_of_the_other():
     """Two factors (the mechanisms study's shape): K is judged within each mechanism, never pooled
     over them, and a mechanism that ran at one K only has nothing to compare."""
-    from harness.reporting.study_report import verdict
+    from harness.reporting.verdicts import verdict
 
     rows = [{"moco.queue_size": k, "moco.key_encoder": enc, "state": "COMPLETE", "probe_top1": v + d,
              "final_loss": 3.0, "chance_loss": 8.3}
@@ -201,7 +201,7 @@ def test_decision_table_of_an_adaptive_study(tmp_path):
     import yaml
 
     from harness.planning.studyfile import parse_study
-    from harness.reporting.study_report import decision_lines
+    from harness.reporting.verdicts import decision_lines
 
     study = parse_study("race", tmp_path / "race.yaml", yaml.safe_load(
         "description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99, 0.999]}\n"
@@ -240,7 +240,7 @@ def test_an_undecided_fixed_design_says_how_many_seeds_would_decide_it_and_how_t
 
     from harness.planning.decide import seeds_to_decide
     from harness.planning.studyfile import parse_study
-    from harness.reporting.study_report import decision_lines
+    from harness.reporting.verdicts import decision_lines
 
     study = parse_study("sweep", tmp_path / "sweep.yaml", yaml.safe_load(
         "description: x\nrecipe: fmnist-tiny\nfactors: {moco.momentum: [0.9, 0.99]}\nseeds: [0, 1]\n"))

@@ -1,0 +1,127 @@
+"""Tables from a study's storage and run directories: one row per trial, curves, level summaries."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from harness.run import runio
+from harness.run.outcome import state_label
+
+
+def factor_names(trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    names: list[str] = []
+    for t in trials:
+        for key in t.params:
+            if key != "seed" and key not in names:
+                names.append(key)
+    return names
+
+
+def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
+    """One row per trial. `run_dir` is relative to the study directory (a table that travels)."""
+    trials = ostudy.get_trials(deepcopy=False)
+    factors = factor_names(trials)
+    rows = []
+    for t in trials:
+        a = t.user_attrs
+        state = state_label(t.state.name, a)
+        run_dir = _relative(study_dir, a.get("run_dir"))
+        row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
+               "seed": t.params.get("seed", a.get("seed")), "state": state,
+               "failure_reason": a.get("failure_reason"), "probe_top1": a.get("probe_top1"),
+               "probe_top5": a.get("probe_top5"), "pixel_floor_top1": a.get("pixel_floor_top1"),
+               "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
+               "chance_loss": chance_loss(study_dir, run_dir), "epochs": a.get("epochs"),
+               "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
+               "host": a.get("host"), "identity": a.get("identity"), "run_dir": run_dir,
+               "shared_from": a.get("shared_from"), "shared_hours": a.get("shared_hours")}
+        if t.state == optuna.trial.TrialState.RUNNING and run_dir:
+            epochs = [r for r in runio.read_jsonl(study_dir / run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+            if epochs:
+                row.update(epochs=epochs[-1]["epoch"], knn_top1=epochs[-1].get("knn_top1"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _relative(study_dir: Path, run_dir: str | None) -> str | None:
+    """The run directory relative to the study directory. Storages written before run directories
+    were recorded relative hold absolute paths: a study moved since (a committed example) is found by
+    the path's runs/<key> tail."""
+    if not run_dir:
+        return None
+    path = Path(run_dir)
+    if not path.is_absolute():
+        return run_dir
+    try:
+        return str(path.relative_to(study_dir))
+    except ValueError:
+        tail = Path(*path.parts[-2:])
+        return str(tail) if (study_dir / tail).is_dir() else run_dir
+
+
+def chance_loss(study_dir: Path, run_dir: str | None) -> float | None:
+    """ln(K + 1): the InfoNCE loss of an encoder that cannot tell its positive from the K negatives."""
+    config = study_dir / run_dir / "config.yaml" if run_dir else None
+    if config is None or not config.exists():
+        return None
+    import yaml
+
+    moco = (yaml.safe_load(config.read_text()) or {}).get("moco", {})
+    if moco.get("key_encoder") == "end_to_end":
+        return None
+    return math.log(moco.get("queue_size", 0) + 1) if moco.get("queue_size") else None
+
+
+def curves_table(trials: pd.DataFrame, factors: list[str], study_dir: Path) -> pd.DataFrame:
+    rows = []
+    for _, t in trials.iterrows():
+        if not t.get("run_dir"):
+            continue
+        for r in runio.read_jsonl(study_dir / t["run_dir"] / "metrics.jsonl"):
+            if r.get("kind") == "epoch":
+                rows.append({"trial": t["trial"], **{f: t[f] for f in factors}, "seed": t["seed"], "state": t["state"],
+                             "epoch": r["epoch"], "loss": r.get("loss"), "knn_top1": r.get("knn_top1"),
+                             "lr": r.get("lr")})
+    return pd.DataFrame(rows, columns=["trial", *factors, "seed", "state", "epoch", "loss", "knn_top1", "lr"])
+
+
+def summary_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """Per level (combination of factors): n, mean and std of probe top-1 and kNN, failures, GPU-hours."""
+    rows = []
+    for level, group in trials.groupby(factors, dropna=False, sort=True):
+        level = level if isinstance(level, tuple) else (level,)
+        done = group[group["state"] == "COMPLETE"]
+        row = dict(zip(factors, level))
+        row["n"] = len(done)
+        for metric in METRICS:
+            values = done[metric].dropna().astype(float)
+            row[f"{metric}_mean"] = values.mean() if len(values) else np.nan
+            row[f"{metric}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            half = ci95_half(values)
+            row[f"{metric}_ci95_low"], row[f"{metric}_ci95_high"] = row[f"{metric}_mean"] - half, \
+                row[f"{metric}_mean"] + half
+        row["final_loss_mean"] = done["final_loss"].dropna().astype(float).mean() if len(done) else np.nan
+        row["failed"] = int((group["state"] == "FAIL").sum())
+        row["diverged"] = int((group["state"] == "DIVERGED").sum())
+        row["pruned"] = int((group["state"] == "PRUNED").sum())
+        row["running"] = int((group["state"] == "RUNNING").sum())
+        row["gpu_hours"] = float(group["gpu_hours"].fillna(0).sum())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ci95_half(values) -> float:
+    """Half-width of the 95 % t-interval of a mean over seeds (NaN below two seeds)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return np.nan
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values)))
+
+
+METRICS = ("probe_top1", "knn_top1")

@@ -1,0 +1,203 @@
+"""What the tables say, as pure functions of them: the verdict per factor, the paired decision
+table, seed hints, the raw-pixel floor."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from harness.planning.decide import (
+    EQUAL,
+    SLIGHTLY_WORSE,
+    UNDECIDED,
+    WORSE,
+    RaceSpec,
+    level_label,
+    race,
+    seeds_to_decide,
+    values_by_level,
+)
+from harness.planning.studyfile import Study
+
+
+def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: bool = True) -> list[str]:
+    """Best level per factor and whether it beats the runner-up beyond seed noise (Welch's t-test).
+    With several factors, a factor's levels are compared within each combination of the others (the
+    memory bank's K against the memory bank's, not pooled with MoCo's)."""
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=[objective])
+    lines = []
+    for factor in factors:
+        others = [f for f in factors if f != factor]
+        if not others:
+            lines.append(_best_level(done, factor, objective, maximize, factor))
+            continue
+        compared = False
+        for held, part in done.groupby(others, sort=True):
+            held = held if isinstance(held, tuple) else (held,)
+            if part[factor].nunique() > 1:  # one level run at this combination: nothing to compare
+                at = ", ".join(f"{f} = {v}" for f, v in zip(others, held))
+                lines.append(_best_level(part, factor, objective, maximize, f"{factor} (at {at})"))
+                compared = True
+        if done[factor].nunique() == 1:
+            lines.append(f"{factor}: one level only ({done[factor].iloc[0]}): nothing to compare.")
+        elif not compared:
+            lines.append(f"{factor}: no combination of the other factors has two of its levels completed yet.")
+    lines += floor_verdict(done, factors, objective)
+    done_all = trials[trials["state"] == "COMPLETE"].dropna(subset=["final_loss", "chance_loss"])
+    for factor in factors:
+        for level, g in done_all.groupby(factor):
+            ratio = (g["final_loss"] / g["chance_loss"]).mean()
+            if ratio > 0.9:
+                lines.append(f"{factor} = {level}: completed, but the final loss {g['final_loss'].mean():.2f} stayed "
+                             f"near ln(K+1) = {g['chance_loss'].mean():.2f} (the positive barely beats the negatives): "
+                             f"training did not converge, without diverging.")
+    dead = trials[trials["state"] == "DIVERGED"]
+    for factor in factors:
+        for level, g in dead.groupby(factor):
+            lines.append(f"{factor} = {level}: {len(g)} run(s) diverged (loss NaN/inf) — reported as 'fail'.")
+    return lines
+
+
+def _best_level(done: pd.DataFrame, factor: str, objective: str, maximize: bool, label: str) -> str:
+    from scipy import stats
+
+    groups = {lvl: g[objective].astype(float).to_numpy() for lvl, g in done.groupby(factor, sort=True)}
+    if not groups:
+        return f"{label}: no completed trial yet."
+    ranked = sorted(groups, key=lambda lvl: groups[lvl].mean(), reverse=maximize)
+    best = ranked[0]
+    text = f"{label}: best level {best} ({objective} {groups[best].mean():.4f}, n={len(groups[best])})"
+    if len(ranked) == 1:
+        return text + "; no other level completed to compare with."
+    second = ranked[1]
+    a, b = groups[best], groups[second]
+    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
+        return text + f"; runner-up {second} ({b.mean():.4f}); too few seeds to test the difference."
+    p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return text + (f"; runner-up {second} ({b.mean():.4f}), difference {a.mean() - b.mean():+.4f}, Welch's t-test "
+                   f"p = {p:.3g}: " + ("beyond seed noise." if p < 0.05 else "within seed noise."))
+
+
+DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file names no `decide`
+
+
+def race_of(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
+    """The study's race (harness.decide) replayed on its results; a fixed design is a race of one look."""
+    spec = study_file.race or RaceSpec(len(study_file.seeds), len(study_file.seeds), DEFAULT_MARGIN, 0.95)
+    values, diverged = race_values(trials, study_file, factors, objective)
+    return spec, race(values, spec, study_file.direction == "maximize"), diverged
+
+
+def race_values(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
+    levels = list(dict.fromkeys(tuple(r) for r in trials[factors].itertuples(index=False)))
+    rows = [{**r, objective: r[objective] if pd.notna(r[objective]) else None}
+            for r in trials[[*factors, "seed", "state", objective]].to_dict("records")]
+    return values_by_level(rows, factors, levels, objective, study_file.seeds)
+
+
+def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str) -> list[str]:
+    """The decision table: each level against the best, paired by seed, with its interval."""
+    spec, state, diverged = race_of(trials, study_file, factors, objective)
+    if state.best is None:
+        short = [f"{level_label(lvl, factors)} ({len(v)} of {spec.initial})" for lvl, v in
+                 race_values(trials, study_file, factors, objective)[0].items() if len(v) < spec.initial]
+        return [f"No decision yet: the first {spec.initial} seeds of every level are not all completed "
+                f"(completed so far: {', '.join(short)})."]
+    label = lambda level: level_label(level, factors)  # noqa: E731
+    pct = 100 if objective.endswith("top1") else 1
+    unit = " pt" if pct == 100 else ""
+    comparisons = max(len(state.seeds) - 1, 1)
+    plan = spec.plan(len(state.seeds))
+    if spec.looks == 1:
+        rule = (f"the error rate {1 - spec.confidence:.2g} split (Bonferroni) over {comparisons} comparison(s): each "
+                f"interval at {100 * (1 - plan[0][2]):.2f} %")
+    else:
+        rule = (f"the error rate {1 - spec.confidence:.2g} split (Bonferroni) over {comparisons} comparison(s), each "
+                f"spending its share over {spec.looks} looks ({SPENDING_NAMES[spec.spending]}): intervals at "
+                + ", ".join(f"{100 * (1 - level):.3f} %" for _, _, level in plan) + f" at {spec.initial}..{spec.max} seeds")
+    lines = [f"Paired by seed against the best level; t-intervals of the mean paired difference, {rule}. "
+             f"Practically equal: the interval inside ± {spec.margin * pct:g}{unit}"
+             f"{'' if study_file.race else ' (the default margin; set decide: {margin: ...} in the study file)'}.",
+             "", "| comparison | difference | interval | n | decision |", "|---|---|---|---|---|"]
+    words = {WORSE: "better", SLIGHTLY_WORSE: "better, by less than the margin", EQUAL: "practically equal",
+             UNDECIDED: "undecided"}
+    for c in [*state.decisions.values(), *state.current.values()]:
+        decision = words[c.verdict]
+        if c.verdict == UNDECIDED and state.done:
+            decision = (f"undecided at {c.n} seeds: the difference is below ± {(c.high - c.low) / 2 * pct:.2g}{unit}, "
+                        f"what {c.n} seeds can resolve")
+        lines.append(f"| {label(c.best)} vs {label(c.level)} | {-c.diff * pct:+.2f}{unit} | [{-c.high * pct:+.2f}, "
+                     f"{-c.low * pct:+.2f}] | {c.n} | {decision} |")
+    lines += [f"| {label(level)} | | | | diverged: out of the race |" for level in diverged]
+    fixed = len(state.seeds) * spec.max + len(diverged) * spec.max
+    ran = int((trials["state"] != "RUNNING").sum())
+    lines += ["", f"Best: {label(state.best)}. Trials run: {ran} of the fixed design's {fixed} at {spec.max} seeds per "
+              f"level ({100 * ran / max(fixed, 1):.0f} %){'' if state.done else '; the race goes on'}."]
+    asked = sum(state.seeds.values())
+    if state.done and study_file.race and ran > asked:  # e.g. seeds run under an earlier rule, kept, not used
+        lines[-1] += (f" This rule asked for {asked} of them; the other {ran - asked} (seeds past a level's "
+                      "decision, run under an earlier rule) are in the tables but not in the decisions.")
+    hints = seed_hints(trials, study_file, factors, objective)
+    return lines + (["", *hints] if hints else [])
+
+
+SPENDING_NAMES = {"obrien-fleming": "O'Brien-Fleming-type spending", "pocock": "Pocock-type spending",
+                  "bonferroni": "evenly, Bonferroni"}
+
+
+def seed_hints(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str) -> list[str]:
+    """For a fixed design: about how many seeds would decide each comparison it left undecided, from
+    the observed paired spread, and how to spend them only where needed (a race)."""
+    if study_file.race:
+        return []
+    spec, state, _ = race_of(trials, study_file, factors, objective)
+    if not state.done or not state.current:
+        return []
+    values, _ = race_values(trials, study_file, factors, objective)
+    sign = 1.0 if study_file.direction == "maximize" else -1.0
+    pct, unit = (100, " pt") if objective.endswith("top1") else (1, "")
+    alpha = spec.plan(len(state.seeds))[0][2]
+    lines, most = [], 0
+    for c in state.current.values():
+        diffs = sign * (np.asarray(values[c.level][:c.n]) - np.asarray(values[c.best][:c.n]))
+        sd = float(np.std(diffs, ddof=1))
+        n = seeds_to_decide(float(diffs.mean()), sd, spec.margin, alpha)
+        most = max(most, n or 0)
+        lines.append(f"- {level_label(c.best, factors)} vs {level_label(c.level, factors)}: "
+                     + (f"about {n} seeds per level would decide it" if n else "more than 200 seeds per level would "
+                        "be needed to decide it")
+                     + f" (80 % of the time, if the paired differences keep their mean {-c.diff * pct:+.2f}{unit} and "
+                       f"spread {sd * pct:.2g}{unit}).")
+    if not lines:
+        return []
+    name = study_file.name.split("@")[0].split("/")[-1]  # a suite's member: its own study file
+    return [f"What would decide the undecided comparisons (from {state.seeds[state.best]} seeds' paired spread; "
+            "a rough guide, the spread of two seeds is itself uncertain):", "", *lines, "",
+            f"A race spends such seeds only where undecided: in the study file write `seeds: {{initial: "
+            f"{max(2, state.seeds[state.best])}, max: {max(most, 2)}}}` and `decide: {{margin: {spec.margin:g}}}`, "
+            f"then run `python -m harness.study {name}` (the finished seeds are reused)."]
+
+
+def recorded_pixel_floor(trials: pd.DataFrame, objective: str) -> float | None:
+    """The raw-pixel linear probe the trials recorded, when the objective is the probe and all agree."""
+    if objective != "probe_top1" or "pixel_floor_top1" not in trials:
+        return None
+    floors = trials["pixel_floor_top1"].dropna().unique()
+    return float(floors[0]) if len(floors) == 1 else None
+
+
+def floor_verdict(done: pd.DataFrame, factors: list[str], objective: str) -> list[str]:
+    """Which levels beat a linear probe on raw pixels: below it, a representation learned nothing useful."""
+    floor = recorded_pixel_floor(done, objective)
+    if floor is None:
+        return []
+    lines = []
+    # With several factors, each combination of levels is a level (pooling would hide the weak ones).
+    for name, by in ([(f, f) for f in factors] if len(factors) == 1 else [(" x ".join(factors), factors)]):
+        means = done.groupby(by, sort=True)[objective].mean()
+        show = lambda lvl: ", ".join(map(str, lvl)) if isinstance(lvl, tuple) else str(lvl)  # noqa: E731
+        above = [f"{show(lvl)} ({m - floor:+.4f})" for lvl, m in means.items() if m > floor]
+        below = [f"{show(lvl)} ({m - floor:+.4f})" for lvl, m in means.items() if m <= floor]
+        sep = ", " if len(factors) == 1 else "; "  # combinations are themselves comma-separated
+        lines.append(f"{name} vs the raw-pixel floor {floor:.4f} (the same linear probe on pixels): above it: "
+                     f"{sep.join(above) or 'no level'}; not above it: {sep.join(below) or 'no level'}.")
+    return lines
