@@ -175,7 +175,7 @@ def bench_overhead(args) -> list[dict]:
 
     import submitit
 
-    from harness.execution.executors import slurm_problem
+    from harness.execution.slurm import slurm_problem
 
     kinds = ["debug", "local"] + ([] if slurm_problem() else ["slurm"])
     rows = []

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +15,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
+
+# the identity's names are the config's too (re-exported): every caller asks the config
+from harness.run.identity import INERT, RUNTIME_ONLY, get_dotted, identity_diff, identity_digest, identity_of, nest  # noqa: F401
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "studies" / "recipes"
 
@@ -154,95 +155,6 @@ class RunConfig:
 
     def scaled_lr(self) -> float:
         return self.optim.lr * self.optim.batch_size / self.optim.lr_batch
-
-
-# ---------------------------------------------------------------- dotted keys
-
-def nest(key: str, value: Any) -> dict:
-    """'moco.momentum', 0.99 -> {'moco': {'momentum': 0.99}}: the one reading of a dotted key."""
-    out: Any = value
-    for part in reversed(key.split(".")):
-        out = {part: out}
-    return out
-
-
-def get_dotted(data: dict, key: str, default: Any = None) -> Any:
-    node: Any = data
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-# ---------------------------------------------------------------- run identity
-
-# Fields that change how a run executes but not what it computes; a run resumed under other values
-# is the same run (each attempt records the values it ran with, see harness.train). At most they
-# change the order of floating-point sums, as any other machine would.
-RUNTIME_ONLY = {
-    "name": "a label: the same computation may serve several studies",
-    "recipe": "a label: what the recipe set is in the other fields",
-    "runtime.threads": "CPU threads: set from the cores a job gets, which differ between machines",
-    "runtime.dist_timeout_s": "how long a DDP collective may wait before the run fails",
-    "runtime.compile": "torch.compile: the same graph, fused",
-    "runtime.channels_last": "memory layout of the activations",
-    "runtime.checkpoint_every": "checkpoint cadence",
-    "runtime.checkpoint_every_steps": "checkpoint cadence",
-    "runtime.keep_checkpoints": "checkpoints kept on disk",
-    "runtime.log_every": "how often the loss is read back and logged",
-    "data.num_workers": "DataLoader processes; each image's augmentation is seeded by its index",
-    "eval.diagnostics_every": "how often the dictionary diagnostics read the run (they never change it)",
-    "eval.diagnostics_subset": "images the diagnostics read",
-}
-
-
-# Settings a dictionary mechanism never reads (harness.moco): two configs that differ only there train
-# the same run, so a study's end-to-end point at the recipe's K is another study's end-to-end point.
-INERT = {
-    "momentum": ("moco.bank_momentum",),
-    "shared": ("moco.momentum", "moco.bank_momentum"),  # no key encoder to average into
-    "end_to_end": ("moco.momentum", "moco.bank_momentum", "moco.queue_size"),  # negatives: the batch
-    "memory_bank": ("moco.momentum",),  # keys: the bank (its K draws and momentum count)
-}
-
-
-def identity_of(data: dict) -> dict:
-    """What a run computes: its config (as a dict) minus the runtime-only fields and the settings its
-    dictionary mechanism never reads."""
-    out = json.loads(json.dumps(data))  # a deep copy
-    runtime = out.get("runtime")
-    if isinstance(runtime, dict) and "auto" in (runtime.get("device"), runtime.get("precision")):
-        # Written before `auto` was resolved (resolve_execution): every such run trained on a CPU in fp32
-        # (no run of this project had met a GPU), which is what its identity says now.
-        if runtime.get("device") == "auto":
-            runtime["device"] = "cpu"
-        if runtime.get("precision") == "auto":
-            runtime["precision"] = "bf16" if runtime["device"] == "cuda" else "fp32"
-    for key in (*RUNTIME_ONLY, *INERT.get(get_dotted(out, "moco.key_encoder"), ())):
-        *parents, leaf = key.split(".")
-        node = get_dotted(out, ".".join(parents)) if parents else out
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return out
-
-
-def identity_digest(data: dict) -> str:
-    """A short, stable digest of a run's identity (canonical JSON)."""
-    text = json.dumps(identity_of(data), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def identity_diff(old: dict, new: dict) -> list[str]:
-    """Dotted keys whose values differ between two identities."""
-    def flat(d: dict, prefix: str = "") -> dict:
-        items = {}
-        for k, v in d.items():
-            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return items
-
-    a, b = flat(identity_of(old)), flat(identity_of(new))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 # ---------------------------------------------------------------- building from data

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from test_study import PRUNING_STUDY
 
-from harness.execution.executors import SlurmExecutor, explain_sbatch
+from harness.execution.executors import SlurmExecutor
+from harness.execution.slurm import explain_sbatch
 from harness.planning.resources import Resources, StudyError, check_resources
 
 ROOT = Path(__file__).resolve().parents[2]

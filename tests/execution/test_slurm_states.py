@@ -6,7 +6,8 @@ import time
 
 import local_slurm
 
-from harness.execution.executors import SlurmExecutor, slurm_states
+from harness.execution.executors import SlurmExecutor
+from harness.execution.slurm import slurm_states
 from harness.planning.studyfile import Resources
 
 SLEEP = functools.partial(time.sleep, 60)  # a stdlib callable: the job unpickles it without test modules
