@@ -14,7 +14,7 @@ Device windows are short, so everything worth knowing about a GPU is measured in
                its device side's images/s (colours; for device_decode nvjpeg decode, crops and colours),
                and device_decode's views against the worker path's on the device
   GPU paths    resume on the device, NCCL gathers, syncs per step, layout x cudnn.benchmark,
-               bf16 vs fp32 logits (harness.gpu_checks)
+               bf16 vs fp32 logits (harness.benchmarks.gpu_checks)
 
 On a machine without a GPU it runs the same code at small sizes (`--size small`, the default
 there), which is how CI tests it.

@@ -1,4 +1,4 @@
-"""The device check's part for the GPU/DDP paths that no CPU run can settle (harness.devicecheck
+"""The device check's part for the GPU/DDP paths that no CPU run can settle (harness.benchmarks.devicecheck
 runs it): each check prints what it measured, at full size on a GPU and at small size elsewhere.
 
   resume      a run stopped after epoch 1 and resumed on the device (checkpoint loaded to the CPU,

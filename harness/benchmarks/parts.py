@@ -6,7 +6,7 @@
             --synthetic-jpeg N) the loader's images/s per core, old and new path side by side
   probe     fast vs standard linear probe on a trained run (--run DIR): seconds and top-1
   overhead  submit -> trial-start latency per executor (debug, local, slurm when present)
-  device    the prepared check for a lent GPU (harness/devicecheck.py): fast paths vs fp32 eager,
+  device    the prepared check for a lent GPU (harness/benchmarks/devicecheck.py): fast paths vs fp32 eager,
             throughput of the GPU recipes, peak memory, several trials on one device
 
 Prints a table and writes JSON to results/bench/.
@@ -195,7 +195,7 @@ def bench_overhead(args) -> list[dict]:
 
 
 def bench_diagnostics(args) -> list[dict]:
-    """What the dictionary diagnostics (harness.diagnostics) cost against a training epoch, on one
+    """What the dictionary diagnostics (harness.training.diagnostics) cost against a training epoch, on one
     state: train enough steps to fill the queue, then time `measure()` and the training steps."""
     import tempfile
 

@@ -129,7 +129,7 @@ def _subset(n_total: int, n: Optional[int], seed_key: str) -> Optional[torch.Ten
 def load_tensors(cfg: RunConfig) -> TensorSplits:
     d = cfg.data
     if d.dataset == "imagefolder":  # was a KeyError deep in _load_torchvision
-        raise ConfigError("data.dataset: an image folder is read file by file (harness.folder_views), not held in "
+        raise ConfigError("data.dataset: an image folder is read file by file (harness.data.folder_views), not held in "
                           "memory; a benchmark of it takes --synthetic N (random images in memory), or for "
                           "`bench data` data.root=<folder> or --synthetic-jpeg N.")
     splits = _load_fashion_mnist(d.root) if d.dataset == "fashion_mnist" else _load_torchvision(d.dataset, d.root)

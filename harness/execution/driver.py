@@ -40,7 +40,7 @@ from harness.run.outcome import Outcome
 from harness.run.trial_result import read_trial_result
 
 # How long a job waits for the driver's pruning decision after an epoch: the driver answers within a
-# round (--poll seconds apart); a driver that does not answer costs one such wait (harness.pruning_relay).
+# round (--poll seconds apart); a driver that does not answer costs one such wait (harness.execution.pruning_relay).
 RELAY_WAIT_S, RELAY_WAIT_POLLS = 5.0, 10
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -64,7 +64,7 @@ class Options:
     poll: float = 5.0  # seconds between looks at the jobs
     outage_limit_s: float = 1800.0  # how long the driver waits out a database that does not answer
     command: str = "python -m harness.study"  # the command line that re-attaches (passwords redacted)
-    share: bool = True  # reuse runs other studies finished (harness.shared); False: train every point here
+    share: bool = True  # reuse runs other studies finished (harness.planning.shared); False: train every point here
 
 
 # ---------------------------------------------------------------- the driver
@@ -186,7 +186,7 @@ class Driver:
     # -------------------------------------------------------------- shared runs
     def share_finished(self, trials) -> None:
         """Record every pending grid point that some study has already finished (same identity,
-        same seed) from that run, instead of training it again (harness.shared)."""
+        same seed) from that run, instead of training it again (harness.planning.shared)."""
         if self.study.sampler != "grid" or not self.opts.share:  # a search's points are chosen one by one
             return
         pending = self.plan.pending(trials)
@@ -241,7 +241,7 @@ class Driver:
             for name, value in {**spec.attrs, "executor": self.kind, "submitted": time.time(),
                                 "code": self.code_dir.name}.items():
                 trial.set_user_attr(name, value)
-            # A driver that waits relays pruning: its jobs never open the storage (harness.pruning_relay).
+            # A driver that waits relays pruning: its jobs never open the storage (harness.execution.pruning_relay).
             relay = max(RELAY_WAIT_S, RELAY_WAIT_POLLS * self.opts.poll) if self.opts.wait else None
             prepared.append((trial, TrialJob(spec, None if relay else self.storage_url, self.name,
                                                     trial_id(trial), pruner, threads, relay_wait_s=relay)))
@@ -315,7 +315,7 @@ class Driver:
 
     # -------------------------------------------------------------- worker mode
     def run_workers(self) -> None:
-        """Enqueue every pending grid point once, then let N workers pull them (see harness.worker)."""
+        """Enqueue every pending grid point once, then let N workers pull them (see harness.execution.worker)."""
         from harness.execution.worker import WorkerJob
 
         view = ProgressView(self)

@@ -64,7 +64,7 @@ class Executor:
         return dict(getattr(inner, "parameters", {}))
 
     def submit(self, callables: list, code_dir: Path) -> list:
-        """Jobs import the code snapshot `code_dir` (see harness.snapshot)."""
+        """Jobs import the code snapshot `code_dir` (see harness.run.snapshot)."""
         with jobs_use(code_dir):
             return [self.inner.submit(fn) for fn in callables]
 

@@ -29,7 +29,7 @@ class TrialJob(submitit.helpers.Checkpointable):
     def __init__(self, spec: TrialSpec, storage_url: str | None, study_name: str, trial_id: int,
                  pruner: tuple | None, threads: int = 0, relay_wait_s: float | None = None):
         """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning.
-        `relay_wait_s`: pruning goes through the run directory to the driver (harness.pruning_relay),
+        `relay_wait_s`: pruning goes through the run directory to the driver (harness.execution.pruning_relay),
         which answers within this many seconds; the job never opens the storage (`storage_url` None).
         None: the job reports to the storage itself (a driver that does not wait, --no-wait)."""
         self.spec, self.storage_url, self.study_name = spec, storage_url, study_name

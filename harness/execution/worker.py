@@ -1,5 +1,5 @@
 """Worker mode: N processes (local, or a SLURM job array) pull enqueued grid trials from one shared
-storage, each running pretraining + probe in-process (harness.trial).
+storage, each running pretraining + probe in-process (harness.execution.trial).
 
 This is Optuna's distributed pattern, with the loop of `Study.optimize` written out so that a
 database outage costs no trial: ask, heartbeat while training, tell — each storage call retried

@@ -7,7 +7,7 @@ compared seed by seed, through the paired differences d_s = value(level, s) - va
 
 Method: the study's error rate alpha = 1 - confidence is split (Bonferroni) over the comparisons with
 the best (levels - 1); each comparison spends its share over the planned looks (initial .. max
-seeds) by a spending function (harness.spending: O'Brien-Fleming-type by default, Pocock, or the
+seeds) by a spending function (harness.planning.spending: O'Brien-Fleming-type by default, Pocock, or the
 even Bonferroni split), and look k's interval is a t-interval of the mean paired difference at that
 look's nominal level. Any wrong decision, over the whole race, then happens with probability about
 alpha or less whichever seeds the race stops at (the simulation below measures it).

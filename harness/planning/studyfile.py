@@ -72,7 +72,7 @@ class Study:
 
     def resources_for(self, recipe: str | None = None) -> Resources:
         """The recipe's resources (its scale: CPU minutes or GPU days), the user's cluster file (site
-        defaults), then the study's own (harness.resources)."""
+        defaults), then the study's own (harness.planning.resources)."""
         return self.resources_with_sources(recipe)[0]
 
     def resources_with_sources(self, recipe: str | None = None) -> tuple[Resources, dict[str, str]]:

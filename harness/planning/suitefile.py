@@ -8,9 +8,9 @@
 
 Each member is an ordinary study named <suite>/<member>, with its own storage and directory under
 results/<suite>/; runs the members share (same identity, same seed) are trained once and reused by
-the others (harness.shared). Members run one after another, so a later member finds what an earlier
+the others (harness.planning.shared). Members run one after another, so a later member finds what an earlier
 one trained. Every member is validated before the first job is submitted. The suite report
-(harness.suite_report) puts every member's panel, its paper values and the suite's cost on one page.
+(harness.reporting.suite_report) puts every member's panel, its paper values and the suite's cost on one page.
 """
 from __future__ import annotations
 

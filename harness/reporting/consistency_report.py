@@ -1,5 +1,5 @@
 """The report's dictionary section: key consistency against key age per level, beside accuracy
-(harness.diagnostics measures it in every run; this reads the runs' metrics.jsonl).
+(harness.training.diagnostics measures it in every run; this reads the runs' metrics.jsonl).
 
 Runs made before the diagnostics existed (shared or committed) carry none: they show as "not
 measured", never as a value.
@@ -94,7 +94,7 @@ def markdown(table: pd.DataFrame, md_table) -> list[str]:
     if "moco.key_encoder" in shown:  # keys made by the encoder in use: nothing to measure
         shown.loc[shown["moco.key_encoder"] == "end_to_end", "key_consistency"] = "1 by construction"
     return ["## Dictionary consistency", "",
-            "How consistent the dictionary's keys are with the key encoder as it is now (harness.diagnostics): "
+            "How consistent the dictionary's keys are with the key encoder as it is now (harness.training.diagnostics): "
             "for queue blocks of several ages the keys are made again from the same views by the current key "
             "encoder, and `key_consistency` is their mean cosine with the stored keys at the oldest sampled age "
             "(1 = the key encoder has not changed since), averaged over the epochs measured (late in a cosine "

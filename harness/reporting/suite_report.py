@@ -1,4 +1,4 @@
-"""One report for a suite (harness.suite): every member's panel beside the paper's values, its levels'
+"""One report for a suite (harness.execution.suite): every member's panel beside the paper's values, its levels'
 means and verdict, and what the suite cost: runs trained, runs shared, CPU- and GPU-hours.
 
 Writes results/<suite>/report/: cost.csv, summary.csv (every member's levels), report.md and a

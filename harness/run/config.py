@@ -38,7 +38,7 @@ class DataConfig:
     # may want milder crops (a 0.2 crop of a 28-px image is 12 px wide; see fmnist-tiny).
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     # batched: in-memory datasets augmented on the device; image folders cropped in DataLoader workers
-    # (uint8) and coloured on the device (harness.folder_views). per_image: the classic pipeline, every
+    # (uint8) and coloured on the device (harness.data.folder_views). per_image: the classic pipeline, every
     # step per image in workers (the comparison path, see harness.bench). device_decode (image folders):
     # workers only read the files; decode (nvjpeg on CUDA), crops and colours on the device.
     loader: Literal["batched", "per_image", "device_decode"] = "batched"
@@ -91,7 +91,7 @@ class EvalConfig:
     knn_features: Literal["backbone", "head"] = "backbone"
     knn_train_subset: Optional[int] = None  # memory bank size cap (None = the training set)
     knn_test_subset: Optional[int] = None
-    # Dictionary diagnostics (harness.diagnostics): key consistency against age, alignment/uniformity,
+    # Dictionary diagnostics (harness.training.diagnostics): key consistency against age, alignment/uniformity,
     # effective rank. Epochs between them: None = with the kNN monitor; 0 = never. They read the run,
     # never change it: not part of its identity.
     diagnostics_every: Optional[int] = None
@@ -128,7 +128,7 @@ class RuntimeConfig:
     log_every: int = 20  # steps between loss read-backs (and NaN checks)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     # DDP: a collective that waits longer than this fails the run (NCCL's default is 10 minutes). No
-    # rank waits for another's lone work (harness.distributed), so only a real hang gets this far.
+    # rank waits for another's lone work (harness.model.distributed), so only a real hang gets this far.
     dist_timeout_s: int = 1800
 
 
@@ -270,7 +270,7 @@ def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: 
     """Recipe + overrides -> validated RunConfig (raises ConfigError). `gpus`: the GPUs the run's
     process will have; given, `auto` device and precision are resolved (resolve_execution)."""
     data = load_recipe_data(recipe)
-    data.pop("resources", None)  # submission defaults for this scale (harness.studyfile), not run config
+    data.pop("resources", None)  # submission defaults for this scale (harness.planning.studyfile), not run config
     data = _merge(data, {"recipe": recipe})
     for override in overrides:
         data = _merge(data, parse_override(override) if isinstance(override, str) else override)
@@ -285,7 +285,7 @@ def resolve_execution(cfg: RunConfig, gpus: int) -> RunConfig:
     """`auto` device and precision made what will run, for a process given `gpus` GPUs (a study's
     resources.gpus; harness.train: the GPUs it sees). Resolved before the run's identity is taken, so
     a CPU fp32 run and a GPU bf16 run are two runs, never shared into each other's studies. bf16 is
-    the GPU default (Ampere and newer); an older GPU refuses it at the job's start (harness.runtime)
+    the GPU default (Ampere and newer); an older GPU refuses it at the job's start (harness.training.runtime)
     and says to set runtime.precision=fp16."""
     r = cfg.runtime
     device = r.device if r.device != "auto" else ("cuda" if gpus > 0 else "cpu")

@@ -48,7 +48,7 @@ RUNTIME_ONLY = {
 }
 
 
-# Settings a dictionary mechanism never reads (harness.moco): two configs that differ only there train
+# Settings a dictionary mechanism never reads (harness.model.moco): two configs that differ only there train
 # the same run, so a study's end-to-end point at the recipe's K is another study's end-to-end point.
 INERT = {
     "momentum": ("moco.bank_momentum",),
