@@ -12,10 +12,13 @@ import time
 from pathlib import Path
 
 from harness.benchmarks import devicecheck
-from harness.benchmarks.parts import PARTS, format_rows
+from harness.benchmarks.parts import PARTS as MEASUREMENTS
+from harness.benchmarks.parts import format_rows
 from harness.run import runio
 from harness.run.config import ConfigError
 from harness.training.runtime import machine_description
+
+PARTS = {**MEASUREMENTS, "device": devicecheck.run}
 
 
 def main(argv=None) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from harness.benchmarks import gpu_checks
+from harness.benchmarks.sizes import RECIPES, base_overrides, device_size
 from harness.data.datasets import pretrain_views
 from harness.run.config import make_config
 from harness.training.runtime import Runtime
@@ -40,36 +41,6 @@ from harness.training.runtime import Runtime
 TOLERANCE = {"bf16 autocast": (0.05, 0.05), "channels_last": (1e-3, 1e-3), "torch.compile": (1e-3, 1e-3)}
 VARIANTS = {"fp32 eager": [], "bf16 autocast": ["runtime.precision=bf16"],
             "channels_last": ["runtime.channels_last=yes"], "torch.compile": ["runtime.compile=true"]}
-RECIPES = ("cifar10-r18", "imagenet-r50-v2")
-
-# Sizes: full on a GPU; small runs every path in seconds on 2 CPU cores (CI), with a tiny ResNet in
-# place of cifar10-r18's ResNet-18, and torch.compile through dynamo and AOT autograd without
-# inductor's C++ code generation, which alone takes a minute there (tests/test_moco.py compiles
-# with inductor).
-FULL = {"steps": 20, "warmup": 5, "repeats": 3, "synthetic": 4096, "check_steps": 5, "overrides": {},
-        "compile_backend": "inductor", "packing": (1, 2, 4)}
-SMALL = {"steps": 2, "warmup": 1, "repeats": 1, "synthetic": 64, "check_steps": 3, "compile_backend": "aot_eager",
-         "packing": (1, 2),  # every path of the packing run; 4 processes on 2 cores only add start-ups
-         "overrides": {
-    "cifar10-r18": ["optim.batch_size=16", "moco.queue_size=256", "moco.bn_splits=4", "data.num_workers=1",
-                    "model.arch=resnet_tiny", "model.tiny_widths=[16,32,64]"],
-    "imagenet-r50-v2": ["optim.batch_size=8", "moco.queue_size=256", "data.image_size=64", "data.num_workers=1"]}}
-
-
-def _size(name: str) -> dict:
-    if name == "auto":
-        name = "full" if torch.cuda.is_available() else "small"
-    size = FULL if name == "full" else SMALL
-    cpu = [] if torch.cuda.is_available() else ["runtime.device=cpu"]  # a GPU recipe, checked on a CPU
-    return {**size, "name": name, "overrides": {r: [*size["overrides"].get(r, []), *cpu] for r in RECIPES}}
-
-
-def _base(size: dict, recipe: str) -> list[str]:
-    # fp32 eager unless a variant says otherwise; the runtime's "auto" would pick bf16 on a GPU
-    return [*size["overrides"].get(recipe, []), "runtime.precision=fp32", "runtime.channels_last=no",
-            "runtime.compile=false", "data.loader=batched"]
-
-
 def _train_steps(recipe: str, overrides: list[str], size: dict) -> tuple[list[float], torch.Tensor]:
     """`check_steps` MoCo steps from seed 0: each step's loss, and the queue after the last."""
     from harness.data.synthetic import synthetic_splits
@@ -89,7 +60,7 @@ def check_fast_paths(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
     rows = []
     for variant, extra in VARIANTS.items():
         tic = time.perf_counter()
-        losses, queue = _train_steps(recipe, [*_base(size, recipe), *extra], size)
+        losses, queue = _train_steps(recipe, [*base_overrides(size, recipe), *extra], size)
         seconds = time.perf_counter() - tic
         if reference is None:
             reference = losses, queue
@@ -168,7 +139,7 @@ def input_pipeline(size: dict, recipe: str = "imagenet-r50-v2") -> list[dict]:
 
 
 def run(args) -> list[dict]:
-    size = _size(args.size)
+    size = device_size(args.size)
     rows = check_fast_paths(size)
     for recipe in RECIPES:
         rows += throughput(size, recipe)

@@ -27,9 +27,9 @@ RECIPE = "cifar10-r18"
 
 
 def _config(size: dict, *extra: str):
-    from harness.benchmarks.devicecheck import _base
+    from harness.benchmarks.sizes import base_overrides
 
-    return make_config(RECIPE, [*_base(size, RECIPE), *extra])
+    return make_config(RECIPE, [*base_overrides(size, RECIPE), *extra])
 
 
 def check_resume(size: dict) -> dict:
@@ -114,7 +114,7 @@ def check_syncs(size: dict) -> dict:
 
 
 def check_layout(size: dict) -> list[dict]:
-    from harness.benchmarks.parts import _sync
+    from harness.training.runtime import synchronize
 
     rows = []
     for channels_last in ("no", "yes"):
@@ -125,10 +125,10 @@ def check_layout(size: dict) -> list[dict]:
             step(*batches[0])
             timings = []
             for batch in batches[1:size["steps"] + 1]:
-                _sync(rt.device)
+                synchronize(rt.device)
                 tic = time.perf_counter()
                 step(*batch)
-                _sync(rt.device)
+                synchronize(rt.device)
                 timings.append(time.perf_counter() - tic)
             rows.append({"part": "gpu", "check": f"layout channels_last={channels_last} cudnn.benchmark={benchmark}",
                          "recipe": RECIPE, "bn_splits": cfg.moco.bn_splits,

@@ -20,19 +20,13 @@ from pathlib import Path
 
 import torch
 
-from harness.benchmarks import devicecheck
 from harness.data.datasets import load_tensors, pretrain_views
 from harness.data.synthetic import synthetic_splits
 from harness.run.config import EVAL_ONLY, RunConfig, make_config, with_overrides
-from harness.training.runtime import Runtime
+from harness.training.runtime import Runtime, synchronize
 from harness.training.step import training_step
 
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendor figures
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 
@@ -64,11 +58,11 @@ def bench_data(args) -> list[dict]:
             next(it)
         timings = []
         for _ in range(args.repeats):
-            _sync(device)
+            synchronize(device)
             tic = time.perf_counter()
             for _ in range(args.steps):
                 x_q, x_k = next(it)
-            _sync(device)
+            synchronize(device)
             timings.append(time.perf_counter() - tic)
         pairs = _median_rate(timings, args.steps * cfg.optim.batch_size)
         rows.append({"part": "data", "path": loader, "pairs_per_s": pairs, "batch": cfg.optim.batch_size,
@@ -113,19 +107,19 @@ def bench_train(args) -> list[dict]:
             flops = _step_flops(model, *rt.layout(*first[:2]), first[2])
         for _ in range(args.warmup):
             step(*next(batches))
-        _sync(device)
+        synchronize(device)
         _barrier(getattr(args, "barrier", None))
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         window_start = time.time()
         timings = []
         for _ in range(args.repeats):
-            _sync(device)
+            synchronize(device)
             tic = time.perf_counter()
             for _ in range(args.steps):
                 loss = step(*next(batches))
             loss.item()  # one read-back per repeat: the loop itself never syncs
-            _sync(device)
+            synchronize(device)
             timings.append(time.perf_counter() - tic)
         window = [window_start, time.time()]
         steps_per_s = _median_rate(timings, args.steps)
@@ -213,21 +207,21 @@ def bench_diagnostics(args) -> list[dict]:
         tic = 0.0
         for i, (x_q, x_k, index) in zip(range(args.warmup + timed), batches):
             if i == args.warmup:
-                _sync(rt.device)
+                synchronize(rt.device)
                 tic = time.perf_counter()
             with rt.autocast():
                 out = run.model(*rt.layout(x_q, x_k), index)
             run.optimizer.zero_grad(set_to_none=True)
             out["loss"].backward()
             run.optimizer.step()
-        _sync(rt.device)
+        synchronize(rt.device)
         step_s = (time.perf_counter() - tic) / timed
         run.state.global_step = run.state.step_in_epoch = args.warmup + timed
         timings = []
         for _ in range(args.repeats):
             tic = time.perf_counter()
             record = diagnostics.measure(run)
-            _sync(rt.device)
+            synchronize(rt.device)
             timings.append(time.perf_counter() - tic)
         epoch_s = step_s * run.views.steps_per_epoch
         rows.append({"part": "diagnostics", "subset": subset, "recipe": cfg.recipe, "device": str(rt.device),
@@ -238,8 +232,7 @@ def bench_diagnostics(args) -> list[dict]:
     return rows
 
 
-PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead,
-         "device": devicecheck.run}
+PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead}
 
 
 def format_rows(rows: list[dict]) -> str:

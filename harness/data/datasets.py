@@ -10,9 +10,7 @@ so a run resumed mid-epoch sees exactly the batches an uninterrupted run would h
 """
 from __future__ import annotations
 
-import dataclasses
 import gzip
-import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,27 +18,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from harness.data.augment import RECIPES, AugmentSpec, BatchAugment, center_view, eval_transform, per_image_transform
+from harness.data.augment import BatchAugment, center_view, eval_transform, per_image_transform
+from harness.data.spec import NORMALIZATION, seeded_generator, view_spec  # noqa: F401 (callers ask datasets)
 from harness.run import runio
 from harness.run.config import ConfigError, RunConfig
 from harness.run.datafiles import CHANNELS, default_root, fashion_mnist_files, folder_root, missing_files, pretrain_size  # noqa: F401
 
 IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
 
-NORMALIZATION = {
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
-
-
-def seeded_generator(*key) -> torch.Generator:
-    """A CPU generator whose seed is a stable hash of `key` (same on every machine and run)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
 # ---------------------------------------------------------------- loading files
@@ -152,10 +138,6 @@ def load_tensors(cfg: RunConfig) -> TensorSplits:
 
 
 # ---------------------------------------------------------------- two-view sources
-
-def view_spec(cfg: RunConfig) -> AugmentSpec:
-    """The pretraining views' augmentation: the named recipe with data.crop_scale as its crop range."""
-    return dataclasses.replace(RECIPES[cfg.data.augmentation], crop_scale=tuple(cfg.data.crop_scale))
 
 
 class InMemoryViews:

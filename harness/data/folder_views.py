@@ -28,6 +28,7 @@ from typing import Iterator, Optional
 import torch
 
 from harness.data.augment import AugmentSpec, BatchAugment, sample_crops
+from harness.data.spec import NORMALIZATION, seeded_generator, view_spec
 from harness.run.config import ConfigError, RunConfig
 
 # (seed key, image index): what the batch sampler hands a worker for one image.
@@ -35,8 +36,6 @@ Key = tuple[tuple, int]
 
 
 def seeded(*key) -> torch.Generator:
-    from harness.data.datasets import seeded_generator
-
     return seeded_generator(*key)
 
 
@@ -200,8 +199,6 @@ class FolderViews:
 
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,
                  samples: Optional[list] = None):
-        from harness.data.datasets import NORMALIZATION, view_spec
-
         if samples is None:
             from torchvision import datasets
 

@@ -117,3 +117,9 @@ def machine_description() -> str:
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     gpu_text = f", {len(gpus)} x {gpus[0]}" if gpus else ", no GPU"
     return f"{cpu} ({cores} cores available to the job){gpu_text}, torch {torch.__version__}"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timing): a no-op on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
