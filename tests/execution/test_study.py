@@ -502,5 +502,5 @@ def test_a_driver_start_imports_no_torch(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert {"harness.studyfile", "harness.launch", "harness.report"} <= imported  # the driver came in
+    assert {"harness.planning.studyfile", "harness.execution.driver", "harness.reporting.study_report"} <= imported
     assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
