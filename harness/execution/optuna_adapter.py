@@ -22,6 +22,12 @@ def set_running_attrs(study: optuna.Study, trial: optuna.trial.BaseTrial, attrs:
             study._storage.set_trial_user_attr(trial_id(trial), name, value)  # noqa: SLF001
 
 
+def enqueued_params(trial: optuna.trial.FrozenTrial) -> dict:
+    """The parameters a WAITING trial was enqueued with (`Study.enqueue_trial` keeps them in a
+    system attribute until `ask()` pops the trial): its point, before it has any user attribute."""
+    return dict(trial.system_attrs.get("fixed_params") or {})
+
+
 def trial_handle(study: optuna.Study, trial_id_: int) -> optuna.trial.Trial:
     """A live `Trial` for an id made elsewhere: a job reports intermediate values through it."""
     return optuna.trial.Trial(study, trial_id_)

@@ -7,6 +7,7 @@ from typing import Any
 
 import optuna
 
+from harness.execution.optuna_adapter import enqueued_params
 from harness.planning.decide import RaceState, level_label, level_of, race, summary, values_by_level
 from harness.planning.studyfile import Study, trial_key
 from harness.run.outcome import Outcome, state_label
@@ -15,6 +16,16 @@ FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUNNING = optuna.trial.TrialState.RUNNING
 WAITING = optuna.trial.TrialState.WAITING
 FAIL = optuna.trial.TrialState.FAIL
+
+
+def point_of(t: optuna.trial.FrozenTrial) -> str:
+    """The grid point a trial stands for: its key once asked, its enqueued parameters while WAITING
+    (a driver killed between enqueue_trial and ask leaves such a trial; it is popped next round, and
+    its point must not be enqueued a second time)."""
+    if "key" in t.user_attrs:
+        return t.user_attrs["key"]
+    enqueued = enqueued_params(t) if t.state == WAITING else {}
+    return trial_key(enqueued) if enqueued else f"#{t.number}"
 
 
 class GridPlan:
@@ -28,7 +39,7 @@ class GridPlan:
         """Grid points that still need a job: never tried, or failed with retries left."""
         grouped: dict[str, list] = {}
         for t in trials:
-            grouped.setdefault(t.user_attrs.get("key", f"#{t.number}"), []).append(t)
+            grouped.setdefault(point_of(t), []).append(t)
         todo = []
         for params, _ in self.points:
             tries = grouped.get(trial_key(params), [])
