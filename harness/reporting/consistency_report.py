@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.reporting.tables import run_moco_config
 from harness.run import runio
 
 DIAGNOSTICS = ("key_consistency", "alignment", "uniformity", "effective_rank")
@@ -40,45 +41,42 @@ def _last_diagnostics(study_dir: Path, run_dir: str | None) -> dict:
     return out
 
 
-def consistency_table(trials: pd.DataFrame, factors: list[str], study_dir: Path) -> pd.DataFrame:
+def run_diagnostics(trials: pd.DataFrame, study_dir: Path) -> dict:
+    """Each completed run's diagnostics (run_dir -> record), its metrics read once for both tables."""
+    done = trials[trials["state"] == "COMPLETE"] if len(trials) else trials
+    return {r: _last_diagnostics(study_dir, r) for r in done.get("run_dir", []) if isinstance(r, str)}
+
+
+def consistency_table(trials: pd.DataFrame, factors: list[str], records: dict) -> pd.DataFrame:
     """One row per (trial, key age): the cosine between stored and fresh keys, averaged over the run's
-    measured epochs."""
+    measured epochs (`records`: run_diagnostics)."""
     rows = []
     for _, t in trials[trials["state"] == "COMPLETE"].iterrows():
-        record = _last_diagnostics(study_dir, t.get("run_dir"))
+        record = records.get(t.get("run_dir"), {})
         for age, value in record.get("key_consistency_ages", []):
             rows.append({"trial": t["trial"], **{f: t[f] for f in factors}, "seed": t["seed"],
                          "epochs": record["epochs measured"], "key_age_steps": age, "key_consistency": value})
     return pd.DataFrame(rows, columns=["trial", *factors, "seed", "epochs", "key_age_steps", "key_consistency"])
 
 
-def diagnostics_table(trials: pd.DataFrame, factors: list[str], study_dir: Path, objective: str) -> pd.DataFrame:
+def diagnostics_table(trials: pd.DataFrame, factors: list[str], records: dict, study_dir: Path,
+                      objective: str) -> pd.DataFrame:
     """Per level: the objective's mean and the diagnostics' means over the seeds that measured them
     (key consistency at the oldest sampled age), and how many seeds did."""
     done = trials[trials["state"] == "COMPLETE"]
     rows = []
     for level, part in done.groupby(factors, sort=True, dropna=False):
         level = level if isinstance(level, tuple) else (level,)
-        records = [_last_diagnostics(study_dir, r) for r in part["run_dir"]]
-        measured = [r for r in records if r]
+        measured = [r for r in (records.get(d, {}) for d in part["run_dir"]) if r]
         row = {**dict(zip(factors, level)), f"{objective}_mean": part[objective].astype(float).mean(),
                "seeds measured": f"{len(measured)} of {len(part)}"}
         if "moco.key_encoder" not in factors:
-            row["moco.key_encoder"] = _key_encoder(study_dir, part["run_dir"].iloc[0])
+            row["moco.key_encoder"] = run_moco_config(study_dir, part["run_dir"].iloc[0]).get("key_encoder")
         for key in DIAGNOSTICS:
             values = [r[key] for r in measured if r.get(key) is not None]
             row[key] = sum(values) / len(values) if values else None
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def _key_encoder(study_dir: Path, run_dir: str | None) -> str | None:
-    config = study_dir / run_dir / "config.yaml" if run_dir else None
-    if config is None or not config.exists():
-        return None
-    import yaml
-
-    return ((yaml.safe_load(config.read_text()) or {}).get("moco") or {}).get("key_encoder")
 
 
 def markdown(table: pd.DataFrame, md_table) -> list[str]:

@@ -68,8 +68,9 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
             trials[f] = None
     curves = curves_table(trials, factors, study_dir)
     summary = summary_table(trials, factors) if len(trials) else pd.DataFrame()
-    consistency = consistency_report.consistency_table(trials, factors, study_dir) if len(trials) else pd.DataFrame()
-    diagnostics = (consistency_report.diagnostics_table(trials, factors, study_dir, objective)
+    records = consistency_report.run_diagnostics(trials, study_dir)
+    consistency = consistency_report.consistency_table(trials, factors, records) if len(trials) else pd.DataFrame()
+    diagnostics = (consistency_report.diagnostics_table(trials, factors, records, study_dir, objective)
                    if len(trials) and factors else pd.DataFrame())
     _write_tables(out, {"trials": trials, "curves": curves, "summary": summary, "consistency": consistency,
                         "diagnostics": diagnostics})
@@ -86,11 +87,11 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     if study_file.sampler == "tpe":
         plots += plot_search(ostudy, out)
     pngs = [p for p in plots if p.suffix == ".png"]
-    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
-                   consistency_report.markdown(diagnostics, md_table))
-    (out / "report.md").write_text(md)
     hints = (seed_hints(trials, study_file, factors, objective)
              if study_file.sampler == "grid" and len(trials) else [])
+    md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
+                   consistency_report.markdown(diagnostics, md_table), hints)
+    (out / "report.md").write_text(md)
     if hints:  # what would decide an undecided fixed design (the study command prints it)
         (out / "hints.txt").write_text("\n".join(hints) + "\n")
     else:
@@ -112,7 +113,7 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
               summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]],
-              dictionary: list[str] = ()) -> str:
+              dictionary: list[str] = (), hints: list[str] | None = None) -> str:
     verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
@@ -126,7 +127,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
           f"- machine: {machine_summary(trials, study_dir) if len(trials) else 'unknown'}",
           f"- wall time, first trial start to last trial end: {wall:.1f} min", "",
           "## Verdict", "", *[f"- {line}" for line in verdicts], "",
-          *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective), ""]
+          *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective, hints), ""]
             if study_file.sampler == "grid" and len(trials) else []),
           "## Summary (per level)", "", md_table(summary) if len(summary) else "(no trials)", "", *dictionary]
     if study_file.reference.get("values"):

@@ -63,15 +63,20 @@ def _relative(study_dir: Path, run_dir: str | None) -> str | None:
         return str(tail) if (study_dir / tail).is_dir() else run_dir
 
 
-def chance_loss(study_dir: Path, run_dir: str | None) -> float | None:
-    """ln(K + 1): the InfoNCE loss of an encoder that cannot tell its positive from the K negatives."""
+def run_moco_config(study_dir: Path, run_dir: str | None) -> dict:
+    """The `moco` section of a run's config.yaml ({} when the run has none)."""
     config = study_dir / run_dir / "config.yaml" if run_dir else None
     if config is None or not config.exists():
-        return None
+        return {}
     import yaml
 
-    moco = (yaml.safe_load(config.read_text()) or {}).get("moco", {})
-    if moco.get("key_encoder") == "end_to_end":
+    return (yaml.safe_load(config.read_text()) or {}).get("moco") or {}
+
+
+def chance_loss(study_dir: Path, run_dir: str | None) -> float | None:
+    """ln(K + 1): the InfoNCE loss of an encoder that cannot tell its positive from the K negatives."""
+    moco = run_moco_config(study_dir, run_dir)
+    if not moco or moco.get("key_encoder") == "end_to_end":
         return None
     return math.log(moco.get("queue_size", 0) + 1) if moco.get("queue_size") else None
 

@@ -94,7 +94,8 @@ def race_values(trials: pd.DataFrame, study_file: Study, factors: list[str], obj
     return values_by_level(rows, factors, levels, objective, study_file.seeds)
 
 
-def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str) -> list[str]:
+def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str,
+                   hints: list[str] | None = None) -> list[str]:
     """The decision table: each level against the best, paired by seed, with its interval."""
     spec, state, diverged = race_of(trials, study_file, factors, objective)
     if state.best is None:
@@ -136,7 +137,7 @@ def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], 
     if state.done and study_file.race and ran > asked:  # e.g. seeds run under an earlier rule, kept, not used
         lines[-1] += (f" This rule asked for {asked} of them; the other {ran - asked} (seeds past a level's "
                       "decision, run under an earlier rule) are in the tables but not in the decisions.")
-    hints = seed_hints(trials, study_file, factors, objective)
+    hints = seed_hints(trials, study_file, factors, objective) if hints is None else hints  # the report's, once
     return lines + (["", *hints] if hints else [])
 
 
