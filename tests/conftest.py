@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/local_slurm.py, tests/lo
 
 import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
+import timing  # noqa: E402
 import two_node_slurm  # noqa: E402
 
 # The suite runs several pytest workers, each with jobs of its own, on few cores: more OpenMP threads than
@@ -33,6 +34,18 @@ def _require(installed: bool, what: str, packages: list[str]) -> None:
     if os.environ.get(ALLOW_SKIP) == "1" and not os.environ.get("CI"):
         pytest.skip(f"{what} is not installed and {ALLOW_SKIP}=1: skipped ({install})")
     pytest.fail(f"{what} is not installed: {install}, or set {ALLOW_SKIP}=1 to skip these tests knowingly.")
+
+
+def pytest_configure(config):
+    """This machine's speed, measured once in the process that starts the workers (they inherit it
+    through the environment): what the few times set against the machine's work scale by."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        timing.measure_speed()
+
+
+def pytest_report_header(config):
+    return f"machine speed: {os.environ.get(timing.SPEED_ENV)}x slower than the reference (tests/timing.py; " \
+           f"waits end at {timing.hang_s():.0f} s)"
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns xdist_group marks into node ids
@@ -145,3 +158,27 @@ def study_cli(monkeypatch, capsys):
         return CliResult(code, out, err)
 
     return run
+
+
+CPU_LOG = "HARNESS_TEST_CPU_LOG"  # a file: each test's CPU seconds appended (where the suite's time goes)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With HARNESS_TEST_CPU_LOG set, each test's CPU: this worker's own and that of the processes it
+    waited for (drivers and the local jobs they reaped; jobs under slurmd and servers are not seen)."""
+    path = os.environ.get(CPU_LOG)
+    if not path:
+        yield
+        return
+    import json
+    import resource
+
+    def spent() -> float:
+        own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+
+    before = spent()
+    yield
+    with open(path, "a") as log:
+        log.write(json.dumps({"test": item.nodeid, "cpu_s": round(spent() - before, 2)}) + "\n")

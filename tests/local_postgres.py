@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 from processes import wait_exited
+from timing import hang_s
 
 PACKAGES = ["postgresql"]  # tests/apt-packages.txt
 
@@ -50,7 +51,7 @@ class LocalPostgres:
         return f"postgresql+psycopg2://harness:{self.password}@127.0.0.1:{self.port}/{db}"
 
     def _as_postgres(self, *args: str) -> None:
-        proc = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=hang_s())
         if proc.returncode != 0:
             raise RuntimeError(f"local postgres: {args[0]} failed: {proc.stderr.strip()[-1500:]}")
 
@@ -65,7 +66,7 @@ class LocalPostgres:
         self.restart()
         env = {**os.environ, "PGPASSWORD": self.password}
         subprocess.run([_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "harness",
-                        "optuna"], check=True, env=env, capture_output=True, timeout=60)
+                        "optuna"], check=True, env=env, capture_output=True, timeout=hang_s())
         return self
 
     def restart(self) -> None:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from processes import wait_exited
+from timing import hang_s
 
 DAEMONS = ["slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"]  # stop order
 PACKAGES = ["munge", "slurm-client", "slurmctld", "slurmd", "slurmdbd", "mariadb-server"]  # tests/apt-packages.txt
@@ -34,8 +35,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+def _wait(check, what: str, timeout: float | None = None) -> None:
+    deadline = time.monotonic() + (timeout or hang_s())
     while time.monotonic() < deadline:
         if check():
             return
@@ -44,7 +45,7 @@ def _wait(check, what: str, timeout: float = 60.0) -> None:
 
 
 def _run(*args: str, env=None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(list(args), capture_output=True, text=True, env=env, timeout=hang_s())
     if proc.returncode != 0:
         raise RuntimeError(f"local slurm: {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-1500:]}")
     return proc
@@ -175,7 +176,7 @@ class LocalSlurm:
 
     # -------------------------------------------------------------- stop
     def stop(self) -> None:
-        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=30)
+        subprocess.run(["scancel", "--full", "--user=root"], env=self.env, capture_output=True, timeout=hang_s())
         for name in DAEMONS:
             self.stop_daemon(name)
 

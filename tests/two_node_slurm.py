@@ -22,6 +22,7 @@ from pathlib import Path
 
 from local_slurm import _run, _wait, available, start_munge  # noqa: F401  (available: same daemons minus the database)
 from processes import wait_exited
+from timing import hang_s
 
 SUBNET = "10.231.7"  # exists only inside the two namespaces
 
@@ -100,7 +101,7 @@ class TwoNodeSlurm:
 
     # -------------------------------------------------------------- stop
     def stop(self) -> None:
-        subprocess.run(self.exec("scancel", "--full", "--user=root"), env=self.env, capture_output=True, timeout=30)
+        subprocess.run(self.exec("scancel", "--full", "--user=root"), env=self.env, capture_output=True, timeout=hang_s())
         for pidfile in ("slurmd-n1", "slurmd-n2", "slurmctld", "munged"):
             self._stop_pid(self.root / "run" / f"{pidfile}.pid")
         for ns in self.namespaces.values():  # deleting a namespace removes its veth end (and the pair)

@@ -49,7 +49,7 @@ def _train_steps(recipe: str, overrides: list[str], size: dict) -> tuple[list[fl
     cfg = make_config(recipe, overrides)
     rt = Runtime.for_config(cfg).apply()
     splits = synthetic_splits(cfg, size["synthetic"])
-    model, step = training_step(cfg, rt, splits, size["compile_backend"])
+    model, step = training_step(cfg, rt, len(splits.pretrain), size["compile_backend"])
     batches = pretrain_views(cfg, rt.device, splits=splits).epoch(0, indices=True)
     losses = [step(*batch).item() for _, batch in zip(range(size["check_steps"]), batches)]
     return losses, model.queue.detach().float().cpu()
@@ -122,7 +122,7 @@ def input_pipeline(size: dict, recipe: str = "imagenet-r50-v2") -> list[dict]:
     args = Namespace(recipe=recipe, synthetic_jpeg=512 if full else 24, warmup=1, steps=2 if full else 1,
                      repeats=2 if full else 1)
     rows = [{**row, "part": "input", "check": f"input {row['path']}"}
-            for row in bench_folder_data(args, overrides, lambda c: Runtime.for_config(c).apply())]
+            for row in bench_folder_data(args, overrides)]
     with tempfile.TemporaryDirectory(prefix="check-jpeg-") as root:
         write_synthetic_folder(Path(root), 64 if full else 16)
         views = []

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from harness.run.config import ConfigError, make_config
+from harness.training.runtime import Runtime, synchronize
 
 IMAGENET_TYPICAL = (500, 375)  # ImageNet-1k's most common size (width, height)
 
@@ -89,7 +90,7 @@ def _forever(views, raw: bool):
             yield from views.epoch(epoch)
 
 
-def bench_folder_data(args, cfg_overrides: list[str], rt_for) -> list[dict]:
+def bench_folder_data(args, cfg_overrides: list[str]) -> list[dict]:
     from harness.data.datasets import pretrain_views
 
     rows, folder_info = [], None
@@ -104,7 +105,7 @@ def bench_folder_data(args, cfg_overrides: list[str], rt_for) -> list[dict]:
         rates = {}
         for loader in ("per_image", "batched", "device_decode"):
             cfg = make_config(args.recipe, [*overrides, f"data.loader={loader}", "data.num_workers=0"])
-            rt = rt_for(cfg)
+            rt = Runtime.for_config(cfg).apply()
             threads = torch.get_num_threads()
             views = pretrain_views(cfg, rt.device)
             batch = cfg.optim.batch_size
@@ -117,10 +118,9 @@ def bench_folder_data(args, cfg_overrides: list[str], rt_for) -> list[dict]:
             if loader != "per_image":  # the device's share: colours (and decode) of the loader's batches
                 torch.set_num_threads(threads)
                 raw = [b for _, b in zip(range(args.steps), _forever(views, raw=True))]
-                finish = iter(views._finish(b, 0, i) for i in range(10_000) for b in raw)
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize(rt.device)
-                row["device_images_per_s"] = batch / _timed(_sync_each(finish, rt.device), args)
+                finish = iter(views.finish(b, 0, i) for i in range(10_000) for b in raw)
+                synchronize(rt.device)
+                row["device_images_per_s"] = batch / _timed(_synchronized(finish, rt.device), args)
                 row["device_threads"] = threads if rt.device.type == "cpu" else None
             torch.set_num_threads(threads)
             rows.append(row)
@@ -131,8 +131,8 @@ def bench_folder_data(args, cfg_overrides: list[str], rt_for) -> list[dict]:
     return rows
 
 
-def _sync_each(batches, device):
+def _synchronized(batches, device):
+    """Each batch once the device has made it (timing what the device does, not what it queued)."""
     for batch in batches:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         yield batch

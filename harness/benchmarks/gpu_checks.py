@@ -2,10 +2,12 @@
 runs it): each check prints what it measured, at full size on a GPU and at small size elsewhere.
 
   resume      a run stopped after epoch 1 and resumed on the device (checkpoint loaded to the CPU,
-              RNG states restored) ends as the same run uninterrupted: weights, queue, losses
-  gather      concat_all_gather of a channels_last batch and gather_rows under the device's
-              backend (NCCL on a GPU), world size 1: equal to the input
-  syncs       host-device synchronisations per training step (torch.cuda.set_sync_debug_mode)
+              RNG states restored) ends as the same run uninterrupted: weights, queue, losses;
+              "not checked" unless a checkpoint of epoch 1 existed and the second attempt resumed it
+  gather      concat_all_gather of a channels_last batch and gather_rows across 2 ranks (NCCL on two
+              GPUs, gloo on a CPU; "not checked" on one GPU)
+  syncs       host syncs, blocking copies and ops per training step, batches drawn inside the count
+              (harness.benchmarks.census; on CUDA also torch.cuda.set_sync_debug_mode)
   layout      channels_last x SplitBatchNorm, cudnn.benchmark on and off: images/s
   logits      InfoNCE logits at T = 0.07 against a queue of K keys: bf16 einsum vs fp32, and the
               model's own path under autocast (fp32 similarities) vs fp32; TF32 settings noted
@@ -33,15 +35,21 @@ def _config(size: dict, *extra: str):
 
 
 def check_resume(size: dict) -> dict:
-    """Two epochs straight, and one epoch, stop, resume, the second: the same final state."""
+    """Two epochs straight, and one epoch, stop, resume, the second: the same final state. Checked
+    only if the stop left a checkpoint of epoch 1 and the second attempt resumed from it; otherwise
+    the row says "not checked" (a run that starts afresh would match trivially)."""
+    import contextlib
+    import io
+
     from harness.data.synthetic import synthetic_splits
     from harness.training import checkpoint as ckpt
     from harness.training.pretrain import train
 
     steps = size["check_steps"]
     cfg = _config(size, "optim.epochs=2", "eval.knn_every=0", "eval.probe=none", "runtime.log_every=1",
-                  f"data.train_subset={steps * 16}")
+                  "runtime.checkpoint_every=1", f"data.train_subset={steps * 16}")
     splits = synthetic_splits(cfg, steps * cfg.optim.batch_size)
+    row = {"part": "gpu", "check": "resume on the device", "recipe": RECIPE}
     old = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True  # the comparison is of state, not of cuDNN's algorithm choice
     try:
@@ -49,37 +57,73 @@ def check_resume(size: dict) -> dict:
             straight, resumed = Path(tmp, "straight"), Path(tmp, "resumed")
             train(cfg, straight, probe=False, splits=splits)
             first = train(cfg, resumed, probe=False, splits=splits, on_epoch=lambda epoch, record: epoch == 1)
-            second = train(cfg, resumed, probe=False, splits=splits)
+            stopped_at = ckpt.load_latest(resumed / "checkpoints")
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said):
+                second = train(cfg, resumed, probe=False, splits=splits)
             a, b = ckpt.load_latest(straight / "checkpoints"), ckpt.load_latest(resumed / "checkpoints")
     finally:
         torch.backends.cudnn.deterministic = old
+    if first["status"] != "pruned" or stopped_at is None or stopped_at["epoch"] != 1:
+        return {**row, "ok": None, "not_checked": "the first attempt left no checkpoint of epoch 1 to resume from"}
+    if "resumed from" not in said.getvalue():
+        return {**row, "ok": None, "not_checked": "the second attempt did not resume from the checkpoint"}
     diff = max(float((a["model"][k].double() - b["model"][k].double()).abs().max()) for k in a["model"]
                if a["model"][k].is_floating_point())
-    ok = first["status"] == "pruned" and second["status"] == "completed" and a["global_step"] == b["global_step"]
-    return {"part": "gpu", "check": "resume on the device", "recipe": RECIPE, "state_max_diff": diff,
-            "ok": ok and diff <= 1e-6, "steps": a["global_step"]}
+    ok = second["status"] == "completed" and a["global_step"] == b["global_step"]
+    return {**row, "state_max_diff": diff, "ok": ok and diff <= 1e-6, "steps": a["global_step"],
+            "resumed_at_step": stopped_at["global_step"]}
 
 
-def check_gather(device: torch.device) -> dict:
+def _gather_rank(rank: int, world: int, tmp: str, backend: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
     from harness.model import distributed
 
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{tmp}/init", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a hang fails, it does not hold the device
+    try:
+        g = torch.Generator().manual_seed(0)
+        shares = [torch.randn(16, 3, 32, 32, generator=g) for _ in range(world)]  # every rank makes all
+        x = shares[rank].to(device).contiguous(memory_format=torch.channels_last)
+        gathered, expected = distributed.concat_all_gather(x).cpu(), torch.cat(shares)
+        counts = [10 - 3 * r for r in range(world)]  # uneven shares: padded for all_gather, then trimmed
+        rows = distributed.gather_rows(torch.arange(counts[rank], device=device) + 10 * rank).cpu()
+        every = torch.cat([torch.arange(n) + 10 * r for r, n in enumerate(counts)])
+        ok = torch.equal(gathered, expected) and torch.equal(rows, every)
+        Path(tmp, f"rank{rank}").write_text("ok" if ok else "different")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_gather(device: torch.device) -> dict:
+    """concat_all_gather of a channels_last batch and gather_rows across 2 ranks: NCCL on 2 GPUs, gloo
+    on a CPU; on a single GPU across ranks cannot be checked, and the row says so."""
+    import torch.multiprocessing as mp
+
+    row = {"part": "gpu", "check": "gather channels_last"}
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return {**row, "backend": "nccl", "ok": None, "not_checked": "one GPU here: a gather across ranks needs two"}
     backend = "nccl" if device.type == "cuda" else "gloo"
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group(backend, init_method=f"file://{tmp}/init", rank=0, world_size=1)
-        try:
-            x = torch.randn(16, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-            gathered = distributed.concat_all_gather(x)
-            rows = distributed.gather_rows(torch.arange(10, device=device))
-            ok = torch.equal(gathered, x) and torch.equal(rows, torch.arange(10, device=device))
-        finally:
-            dist.destroy_process_group()
-    return {"part": "gpu", "check": "gather channels_last", "backend": backend, "ok": bool(ok)}
+        mp.start_processes(_gather_rank, args=(2, tmp, backend), nprocs=2, start_method="spawn")
+        ok = all(Path(tmp, f"rank{r}").read_text() == "ok" for r in range(2))
+    return {**row, "backend": backend, "world_size": 2, "ok": bool(ok)}
 
 
 def _steps(cfg, n: int):
     """A training step (harness.training.step) and `n` + 2 of its batches on the device."""
+    rt, step, batches = _stream(cfg, n)
+    return rt, step, list(batches)
+
+
+def _stream(cfg, n: int):
+    """A training step and an iterator of `n` + 2 of its batches, drawn as training draws them."""
     from harness.data.datasets import pretrain_views
     from harness.data.synthetic import synthetic_splits
     from harness.training.runtime import Runtime
@@ -87,30 +131,41 @@ def _steps(cfg, n: int):
 
     rt = Runtime.for_config(cfg).apply()
     splits = synthetic_splits(cfg, cfg.optim.batch_size * (n + 2))
-    _, step = training_step(cfg, rt, splits)
-    return rt, step, list(pretrain_views(cfg, rt.device, splits=splits).epoch(0, indices=True))
+    _, step = training_step(cfg, rt, len(splits.pretrain))
+    return rt, step, iter(pretrain_views(cfg, rt.device, splits=splits).epoch(0, indices=True))
 
 
 def check_syncs(size: dict) -> dict:
-    cfg = _config(size)
-    if not torch.cuda.is_available():
-        return {"part": "gpu", "check": "syncs per step", "recipe": RECIPE, "syncs_per_step": None,
-                "note": "no CUDA here: host-device syncs exist on a GPU only"}
+    """Host syncs per steady-state step, each step's batch drawn inside the count (the augmentation's
+    transfers and read-backs included): the census (any device) and, on CUDA, the driver's own count
+    (torch.cuda.set_sync_debug_mode)."""
+    from harness.benchmarks.census import StepCensus
+
+    cfg = _config(size, "runtime.log_every=1000")
     n = size["check_steps"]
-    _, step, batches = _steps(cfg, n)
-    step(*batches[0])
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    rt, step, batches = _stream(cfg, n)
+    step(*next(batches))
+    cuda = rt.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    census = StepCensus()
+    with warnings.catch_warnings(record=True) as caught, census:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         try:
-            for batch in batches[1:n + 1]:
-                step(*batch)
+            for _ in range(n):
+                step(*next(batches))
         finally:
-            torch.cuda.set_sync_debug_mode("default")
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    counted = census.summary()
     syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
-    return {"part": "gpu", "check": "syncs per step", "recipe": RECIPE, "syncs_per_step": len(syncs) / n,
-            "first": syncs[:3]}
+    return {"part": "gpu", "check": "syncs per step", "recipe": RECIPE, "steps": n, "device": str(rt.device),
+            "syncs_per_step": counted["syncs"] / n, "sync_ops": counted["sync_ops"],
+            "blocking_moves_per_step": counted["blocking_moves"] / n, "ops_per_step": counted["ops"] / n,
+            "cuda_syncs_per_step": len(syncs) / n if cuda else None, "first": syncs[:3],
+            "ok": counted["syncs"] == 0 and counted["blocking_moves"] == 0 and not syncs}
 
 
 def check_layout(size: dict) -> list[dict]:
@@ -167,13 +222,18 @@ def describe(r: dict) -> str | None:
     """A row's result in the device check's table (None: not one of these rows)."""
     if r.get("part") != "gpu":
         return None
+    if r.get("not_checked"):
+        return f"not checked: {r['not_checked']}"
     mark = "" if "ok" not in r else ("ok: " if r["ok"] else "FAILED: ")
     if r["check"].startswith("resume"):
-        return f"{mark}{r['steps']} steps, max weight diff to the uninterrupted run {r['state_max_diff']:.3g}"
+        return (f"{mark}{r['steps']} steps, resumed at step {r['resumed_at_step']}, max weight diff to the "
+                f"uninterrupted run {r['state_max_diff']:.3g}")
     if r["check"].startswith("gather"):
-        return f"{mark}equal to the input ({r['backend']}, world size 1)"
+        return f"{mark}every rank's share in rank order ({r['backend']}, world size {r['world_size']})"
     if r["check"].startswith("syncs"):
-        return r.get("note") or f"{r['syncs_per_step']:.1f} host-device syncs per step"
+        cuda = "" if r["cuda_syncs_per_step"] is None else f", CUDA's own count {r['cuda_syncs_per_step']:.1f}"
+        return (f"{mark}{r['syncs_per_step']:.1f} host syncs and {r['blocking_moves_per_step']:.1f} blocking copies "
+                f"per step, {r['ops_per_step']:.0f} ops (census on {r['device']}{cuda})")
     if r["check"].startswith("layout"):
         return f"{r['images_per_s']:.0f} images/s (SplitBatchNorm, {r['bn_splits']} splits)"
     with contextlib.suppress(KeyError):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from harness.benchmarks.census import StepCensus
 from harness.data.datasets import load_tensors, pretrain_views
 from harness.data.synthetic import synthetic_splits
 from harness.run.config import EVAL_ONLY, RunConfig, make_config, with_overrides
@@ -47,7 +48,7 @@ def bench_data(args) -> list[dict]:
     if cfg.data.dataset == "imagefolder" and not args.synthetic:  # files: the folder pipeline's bench
         from harness.benchmarks.folders import bench_folder_data
 
-        return bench_folder_data(args, args.overrides, lambda c: Runtime.for_config(c).apply())
+        return bench_folder_data(args, args.overrides)
     rows = []
     for loader in ("batched", "per_image"):
         cfg, rt, splits = _setup(args, loader)
@@ -98,7 +99,7 @@ def bench_train(args) -> list[dict]:
     for loader in ("batched",) if getattr(args, "batched_only", False) else ("batched", "per_image"):
         cfg, rt, splits = _setup(args, loader)
         device, cuda = rt.device, rt.device.type == "cuda"
-        model, step = training_step(cfg, rt, splits)  # compiled (if asked) during warm-up: not timed
+        model, step = training_step(cfg, rt, len(splits.pretrain))  # compiled (if asked) during warm-up: not timed
         views = pretrain_views(cfg, device, splits=splits)
         epochs = (views.epoch(e, indices=True) for e in range(10_000))
         batches = (b for epoch in epochs for b in epoch)
@@ -122,12 +123,18 @@ def bench_train(args) -> list[dict]:
             synchronize(device)
             timings.append(time.perf_counter() - tic)
         window = [window_start, time.time()]
+        census = StepCensus()  # one more step, its batch included, counted (untimed: counting slows it)
+        with census:
+            step(*next(batches))
+        counted = census.summary()
         steps_per_s = _median_rate(timings, args.steps)
         row = {"part": "train", "path": loader, "steps_per_s": steps_per_s,
                "images_per_s": steps_per_s * cfg.optim.batch_size, "batch": cfg.optim.batch_size,
                "recipe": cfg.recipe, "arch": cfg.model.arch, "device": str(device),
                "step_tflop": flops / 1e12, "achieved_tflops": flops * steps_per_s / 1e12,
-               "images": args.repeats * args.steps * cfg.optim.batch_size, "window": window}
+               "images": args.repeats * args.steps * cfg.optim.batch_size, "window": window,
+               "ops_per_step": counted["ops"], "syncs_per_step": counted["syncs"],
+               "moves_per_step": counted["moves"], "blocking_moves_per_step": counted["blocking_moves"]}
         if cuda:
             name = torch.cuda.get_device_name(device)
             peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)

@@ -93,35 +93,21 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tens
     return (factor * a + (1 - factor) * b).clamp(0, 1)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    delta = maxc - minc
-    s = delta / maxc.clamp(min=1e-8)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
-    return torch.stack([h, s, maxc], 1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Closed form: channel(n) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1."""
-    h, s, v = x.unbind(1)
-    h6 = h * 6.0
-    channels = []
-    for n in (5.0, 3.0, 1.0):
-        k = (h6 + n) % 6.0
-        channels.append(v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
-    return torch.stack(channels, 1)
-
-
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image by `shift` (shape (N, 1, 1, 1), in turns)."""
-    hsv = _rgb_to_hsv(x)
-    hsv = torch.cat([((hsv[:, :1] + shift) % 1.0), hsv[:, 1:]], 1)
-    return _hsv_to_rgb(hsv)
+    """Rotate the hue of each image by `shift` (shape (N, 1, 1, 1), in turns), as torchvision's
+    adjust_hue (RGB -> HSV, h + shift, HSV -> RGB) but without building S and V: with v = max and
+    v s = max - min, channel n of the result is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h') mod 6,
+    n = 5, 3, 1. Hue in sixths: (g - b, b - r, r - g) / (max - min) + (0, 2, 4) at the channel that
+    holds the maximum (the first one on ties, as torchvision); 0 for a gray pixel."""
+    maxc, argmax = x.max(1, keepdim=True)
+    delta = maxc - x.amin(1, keepdim=True)
+    diffs = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g)
+    # constants made on the device (a host tensor would be a copy per call)
+    offsets = torch.arange(0.0, 6.0, 2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    sixths = diffs / torch.where(delta > 0, delta, 1.0) + offsets
+    h6 = torch.where(delta > 0, sixths.gather(1, argmax), 0.0) + 6.0 * shift
+    k = (h6 + (5.0 - offsets)) % 6.0  # n = 5, 3, 1
+    return maxc - delta * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -147,75 +133,126 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Te
 class BatchAugment:
     """Augment a uint8 batch (N, C, H, W) into normalised float views of side `size`.
 
-    All random parameters are drawn on the CPU from the generator given to each call, so a
-    step's views depend only on that generator's seed, on any device.
+    Two phases, so that a GPU never waits for the host inside a step:
+      draw   every random parameter of a view, on the CPU, from the generator given (a step's
+             views depend only on that generator's seed, on any device), as one (N, columns) table;
+      apply  the table, moved to the device in one non-blocking copy, applied to every image at
+             once: an operation an image does not get is the identity for it (factor 1, or a
+             `where` that keeps the input), so no shape depends on the draws and nothing is read
+             back from the device.
     """
+
+    # Columns of the colour table: per jitter stage (4, in each image's own random order)
+    # brightness, contrast, saturation factors, hue on (0/1), hue shift; then grayscale on, blur on, sigma.
+    STAGE = 5
+    GRAY, BLUR, SIGMA = 4 * STAGE, 4 * STAGE + 1, 4 * STAGE + 2
+    COLOUR_COLUMNS = 4 * STAGE + 3
 
     def __init__(self, spec: AugmentSpec, size: int, mean: tuple[float, ...], std: tuple[float, ...]):
         self.spec, self.size = spec, size
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        return self.colour(self.crop_flip(images.float().div_(255), g), g)
+        """One view of each image (crop, flip, colours), drawn from `g` and applied where `images` live."""
+        return self.apply(images, to_device(self.draw(images.shape, g), images.device))
 
-    def crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Random resized crop + horizontal flip of a float batch in [0, 1], as one affine resampling."""
-        spec, n, dev = self.spec, x.shape[0], x.device
-        _, c, height, width = x.shape
-        top, left, h, w = sample_crops(n, height, width, spec, g)
-        flip = torch.rand(n, generator=g) < spec.flip_p
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = (w / width) * torch.where(flip, -1.0, 1.0)
-        theta[:, 1, 1] = h / height
-        theta[:, 0, 2] = (2 * left + w) / width - 1
-        theta[:, 1, 2] = (2 * top + h) / height - 1
-        grid = F.affine_grid(theta.to(dev), [n, c, self.size, self.size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    def draw(self, shape: torch.Size, g: torch.Generator) -> torch.Tensor:
+        """The table of one view of a batch of `shape` (N, C, H, W): draw_crop_flip | draw_colour."""
+        n, c, height, width = shape
+        return torch.cat([self.draw_crop_flip(n, height, width, g), self.draw_colour(n, c, g)], 1)
 
-    def colour(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Colour jitter, grayscale, blur and normalisation of a float batch in [0, 1] (already cropped
-        to `size`): the part of the recipe that needs no file, batched wherever `x` lives.
+    def apply(self, images: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """`images` (uint8) cropped, flipped and coloured by a table of draw_crop_flip | draw_colour rows."""
+        x = self.apply_crop_flip(images.float().div_(255), table[:, :6])
+        return self.apply_colour(x, table[:, 6:])
 
-        Each operation runs only on the images it applies to (chosen on the CPU, where the parameters
-        are drawn, so no device sync): hue, the costliest, once per image instead of four times."""
-        spec, n, dev, c = self.spec, x.shape[0], x.device, x.shape[1]
-        x = x.clone()
+    # ------------------------------------------------------------ draws (CPU)
 
-        def apply(rows: torch.Tensor, op) -> None:  # x[rows] = op(x[rows], rows), rows on the CPU
-            if len(rows):
-                idx = rows.to(dev)
-                x[idx] = op(x.index_select(0, idx), rows)
+    def draw_crop_flip(self, n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+        """RandomResizedCrop and flip of n images as (n, 6) affine rows (grid_sample's theta)."""
+        top, left, h, w = sample_crops(n, height, width, self.spec, g)
+        flip = torch.rand(n, generator=g) < self.spec.flip_p
+        zero = torch.zeros(n)
+        return torch.stack([(w / width) * (1.0 - 2.0 * flip), zero, (2 * left + w) / width - 1,
+                            zero, h / height, (2 * top + h) / height - 1], 1)
 
-        def per_image(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            return values[rows].view(-1, 1, 1, 1).to(dev)
-
-        # Colour jitter, applied with probability jitter_p, its four parts in a random order per image.
+    def draw_colour(self, n: int, channels: int, g: torch.Generator) -> torch.Tensor:
+        """Colour jitter (with probability jitter_p, its four parts in a random order per image),
+        grayscale and blur of n images: the (n, COLOUR_COLUMNS) table. Few ops: it is host work
+        done every step."""
+        spec = self.spec
+        stages = torch.zeros(n, 4, self.STAGE)
+        stages[:, :, :3] = 1.0  # brightness, contrast and saturation factors 1: the identity
         if spec.jitter_p > 0 and any(spec.jitter):
             b, ct, s, hue = spec.jitter
             jitter = torch.rand(n, generator=g) < spec.jitter_p
-            bf, cf, sf, hf = [_uniform(n, max(0.0, 1 - v), 1 + v, g) for v in (b, ct, s)] + [_uniform(n, -hue, hue, g)]
-            order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)
-            ops = {0: (b, lambda v, r: (v * per_image(bf, r)).clamp(0, 1)),
-                   1: (ct, lambda v, r: _blend(v, _grayscale(v).mean(dim=(1, 2, 3), keepdim=True), per_image(cf, r))),
-                   2: (s and c == 3, lambda v, r: _blend(v, _grayscale(v), per_image(sf, r))),
-                   3: (hue and c == 3, lambda v, r: _adjust_hue(v, per_image(hf, r)))}
-            for stage in range(4):
-                for code, (enabled, op) in ops.items():
-                    if enabled:
-                        apply(torch.nonzero(jitter & (order[:, stage] == code)).flatten(), op)
-
-        if spec.grayscale_p > 0 and c == 3:
-            gray = torch.rand(n, generator=g) < spec.grayscale_p
-            apply(torch.nonzero(gray).flatten(), lambda v, r: _grayscale(v).expand_as(v))
-
+            factors = torch.stack([_uniform(n, max(0.0, 1 - v), 1 + v, g) for v in (b, ct, s)]
+                                  + [_uniform(n, -hue, hue, g)], 1)  # (n, 4)
+            order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)  # order[:, stage] = the part done then
+            at = (order.unsqueeze(2) == torch.arange(4)) & jitter.view(n, 1, 1)  # (n, stage, part)
+            stages[:, :, :3] = torch.where(at[:, :, :3], factors[:, None, :3], 1.0)
+            stages[:, :, 3] = at[:, :, 3].float()
+            stages[:, :, 4] = factors[:, 3:4]
+        extra = torch.zeros(n, 3)
+        if spec.grayscale_p > 0 and channels == 3:
+            extra[:, 0] = (torch.rand(n, generator=g) < spec.grayscale_p).float()
         if spec.blur_p > 0:
-            blur = torch.rand(n, generator=g) < spec.blur_p
-            sigma = _uniform(n, *spec.blur_sigma, g)
-            ksize = blur_kernel_size(self.size)
-            apply(torch.nonzero(blur).flatten(), lambda v, r: _gaussian_blur(v, sigma[r].to(dev), ksize))
+            extra[:, 1] = (torch.rand(n, generator=g) < spec.blur_p).float()
+            extra[:, 2] = _uniform(n, *spec.blur_sigma, g)
+        return torch.cat([stages.view(n, -1), extra], 1)
 
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+    # ------------------------------------------------------------ application (the device)
+
+    def apply_crop_flip(self, x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Random resized crop + horizontal flip of a float batch in [0, 1], as one affine resampling."""
+        n, c = x.shape[:2]
+        grid = F.affine_grid(theta.reshape(n, 2, 3), [n, c, self.size, self.size], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def apply_colour(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Colour jitter, grayscale, blur and normalisation of a float batch in [0, 1] (already cropped
+        to `size`): the part of the recipe that needs no file, batched wherever `x` lives. Factor 1
+        leaves an image exactly as it was (1 * v + 0 * u = v, and v is in [0, 1] for the clamp)."""
+        spec, c = self.spec, x.shape[1]
+        column = lambda i: table[:, i].view(-1, 1, 1, 1)  # noqa: E731  (a per-image factor)
+        if spec.jitter_p > 0 and any(spec.jitter):
+            b, ct, s, hue = spec.jitter
+            for stage in range(4):
+                col = stage * self.STAGE
+                if b:
+                    x = (x * column(col)).clamp(0, 1)
+                if ct:
+                    x = _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), column(col + 1))
+                if s and c == 3:
+                    x = _blend(x, _grayscale(x), column(col + 2))
+                if hue and c == 3:
+                    x = torch.where(column(col + 3) > 0, _adjust_hue(x, column(col + 4)), x)
+        if spec.grayscale_p > 0 and c == 3:
+            x = torch.where(column(self.GRAY) > 0, _grayscale(x).expand_as(x), x)
+        if spec.blur_p > 0:
+            blurred = _gaussian_blur(x, table[:, self.SIGMA], blur_kernel_size(self.size))
+            x = torch.where(column(self.BLUR) > 0, blurred, x)
+        mean, std = self._constants(x.device)
+        return (x - mean) / std
+
+    def colour(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Colours of a cropped float batch, drawn from `g` (one view; see FolderViews.finish for two)."""
+        return self.apply_colour(x, to_device(self.draw_colour(x.shape[0], x.shape[1], g), x.device))
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:  # copied once per device, not once per step
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
+
+
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A step's CPU-made tensor on the training device in one copy that does not block the host
+    (pinned first on CUDA, where a copy from pageable memory would synchronise)."""
+    if device.type == "cuda":
+        table = table.pin_memory()
+    return table.to(device, non_blocking=True)  # on the CPU: the same tensor
 
 
 def center_view(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:

@@ -18,8 +18,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from harness.data.augment import BatchAugment, center_view, eval_transform, per_image_transform
-from harness.data.spec import NORMALIZATION, seeded_generator, view_spec  # noqa: F401 (callers ask datasets)
+from harness.data.augment import BatchAugment, center_view, eval_transform, per_image_transform, to_device
+from harness.data.spec import NORMALIZATION, EpochBatches, epoch_order, seeded_generator, view_spec  # noqa: F401 (callers ask datasets)
 from harness.run import runio
 from harness.run.config import ConfigError, RunConfig
 from harness.run.datafiles import CHANNELS, default_root, fashion_mnist_files, folder_root, missing_files, pretrain_size  # noqa: F401
@@ -149,30 +149,31 @@ class InMemoryViews:
         mean, std = NORMALIZATION[cfg.data.dataset]
         self.augment = BatchAugment(view_spec(cfg), cfg.data.image_size, mean, std)
         self.size = len(images)  # training images (the memory bank's entries)
-        self.steps_per_epoch = len(images) // cfg.optim.batch_size  # drop_last: K % B stays aligned
+        self.sampler = EpochBatches(len(images), cfg.optim.batch_size, rank, world, cfg.runtime.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
         if self.steps_per_epoch == 0:
             raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the "
                               f"{len(images)} training images; lower it or enlarge data.train_subset.")
 
     def epoch(self, epoch: int, start_step: int = 0, indices: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
         """(view 1, view 2) batches; with `indices`, also the images' indices in the training set."""
-        order = torch.randperm(len(self.images), generator=seeded_generator("order", self.cfg.runtime.seed, epoch))
+        order = epoch_order(self.size, self.cfg.runtime.seed, epoch)
         for step in range(start_step, self.steps_per_epoch):
             views = self._batch(order, epoch, step)
             yield views if indices else views[:2]
 
     def _batch(self, order: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
-        batch, per_rank = self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
-        lo = step * batch + self.rank * per_rank
-        idx = order[lo:lo + per_rank].to(self.images.device)
+        """Both views of this rank's share of the step: the indices and both views' parameters (drawn
+        on the CPU from the step's generator, view 1 then view 2) reach the device in two copies."""
+        idx = to_device(order[self.sampler.rows(step)], self.images.device)
         images = self.images[idx]
         g = seeded_generator("augment", self.cfg.runtime.seed, epoch, step, self.rank)
-        return self.augment(images, g), self.augment(images, g), idx
+        tables = to_device(torch.stack([self.augment.draw(images.shape, g) for _ in range(2)]), images.device)
+        return self.augment.apply(images, tables[0]), self.augment.apply(images, tables[1]), idx
 
     def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
         """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
-        order = torch.randperm(len(self.images), generator=seeded_generator("order", self.cfg.runtime.seed, epoch))
-        return self._batch(order, epoch, step)
+        return self._batch(epoch_order(self.size, self.cfg.runtime.seed, epoch), epoch, step)
 
     def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views of a fixed seeded subset of n training images (the diagnostics' own generator)."""
@@ -219,19 +220,12 @@ class LoaderViews:
         self.dataset = _TwoViews(images, transform)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.size = len(self.dataset)
-        self.steps_per_epoch = len(self.dataset) // cfg.optim.batch_size
-
-    def _keys(self, order: list, epoch: int, step: int) -> list:
-        batch, per_rank = self.cfg.optim.batch_size, self.cfg.optim.batch_size // self.world
-        lo = step * batch + self.rank * per_rank
-        return [((self.cfg.runtime.seed, epoch, step), i) for i in order[lo:lo + per_rank]]
-
-    def _order(self, epoch: int) -> list:
-        return torch.randperm(len(self.dataset), generator=seeded_generator("order", self.cfg.runtime.seed, epoch)).tolist()
+        self.sampler = EpochBatches(self.size, cfg.optim.batch_size, rank, world, cfg.runtime.seed)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
 
     def epoch(self, epoch: int, start_step: int = 0, indices: bool = False):
-        order = self._order(epoch)
-        batches = [self._keys(order, epoch, step) for step in range(start_step, self.steps_per_epoch)]
+        self.sampler.set_epoch(epoch, start_step)
+        batches = list(self.sampler)  # a new DataLoader an epoch: the classic design, kept as it was
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=batches, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
@@ -247,7 +241,7 @@ class LoaderViews:
 
     def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
         """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
-        keys = self._keys(self._order(epoch), epoch, step)
+        keys = self.sampler.keys(epoch, step)
         return (*self._items(keys), torch.tensor([i for _, i in keys], device=self.device))
 
     def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,32 +23,22 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-from harness.data.augment import AugmentSpec, BatchAugment, sample_crops
-from harness.data.spec import NORMALIZATION, seeded_generator, view_spec
+from harness.data.augment import AugmentSpec, BatchAugment, sample_crops, to_device
+from harness.data.spec import NORMALIZATION, EpochBatches, Key, seeded_generator, view_spec
 from harness.run.config import ConfigError, RunConfig
-
-# (seed key, image index): what the batch sampler hands a worker for one image.
-Key = tuple[tuple, int]
-
-
-def seeded(*key) -> torch.Generator:
-    return seeded_generator(*key)
-
 
 # ---------------------------------------------------------------- decoding (workers and evaluation)
 
-def decode_rgb(path: str, at_least: Optional[tuple[float, float]] = None):
-    """An image file as an RGB PIL image, and the factors (x, y) its decoded size is of the file's.
+def decode_rgb(image, at_least: Optional[tuple[float, float]] = None):
+    """An opened image file (`PIL.Image.open`: header read, pixels not yet) as an RGB PIL image, and
+    the factors (x, y) its decoded size is of the file's.
 
     `at_least` (width, height): a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling, much cheaper than decoding in full and resizing) as long as it stays that large."""
-    from PIL import Image
-
-    image = Image.open(path)
     width, height = image.size
     if at_least is not None and image.format == "JPEG":
         image.draft("RGB", (math.ceil(at_least[0]), math.ceil(at_least[1])))
@@ -66,15 +56,17 @@ class EvalDecode:
     def __call__(self, path: str):
         from PIL import Image
 
-        with Image.open(path) as probe:
-            width, height = probe.size
+        image = Image.open(path)
+        width, height = image.size
         scale = self.shorter / min(width, height)
-        return decode_rgb(path, (width * scale, height * scale) if scale < 1 else None)[0]
+        return decode_rgb(image, (width * scale, height * scale) if scale < 1 else None)[0]
 
 
 def decode_full(path: str):
     """ImageFolder `loader` for views whose crop is drawn after loading (the probe's): a full decode."""
-    return decode_rgb(path)[0]
+    from PIL import Image
+
+    return decode_rgb(Image.open(path))[0]
 
 
 # ---------------------------------------------------------------- the worker side
@@ -83,7 +75,7 @@ def draw_crops(key: Key, width: int, height: int, spec: AugmentSpec):
     """Both views' RandomResizedCrop boxes (top, left, h, w) and flips of image `key`, from the
     image's own generator (torchvision's distributions; see augment.sample_crops)."""
     seed_key, index = key
-    g = seeded("item", *seed_key, index)
+    g = seeded_generator("item", *seed_key, index)
     top, left, h, w = sample_crops(2, height, width, spec, g)
     flip = torch.rand(2, generator=g) < spec.flip_p
     return torch.stack([top, left, h, w], 1), flip
@@ -105,19 +97,17 @@ class CropFlipPairs(torch.utils.data.Dataset):
         from PIL import Image
 
         path = self.samples[key[1]][0]
+        image = Image.open(path)  # the header: the size the crops are drawn in
+        width, height = image.size
+        boxes, flip = draw_crops(key, width, height, self.spec)
         if self.encoded:
-            with Image.open(path) as probe:
-                width, height = probe.size
-            boxes, flip = draw_crops(key, width, height, self.spec)
+            image.close()
             data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
             return data, boxes, flip, key[1]
-        with Image.open(path) as probe:
-            width, height = probe.size
-        boxes, flip = draw_crops(key, width, height, self.spec)
         # Decode once for both views, as small as the smaller crop allows (each side >= the output's).
         smallest_h, smallest_w = boxes[:, 2].min().item(), boxes[:, 3].min().item()
         at_least = (width * self.size / smallest_w, height * self.size / smallest_h)
-        image, (sx, sy) = decode_rgb(path, at_least if at_least[0] < width and at_least[1] < height else None)
+        image, (sx, sy) = decode_rgb(image, at_least if at_least[0] < width and at_least[1] < height else None)
         views = []
         for (top, left, h, w), flipped in zip(boxes.tolist(), flip.tolist()):
             # crop and resize in one PIL pass (bilinear, antialiased: torchvision's RandomResizedCrop on PIL)
@@ -164,36 +154,6 @@ def decode_on_device(data: list, boxes: torch.Tensor, flips: torch.Tensor, size:
 
 # ---------------------------------------------------------------- the main-process side
 
-class EpochBatches:
-    """The batch sampler of one persistent DataLoader: this rank's share of each step's global batch,
-    from `start_step` of the epoch it was last told (the DataLoader iterates it anew every epoch)."""
-
-    def __init__(self, n: int, batch: int, rank: int, world: int, seed: int):
-        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
-        self.per_rank = batch // world
-        self.steps_per_epoch = n // batch  # drop_last: K % B stays aligned
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
-    def keys(self, epoch: int, step: int, order: Optional[list] = None) -> list[Key]:
-        order = order if order is not None else self.order(epoch)
-        lo = step * self.batch + self.rank * self.per_rank
-        return [((self.seed, epoch, step), i) for i in order[lo:lo + self.per_rank]]
-
-    def order(self, epoch: int) -> list[int]:
-        return torch.randperm(self.n, generator=seeded("order", self.seed, epoch)).tolist()
-
-    def __iter__(self) -> Iterator[list[Key]]:
-        order = self.order(self.epoch)
-        for step in range(self.start_step, self.steps_per_epoch):
-            yield self.keys(self.epoch, step, order)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch - self.start_step
-
-
 class FolderViews:
     """Pretraining batches of an image folder: crops in loader workers (uint8), colours on the device."""
 
@@ -232,10 +192,10 @@ class FolderViews:
     def epoch(self, epoch: int, start_step: int = 0, indices: bool = False):
         self.sampler.set_epoch(epoch, start_step)
         for step, batch in enumerate(self.loader(), start=start_step):
-            views = self._finish(batch, epoch, step)
+            views = self.finish(batch, epoch, step)
             yield views if indices else views[:2]
 
-    def _finish(self, batch, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
+    def finish(self, batch, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
         """Worker output -> normalised float views on the device: the batched colour augmentation,
         from the step's generator (both views, in turn)."""
         if self.encoded:
@@ -245,14 +205,17 @@ class FolderViews:
             u_q, u_k, index = batch
             x_q, x_k = (u.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255).contiguous()
                         for u in (u_q, u_k))
-        g = seeded("augment", self.cfg.runtime.seed, epoch, step, self.rank)
-        return self.augment.colour(x_q, g), self.augment.colour(x_k, g), index.to(self.device)
+        g = seeded_generator("augment", self.cfg.runtime.seed, epoch, step, self.rank)
+        n, c = x_q.shape[:2]
+        tables = to_device(torch.stack([self.augment.draw_colour(n, c, g) for _ in range(2)]), self.device)
+        return (self.augment.apply_colour(x_q, tables[0]), self.augment.apply_colour(x_k, tables[1]),
+                to_device(index, self.device))
 
     def _items(self, keys: list[Key], epoch, step) -> tuple[torch.Tensor, ...]:
         """The views of `keys` made here, in this process (no DataLoader), as a worker makes them."""
         items = [self.dataset[key] for key in keys]
         batch = collate_encoded(items) if self.encoded else torch.utils.data.default_collate(items)
-        return self._finish(batch, epoch, step)
+        return self.finish(batch, epoch, step)
 
     def batch_at(self, epoch: int, step: int) -> tuple[torch.Tensor, ...]:
         """(view 1, view 2, indices) of this rank at (epoch, step), exactly as training saw them."""
@@ -261,5 +224,5 @@ class FolderViews:
     def pairs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two views of a fixed seeded subset of n training images (the diagnostics' own seed key)."""
         seed = self.cfg.runtime.seed
-        idx = torch.randperm(self.size, generator=seeded("diagnostics", seed))[:n].tolist()
+        idx = torch.randperm(self.size, generator=seeded_generator("diagnostics", seed))[:n].tolist()
         return self._items([(("diagnostics", seed), i) for i in idx], "diagnostics", seed)[:2]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from harness.data.datasets import CHANNELS, TensorSplits
+from harness.data.datasets import TensorSplits
+from harness.run.datafiles import CHANNELS
 
 SYNTHETIC_SHAPE = {"cifar10": (32, 32), "cifar100": (32, 32), "stl10": (96, 96), "fashion_mnist": (28, 28)}
 

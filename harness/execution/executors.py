@@ -47,8 +47,10 @@ class Executor:
                                            slurm_max_num_timeout=res.max_timeouts, **python)
         # A gres string says the GPUs itself (some sites reject --gpus-per-node).
         gpus_per_node = None if res.gres else (res.gpus or None)
+        # sbatch refuses --cpus-per-task together with --cpus-per-gpu: a site's cpus_per_gpu says it alone.
+        cpus_per_task = None if res.cpus_per_gpu else max(1, res.cpus // self.tasks)
         params: dict[str, Any] = dict(name=name, timeout_min=res.time_min, nodes=res.nodes,
-                                      tasks_per_node=self.tasks, cpus_per_task=max(1, res.cpus // self.tasks),
+                                      tasks_per_node=self.tasks, cpus_per_task=cpus_per_task,
                                       gpus_per_node=gpus_per_node, **self.extra_parameters())
         self.inner.update_parameters(**{k: v for k, v in params.items() if v is not None})
 

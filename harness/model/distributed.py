@@ -41,6 +41,16 @@ def init_from_env(device_type: str, timeout_s: float = 1800.0) -> tuple[int, int
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device, not_broadcast: list[str]) -> torch.nn.Module:
+    """DistributedDataParallel over `model`. `not_broadcast`: buffers every rank keeps equal by itself
+    (MoCo's queue and bank are filled with gathered keys everywhere); DDP would otherwise send rank
+    0's copy before every forward (an ImageNet memory bank is 655 MB)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, not_broadcast)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def release() -> None:
     """Leave the process group, all ranks at the same point: after it no rank waits for another."""
     if is_distributed():

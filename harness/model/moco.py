@@ -50,6 +50,20 @@ class MoCo(nn.Module):
             # Buffers, so checkpoints carry the queue and its pointer.
             self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+            # The pointer's value on the host: a step never reads the buffer back from the device (a
+            # sync per step on a GPU). The buffer is what checkpoints carry; loading one sets this.
+            self._ptr = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loading a checkpoint also sets the host's queue pointer, from the checkpoint's own (CPU) copy."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "queue_ptr" in state_dict:
+            self._ptr = int(state_dict[prefix + "queue_ptr"])
+
+    def dictionary_buffers(self) -> list[str]:
+        """The dictionary's state (queue and pointer, or the bank): equal on every rank by construction
+        (the same seed, the same gathered keys enqueued everywhere), so DDP need not broadcast it."""
+        return [name for name, _ in self.named_buffers() if name in ("queue", "queue_ptr", "bank")]
 
     # -- Algorithm 1, step by step ------------------------------------------------------------
 
@@ -84,10 +98,11 @@ class MoCo(nn.Module):
             k_all = concat_all_gather_with_grad(k)
             sim = torch.einsum("nc,mc->nm", q, k_all)  # N x G
             n = q.shape[0]
-            own = torch.arange(n, device=q.device) + rank() * n
-            keep = torch.ones_like(sim, dtype=torch.bool)
-            keep[torch.arange(n, device=q.device), own] = False
-            l_neg = sim[keep].view(n, -1)  # N x (G - 1)
+            # Row i keeps columns 0..G-2, shifted past its own key (column rank * n + i): a gather
+            # of a fixed shape (a boolean mask's selection would read its size back from the device).
+            own = torch.arange(n, device=q.device).unsqueeze(1) + rank() * n
+            others = torch.arange(sim.shape[1] - 1, device=q.device).unsqueeze(0).expand(n, -1)
+            l_neg = sim.gather(1, others + (others >= own).long())  # N x (G - 1)
         else:
             # The queue as it was before this step: enqueue happens after both losses.
             l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # N x K
@@ -100,10 +115,11 @@ class MoCo(nn.Module):
         """Overwrite the oldest keys with this step's keys from every rank; advance the pointer."""
         keys = concat_all_gather(keys)
         batch = keys.shape[0]
-        ptr = int(self.queue_ptr)
+        ptr = self._ptr
         assert self.K % batch == 0, "validated in config: K is a multiple of the keys per step"
         self.queue[:, ptr:ptr + batch] = keys.T.to(self.queue.dtype)
-        self.queue_ptr[0] = (ptr + batch) % self.K
+        self._ptr = (ptr + batch) % self.K
+        self.queue_ptr.fill_(self._ptr)  # a fill from a host value: no read-back
 
     # -- the memory bank (Wu et al. 2018), the dictionary MoCo replaces ----------------------
 

@@ -22,9 +22,8 @@ import torch
 import yaml
 from torch import nn
 
-from harness.data.datasets import NUM_CLASSES, folder_classes, load_tensors, pretrain_views, seeded_generator
+from harness.data.datasets import NUM_CLASSES, folder_classes, load_tensors, pretrain_views
 from harness.model import distributed as dist_mod
-from harness.model.moco import build_moco, compile_encoders
 from harness.run import faults, runio
 from harness.run.config import RUNTIME_ONLY, ConfigError, RunConfig, dump_yaml, get_dotted, identity_diff, validate
 from harness.run.outcome import RUNNING, Outcome
@@ -35,18 +34,9 @@ from harness.training.features import encoder_features, extract_split
 from harness.training.knn import knn_accuracy
 from harness.training.probe import probe_run  # imported up front: a long run must not load newer code at its end
 from harness.training.runtime import Runtime, machine_description
+from harness.training.step import build_step, learning_rate  # noqa: F401 (the schedule: step.py)
 
 EpochCallback = Callable[[int, dict], bool]  # after each epoch: True stops the run (pruned)
-
-
-def learning_rate(cfg: RunConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
-    """Linear warm-up per step, then cosine or step decay per epoch (as the official code)."""
-    o, base = cfg.optim, cfg.scaled_lr()
-    if epoch < o.warmup_epochs:
-        return base * (epoch * steps_per_epoch + step_in_epoch + 1) / (o.warmup_epochs * steps_per_epoch)
-    if o.schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / o.epochs))
-    return base * 0.1 ** sum(epoch >= m for m in o.milestones)
 
 
 class Progress:
@@ -148,17 +138,10 @@ class PretrainRun:
         self.is_main = rank == 0
         self.splits = splits or (None if cfg.data.dataset == "imagefolder" else load_tensors(cfg))
         self.views = pretrain_views(cfg, rt.device, rank, world, self.splits)
-        torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank (and every level)
-        self.model = rt.prepare(build_moco(cfg, bank_size=self.views.size))
-        if cfg.runtime.compile:
-            compile_encoders(self.model)
-        self.optimizer = torch.optim.SGD(self.model.encoder_q.parameters(), lr=cfg.scaled_lr(),
-                                         momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay,
-                                         foreach=True)
-        self.scaler = rt.grad_scaler()  # fp16 only; a no-op otherwise
+        self.step = build_step(cfg, rt, bank_size=self.views.size)
+        self.model, self.optimizer, self.scaler = self.step.model, self.step.optimizer, self.step.scaler
         self.state = RunState()
         self.resumed = False  # this attempt went on from a checkpoint
-        self.net: nn.Module = self.model
         self.last: dict = {}
 
     def resume(self, required: bool) -> None:
@@ -181,8 +164,7 @@ class PretrainRun:
             if saved is not None:
                 print(f"[train] resumed from {saved['path']} (epoch {s.epoch}, step {s.global_step})", flush=True)
         if self.world > 1:  # wrapped after loading: DDP broadcasts rank 0's weights at construction
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
-                                                           if self.rt.device.type == "cuda" else None)
+            self.step.net = dist_mod.wrap_ddp(self.model, self.rt.device, self.model.dictionary_buffers())
 
     def save(self) -> None:
         if self.is_main:
@@ -219,19 +201,7 @@ class PretrainRun:
         batches = self.views.epoch(s.epoch, s.step_in_epoch, indices=True)
         for step, (x_q, x_k, index) in enumerate(batches, start=s.step_in_epoch):
             lr = learning_rate(cfg, s.epoch, step, per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            x_q, x_k = self.rt.layout(x_q, x_k)
-            # All randomness inside the step (Shuffle BN permutations) derives from (seed, step).
-            torch.manual_seed(seeded_generator("step", cfg.runtime.seed, s.global_step, self.rank).initial_seed())
-            with self.rt.autocast():
-                out = self.net(x_q, x_k, index)
-            if faults.nan_at(s.global_step + 1):
-                out["loss"] = out["loss"] * float("nan")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(out["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            out = self.step(x_q, x_k, index, lr, s.global_step, self.rank, poison=faults.nan_at(s.global_step + 1))
             s.global_step, s.step_in_epoch = s.global_step + 1, step + 1
             # Accumulate on the device; read back only every log_every steps (no per-step sync).
             loss_acc = out["loss"].detach() if loss_acc is None else loss_acc + out["loss"].detach()

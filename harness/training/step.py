@@ -1,33 +1,91 @@
-"""The training step as the benchmarks, the estimate and the device check take it: the same model,
-optimizer, autocast and memory layout as a run (harness.training.pretrain), without a run directory."""
+"""The training step: one place for the optimizer a run builds and the SGD step it takes, used by a
+run (harness.training.pretrain), the benchmarks, the estimate and the device check alike."""
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+from torch import nn
+
+from harness.data.spec import seeded_generator
 from harness.model.moco import build_moco, compile_encoders
+from harness.run.config import RunConfig
 from harness.training.runtime import Runtime
 
 
-def training_step(cfg, rt: Runtime, splits, compile_backend: str = "inductor"):
-    """A MoCo model from seed `runtime.seed` and its SGD step as training takes it (autocast, memory
-    layout): `step(x_q, x_k, index)` returns the loss tensor without syncing. For the throughput
-    benchmark and the device check's comparisons of fast paths."""
+def learning_rate(cfg: RunConfig, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """Linear warm-up per step, then cosine or step decay per epoch (as the official code)."""
+    o, base = cfg.optim, cfg.scaled_lr()
+    if epoch < o.warmup_epochs:
+        return base * (epoch * steps_per_epoch + step_in_epoch + 1) / (o.warmup_epochs * steps_per_epoch)
+    if o.schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * epoch / o.epochs))
+    return base * 0.1 ** sum(epoch >= m for m in o.milestones)
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.SGD:
+    """SGD on the query encoder only (the key encoder moves by the momentum update, never by a
+    gradient), at the batch-scaled learning rate; the schedule sets each step's rate."""
+    return torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.scaled_lr(), momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay, foreach=True)
+
+
+class MocoStep:
+    """One SGD step of MoCo on a batch of views: forward (autocast, memory layout), loss scaling,
+    backward, optimizer. Nothing here reads a value back from the device."""
+
+    def __init__(self, cfg: RunConfig, rt: Runtime, model: nn.Module):
+        self.cfg, self.rt, self.model = cfg, rt, model
+        self.net: nn.Module = model  # DistributedDataParallel(model) once wrapped
+        self.optimizer = make_optimizer(cfg, model)
+        self.scaler = rt.grad_scaler()  # fp16 only; a no-op otherwise
+
+    def __call__(self, x_q: torch.Tensor, x_k: torch.Tensor, index: torch.Tensor, lr: float,
+                 global_step: int, rank: int = 0, poison: bool = False) -> dict:
+        """The step number `global_step` (0-based) at learning rate `lr`. Returns the model's output
+        (loss, accuracy: device tensors). `poison`: the loss made NaN (fault injection)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x_q, x_k = self.rt.layout(x_q, x_k)
+        # All randomness inside the step (Shuffle BN permutations) derives from (seed, step, rank).
+        torch.manual_seed(seeded_generator("step", self.cfg.runtime.seed, global_step, rank).initial_seed())
+        with self.rt.autocast():
+            out = self.net(x_q, x_k, index)
+        if poison:
+            out["loss"] = out["loss"] * float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return out
+
+
+def build_step(cfg: RunConfig, rt: Runtime, bank_size: int, compile_backend: str = "inductor") -> MocoStep:
+    """The run's model from seed `runtime.seed` (identical initial weights on every rank and every
+    level), prepared for the device and compiled if asked, and its step."""
     torch.manual_seed(cfg.runtime.seed)
-    model = rt.prepare(build_moco(cfg, bank_size=len(splits.pretrain)))
+    model = rt.prepare(build_moco(cfg, bank_size=bank_size))
     if cfg.runtime.compile:
         compile_encoders(model, compile_backend)
-    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.optim.lr, momentum=0.9,
-                          weight_decay=cfg.optim.weight_decay, foreach=True)
+    return MocoStep(cfg, rt, model)
+
+
+def training_step(cfg: RunConfig, rt: Runtime, bank_size: int, compile_backend: str = "inductor"):
+    """The run's model and a function `step(x_q, x_k, index)` taking the run's steps one after
+    another from step 0 at the schedule's rates; returns the loss tensor without syncing. For the
+    throughput benchmark, the estimate and the device check. `bank_size`: the training images."""
+    moco = build_step(cfg, rt, bank_size, compile_backend)
+    per_epoch = max(1, bank_size // cfg.optim.batch_size)
+    taken = 0
 
     def step(x_q, x_k, index):
-        with rt.autocast():
-            out = model(*rt.layout(x_q, x_k), index)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+        nonlocal taken
+        epoch, in_epoch = divmod(taken, per_epoch)
+        out = moco(x_q, x_k, index, learning_rate(cfg, epoch, in_epoch, per_epoch), taken)
+        taken += 1
         return out["loss"]
 
-    return model, step
+    return moco.model, step
 
 
 def median_step_seconds(cfg, threads: int, steps: int, warmup: int) -> float:
@@ -42,7 +100,7 @@ def median_step_seconds(cfg, threads: int, steps: int, warmup: int) -> float:
     torch.set_num_threads(threads)
     rt = Runtime.for_config(cfg)
     splits = synthetic_splits(cfg, cfg.optim.batch_size * (steps + warmup))
-    _, step = training_step(cfg, rt, splits)
+    _, step = training_step(cfg, rt, len(splits.pretrain))
     batches = iter(pretrain_views(cfg, rt.device, splits=splits).epoch(0, indices=True))
     timings = []
     for i in range(steps + warmup):

@@ -5,12 +5,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from timing import hang_s
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     cmd = [sys.executable, "-m", "harness.bench", "device", "--size", "small", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = tmp_path.glob("bench-device-*.json")
     rows = json.loads(report.read_text())["rows"]
@@ -25,7 +27,11 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     gpu = {r["check"]: r for r in rows if r["part"] == "gpu"}
     # The checks that settle the GPU paths ran on the CPU too: resume exact, gathers equal, fp32 logits.
     assert gpu["resume on the device"]["ok"] and gpu["resume on the device"]["state_max_diff"] == 0
-    assert gpu["gather channels_last"]["ok"] and gpu["logits bf16 vs fp32"]["ok"]
+    assert 0 < gpu["resume on the device"]["resumed_at_step"] < gpu["resume on the device"]["steps"]
+    assert gpu["gather channels_last"]["ok"] and gpu["gather channels_last"]["world_size"] == 2
+    assert gpu["logits bf16 vs fp32"]["ok"]
+    syncs = gpu["syncs per step"]  # counted over the real pipeline, batches drawn inside the count
+    assert syncs["ok"] and syncs["syncs_per_step"] == 0 and syncs["blocking_moves_per_step"] == 0
     assert gpu["logits bf16 vs fp32"]["bf16_einsum_max_diff"] > 10 * gpu["logits bf16 vs fp32"]["model_max_diff"]
     # the fast paths train like fp32 eager: same batches, same start, losses and queue within tolerance
     fast = [r for r in rows if "ok" in r and r["part"] == "device"]
@@ -35,6 +41,7 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     throughput = [r for r in rows if r["check"].startswith("throughput")]
     assert [r["recipe"] for r in throughput] == ["cifar10-r18"] * 2 + ["imagenet-r50-v2"] * 2
     assert all(r["images_per_s"] > 0 and r["achieved_tflops"] > 0 for r in throughput)
+    assert all(r["ops_per_step"] > 0 and r["syncs_per_step"] == 0 for r in throughput if r["path"] == "batched")
     assert throughput[2]["arch"] == "resnet50"
     packing = [r for r in rows if r["check"].startswith("packing")]
     assert [r["processes"] for r in packing] == [1, 2]  # and 4 at full size
@@ -51,7 +58,7 @@ def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):
     cmd = [sys.executable, "-m", "harness.bench", "diagnostics", "--out", str(tmp_path), "--repeats", "1",
            "--set", "data.train_subset=1024", "--set", "optim.batch_size=64", "--set", "moco.queue_size=256",
            "--set", "moco.bn_splits=4", "--set", "runtime.threads=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = tmp_path.glob("bench-diagnostics-*.json")
     rows = json.loads(report.read_text())["rows"]
@@ -65,7 +72,7 @@ def test_the_data_bench_times_old_and_new_folder_pipelines_side_by_side(tmp_path
     cmd = [sys.executable, "-m", "harness.bench", "data", "--recipe", "imagenet-r50-v2", "--synthetic-jpeg", "24",
            "--set", "optim.batch_size=8", "--set", "data.image_size=64", "--set", "runtime.device=cpu",
            "--steps", "1", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = tmp_path.glob("bench-data-*.json")
     rows = json.loads(report.read_text())["rows"]
@@ -75,3 +82,31 @@ def test_the_data_bench_times_old_and_new_folder_pipelines_side_by_side(tmp_path
     speedup = rows[3]
     assert speedup["batched_over_per_image"] == rows[1]["loader_images_per_s_per_core"] / rows[0]["loader_images_per_s_per_core"]
     assert speedup["synthetic_jpeg"]["images"] == 24 and speedup["synthetic_jpeg"]["size"] == [500, 375]
+
+
+def test_the_device_checks_resume_row_says_not_checked_when_no_checkpoint_was_written(monkeypatch):
+    """Without a checkpoint the "resumed" run starts afresh and matches trivially: not an "ok"."""
+    from harness.benchmarks import gpu_checks
+    from harness.benchmarks.sizes import device_size
+    from harness.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "save", lambda *args, **kwargs: None)
+    row = gpu_checks.check_resume(device_size("small"))
+    assert row["ok"] is None and "no checkpoint" in row["not_checked"]
+    assert gpu_checks.describe(row).startswith("not checked: ")
+
+
+def test_the_device_checks_sync_row_counts_a_sync_added_to_the_augmentation(monkeypatch):
+    from harness.benchmarks import gpu_checks
+    from harness.benchmarks.sizes import device_size
+    from harness.data import augment
+
+    apply_colour = augment.BatchAugment.apply_colour
+
+    def with_a_sync(self, x, table):
+        float(x.mean())  # a read-back, as a stray .item() would be
+        return apply_colour(self, x, table)
+
+    monkeypatch.setattr(augment.BatchAugment, "apply_colour", with_a_sync)
+    row = gpu_checks.check_syncs(device_size("small"))
+    assert row["syncs_per_step"] >= 2 and row["ok"] is False  # two views a step

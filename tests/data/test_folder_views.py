@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from image_folders import fmnist_folder
 from PIL import Image
 from scipy import stats
+from timing import hang_s
 from torchvision import transforms as T
 
 from harness.data.augment import AugmentSpec, BatchAugment, per_image_transform
-from harness.data.datasets import NORMALIZATION, load_tensors, pretrain_views
+from harness.data.datasets import NORMALIZATION, pretrain_views
 from harness.data.folder_views import CropFlipPairs, FolderViews, draw_crops
 from harness.run.config import make_config
 from harness.run.runio import read_jsonl
@@ -24,22 +26,6 @@ from harness.training import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[2]
 MEAN, STD = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION["imagefolder"])
-
-
-def fmnist_folder(root: Path, per_split: dict[str, int], classes: int = 3, side: int = 28) -> Path:
-    """The ImageNet layout (train/<class>/, val/<class>/) of real Fashion-MNIST images of `classes`
-    classes, saved as RGB JPEGs of `side` pixels."""
-    splits = load_tensors(make_config("fmnist-tiny", ["data.train_subset=1200", "data.test_subset=600"]))
-    sources = {"train": (splits.train_images, splits.train_labels), "val": (splits.test_images, splits.test_labels)}
-    for split, n in per_split.items():
-        images, labels = sources[split]
-        kept = [(i, int(y)) for i, y in enumerate(labels) if y < classes][:n]
-        for i, label in kept:
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            image = Image.fromarray(images[i][0].numpy()).convert("RGB").resize((side, side), Image.BICUBIC)
-            image.save(folder / f"{i}.jpg", quality=90)
-    return root
 
 
 def pattern_folder(root: Path, image: np.ndarray, n: int = 8) -> Path:
@@ -198,7 +184,7 @@ def test_a_run_on_an_image_folder_with_workers_resumes_mid_epoch_bit_identically
         args = [sys.executable, "-m", "harness.train", "--recipe", "imagenet-r50-v2", "--no-probe", "--out", str(out)]
         env = {**os.environ, **({"HARNESS_FAULT": fault} if fault else {})}
         return subprocess.run([*args, *(a for o in small for a in ("--set", o))], capture_output=True, text=True,
-                              timeout=600, env=env)
+                              timeout=hang_s(), env=env)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(straight).returncode == 0
@@ -240,7 +226,7 @@ def test_an_image_folder_study_runs_end_to_end_with_knn_monitor_and_probe(tmp_pa
     study.write_text(FOLDER_STUDY.format(root=root))
     env = {**os.environ, "HARNESS_RESULTS": str(tmp_path / "results")}
     proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "local", "--parallel", "2",
-                           "--poll", "1"], capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+                           "--poll", "1"], capture_output=True, text=True, timeout=hang_s(), env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = tmp_path / "results" / "folder_study"
     trials = optuna.load_study(study_name="folder_study", storage=f"sqlite:///{results / 'study.db'}").get_trials()
@@ -267,7 +253,7 @@ def test_the_dry_run_of_a_gpu_folder_study_says_how_many_loader_cores_a_gpu_need
 
     def dry_run() -> str:
         proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--dry-run", "--executor", "local"],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                              capture_output=True, text=True, timeout=hang_s(), env=env, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return next(line for line in proc.stdout.splitlines() if line.startswith("input pipeline"))
 

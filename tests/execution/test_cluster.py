@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 from test_study import PRUNING_STUDY
+from timing import hang_s
 
 from harness.execution.executors import SlurmExecutor
 from harness.execution.slurm import explain_sbatch
@@ -109,6 +110,16 @@ def test_dry_run_shows_the_sbatch_lines_sbatch_accepts_and_the_job_sees(tmp_path
         assert seen["CVD"] == "0,1"  # the node's two GRES GPUs
 
 
+def test_cpus_per_gpu_reaches_sbatch_without_cpus_per_task(tmp_path, slurm, monkeypatch):
+    """sbatch refuses --cpus-per-task together with --cpus-per-gpu: a study that says cpus_per_gpu
+    writes only that, and the test cluster's `sbatch --test-only` accepts the script."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    executor = SlurmExecutor(tmp_path / "jobs", Resources(gpus=2, cpus_per_gpu=1, mem_gb=1, time_min=5), "cpg", parallel=1)
+    lines = executor.sbatch_lines()
+    assert "#SBATCH --cpus-per-gpu=1" in lines and not any("--cpus-per-task" in line for line in lines), lines
+    executor.preflight()  # raises StudyError with sbatch's refusal
+
+
 def test_a_wrong_account_is_one_line_before_any_trial_and_the_right_one_runs(tmp_path, slurm, study_cli):
     env = {"SLURM_CONF": str(slurm.conf), "HARNESS_CLUSTER": None}
     wrong = study_cli(tmp_path / "res", str(_study_file(tmp_path, {"account": "nosuch"})), "--executor", "slurm",
@@ -125,7 +136,7 @@ def test_a_wrong_account_is_one_line_before_any_trial_and_the_right_one_runs(tmp
     cluster.write_text(yaml.safe_dump({"account": "lab"}))
     study = _study_file(tmp_path, {"qos": "short"}, factors={"moco.momentum": [0.9]}, seeds=[0])
     proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "slurm", "--poll", "2",
-                           "--no-report"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           "--no-report"], capture_output=True, text=True, timeout=hang_s(), cwd=ROOT,
                           env={**os.environ, **slurm.env, "HARNESS_RESULTS": str(tmp_path / "ok"),
                                "HARNESS_CLUSTER": str(cluster)})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -138,7 +149,7 @@ def test_a_wrong_account_is_one_line_before_any_trial_and_the_right_one_runs(tmp
 
 DDP_PAIR = """description: one DDP trial of two ranks
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=6, moco.queue_size=256,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=6, moco.queue_size=256,
             moco.bn_splits=4, moco.shuffle_bn=ddp, eval.pixel_floor=false, eval.knn_every=0, eval.probe=none,
             runtime.checkpoint_every=1, runtime.dist_timeout_s=60]
 factors: {moco.momentum: [0.99]}
@@ -172,14 +183,14 @@ def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slur
                               stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "slurm" / "ddp" / "runs" / "momentum=0.99,seed=0"
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + hang_s()
         while not list((run / "checkpoints").glob("ckpt-*.pt")):
             assert driver.poll() is None and time.time() < deadline, "no checkpoint before the requeue"
             time.sleep(0.5)
         job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
         subprocess.run([*prefix, "scontrol", "requeue", job_id], env=slurm_env, check=True)
-        out, _ = driver.communicate(timeout=600)
-        _, reference_err = reference.communicate(timeout=600)
+        out, _ = driver.communicate(timeout=hang_s())
+        _, reference_err = reference.communicate(timeout=hang_s())
     finally:
         driver.kill()
         reference.kill()
@@ -235,7 +246,7 @@ def test_pruning_on_slurm_goes_through_the_driver_and_jobs_never_open_the_storag
     study.write_text(PRUNED)
     results = tmp_path / "results"
     proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--executor", "slurm", "--poll", "1",
-                           "--no-report"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                           "--no-report"], capture_output=True, text=True, timeout=hang_s(), cwd=ROOT,
                           env={**os.environ, **slurm.env, "HARNESS_RESULTS": str(results), "HARNESS_CLUSTER": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (trial,) = optuna.load_study(study_name="prune", storage=f"sqlite:///{results / 'prune' / 'study.db'}").get_trials()

@@ -10,6 +10,7 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from timing import hang_s
 
 from harness.planning.studyfile import STUDY_DIR, StudyError, load_study, parse_study, trial_key, validate_levels
 from harness.run.config import ConfigError, make_config
@@ -111,6 +112,6 @@ def test_results_directory_that_cannot_be_written(tmp_path):
     blocker.write_text("a file where the results folder should be")
     env = {**os.environ, "HARNESS_RESULTS": str(blocker)}
     proc = subprocess.run([sys.executable, "-m", "harness.study", "smoke", "--executor", "local"], env=env,
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
     assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
     assert blocker.read_text().startswith("a file")  # untouched

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from timing import hang_s
 
 from harness import report as harness_report
 from harness.reporting.plots import _axis
@@ -19,7 +20,7 @@ from harness.run.config import RUNTIME_ONLY, identity_diff, make_config
 from harness.run.runio import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "moco.queue_size=256",
+SMALL = ["model.tiny_widths=[8,16,32]", "data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "moco.queue_size=256",
          "moco.bn_splits=4", "eval.pixel_floor=false", "eval.knn_test_subset=128"]
 
 
@@ -27,9 +28,9 @@ def study_env(results: Path) -> dict:
     return {**os.environ, "HARNESS_RESULTS": str(results), "PYTHONUNBUFFERED": "1"}
 
 
-def study(results: Path, *args: str, timeout=900) -> subprocess.CompletedProcess:
+def study(results: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.study", *args, "--poll", "0.5"], env=study_env(results),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
 
 
 # ---------------------------------------------------------------- identity
@@ -129,9 +130,11 @@ def test_restarted_study_resumes_its_runs_under_other_runtime_settings(tmp_path,
     runs = [results / "restart" / "runs" / f"momentum=0.99,seed={s}" for s in (0, 1)]
     cmd = [sys.executable, "-m", "harness.study", str(path), "--executor", "local", "--parallel", "2",
            "--poll", "0.5", "--no-report"]
-    driver = subprocess.Popen(cmd, env=study_env(results), cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 300
+    # Paced (2 s of sleep after each epoch of a first attempt): both runs are still mid-run when the
+    # second one checkpoints, however fast the machine; the resumed attempts run at full speed.
+    driver = subprocess.Popen(cmd, env={**study_env(results), "HARNESS_FAULT": "pace@2"}, cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + hang_s()
     while not all(list((r / "checkpoints").glob("ckpt-*.pt")) for r in runs):
         assert time.monotonic() < deadline and driver.poll() is None, "no checkpoints from both runs"
         time.sleep(0.2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from timing import hang_s, wait_until
 
 from harness.run.runio import read_jsonl
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STUDY = """\
 description: 2 trials long enough to be mid-run during an outage; a pruner that reports every epoch, never prunes
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=6,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=6,
             moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128]
 factors: {moco.momentum: [0.9, 0.99]}
 seeds: [0]
@@ -30,13 +31,6 @@ def start(results: Path, study: Path, *args: str, env: dict | None = None) -> su
     cmd = [sys.executable, "-m", "harness.study", str(study), "--poll", "0.5", "--no-report", *args]
     env = {**os.environ, "HARNESS_RESULTS": str(results), "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(predicate, what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
 
 
 def runs(results: Path, name: str) -> list[Path]:
@@ -78,7 +72,7 @@ def through_an_outage(tmp_path: Path, studies: dict, stop, restart, env: dict | 
     restart()
     outputs = {}
     for name, driver in drivers.items():
-        outputs[name] = driver.communicate(timeout=600)
+        outputs[name] = driver.communicate(timeout=hang_s())
         assert driver.returncode == 0, outputs[name][1][-3000:]
     return results, outputs
 
@@ -118,7 +112,7 @@ def test_an_outage_past_the_limit_ends_the_driver_with_one_line_and_a_rerun_fini
     wait_until(lambda: both_training(results, "pg_limit"), "both trials to train")
     postgres.stop()
     try:
-        _, err = driver.communicate(timeout=120)
+        _, err = driver.communicate(timeout=hang_s())
         assert driver.returncode == 2 and "Traceback" not in err, err[-3000:]
         last = err.strip().splitlines()[-1]
         assert last.startswith("error: the study's database postgresql") and "has not answered for" in last
@@ -126,7 +120,7 @@ def test_an_outage_past_the_limit_ends_the_driver_with_one_line_and_a_rerun_fini
     finally:
         postgres.restart()
     again = start(results, study, *args)  # the same command, as the line says
-    _, err = again.communicate(timeout=600)
+    _, err = again.communicate(timeout=hang_s())
     assert again.returncode == 0, err[-3000:]
     assert_complete_once(postgres.url(), "pg_limit", results)
 

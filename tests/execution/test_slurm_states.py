@@ -5,6 +5,7 @@ import subprocess
 import time
 
 import local_slurm
+from timing import wait_until
 
 from harness.execution.executors import SlurmExecutor
 from harness.execution.slurm import slurm_states
@@ -19,14 +20,6 @@ def _squeue_state(slurm, job_id: str) -> str:
     return out.stdout.strip()
 
 
-def _wait_for(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not check():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
-
-
 def test_waiting_and_held_jobs_stay_alive_past_the_vanish_threshold_with_and_without_accounting(
         tmp_path, slurm, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
@@ -39,7 +32,7 @@ def test_waiting_and_held_jobs_stay_alive_past_the_vanish_threshold_with_and_wit
                           capture_output=True, text=True, check=True).stdout.strip()
     jobs = [*array, held]
     try:
-        _wait_for(lambda: _squeue_state(slurm, array[0]) == "RUNNING", "the array's first task to run")
+        wait_until(lambda: _squeue_state(slurm, array[0]) == "RUNNING", "the array's first task to run")
         long_ago = {job_id: time.time() - 3600 for job_id in jobs}
         assert executor.ended(long_ago) == {}, slurm_states(jobs)  # sacct knows none of the waiting ones
         assert slurm_states(jobs)[array[1]] == "PENDING" and slurm_states(jobs)[held] == "PENDING"
@@ -51,7 +44,7 @@ def test_waiting_and_held_jobs_stay_alive_past_the_vanish_threshold_with_and_wit
             assert executor.ended(long_ago) == {}
             subprocess.run(["scancel", held], env=slurm.env, check=True)
             # An ended job is still known to the controller (MinJobAge): its real state, not "vanished".
-            _wait_for(lambda: held in executor.ended(long_ago), "the cancelled job to be seen as ended")
+            wait_until(lambda: held in executor.ended(long_ago), "the cancelled job to be seen as ended")
             assert executor.ended(long_ago)[held] == "CANCELLED"
         finally:
             local_slurm._run("slurmdbd", env=slurm.env)

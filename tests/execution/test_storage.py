@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from timing import hang_s
 
 from harness.execution.storage import open_storage
 from harness.run.runio import read_jsonl
@@ -38,7 +39,7 @@ def test_postgres_workers_survive_a_killed_worker(tmp_path, postgres):
     driver = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = tmp_path / "smoke" / "runs"
     victim = None
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + hang_s()
     while victim is None and time.monotonic() < deadline:  # a worker with a trial under way
         for run in sorted(runs.glob("*")) if runs.exists() else []:
             steps = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("kind") == "step"]
@@ -49,7 +50,7 @@ def test_postgres_workers_survive_a_killed_worker(tmp_path, postgres):
         time.sleep(0.2)
     assert victim, "no trial got under way"
     os.kill(victim[1], signal.SIGKILL)
-    output, _ = driver.communicate(timeout=600)
+    output, _ = driver.communicate(timeout=hang_s())
     assert driver.returncode == 0, output[-3000:]
     assert postgres.password not in output  # never printed
     trials = assert_each_key_complete_once(url)
@@ -62,7 +63,7 @@ def test_postgres_workers_survive_a_killed_worker(tmp_path, postgres):
 def test_journal_file_with_four_workers(tmp_path):
     url = f"journal://{tmp_path / 'smoke.journal'}"
     args, env = cmd(tmp_path, url, "--workers", "4")
-    proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=hang_s())
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = assert_each_key_complete_once(url)
     assert len(trials) == 4
@@ -74,7 +75,7 @@ def test_two_drivers_started_at_once_on_one_study(tmp_path):
     args, env = cmd(tmp_path, url, "--parallel", "2")
     first = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    outs = [p.communicate(timeout=600) for p in (first, second)]
+    outs = [p.communicate(timeout=hang_s()) for p in (first, second)]
     codes = sorted(p.returncode for p in (first, second))
     assert codes == [0, 2], outs
     assert any("another driver is already running" in err for _, err in outs)
@@ -107,6 +108,6 @@ def test_studies_opened_at_once_on_a_new_postgres_database(postgres):
 
     threads = [threading.Thread(target=open_one, args=(hb,)) for hb in (None, 30) * 3]
     [t.start() for t in threads]
-    [t.join(timeout=120) for t in threads]
+    [t.join(timeout=hang_s()) for t in threads]
     assert errors == []
     optuna.create_study(study_name="after", storage=open_storage(url, None))  # the schema is whole

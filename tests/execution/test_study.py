@@ -5,11 +5,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
+from timing import hang_s, wait_until
 
 from harness.run.runio import read_jsonl
 
@@ -23,9 +23,9 @@ def study_cmd(results: Path, *args: str, env_extra: dict | None = None, slurm=No
     return [sys.executable, "-m", "harness.study", *args, "--poll", "1", "--no-report"], env
 
 
-def run_study(results: Path, *args: str, timeout=600, **kw) -> subprocess.CompletedProcess:
+def run_study(results: Path, *args: str, **kw) -> subprocess.CompletedProcess:
     cmd, env = study_cmd(results, *args, **kw)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
 
 
 def trials_of(results: Path, name: str = "smoke") -> list[optuna.trial.FrozenTrial]:
@@ -143,19 +143,10 @@ def test_smoke_study_with_local_executor(tmp_path, study_cli):
     assert sorted(line.split()[1] for line in rows) == SMOKE_KEYS
 
 
-def wait_for(predicate, timeout=240, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 SLOW_PAIR = """\
 description: two slow trials on SLURM, one preempted by an admin requeue, one past its 2-min time limit
 recipe: fmnist-tiny
-overrides: [data.train_subset=256, data.test_subset=256, optim.batch_size=64, optim.epochs=8,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=256, data.test_subset=256, optim.batch_size=64, optim.epochs=8,
             moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_every=0,
             runtime.checkpoint_every=1]
 factors: {moco.momentum: [0.9, 0.99]}
@@ -191,7 +182,7 @@ def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, 
     runs = results / "interrupted" / "runs"
     preempted, timed_out = runs / "momentum=0.9,seed=0", runs / "momentum=0.99,seed=0"
     epochs = lambda run: [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]  # noqa: E731
-    wait_for(lambda: (preempted / "metrics.jsonl").exists() and epochs(preempted)
+    wait_until(lambda: (preempted / "metrics.jsonl").exists() and epochs(preempted)
              and list((preempted / "checkpoints").glob("ckpt-*.pt")), what="first checkpoint")
     job_id = read_jsonl(preempted / "attempts.jsonl")[0]["job_id"]
     subprocess.run(["scontrol", "requeue", job_id], env=slurm.env, check=True)
@@ -213,7 +204,7 @@ def test_preempted_and_timed_out_trials_resume_from_their_checkpoints(tmp_path, 
 
 PACKED_PAIR = """description: two trials a job
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=10, moco.queue_size=256,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=10, moco.queue_size=256,
             moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128, eval.probe_epochs=5, runtime.log_every=4]
 factors: {moco.momentum: [0.9, 0.99]}
 seeds: [0]
@@ -252,7 +243,7 @@ def test_two_trials_packed_in_one_slurm_job_requeue_together_and_fail_alone(tmp_
     assert proc.returncode == 0, proc.stderr
     runs = results / "packed" / "runs"
     killed, other = runs / "momentum=0.9,seed=0", runs / "momentum=0.99,seed=0"
-    wait_for(lambda: all(list((r / "checkpoints").glob("ckpt-*.pt")) for r in (killed, other)), what="checkpoints")
+    wait_until(lambda: all(list((r / "checkpoints").glob("ckpt-*.pt")) for r in (killed, other)), what="checkpoints")
     (pack_job,) = {read_jsonl(r / "attempts.jsonl")[0]["job_id"] for r in (killed, other)}  # one job, both trials
     subprocess.run(["scontrol", "requeue", pack_job], env=slurm.env, check=True)
     done = run_study(results, *args, slurm=slurm, env_extra=faults)
@@ -271,7 +262,7 @@ def test_two_trials_packed_in_one_slurm_job_requeue_together_and_fail_alone(tmp_
         assert resumed and 1 <= int(resumed.group(1)) < 10, pack_log[-3000:]
         assert [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"] == list(range(1, 11))
 
-    twin_output, _ = twins.communicate(timeout=600)
+    twin_output, _ = twins.communicate(timeout=hang_s())
     assert twins.returncode == 0, twin_output[-3000:]
     for run in (killed, other):
         twin = alone_results / "packed" / "runs" / run.name
@@ -303,7 +294,7 @@ def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials
             return False
 
     try:
-        wait_for(submitted, what="a submitted job")
+        wait_until(submitted, what="a submitted job")
     except AssertionError as exc:  # what the driver said, and what Slurm says
         queue = subprocess.run(["squeue"], env=slurm.env, capture_output=True, text=True).stdout
         raise AssertionError(f"{exc}\n--- driver:\n{log.read_text()[-3000:]}\n--- squeue:\n{queue}") from None
@@ -331,7 +322,7 @@ def test_trial_with_two_processes_runs_ddp_through_submitit(tmp_path):
     study.write_text("""\
 description: one trial as 2 DDP processes on CPU (gloo), keys shuffled across them (Shuffle BN 'ddp')
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=1,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=1,
             moco.queue_size=256, moco.shuffle_bn=ddp, eval.pixel_floor=false]
 factors: {moco.momentum: [0.99]}
 seeds: [0]
@@ -349,7 +340,7 @@ resources: {tasks: 2, cpus: 2, time_min: 10}
 PRUNING_STUDY = """\
 description: TPE over tau with a pruner every trial fails
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
             moco.queue_size=256, eval.pixel_floor=false]
 sampler: tpe
 n_trials: 1
@@ -384,8 +375,7 @@ def test_retries_run_out_and_the_study_ends_with_the_reason(tmp_path):
     study = tmp_path / "doomed.yaml"
     study.write_text("description: x\nrecipe: fmnist-tiny\noverrides: [data.train_subset=512]\n"
                      "factors: {moco.momentum: [0.99]}\nseeds: [0]\nretries: 1\n")
-    proc = run_study(tmp_path / "res", str(study), "--executor", "local", env_extra={"HARNESS_FAULT": "raise-always"},
-                     timeout=300)
+    proc = run_study(tmp_path / "res", str(study), "--executor", "local", env_extra={"HARNESS_FAULT": "raise-always"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     trials = trials_of(tmp_path / "res", "doomed")
     assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL] * 2
@@ -499,7 +489,7 @@ def test_a_driver_start_imports_no_torch(tmp_path):
     `pretrain_size` from `harness.data`, which imports torch."""
     env = {**os.environ, "HARNESS_RESULTS": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness.study", "smoke", "--status"],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=hang_s(), env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert {"harness.planning.studyfile", "harness.execution.driver", "harness.reporting.study_report"} <= imported

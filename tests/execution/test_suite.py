@@ -7,7 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-SMALL = ("data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=1, moco.bn_splits=4, "
+SMALL = ('"model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=1, '
+         "moco.bn_splits=4, "
          "eval.pixel_floor=false, eval.knn_every=0, eval.probe_epochs=5, runtime.log_every=4")
 TINY = f"recipe: fmnist-tiny\noverrides: [{SMALL}, moco.queue_size=256]\nseeds: [0]\nretries: 0\n"
 

@@ -5,6 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from harness.model.distributed import wrap_ddp
 from harness.model.moco import MoCo
 from harness.model.shuffle_bn import encode_shuffled
 
@@ -28,7 +29,7 @@ def worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # same initial weights and queue on both ranks
     model = RecordingMoCo(encoder, dim=DIM, queue_size=K, momentum=0.9, temperature=0.2, shuffle_bn="ddp")
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = wrap_ddp(model, torch.device("cpu"), model.dictionary_buffers())  # as a run wraps it
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(100 + rank)  # different images per rank
     for _ in range(2):
@@ -85,7 +86,7 @@ def bank_worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)  # the same initial bank on both ranks
     model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder="memory_bank", bank_size=20)
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = wrap_ddp(model, torch.device("cpu"), model.dictionary_buffers())  # as a run wraps it
     g = torch.Generator().manual_seed(100 + rank)
     for step in range(2):
         x = torch.randn(PER_RANK, 3, 5, 5, generator=g)
@@ -106,3 +107,32 @@ def test_ddp_memory_bank_is_the_same_on_every_rank_and_updated_for_the_global_ba
     assert torch.equal(b0, b1)
     changed = (b0 != initial).any(dim=1)
     assert changed[:16].all() and not changed[16:].any()  # both ranks' images of both steps, nothing else
+
+
+def broadcast_worker(rank, world, init_file, key_encoder, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder=key_encoder, bank_size=20)
+    ddp = wrap_ddp(model, torch.device("cpu"), model.dictionary_buffers())
+    dictionary = model.bank if key_encoder == "memory_bank" else model.queue
+    with torch.no_grad():  # rank 1's copies made different: a broadcast from rank 0 would undo it
+        dictionary.add_(rank)
+        model.encoder_q[1].running_mean.add_(rank)
+    x = torch.randn(PER_RANK, 3, 5, 5, generator=torch.Generator().manual_seed(rank))
+    ddp(x, x, torch.arange(PER_RANK) + PER_RANK * rank)
+    untouched = dictionary[8:] if key_encoder == "memory_bank" else dictionary[:, 8:]  # the step wrote 8 entries
+    results[rank] = {"dictionary": untouched.clone(), "names": model.dictionary_buffers(),
+                     "bn_before_forward_was_rank_0s": bool((model.encoder_q[1].running_mean.abs() < 0.5).all())}
+    dist.destroy_process_group()
+
+
+def test_ddp_does_not_broadcast_the_queue_or_the_bank_but_still_the_batchnorm_statistics(tmp_path):
+    """Before every forward DDP sends rank 0's buffers to the others (an ImageNet memory bank: 655 MB a
+    step). The dictionary is equal on every rank by construction, so it is left out: a difference put
+    into rank 1's copy survives a forward, while BatchNorm's statistics are still rank 0's."""
+    for key_encoder, names in (("momentum", ["queue", "queue_ptr"]), ("memory_bank", ["bank"])):
+        results = mp.Manager().dict()
+        mp.spawn(broadcast_worker, args=(2, str(tmp_path / f"init-{key_encoder}"), key_encoder, results), nprocs=2)
+        assert results[0]["names"] == names
+        assert (results[1]["dictionary"] - results[0]["dictionary"]).abs().min() > 0.5  # not overwritten
+        assert results[0]["bn_before_forward_was_rank_0s"] and results[1]["bn_before_forward_was_rank_0s"]

@@ -3,6 +3,7 @@ by hundreds of simulated studies with known level means and seed noise."""
 import numpy as np
 import pytest
 from scipy import stats
+from timing import hang_s
 
 from harness.planning.decide import (
     EQUAL,
@@ -133,7 +134,7 @@ def test_the_seed_hint_names_a_count_that_decides_at_least_80_percent_of_the_tim
 RACE_STUDY = """\
 description: a 2-level race, killed during a round and between rounds
 recipe: fmnist-tiny
-overrides: [data.train_subset=256, data.test_subset=128, optim.batch_size=64, optim.epochs=1, moco.queue_size=256,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=256, data.test_subset=128, optim.batch_size=64, optim.epochs=1, moco.queue_size=256,
             moco.bn_splits=4, eval.pixel_floor=false, eval.knn_every=0]
 factors: {moco.momentum: [0.9, 0.99]}
 seeds: {initial: 2, max: 3}
@@ -179,13 +180,13 @@ def test_a_killed_driver_resumes_the_race_without_losing_or_repeating_a_trial(tm
 
     for until in (1, 4):  # killed during the first round, then as the first round completes
         driver = subprocess.Popen(cmd, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + hang_s()
         while complete() < until and driver.poll() is None:  # (a race may also end at its first look)
             assert time.monotonic() < deadline
             time.sleep(0.2)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-    final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    final = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=hang_s())
     assert final.returncode == 0, final.stderr[-3000:]
     assert "[study race] race over: best " in final.stdout  # the race says where it stands
     all_trials = optuna.load_study(study_name="race", storage=storage).get_trials()

@@ -8,6 +8,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from timing import hang_s
 
 from harness.reporting.study_report import build_report
 
@@ -136,7 +137,7 @@ def test_report_html_as_a_reader_sees_it(tmp_path, synthetic_study):
     page.write_text((out / "report.html").read_text().replace("</body>", CHECK + "</body>"))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--user-data-dir=" + str(tmp_path / "profile")]
     dom = subprocess.run([chromium, *flags, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=hang_s()).stdout
     found = re.search(r'<pre id="reader-check">(.*?)</pre>', dom)
     assert found, dom[-2000:]
     seen = json.loads(html.unescape(found.group(1)))
@@ -146,7 +147,7 @@ def test_report_html_as_a_reader_sees_it(tmp_path, synthetic_study):
     assert seen["backticks"] == 0 and seen["code"] >= 1  # `momentum_sweep` is rendered as code
     shot = tmp_path / "report.png"
     subprocess.run([chromium, *flags, "--hide-scrollbars", "--window-size=1200,1600", f"--screenshot={shot}",
-                    (out / "report.html").as_uri()], capture_output=True, timeout=120)
+                    (out / "report.html").as_uri()], capture_output=True, timeout=hang_s())
     from PIL import Image
 
     with Image.open(shot) as image:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from timing import hang_s
 
 from harness.run.config import ConfigError, make_config, recipe_names, validate
 from harness.run.datafiles import check_dataset
@@ -121,7 +122,7 @@ def test_world_size_checks_batch_split_and_ddp_shuffle():
 def test_cli_rejects_bad_input_before_creating_anything(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--set",
-                           "moco.temperature=0", "--out", str(out)], capture_output=True, text=True, timeout=120)
+                           "moco.temperature=0", "--out", str(out)], capture_output=True, text=True, timeout=hang_s())
     assert proc.returncode == 2
     assert "moco.temperature" in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from timing import hang_s
 
 from harness.run.runio import read_jsonl
 from harness.training import checkpoint as ckpt
@@ -17,7 +18,7 @@ STUDY = """\
 description: five copies of one trial (keep_checkpoints changes nothing it computes), checkpoints every
   3 steps (8 steps per epoch, 2 epochs); four are killed at a dangerous point each, one is the reference
 recipe: fmnist-tiny
-overrides: [data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
             moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, runtime.log_every=1,
             runtime.checkpoint_every_steps=3, runtime.threads=1]
 factors: {runtime.keep_checkpoints: [3, 4, 5, 6, 7]}
@@ -64,7 +65,7 @@ def matrix(tmp_path_factory) -> Path:
     env = {**os.environ, "HARNESS_RESULTS": str(root / "results"), "HARNESS_FAULT": faults}
     cmd = [sys.executable, "-m", "harness.study", str(study), "--executor", "local", "--poll", "0.5",
            "--no-report", "--parallel", "2", "--no-share"]  # the copies have one identity: never shared here
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / "results"
 

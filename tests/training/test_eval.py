@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import hang_s
 from torch import nn
 
 from harness.data.datasets import load_tensors
@@ -161,7 +162,7 @@ def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
     small = ["data.train_subset=256", "data.test_subset=128", "optim.batch_size=64", "optim.epochs=1",
              "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none"]
     args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
-    assert subprocess.run(args, capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run(args, capture_output=True, timeout=hang_s()).returncode == 0
     # Re-probing may change probe settings, never what the checkpoint was trained with.
     proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--set", "moco.dim=64"],
                           capture_output=True, text=True)
@@ -192,7 +193,7 @@ def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, t
              "moco.bn_splits=4", "eval.knn_every=0", "eval.probe=standard", "eval.probe_epochs=2",
              "eval.probe_batch_size=32", "eval.probe_lr=1.0", "eval.probe_feature_bn=true"]
     args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=hang_s())
     assert proc.returncode == 0, proc.stderr[-2000:]
     standard = json.loads((run / "probe.json").read_text())
     n_train = sum(1 for _ in (tmp_path / "data" / "train").rglob("*.png"))
@@ -202,7 +203,7 @@ def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, t
     # Trouser vs T-shirt vs pullover: linearly far apart even for a barely trained encoder (chance: 0.33).
     assert standard["top1"] > 0.6 and "pixel_floor_top1" not in standard
     proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--protocol", "fast"],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=hang_s())
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast = json.loads((run / "probe-fast.json").read_text())
     assert (fast["train_size"], fast["test_size"]) == (n_train, n_val) and fast["top1"] > 0.6

@@ -12,13 +12,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
+from image_folders import fmnist_folder
+from timing import scaled
 
 from harness.run import runio
 from harness.run.config import ConfigError, identity_digest, make_config
 from harness.training import checkpoint as ckpt
 
-TIMEOUT_S = 4  # the process group's timeout in these tests: a collective left waiting fails within it
-DDP = ["data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.epochs=3",
+# The process group's timeout in these tests: a collective left waiting fails within it. Set against
+# the machine's work (a rank slowed by the others must not trip it): 4 s on the reference machine.
+TIMEOUT_S = round(scaled(4))
+DDP = ["model.tiny_widths=[8,16,32]", "data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.epochs=3",
        "moco.queue_size=256", "moco.bn_splits=4", "runtime.log_every=1", "runtime.threads=1",
        "eval.knn_every=1", "eval.knn_train_subset=256", "eval.knn_test_subset=128", "eval.probe=none",
        "eval.pixel_floor=false", f"runtime.dist_timeout_s={TIMEOUT_S}"]
@@ -114,21 +118,8 @@ def test_the_logged_loss_of_a_ddp_run_is_the_mean_over_ranks(tmp_path):
 # ---------------------------------------------------------------- 4. the kNN monitor on image folders
 
 def _image_folder(root: Path, per_split: dict[str, int]) -> Path:
-    """The ImageNet layout (train/<class>/, val/<class>/) with real Fashion-MNIST images of 3 classes."""
-    from PIL import Image
-
-    from harness.data.datasets import load_tensors
-
-    splits = load_tensors(make_config("fmnist-tiny", ["data.train_subset=600", "data.test_subset=300"]))
-    sources = {"train": (splits.train_images, splits.train_labels), "val": (splits.test_images, splits.test_labels)}
-    for split, n in per_split.items():
-        images, labels = sources[split]
-        kept = [(i, int(y)) for i, y in enumerate(labels) if y < 3][:n]
-        for i, label in kept:
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(images[i][0].numpy()).convert("RGB").save(folder / f"{i}.png")
-    return root
+    """The ImageNet layout with real Fashion-MNIST images of 3 classes, as lossless PNGs."""
+    return fmnist_folder(root, per_split, suffix=".png", pool=(600, 300))
 
 
 FOLDER = ["data.dataset=imagefolder", "data.image_size=32", "data.num_workers=0", "optim.batch_size=32",

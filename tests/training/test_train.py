@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from timing import hang_s
 
 from harness.run.runio import read_jsonl
 from harness.training import checkpoint as ckpt
 
-SMALL = ["data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.epochs=2",
+SMALL = ["model.tiny_widths=[8,16,32]", "data.train_subset=512", "data.test_subset=256", "optim.batch_size=64", "optim.epochs=2",
          "moco.queue_size=256", "runtime.log_every=1", "eval.knn_every=0", "eval.probe=none",
          "runtime.checkpoint_every=2", "runtime.checkpoint_every_steps=3", "runtime.threads=1"]
 
@@ -30,7 +31,7 @@ def run_train(out: Path | None, *extra: str, fault: str | None = None, env: dict
     if fault or env or cwd or subprocess_only:
         env = {**os.environ, **(env or {}), **({"HARNESS_FAULT": fault} if fault else {})}
         return subprocess.run([sys.executable, "-m", "harness.train", *args], capture_output=True, text=True,
-                              timeout=600, env=env, cwd=cwd)
+                              timeout=hang_s(), env=env, cwd=cwd)
     from harness.train import main
 
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -133,7 +134,7 @@ def test_fmnist_tiny_recipe_learns(tmp_path):
              "data.train_subset=4096"]
     args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out),
             *(a for key in short for a in ("--set", key))]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=hang_s())
     assert proc.returncode == 0, proc.stderr[-2000:]
     epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]

@@ -1,0 +1,179 @@
+"""Deliberate one-line bugs, and the tests that must catch each: proof that the suite can fail.
+
+Run by hand, not in CI (each mutant runs its tests in a scratch copy of the tree, minutes in all):
+
+    python tests/mutants.py                  # every mutant; prints caught / SURVIVED / stale per mutant
+    python tests/mutants.py --list           # names only
+    python tests/mutants.py queue-pointer    # some of them
+    python tests/mutants.py --json out.json  # also the table as JSON (compare two commits' lists)
+
+A mutant replaces one exact piece of code (it must occur exactly once) in a scratch copy of the
+working tree; its tests then run there (`pytest -p no:xdist`, servers started by the tests as
+usual). Caught: at least one of them fails. SURVIVED: all pass, so the mechanism is untested.
+Stale: the code it breaks was changed; update the mutant with the change (never delete it silently).
+The list gathers the mutants the notes of earlier issues describe (issue 13 and after)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest node ids; one failing catches the mutant
+
+
+MUTANTS = [
+    Mutant("ema-swapped", "harness/model/moco.py",
+           "torch._foreach_mul_(k_params, self.m)\n        torch._foreach_add_(k_params, torch._foreach_mul(q_params, 1.0 - self.m))",
+           "torch._foreach_mul_(k_params, 1.0 - self.m)\n        torch._foreach_add_(k_params, torch._foreach_mul(q_params, self.m))",
+           ("tests/model/test_moco.py::test_momentum_update_is_exact_ema_of_parameters_only",)),
+    Mutant("queue-pointer", "harness/model/moco.py",
+           "self._ptr = (ptr + batch) % self.K", "self._ptr = ptr",
+           ("tests/model/test_moco.py::test_queue_is_fifo_and_pointer_wraps",)),
+    Mutant("no-temperature", "harness/model/moco.py",
+           "logits = torch.cat([l_pos, l_neg], dim=1) / self.T\n        labels",
+           "logits = torch.cat([l_pos, l_neg], dim=1)\n        labels",
+           ("tests/model/test_moco.py::test_logits_put_positive_first_divide_by_T_and_loss_is_cross_entropy",)),
+    Mutant("keys-not-unshuffled", "harness/model/shuffle_bn.py",
+           "    return x[idx_unshuffle]", "    return x",
+           ("tests/model/test_moco.py::test_split_shuffle_then_unshuffle_restores_order",
+            "tests/model/test_moco.py::test_split_shuffle_bn_hides_the_order_from_bn_and_returns_keys_in_order")),
+    Mutant("resume-at-step-0", "harness/training/pretrain.py",
+           "batches = self.views.epoch(s.epoch, s.step_in_epoch, indices=True)",
+           "batches = self.views.epoch(s.epoch, 0, indices=True)",
+           ("tests/training/test_train.py::test_resume_after_sigkill_is_bit_identical",)),
+    Mutant("no-checkpoint-loaded", "harness/training/pretrain.py",
+           "saved = ckpt.load_latest(self.run_dir / \"checkpoints\")", "saved = None",
+           ("tests/training/test_train.py::test_resume_after_sigkill_is_bit_identical",
+            "tests/training/test_train.py::test_corrupt_newest_checkpoint_falls_back_to_previous")),
+    Mutant("no-retries", "harness/execution/plans.py",
+           "if sum(t.state == FAIL and not t.user_attrs.get(\"never_ran\") for t in tries) <= self.study.retries:",
+           "if sum(t.state == FAIL and not t.user_attrs.get(\"never_ran\") for t in tries) <= 0:",
+           ("tests/training/test_crash.py",)),
+    Mutant("probe-tests-on-train", "harness/training/probe.py",
+           "test_feats, test_labels = extract(backbone, split_batches(cfg, \"test\", device, splits), device)",
+           "test_feats, test_labels = extract(backbone, split_batches(cfg, \"train\", device, splits), device)",
+           ("tests/training/test_eval.py::test_image_folder_run_is_pretrained_and_probed_by_both_protocols",)),
+    Mutant("idx-cache-never-read", "harness/data/datasets.py",
+           "        return cached.read_bytes()\n    except OSError:",
+           "        raise OSError\n    except OSError:",
+           ("tests/data/test_data.py",)),
+    Mutant("relu-before-residual", "harness/model/backbones.py",
+           "return self.relu(out + identity)", "return self.relu(out) + identity",
+           ("tests/model/test_moco.py::test_the_tiny_resnets_basic_block_is_torchvisions",)),
+    Mutant("no-heartbeat-grace", "harness/execution/storage.py",
+           "return time.monotonic() - self.last_outage > (self.grace_period or 0)", "return True",
+           ("tests/execution/test_outage.py::test_no_heartbeat_is_judged_until_a_grace_period_after_an_outage",)),
+    Mutant("waiting-trial-not-grouped", "harness/execution/plans.py",
+           "enqueued = enqueued_params(t) if t.state == WAITING else {}", "enqueued = {}",
+           ("tests/execution/test_plans.py",)),
+    Mutant("constant-schedule", "harness/training/pretrain.py",
+           "return base * 0.5 * (1.0 + math.cos(math.pi * epoch / o.epochs))", "return base",
+           ("tests/training/test_train.py::test_learning_rate_schedule_warm_up_cosine_and_step_values",
+            "tests/training/test_train.py::test_training_steps_use_the_schedule")),
+    Mutant("driver-keeps-its-lock", "harness/execution/driver.py",
+           "        if lock is not None:\n            lock.close()", "        if lock is not None:\n            pass",
+           ("tests/execution/test_suite.py::test_a_suite_trains_each_shared_run_once_and_reports_on_one_page",)),
+    Mutant("crops-from-the-global-rng", "harness/data/folder_views.py",
+           "g = seeded_generator(\"item\", *seed_key, index)", "g = None",
+           ("tests/data/test_folder_views.py::test_workers_persist_and_any_count_gives_the_same_batches_from_any_step",)),
+    Mutant("workers-not-persistent", "harness/data/folder_views.py",
+           "persistent_workers=workers > 0", "persistent_workers=False",
+           ("tests/data/test_folder_views.py::test_workers_persist_and_any_count_gives_the_same_batches_from_any_step",)),
+    # The GPU step (issue 34): a sync or a blocking copy in the augmentation, the dictionary broadcast again.
+    Mutant("sync-in-augmentation", "harness/data/augment.py",
+           "        mean, std = self._constants(x.device)\n",
+           "        mean, std = self._constants(x.device)\n        x.sum().item()\n",
+           ("tests/training/test_step.py::test_a_steady_step_has_no_host_sync_no_blocking_copy_and_few_ops",)),
+    Mutant("blocking-copy", "harness/data/augment.py",
+           "return table.to(device, non_blocking=True)", "return table.to(device)",
+           ("tests/training/test_step.py::test_a_steady_step_has_no_host_sync_no_blocking_copy_and_few_ops",)),
+    Mutant("dictionary-broadcast", "harness/model/distributed.py",
+           "    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, not_broadcast)\n", "",
+           ("tests/model/test_ddp.py::test_ddp_does_not_broadcast_the_queue_or_the_bank_but_still_the_batchnorm_statistics",)),
+    Mutant("bench-step-unscaled-lr", "harness/training/step.py",
+           "out = moco(x_q, x_k, index, learning_rate(cfg, epoch, in_epoch, per_epoch), taken)",
+           "out = moco(x_q, x_k, index, cfg.optim.lr, taken)",
+           ("tests/training/test_step.py::test_a_bench_step_and_a_run_step_from_the_same_state_give_the_same_parameters",)),
+]
+
+
+def scratch_copy(into: Path) -> Path:
+    """The working tree as it is (tracked and untracked files git does not ignore)."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        source = ROOT / name
+        if source.is_file():
+            (into / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, into / name)
+    return into
+
+
+def run_mutant(mutant: Mutant, tree: Path) -> dict:
+    target = tree / mutant.path
+    original = target.read_text()
+    if original.count(mutant.old) != 1:
+        return {"mutant": mutant.name, "result": "stale", "why": f"{mutant.path}: the code it breaks "
+                f"occurs {original.count(mutant.old)} times (expected once)"}
+    target.write_text(original.replace(mutant.old, mutant.new))
+    try:
+        env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
+        start = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
+                               "-o", "addopts=", "--no-header", "-rf", *mutant.tests], cwd=tree, env=env,
+                              capture_output=True, text=True)
+        failed = sorted({line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")})
+        result = "caught" if proc.returncode == 1 and failed else "SURVIVED" if proc.returncode == 0 else "error"
+        return {"mutant": mutant.name, "result": result, "by": failed, "seconds": round(time.monotonic() - start),
+                **({"output": proc.stdout[-2000:] + proc.stderr[-2000:]} if result == "error" else {})}
+    finally:
+        target.write_text(original)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--json", help="write the results here too")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutant(s): {', '.join(sorted(unknown))}; --list names them")
+    if args.list:
+        print("\n".join(f"{m.name}: {m.path} -> {', '.join(m.tests)}" for m in chosen))
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
+        tree = scratch_copy(Path(scratch))
+        for mutant in chosen:
+            row = run_mutant(mutant, tree)
+            results.append(row)
+            print(f"{row['result']:>8}  {mutant.name}  {' '.join(row.get('by', [])) or row.get('why', '')}", flush=True)
+            if row["result"] == "error":
+                print(row["output"], file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = [r for r in results if r["result"] != "caught"]
+    print(f"{len(results) - len(bad)} of {len(results)} mutants caught" + (f"; not: {', '.join(r['mutant'] for r in bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
