@@ -16,7 +16,7 @@ SMALL = {"steps": 2, "warmup": 1, "repeats": 1, "synthetic": 64, "check_steps": 
          "overrides": {
     "cifar10-r18": ["optim.batch_size=16", "moco.queue_size=256", "moco.bn_splits=4", "data.num_workers=1",
                     "model.arch=resnet_tiny", "model.tiny_widths=[16,32,64]"],
-    "imagenet-r50-v2": ["optim.batch_size=8", "moco.queue_size=256", "data.image_size=64", "data.num_workers=1"]}}
+    "imagenet-r50-v2": ["optim.batch_size=8", "moco.queue_size=256", "data.image_size=32", "data.num_workers=1"]}}
 
 
 def device_size(name: str) -> dict:

@@ -125,7 +125,7 @@ def test_restarted_study_resumes_its_runs_under_other_runtime_settings(tmp_path,
     thread counts): every trial completes from its checkpoint, each epoch logged once; the study was
     given as a path, and its report and `harness.report NAME` work from the stored copy."""
     path = tmp_path / "restart.yaml"
-    path.write_text(RESTART.format(overrides=", ".join(SMALL)))
+    path.write_text(RESTART.format(overrides=", ".join(f"'{o}'" for o in SMALL)))
     results = tmp_path / "results"
     runs = [results / "restart" / "runs" / f"momentum=0.99,seed={s}" for s in (0, 1)]
     cmd = [sys.executable, "-m", "harness.study", str(path), "--executor", "local", "--parallel", "2",

@@ -109,20 +109,22 @@ def test_ddp_memory_bank_is_the_same_on_every_rank_and_updated_for_the_global_ba
     assert changed[:16].all() and not changed[16:].any()  # both ranks' images of both steps, nothing else
 
 
-def broadcast_worker(rank, world, init_file, key_encoder, results):
+def broadcast_worker(rank, world, init_file, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder=key_encoder, bank_size=20)
-    ddp = wrap_ddp(model, torch.device("cpu"), model.dictionary_buffers())
-    dictionary = model.bank if key_encoder == "memory_bank" else model.queue
-    with torch.no_grad():  # rank 1's copies made different: a broadcast from rank 0 would undo it
-        dictionary.add_(rank)
-        model.encoder_q[1].running_mean.add_(rank)
-    x = torch.randn(PER_RANK, 3, 5, 5, generator=torch.Generator().manual_seed(rank))
-    ddp(x, x, torch.arange(PER_RANK) + PER_RANK * rank)
-    untouched = dictionary[8:] if key_encoder == "memory_bank" else dictionary[:, 8:]  # the step wrote 8 entries
-    results[rank] = {"dictionary": untouched.clone(), "names": model.dictionary_buffers(),
-                     "bn_before_forward_was_rank_0s": bool((model.encoder_q[1].running_mean.abs() < 0.5).all())}
+    for key_encoder in ("momentum", "memory_bank"):
+        torch.manual_seed(0)
+        model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder=key_encoder, bank_size=20)
+        ddp = wrap_ddp(model, torch.device("cpu"), model.dictionary_buffers())
+        dictionary = model.bank if key_encoder == "memory_bank" else model.queue
+        with torch.no_grad():  # rank 1's copies made different: a broadcast from rank 0 would undo it
+            dictionary.add_(rank)
+            model.encoder_q[1].running_mean.add_(rank)
+        x = torch.randn(PER_RANK, 3, 5, 5, generator=torch.Generator().manual_seed(rank))
+        ddp(x, x, torch.arange(PER_RANK) + PER_RANK * rank)
+        untouched = dictionary[8:] if key_encoder == "memory_bank" else dictionary[:, 8:]  # the step wrote 8 entries
+        results[(rank, key_encoder)] = {
+            "dictionary": untouched.clone(), "names": model.dictionary_buffers(),
+            "bn_before_forward_was_rank_0s": bool((model.encoder_q[1].running_mean.abs() < 0.5).all())}
     dist.destroy_process_group()
 
 
@@ -130,9 +132,10 @@ def test_ddp_does_not_broadcast_the_queue_or_the_bank_but_still_the_batchnorm_st
     """Before every forward DDP sends rank 0's buffers to the others (an ImageNet memory bank: 655 MB a
     step). The dictionary is equal on every rank by construction, so it is left out: a difference put
     into rank 1's copy survives a forward, while BatchNorm's statistics are still rank 0's."""
+    results = mp.Manager().dict()
+    mp.spawn(broadcast_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
     for key_encoder, names in (("momentum", ["queue", "queue_ptr"]), ("memory_bank", ["bank"])):
-        results = mp.Manager().dict()
-        mp.spawn(broadcast_worker, args=(2, str(tmp_path / f"init-{key_encoder}"), key_encoder, results), nprocs=2)
-        assert results[0]["names"] == names
-        assert (results[1]["dictionary"] - results[0]["dictionary"]).abs().min() > 0.5  # not overwritten
-        assert results[0]["bn_before_forward_was_rank_0s"] and results[1]["bn_before_forward_was_rank_0s"]
+        r0, r1 = results[(0, key_encoder)], results[(1, key_encoder)]
+        assert r0["names"] == names
+        assert (r1["dictionary"] - r0["dictionary"]).abs().min() > 0.5  # not overwritten
+        assert r0["bn_before_forward_was_rank_0s"] and r1["bn_before_forward_was_rank_0s"]

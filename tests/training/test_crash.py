@@ -18,7 +18,7 @@ STUDY = """\
 description: five copies of one trial (keep_checkpoints changes nothing it computes), checkpoints every
   3 steps (8 steps per epoch, 2 epochs); four are killed at a dangerous point each, one is the reference
 recipe: fmnist-tiny
-overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=256, data.test_subset=128, optim.batch_size=32, optim.epochs=2,
             moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, runtime.log_every=1,
             runtime.checkpoint_every_steps=3, runtime.threads=1]
 factors: {runtime.keep_checkpoints: [3, 4, 5, 6, 7]}
