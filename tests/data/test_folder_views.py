@@ -204,7 +204,7 @@ def test_a_run_on_an_image_folder_with_workers_resumes_mid_epoch_bit_identically
 FOLDER_STUDY = """\
 description: an image-folder study end to end (real Fashion-MNIST images of 3 classes as JPEGs)
 recipe: imagenet-r50-v2
-overrides: [data.root={root}, "model.tiny_widths=[8,16,32]", data.image_size=32, data.num_workers=1, optim.batch_size=32, optim.epochs=2,
+overrides: [data.root={root}, data.image_size=32, data.num_workers=1, optim.batch_size=32, optim.epochs=2,
             moco.queue_size=128, moco.bn_splits=4, moco.shuffle_bn=split, moco.mlp=false, model.arch=resnet_tiny,
             model.stem=cifar, eval.knn_every=1, eval.knn_train_subset=96, eval.knn_test_subset=60, eval.knn_k=20,
             eval.probe=standard, eval.probe_epochs=2, eval.probe_batch_size=32, eval.probe_lr=1.0,
