@@ -21,6 +21,10 @@ import two_node_slurm  # noqa: E402
 # thread counts, and so every number a test computes, are unchanged. Set before torch loads (the test
 # modules import it after this file); the jobs the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One thread where a test leaves torch's default (work in the pytest workers, `harness.train` runs
+# without runtime.threads): three workers already share the 2 cores, and a second thread per process
+# only adds synchronisation. Trials of studies get their share from the driver, as on a cluster.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ALLOW_SKIP = "HARNESS_ALLOW_SKIP"  # =1: a machine without the servers may skip their tests (never in CI)
 
