@@ -138,7 +138,8 @@ def run_mutant(mutant: Mutant, tree: Path) -> dict:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-q",
                                "-o", "addopts=", "--no-header", "-rf", *mutant.tests], cwd=tree, env=env,
                               capture_output=True, text=True)
-        failed = sorted({line.split(" ", 2)[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")})
+        failed = sorted({line[len("FAILED "):].split(" - ", 1)[0] for line in proc.stdout.splitlines()
+                         if line.startswith("FAILED ")})
         result = "caught" if proc.returncode == 1 and failed else "SURVIVED" if proc.returncode == 0 else "error"
         return {"mutant": mutant.name, "result": result, "by": failed, "seconds": round(time.monotonic() - start),
                 **({"output": proc.stdout[-2000:] + proc.stderr[-2000:]} if result == "error" else {})}

@@ -239,7 +239,22 @@ def bench_diagnostics(args) -> list[dict]:
     return rows
 
 
-PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe, "overhead": bench_overhead}
+def bench_census(args) -> list[dict]:
+    """`bench census`: ops, host syncs and copies to the device of one steady-state step of the recipe
+    (harness.benchmarks.census), its batch drawn inside the count, on synthetic images (in-memory
+    recipes) or `data.root` (folders). Counts, not times: the same on any machine of one torch."""
+    from harness.benchmarks.census import step_census
+
+    cfg = make_config(args.recipe, ["runtime.log_every=1000", "eval.knn_every=0", *args.overrides])
+    Runtime.for_config(cfg).apply()
+    row = step_census(cfg)
+    return [{"part": "census", "recipe": cfg.recipe, "batch": row["batch"], "ops_per_step": row["ops"],
+             "syncs_per_step": row["syncs"], "moves_per_step": row["moves"],
+             "blocking_moves_per_step": row["blocking_moves"], "sync_ops": row["sync_ops"] or None}]
+
+
+PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe,
+         "overhead": bench_overhead, "census": bench_census}
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -110,3 +110,13 @@ def test_the_device_checks_sync_row_counts_a_sync_added_to_the_augmentation(monk
     monkeypatch.setattr(augment.BatchAugment, "apply_colour", with_a_sync)
     row = gpu_checks.check_syncs(device_size("small"))
     assert row["syncs_per_step"] >= 2 and row["ok"] is False  # two views a step
+
+
+def test_bench_census_counts_a_step(tmp_path):
+    cmd = [sys.executable, "-m", "harness.bench", "census", "--set", "optim.batch_size=64", "--set",
+           "moco.queue_size=256", "--set", "runtime.device=cpu", "--set", "model.tiny_widths=[8,16,32]",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(next(tmp_path.glob("bench-census-*.json")).read_text())["rows"]
+    assert row["ops_per_step"] > 100 and row["syncs_per_step"] == 0 and row["blocking_moves_per_step"] == 0
