@@ -322,5 +322,31 @@ def test_gathers_of_channels_last_and_uneven_tensors_equal_their_inputs():
         assert torch.equal(rows, torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
 
 
+
+def _empty_shard_rank(rank, world, port, results):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    from harness.data.datasets import load_tensors
+    from harness.model import distributed
+    from harness.model.moco import build_moco
+    from harness.training.features import extract_split
+
+    distributed.init_from_env("cpu", TIMEOUT_S)
+    cfg = make_config("fmnist-tiny", [*DDP[:3], "eval.knn_test_subset=1"])
+    torch.manual_seed(0)
+    backbone = build_moco(cfg).encoder_q.backbone
+    feats, labels = extract_split(backbone, cfg, "test", torch.device("cpu"), load_tensors(cfg), limit=1,
+                                  rank=rank, world=world)
+    results[rank] = (feats.shape, labels.tolist())
+    distributed.release()
+
+
+def test_a_rank_with_an_empty_evaluation_shard_still_gathers_and_nothing_hangs():
+    """A 1-image kNN subset on 2 ranks: rank 1's shard is empty; it must send zero rows of the right
+    width (it crashed in torch.cat([]) and left rank 0 waiting in the gather until the timeout)."""
+    results = mp.Manager().dict()
+    mp.spawn(_empty_shard_rank, args=(2, _free_port(), results), nprocs=2, join=True)
+    assert results[0] == results[1] and results[0][0][0] == 1 and len(results[0][1]) == 1
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
