@@ -99,10 +99,19 @@ class Runtime:
                 "channels_last": self.channels_last, "threads": torch.get_num_threads()}
 
 
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """Frozen-backbone evaluation (kNN, probes) reads features in bf16 on a GPU that has it (Ampere
+    and later), fp16 on one that has not (T4, V100: bf16 is refused or emulated there), fp32 on a
+    CPU — whatever the run trained in, features are read the same way on the same device."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def inference_autocast(device: torch.device):
-    """Frozen-backbone evaluation (kNN, probes): bf16 on CUDA, fp32 on CPU — whatever the run trained
-    in, features are read the same way on the same device."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = inference_dtype(device)
+    return torch.autocast(device.type, dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+                          enabled=dtype != torch.float32)
 
 
 def machine_description() -> str:

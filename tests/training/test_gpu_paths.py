@@ -271,6 +271,18 @@ def test_a_gpu_job_that_sees_no_gpu_fails_at_once_naming_the_node(tmp_path):
     assert not (tmp_path / "run").exists()  # before anything was written
 
 
+def test_evaluation_reads_features_in_a_precision_the_gpu_has(monkeypatch):
+    """kNN and probes ran under bf16 autocast on every CUDA device; a T4 or V100 has no bf16 (refused
+    or emulated): fp16 there, bf16 from Ampere on, fp32 on a CPU."""
+    from harness.training.runtime import inference_dtype
+
+    cuda = torch.device("cuda", 0)
+    for supported, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, supported=supported, **k: supported)
+        assert inference_dtype(cuda) == dtype
+    assert inference_dtype(torch.device("cpu")) == torch.float32
+
+
 def test_fp16_is_refused_on_a_cpu_and_a_resume_under_another_precision_is_refused(tmp_path):
     from harness.training.pretrain import train
 
