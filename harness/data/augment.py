@@ -237,10 +237,6 @@ class BatchAugment:
         mean, std = self._constants(x.device)
         return (x - mean) / std
 
-    def colour(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Colours of a cropped float batch, drawn from `g` (one view; see FolderViews.finish for two)."""
-        return self.apply_colour(x, to_device(self.draw_colour(x.shape[0], x.shape[1], g), x.device))
-
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if device not in self._on_device:  # copied once per device, not once per step
             self._on_device[device] = (self.mean.to(device), self.std.to(device))

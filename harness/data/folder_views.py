@@ -10,7 +10,8 @@ below what one GPU trains. Here (`data.loader=batched`, the default):
   RandomResizedCrops resized to the recipe's size, the flips, and hand over **uint8** (4x less to
   pin and copy than float32);
 * colour jitter, grayscale, blur and normalisation run batched on the training device
-  (`BatchAugment.colour`, the in-memory path's code: same distributions, explicit generators);
+  (`BatchAugment.draw_colour` and `apply_colour`, the in-memory path's code: same distributions,
+  explicit generators; both views' parameters in one copy);
 * the DataLoader and its workers persist across epochs (`EpochBatches` is told the epoch).
 
 With `data.loader=device_decode` the workers only read the files' bytes and draw the crops; the

@@ -34,7 +34,7 @@ from harness.training.features import encoder_features, extract_split
 from harness.training.knn import knn_accuracy
 from harness.training.probe import probe_run  # imported up front: a long run must not load newer code at its end
 from harness.training.runtime import Runtime, machine_description
-from harness.training.step import build_step, learning_rate  # noqa: F401 (the schedule: step.py)
+from harness.training.step import build_step, learning_rate
 
 EpochCallback = Callable[[int, dict], bool]  # after each epoch: True stops the run (pruned)
 
