@@ -1,8 +1,10 @@
 """The DDP Shuffle BN path, with two real CPU processes (gloo)."""
+import datetime
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from timing import scaled
 from torch import nn
 
 from harness.model.distributed import wrap_ddp
@@ -110,7 +112,9 @@ def test_ddp_memory_bank_is_the_same_on_every_rank_and_updated_for_the_global_ba
 
 
 def broadcast_worker(rank, world, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a collective left waiting fails within the group's timeout (scaled by the machine's speed)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=scaled(30)))
     for key_encoder in ("momentum", "memory_bank"):
         torch.manual_seed(0)
         model = MoCo(encoder, dim=DIM, queue_size=K, temperature=0.2, key_encoder=key_encoder, bank_size=20)
