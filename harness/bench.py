@@ -5,6 +5,7 @@ face parses, runs the parts asked for, prints a table and writes JSON to results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 from harness.benchmarks import devicecheck
+from harness.benchmarks.options import BenchOptions
 from harness.benchmarks.parts import PARTS as MEASUREMENTS
 from harness.benchmarks.parts import format_rows
 from harness.run import runio
-from harness.run.config import ConfigError
+from harness.run.errors import HarnessError
 from harness.training.runtime import machine_description
 
 PARTS = {**MEASUREMENTS, "device": devicecheck.run}
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batched-only", action="store_true", help=argparse.SUPPRESS)  # packing's processes
     parser.add_argument("--barrier", help=argparse.SUPPRESS)  # PATH:K, packing's common start
     args = parser.parse_args(argv)
+    options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
@@ -51,8 +54,8 @@ def main(argv=None) -> int:
     print(f"machine: {results['machine']}")
     for part in args.parts:
         try:
-            rows = PARTS[part](args)
-        except ConfigError as exc:
+            rows = PARTS[part](options)
+        except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         results["rows"] += rows

@@ -8,8 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from harness.run.config import EVAL_ONLY, ConfigError, RunConfig, with_overrides
-from harness.training.probe import ProbeError, load_trained_encoder, probe_run
+from harness.run.config import EVAL_ONLY, RunConfig, with_overrides
+from harness.run.errors import HarnessError, require_at_least
+from harness.training.probe import load_trained_encoder, probe_run
 from harness.training.runtime import Runtime
 
 
@@ -22,13 +23,15 @@ def main(argv=None) -> int:
                         help="change how the run is evaluated (eval.*, data.test_subset), e.g. --set eval.probe_lr=1")
     args = parser.parse_args(argv)
     try:
+        if args.epochs is not None:
+            require_at_least("--epochs", args.epochs, 1, "epochs of the standard probe")
         device = Runtime.for_config(RunConfig()).apply().device  # the run's own device setting may be another machine's
         cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
         cfg = with_overrides(cfg, args.overrides + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),
                              only=EVAL_ONLY)
         protocol = args.protocol or (cfg.eval.probe if cfg.eval.probe != "none" else "fast")
         result = probe_run(cfg, args.run_dir, encoder, None, device, protocol, epoch)
-    except (ProbeError, ConfigError) as exc:
+    except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result))

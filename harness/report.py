@@ -8,10 +8,10 @@ from pathlib import Path
 
 import optuna
 
-from harness.planning.studyfile import StudyError
 from harness.planning.suitefile import suite_path
 from harness.reporting.study_report import build_report
 from harness.reporting.suite_report import rebuild_suite_report
+from harness.run.errors import HarnessError
 
 
 def main(argv=None) -> int:
@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     try:
         suite = suite_path(args.name)
         out = build_report(args.name, args.storage, args.out) if suite is None else rebuild_suite_report(suite)
-    except StudyError as exc:
+    except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(out)

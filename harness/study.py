@@ -22,14 +22,14 @@ from harness.execution import suite as suites
 from harness.execution.driver import Driver, Options
 from harness.execution.status import dry_run, status_text
 from harness.execution.storage import redact
-from harness.planning.studyfile import StudyError, load_study
+from harness.planning.studyfile import load_study
 from harness.planning.suitefile import load_suite, suite_path
 
 # Imported up front, not when the study ends: a driver that ran for days must not report with newer code.
 from harness.reporting.study_report import build_report
 from harness.reporting.suite_report import build_suite_report
 from harness.run import runio
-from harness.run.config import ConfigError
+from harness.run.errors import HarnessError, require_at_least
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
@@ -56,6 +56,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    require_at_least("--parallel", args.parallel, 1, "trials running at once")
+    require_at_least("--workers", args.workers, 0, "0: no worker mode")
+    require_at_least("--heartbeat", args.heartbeat, 1, "seconds between a worker's beats")
+    require_at_least("--db-outage-limit", args.db_outage_limit, 0, "minutes a driver waits out a silent database")
+    require_at_least("--poll", args.poll, 0.1, "seconds between the driver's looks at its jobs")
     opts = Options(recipe=args.recipe, executor=args.executor, storage=args.storage, parallel=args.parallel,
                    overrides=list(args.overrides), wait=not args.no_wait, report=not args.no_report,
                    workers=args.workers, heartbeat=args.heartbeat, poll=args.poll,
@@ -100,12 +105,12 @@ def run_suite(path: Path, args, opts: Options) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, opts = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        args, opts = parse_args(argv)
         suite = suite_path(args.name)
         return run_suite(suite, args, opts) if suite is not None else run_study(args, opts)
-    except (StudyError, ConfigError) as exc:
+    except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from harness.run import runio
-from harness.run.config import ConfigError, make_config
+from harness.run.config import make_config
 from harness.run.datafiles import check_dataset
+from harness.run.errors import HarnessError
 from harness.run.outcome import Outcome
 from harness.training.pretrain import train
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.out or runio.RESULTS / "runs" / args.recipe
         runio.check_writable(run_dir)
         result = train(cfg, run_dir, resume=args.resume, probe=not args.no_probe)
-    except (ConfigError, runio.RunDirBusy) as exc:
+    except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(result, default=str))

@@ -26,12 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
 
 from harness.benchmarks import gpu_checks
+from harness.benchmarks.options import BenchOptions
 from harness.benchmarks.sizes import RECIPES, base_overrides, device_size
 from harness.data.datasets import pretrain_views
 from harness.run.config import make_config
@@ -79,8 +79,8 @@ def check_fast_paths(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
 def throughput(size: dict, recipe: str) -> list[dict]:
     from harness.benchmarks.parts import bench_train
 
-    args = Namespace(recipe=recipe, overrides=[*size["overrides"].get(recipe, [])], steps=size["steps"],
-                     warmup=size["warmup"], repeats=size["repeats"], synthetic=size["synthetic"])
+    args = BenchOptions(recipe=recipe, overrides=[*size["overrides"].get(recipe, [])], steps=size["steps"],
+                        warmup=size["warmup"], repeats=size["repeats"], synthetic=size["synthetic"])
     return [{**row, "part": "device", "check": f"throughput {row['path']}"} for row in bench_train(args)]
 
 
@@ -119,8 +119,8 @@ def input_pipeline(size: dict, recipe: str = "imagenet-r50-v2") -> list[dict]:
     full = size["name"] == "full"
     overrides = [*size["overrides"].get(recipe, [])] if not full else []
     overrides += ["optim.batch_size=64"] if full else []
-    args = Namespace(recipe=recipe, synthetic_jpeg=512 if full else 24, warmup=1, steps=2 if full else 1,
-                     repeats=2 if full else 1)
+    args = BenchOptions(recipe=recipe, synthetic_jpeg=512 if full else 24, warmup=1, steps=2 if full else 1,
+                        repeats=2 if full else 1)
     rows = [{**row, "part": "input", "check": f"input {row['path']}"}
             for row in bench_folder_data(args, overrides)]
     with tempfile.TemporaryDirectory(prefix="check-jpeg-") as root:
@@ -138,7 +138,7 @@ def input_pipeline(size: dict, recipe: str = "imagenet-r50-v2") -> list[dict]:
     return rows
 
 
-def run(args) -> list[dict]:
+def run(args: BenchOptions) -> list[dict]:
     size = device_size(args.size)
     rows = check_fast_paths(size)
     for recipe in RECIPES:

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from harness.run.config import ConfigError, make_config
+from harness.benchmarks.options import BenchOptions
+from harness.run.config import make_config
+from harness.run.errors import ConfigError
 from harness.training.runtime import Runtime, synchronize
 
 IMAGENET_TYPICAL = (500, 375)  # ImageNet-1k's most common size (width, height)
@@ -90,7 +92,7 @@ def _forever(views, raw: bool):
             yield from views.epoch(epoch)
 
 
-def bench_folder_data(args, cfg_overrides: list[str]) -> list[dict]:
+def bench_folder_data(args: BenchOptions, cfg_overrides: list[str]) -> list[dict]:
     from harness.data.datasets import pretrain_views
 
     rows, folder_info = [], None

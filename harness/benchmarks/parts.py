@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from harness.benchmarks.census import StepCensus
+from harness.benchmarks.options import BenchOptions
 from harness.data.datasets import load_tensors, pretrain_views
 from harness.data.synthetic import synthetic_splits
 from harness.run.config import EVAL_ONLY, RunConfig, make_config, with_overrides
@@ -32,7 +33,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, 
 
 
 
-def _setup(args, loader: str):
+def _setup(args: BenchOptions, loader: str):
     cfg = make_config(args.recipe, [*args.overrides, f"data.loader={loader}"])
     rt = Runtime.for_config(cfg).apply()
     splits = synthetic_splits(cfg, args.synthetic) if args.synthetic else load_tensors(cfg)
@@ -43,7 +44,7 @@ def _median_rate(timings: list[float], units: float) -> float:
     return units / statistics.median(timings)
 
 
-def bench_data(args) -> list[dict]:
+def bench_data(args: BenchOptions) -> list[dict]:
     cfg = make_config(args.recipe, args.overrides)
     if cfg.data.dataset == "imagefolder" and not args.synthetic:  # files: the folder pipeline's bench
         from harness.benchmarks.folders import bench_folder_data
@@ -94,9 +95,9 @@ def _barrier(spec: str | None) -> None:
 
 
 
-def bench_train(args) -> list[dict]:
+def bench_train(args: BenchOptions) -> list[dict]:
     rows = []
-    for loader in ("batched",) if getattr(args, "batched_only", False) else ("batched", "per_image"):
+    for loader in ("batched",) if args.batched_only else ("batched", "per_image"):
         cfg, rt, splits = _setup(args, loader)
         device, cuda = rt.device, rt.device.type == "cuda"
         model, step = training_step(cfg, rt, len(splits.pretrain))  # compiled (if asked) during warm-up: not timed
@@ -109,7 +110,7 @@ def bench_train(args) -> list[dict]:
         for _ in range(args.warmup):
             step(*next(batches))
         synchronize(device)
-        _barrier(getattr(args, "barrier", None))
+        _barrier(args.barrier)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         window_start = time.time()
@@ -144,7 +145,7 @@ def bench_train(args) -> list[dict]:
     return rows
 
 
-def bench_probe(args) -> list[dict]:
+def bench_probe(args: BenchOptions) -> list[dict]:
     if not args.run:
         raise SystemExit("error: bench probe needs --run DIR (a finished pretraining run)")
     from harness.training.probe import load_trained_encoder, probe_backbone
@@ -170,7 +171,7 @@ def _started_at() -> float:
     return time.time()
 
 
-def bench_overhead(args) -> list[dict]:
+def bench_overhead(args: BenchOptions) -> list[dict]:
     import shutil
     import tempfile
 
@@ -195,7 +196,7 @@ def bench_overhead(args) -> list[dict]:
     return rows
 
 
-def bench_diagnostics(args) -> list[dict]:
+def bench_diagnostics(args: BenchOptions) -> list[dict]:
     """What the dictionary diagnostics (harness.training.diagnostics) cost against a training epoch, on one
     state: train enough steps to fill the queue, then time `measure()` and the training steps."""
     import tempfile
@@ -216,18 +217,14 @@ def bench_diagnostics(args) -> list[dict]:
             if i == args.warmup:
                 synchronize(rt.device)
                 tic = time.perf_counter()
-            with rt.autocast():
-                out = run.model(*rt.layout(x_q, x_k), index)
-            run.optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            run.optimizer.step()
+            run.step(x_q, x_k, index, cfg.scaled_lr(), global_step=i)  # the run's step, seeded as a run's
         synchronize(rt.device)
         step_s = (time.perf_counter() - tic) / timed
-        run.state.global_step = run.state.step_in_epoch = args.warmup + timed
+        observed = diagnostics.Observed(cfg, run.model, run.views, rt, global_step=args.warmup + timed)
         timings = []
         for _ in range(args.repeats):
             tic = time.perf_counter()
-            record = diagnostics.measure(run)
+            record = diagnostics.measure(observed)
             synchronize(rt.device)
             timings.append(time.perf_counter() - tic)
         epoch_s = step_s * run.views.steps_per_epoch
@@ -239,7 +236,7 @@ def bench_diagnostics(args) -> list[dict]:
     return rows
 
 
-def bench_census(args) -> list[dict]:
+def bench_census(args: BenchOptions) -> list[dict]:
     """`bench census`: ops, host syncs and copies to the device of one steady-state step of the recipe
     (harness.benchmarks.census), its batch drawn inside the count, on synthetic images (in-memory
     recipes) or `data.root` (folders). Counts, not times: the same on any machine of one torch."""

@@ -21,8 +21,9 @@ import torch
 from harness.data.augment import BatchAugment, center_view, eval_transform, per_image_transform, to_device
 from harness.data.spec import NORMALIZATION, EpochBatches, epoch_order, seeded_generator, view_spec  # noqa: F401 (callers ask datasets)
 from harness.run import runio
-from harness.run.config import ConfigError, RunConfig
+from harness.run.config import RunConfig
 from harness.run.datafiles import CHANNELS, default_root, fashion_mnist_files, folder_root, missing_files, pretrain_size  # noqa: F401
+from harness.run.errors import ConfigError
 
 IN_MEMORY = {"fashion_mnist", "cifar10", "cifar100", "stl10"}
 

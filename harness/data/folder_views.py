@@ -30,7 +30,8 @@ import torch
 
 from harness.data.augment import AugmentSpec, BatchAugment, sample_crops, to_device
 from harness.data.spec import NORMALIZATION, EpochBatches, Key, seeded_generator, view_spec
-from harness.run.config import ConfigError, RunConfig
+from harness.run.config import RunConfig
+from harness.run.errors import ConfigError
 
 # ---------------------------------------------------------------- decoding (workers and evaluation)
 

@@ -16,26 +16,19 @@ from pathlib import Path
 
 import optuna
 
-from harness.execution import executors, pruning_relay
+from harness.execution import executors, job_files, pruning_relay
 from harness.execution.jobs import PackedJob, TrialJob, members, pack
-from harness.execution.optuna_adapter import set_running_attrs, trial_handle, trial_id
+from harness.execution.optuna_adapter import COMPLETE, FAIL, RUNNING, WAITING, set_running_attrs, trial_handle, trial_id
 from harness.execution.plans import AdaptivePlan, GridPlan, SearchPlan
 from harness.execution.status import ProgressView
 from harness.execution.storage import Outage, default_url, open_storage, redact
 from harness.execution.trial import failure_attrs, make_spec, tell, tell_failure
 from harness.planning import shared
-from harness.planning.studyfile import (
-    STUDY_COPY,
-    Study,
-    StudyError,
-    load_study_file,
-    make_pruner,
-    trial_key,
-    validate_levels,
-)
+from harness.planning.studyfile import STUDY_COPY, Study, load_study_file, make_pruner, trial_key, validate_levels
 from harness.run import runio, snapshot
-from harness.run.config import ConfigError
+from harness.run import trial_record as record
 from harness.run.datafiles import check_dataset
+from harness.run.errors import ConfigError, StudyError
 from harness.run.outcome import Outcome
 from harness.run.trial_result import read_trial_result
 
@@ -43,10 +36,6 @@ from harness.run.trial_result import read_trial_result
 # round (--poll seconds apart); a driver that does not answer costs one such wait (harness.execution.pruning_relay).
 RELAY_WAIT_S, RELAY_WAIT_POLLS = 5.0, 10
 
-FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-RUNNING = optuna.trial.TrialState.RUNNING
-WAITING = optuna.trial.TrialState.WAITING
-FAIL = optuna.trial.TrialState.FAIL
 
 
 @dataclass
@@ -139,10 +128,10 @@ class Driver:
         except Exception as exc:
             raise StudyError(f"--storage {redact(self.storage_url)}: cannot create the study ({exc})") from None
         signature = {"recipe": self.recipe, "overrides": self.opts.overrides, "study_file": self.study.path.read_text()}
-        saved = self.ostudy.user_attrs.get("signature")
+        saved = self.ostudy.user_attrs.get(record.SIGNATURE)
         if saved is None:
-            self.ostudy.set_user_attr("signature", signature)
-            self.ostudy.set_user_attr("objective", self.study.objective)
+            self.ostudy.set_user_attr(record.SIGNATURE, signature)
+            self.ostudy.set_user_attr(record.OBJECTIVE, self.study.objective)
             self.ostudy.set_metric_names([self.study.objective])  # named in optuna-dashboard
         elif saved["recipe"] != self.recipe or saved["overrides"] != self.opts.overrides:
             raise StudyError(f"study '{self.name}' in {redact(self.storage_url)} was started with --recipe "
@@ -211,15 +200,15 @@ class Driver:
             shared.link(spec.run_dir, source)
         origin = os.path.relpath(source, runio.RESULTS.resolve())
         # Its training time was spent by the study that ran it: not counted again here.
-        attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), "executor": "shared",
-                 "shared_from": origin, "shared_hours": result.attrs.get("hours", 0.0), "hours": 0.0, "gpu_hours": 0.0}
+        attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), record.EXECUTOR: record.SHARED,
+                 record.SHARED_FROM: origin, record.SHARED_HOURS: result.attrs.get(record.HOURS, 0.0), record.HOURS: 0.0, record.GPU_HOURS: 0.0}
         distributions = {key: optuna.distributions.CategoricalDistribution(levels)
                          for key, levels in self.study.factors.items()}
         distributions["seed"] = optuna.distributions.CategoricalDistribution(self.study.seeds)
         done = result.outcome is Outcome.COMPLETED
         self.ostudy.add_trial(optuna.trial.create_trial(
             params=params, distributions=distributions, value=result.value if done else None,
-            state=optuna.trial.TrialState.COMPLETE if done else FAIL,
+            state=COMPLETE if done else FAIL,
             user_attrs={k: v for k, v in attrs.items() if v is not None}))
         print(f"[study {self.name}] {spec.key}: shared: {origin} finished the same run (identity "
               f"{spec.config.digest()}); not trained again.", flush=True)
@@ -238,7 +227,7 @@ class Driver:
             except ConfigError as exc:  # a sampled point the recipe cannot run (search spaces)
                 tell_failure(self.ostudy, trial, Outcome.INVALID, str(exc))
                 continue
-            for name, value in {**spec.attrs, "executor": self.kind, "submitted": time.time(),
+            for name, value in {**spec.attrs, record.EXECUTOR: self.kind, record.SUBMITTED: time.time(),
                                 "code": self.code_dir.name}.items():
                 trial.set_user_attr(name, value)
             # A driver that waits relays pruning: its jobs never open the storage (harness.execution.pruning_relay).
@@ -252,7 +241,7 @@ class Driver:
         jobs = self.executor.submit(packs, self.code_dir)
         for packed, job in zip(packs, jobs):
             for member in members(packed):
-                by_key[member.spec.key].set_user_attr("job_id", str(job.job_id))
+                by_key[member.spec.key].set_user_attr(record.JOB_ID, str(job.job_id))
         return len(prepared)
 
     def relay_pruning(self) -> None:
@@ -260,26 +249,26 @@ class Driver:
         if self.study.pruner == "none":
             return
         for t in self.trials():
-            if t.state == RUNNING and "run_dir" in t.user_attrs and t.user_attrs.get("executor") != "worker":
-                pruning_relay.relay(trial_handle(self.ostudy, trial_id(t)), self.dir / t.user_attrs["run_dir"])
+            if t.state == RUNNING and record.RUN_DIR in t.user_attrs and t.user_attrs.get(record.EXECUTOR) != "worker":
+                pruning_relay.relay(trial_handle(self.ostudy, trial_id(t)), self.dir / t.user_attrs[record.RUN_DIR])
 
     # -------------------------------------------------------------- reconcile
     def reconcile(self) -> None:
         """Tell Optuna the outcome of every RUNNING trial whose job has ended (or vanished)."""
         # Workers tell Optuna themselves (heartbeats cover the ones that die).
-        running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get("executor") != "worker"]
-        if any("job_id" not in t.user_attrs for t in running):
+        running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get(record.EXECUTOR) != "worker"]
+        if any(record.JOB_ID not in t.user_attrs for t in running):
             self._recover_job_ids(running)
-        mine = {t.user_attrs["job_id"]: t.user_attrs.get("submitted", 0) for t in running
-                if "job_id" in t.user_attrs and t.user_attrs.get("executor", self.kind) == self.kind}
+        mine = {t.user_attrs[record.JOB_ID]: t.user_attrs.get(record.SUBMITTED, 0) for t in running
+                if record.JOB_ID in t.user_attrs and t.user_attrs.get(record.EXECUTOR, self.kind) == self.kind}
         ended = self.executor.ended(mine)
         for t in running:
-            job_id = t.user_attrs.get("job_id")
+            job_id = t.user_attrs.get(record.JOB_ID)
             if job_id is None:  # the driver died between ask() and recording the job it may have started
-                set_running_attrs(self.ostudy, t, {"never_ran": True})  # no retry is spent on it
+                set_running_attrs(self.ostudy, t, {record.NEVER_RAN: True})  # no retry is spent on it
                 tell_failure(self.ostudy, t, Outcome.FAILED, "lost: the driver stopped before recording a job; "
                              "the point is asked again (a job it did start is waited for by the new one)")
-            elif t.user_attrs.get("executor", self.kind) != self.kind:
+            elif t.user_attrs.get(record.EXECUTOR, self.kind) != self.kind:
                 tell_failure(self.ostudy, t, Outcome.FAILED, f"lost: submitted with the {t.user_attrs['executor']} "
                              f"executor, re-attached with {self.kind}")
             elif job_id in ended:
@@ -288,29 +277,28 @@ class Driver:
     def _recover_job_ids(self, running) -> None:
         """A driver killed between submitting and recording job ids left trials without one; find
         their jobs in submitit's own records (each submitted pickle holds its TrialJob)."""
-        import submitit
 
         by_trial = {}
         for path in (self.dir / "jobs").glob("*_submitted.pkl"):
             try:
-                job = submitit.core.utils.pickle_load(path).function
+                job = job_files.load(path).function
             except Exception:  # a pickle being written, or not ours
                 continue
             if isinstance(job, (TrialJob, PackedJob)):
                 for member in members(job):
                     by_trial[member.trial_id] = path.name[: -len("_submitted.pkl")]
         for t in running:
-            if "job_id" not in t.user_attrs and trial_id(t) in by_trial:
-                set_running_attrs(self.ostudy, t, {"job_id": by_trial[trial_id(t)]})
-                t.user_attrs["job_id"] = by_trial[trial_id(t)]
+            if record.JOB_ID not in t.user_attrs and trial_id(t) in by_trial:
+                set_running_attrs(self.ostudy, t, {record.JOB_ID: by_trial[trial_id(t)]})
+                t.user_attrs[record.JOB_ID] = by_trial[trial_id(t)]
 
     def finalize(self, t, state: str) -> None:
-        result = read_trial_result(self.dir / t.user_attrs["run_dir"], self.study.objective, self.gpus)
+        result = read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective, self.gpus)
         if result.outcome is Outcome.FAILED and result.reason is None:
-            status = runio.read_status(self.dir / t.user_attrs["run_dir"])
+            status = runio.read_status(self.dir / t.user_attrs[record.RUN_DIR])
             where = (f" (the run had reached epoch {status['epoch']}, step {status.get('global_step')})"
                      if status.get("epoch") is not None else " (before training started)")
-            result.reason = self.executor.failure(t.user_attrs["job_id"], state, t.user_attrs.get("key")) + where
+            result.reason = self.executor.failure(t.user_attrs[record.JOB_ID], state, t.user_attrs.get(record.KEY)) + where
         tell(self.ostudy, t, result)
 
     # -------------------------------------------------------------- worker mode
@@ -323,7 +311,7 @@ class Driver:
             self.share_finished(self.trials())
             for params in self.plan.pending(self.trials()):
                 key = trial_key(params)
-                self.ostudy.enqueue_trial(params, user_attrs={"key": key, "run_dir": f"runs/{key}"})
+                self.ostudy.enqueue_trial(params, user_attrs={record.KEY: key, record.RUN_DIR: f"runs/{key}"})
             if not any(t.state == WAITING for t in self.trials()):
                 break
             job = WorkerJob(str(self.dir / STUDY_COPY), self.name, self.storage_url, self.opts.recipe,

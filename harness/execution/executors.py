@@ -15,8 +15,10 @@ from typing import Any
 
 import submitit
 
+from harness.execution import job_files
 from harness.execution.slurm import ALIVE, explain_sbatch, max_array_size, outside_allocation, slurm_problem, slurm_states, vanish_seconds
-from harness.planning.studyfile import Resources, StudyError
+from harness.planning.studyfile import Resources
+from harness.run.errors import StudyError
 from harness.run.snapshot import jobs_use
 
 
@@ -91,7 +93,7 @@ class Executor:
         if not path.exists():
             return None
         try:
-            outcome, value = submitit.core.utils.pickle_load(path)
+            outcome, value = job_files.load(path)
         except Exception:  # a result file cut short: no exception to report
             return None
         if outcome == "success" and isinstance(value, dict):

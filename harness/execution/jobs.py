@@ -43,7 +43,8 @@ class TrialJob(submitit.helpers.Checkpointable):
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         reporter = None
         if self.pruner and env.global_rank == 0:
-            relay_wait_s = getattr(self, "relay_wait_s", None)  # jobs pickled before the relay report themselves
+            # Older format: jobs pickled before the relay (b02cb9e, 2026-12-01) report themselves; can go with them.
+            relay_wait_s = getattr(self, "relay_wait_s", None)
             reporter = RelayReporter(self.spec.run_dir, relay_wait_s) if relay_wait_s else self._reporter()
         result = run_trial(self.spec, self.threads, reporter, attempt={"job_id": env.job_id})
         return result.outcome.value

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import optuna
 
+# The trial states the harness acts on, named once (execution's modules import them from here).
+COMPLETE, PRUNED, FAIL = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+RUNNING, WAITING = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING
+FINAL = (COMPLETE, PRUNED)  # told and never retried
+
 
 def trial_id(trial: optuna.trial.BaseTrial) -> int:
     """The storage's id of a trial (unique across studies; `number` is per study)."""

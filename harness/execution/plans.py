@@ -7,23 +7,19 @@ from typing import Any
 
 import optuna
 
-from harness.execution.optuna_adapter import enqueued_params
+from harness.execution.optuna_adapter import COMPLETE, FAIL, FINAL, RUNNING, WAITING, enqueued_params
 from harness.planning.decide import RaceState, level_label, level_of, race, summary, values_by_level
 from harness.planning.studyfile import Study, trial_key
+from harness.run import trial_record as record
 from harness.run.outcome import Outcome, state_label
-
-FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-RUNNING = optuna.trial.TrialState.RUNNING
-WAITING = optuna.trial.TrialState.WAITING
-FAIL = optuna.trial.TrialState.FAIL
 
 
 def point_of(t: optuna.trial.FrozenTrial) -> str:
     """The grid point a trial stands for: its key once asked, its enqueued parameters while WAITING
     (a driver killed between enqueue_trial and ask leaves such a trial; it is popped next round, and
     its point must not be enqueued a second time)."""
-    if "key" in t.user_attrs:
-        return t.user_attrs["key"]
+    if record.KEY in t.user_attrs:
+        return t.user_attrs[record.KEY]
     enqueued = enqueued_params(t) if t.state == WAITING else {}
     return trial_key(enqueued) if enqueued else f"#{t.number}"
 
@@ -47,7 +43,7 @@ class GridPlan:
                 continue
             if any(not (Outcome.of_trial(t.user_attrs) or Outcome.FAILED).retryable for t in tries if t.state == FAIL):
                 continue  # diverged ("fail" in the paper) is a result, not an accident: never retried
-            if sum(t.state == FAIL and not t.user_attrs.get("never_ran") for t in tries) <= self.study.retries:
+            if sum(t.state == FAIL and not t.user_attrs.get(record.NEVER_RAN) for t in tries) <= self.study.retries:
                 todo.append(params)
         return todo
 
@@ -85,7 +81,7 @@ class AdaptivePlan(GridPlan):
 
     def state(self, trials) -> RaceState:
         rows = [{**t.params, "seed": t.params.get("seed"), "state": state_label(t.state.name, t.user_attrs),
-                 "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None} for t in trials]
+                 "value": t.value if t.state == COMPLETE else None} for t in trials]
         values, _ = values_by_level(rows, self.factors, self.levels, "value", self.study.seeds)
         return race(values, self.study.race, self.study.direction == "maximize")
 

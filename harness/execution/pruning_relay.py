@@ -31,7 +31,7 @@ def _decision(run_dir: Path, epoch: int) -> Path:
 
 
 class RelayReporter:
-    """The job's side: an EpochCallback (harness.train) that asks the driver. It waits up to `wait_s`
+    """The job's side: an EpochCallback (harness.training.pretrain) that asks the driver. It waits up to `wait_s`
     for each answer while the driver answers; once an answer did not come (the driver stopped, or is
     riding out an outage), it stops waiting and only looks: a decision that arrives later still stops
     the run at the next epoch, and waiting resumes once the driver answers again."""

@@ -12,22 +12,23 @@ from typing import TYPE_CHECKING
 import optuna
 
 from harness.execution import executors
+from harness.execution.optuna_adapter import COMPLETE, FAIL, PRUNED, RUNNING
 from harness.execution.storage import open_storage, redact
 from harness.planning.estimate import estimate_line
-from harness.planning.studyfile import StudyError, trial_key
+from harness.planning.studyfile import trial_key
 from harness.run import runio
+from harness.run import trial_record as record
+from harness.run.errors import StudyError
 
 if TYPE_CHECKING:  # a back-reference for the annotations only: the driver imports this module
     from harness.execution.driver import Driver
 
-RUNNING = optuna.trial.TrialState.RUNNING
-FAIL = optuna.trial.TrialState.FAIL
 
 
 def _running_detail(study_dir: Path, t) -> str:
-    if "run_dir" not in t.user_attrs:
+    if record.RUN_DIR not in t.user_attrs:
         return "starting"
-    records = runio.read_jsonl(study_dir / t.user_attrs["run_dir"] / "metrics.jsonl")
+    records = runio.read_jsonl(study_dir / t.user_attrs[record.RUN_DIR] / "metrics.jsonl")
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not epochs:
         return "starting"
@@ -45,8 +46,8 @@ class ProgressView:
 
     def summary(self, trials) -> str:
         count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
-        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-        trained = [t for t in done if "shared_from" not in t.user_attrs]  # shared ones took no time here
+        done = [t for t in trials if t.state == COMPLETE]
+        trained = [t for t in done if record.SHARED_FROM not in t.user_attrs]  # shared ones took no time here
         best = ""
         if done:
             pick = max if self.driver.study.direction == "maximize" else min
@@ -60,7 +61,7 @@ class ProgressView:
             remaining = max(total - len(done), 0)
             eta = f" | ETA ~{per * remaining / running / 60:.0f} min"
         return (f"[study {self.driver.name}] done {len(done)}/{total} running {running} "
-                f"failed {count(FAIL)} pruned {count(optuna.trial.TrialState.PRUNED)}{best}{eta}")
+                f"failed {count(FAIL)} pruned {count(PRUNED)}{best}{eta}")
 
     def show(self, trials) -> None:
         head = self.summary(trials)
@@ -82,7 +83,7 @@ def status_table(driver: Driver) -> str:
     for t in driver.trials():
         a = t.user_attrs
         value = f"{t.value:.4f}" if t.value is not None else "-"
-        detail = _running_detail(driver.dir, t) if t.state == RUNNING else (a.get("failure_reason") or "")
+        detail = _running_detail(driver.dir, t) if t.state == RUNNING else (a.get(record.FAILURE_REASON) or "")
         rows.append(f"{t.number:>4}  {str(a.get('key', '-')):<40} {t.state.name:<9} {value:>8}  "
                     f"job {a.get('job_id', '-'):<10} {detail}")
     header = f"{'#':>4}  {'trial':<40} {'state':<9} {'value':>8}  job"

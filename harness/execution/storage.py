@@ -14,7 +14,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy.exc
 
-from harness.planning.studyfile import StudyError
+from harness.run.errors import StudyError
 
 # What a database that does not answer (restart, fail-over, network) raises through Optuna.
 OUTAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError,

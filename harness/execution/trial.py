@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 import optuna
 
-from harness.execution.optuna_adapter import set_running_attrs
+from harness.execution.optuna_adapter import FAIL, PRUNED, set_running_attrs
 from harness.execution.storage import OUTAGE_ERRORS
-from harness.planning.studyfile import Study, StudyError, trial_key
+from harness.planning.studyfile import Study, trial_key
 from harness.run import faults
+from harness.run import trial_record as record
 from harness.run.config import RunConfig
+from harness.run.errors import StudyError
 from harness.run.outcome import Outcome
 from harness.run.trial_result import TrialResult, read_trial_result
 
@@ -37,8 +39,8 @@ class TrialSpec:
     @property
     def attrs(self) -> dict[str, Any]:
         """What the storage records about the spec as soon as a trial is assigned it."""
-        return {"key": self.key, "run_dir": f"runs/{self.key}",  # relative to the study directory: it can move
-                "seed": self.params.get("seed"), "identity": self.config.digest()}
+        return {record.KEY: self.key, record.RUN_DIR: f"runs/{self.key}",  # relative to the study directory: it can move
+                "seed": self.params.get("seed"), record.IDENTITY: self.config.digest()}
 
 
 def make_spec(study: Study, params: dict, study_dir: Path, recipe: str | None, extra: list[str],
@@ -90,7 +92,7 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: PruningReporter | Non
 
 
 def failure_attrs(outcome: Outcome, reason: str | None) -> dict:
-    return {"outcome": outcome.value, "failure_reason": reason[:500] if reason else None}
+    return {record.OUTCOME: outcome.value, record.FAILURE_REASON: reason[:500] if reason else None}
 
 
 def tell(study: optuna.Study, trial: optuna.trial.FrozenTrial, result: TrialResult) -> None:
@@ -99,9 +101,9 @@ def tell(study: optuna.Study, trial: optuna.trial.FrozenTrial, result: TrialResu
     if result.outcome is Outcome.COMPLETED:
         study.tell(trial.number, result.value)
     elif result.outcome is Outcome.PRUNED:
-        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+        study.tell(trial.number, state=PRUNED)
     else:
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=FAIL)
 
 
 def tell_failure(study: optuna.Study, trial: optuna.trial.FrozenTrial, outcome: Outcome, reason: str) -> None:

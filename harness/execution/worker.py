@@ -19,14 +19,14 @@ from pathlib import Path
 import optuna
 import submitit
 
-from harness.execution.optuna_adapter import heartbeat
+from harness.execution.optuna_adapter import COMPLETE, FAIL, PRUNED, RUNNING, WAITING, heartbeat
 from harness.execution.storage import Outage, PatientRDBStorage, open_storage
 from harness.execution.trial import PruningReporter, failure_attrs, make_spec, objective_result, run_trial
 from harness.planning.studyfile import load_study_file, make_pruner
+from harness.run import trial_record as record
 from harness.run.outcome import Outcome
 from harness.run.snapshot import restore_cwd
 
-WAITING, RUNNING = optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING
 OUTAGE_LIMIT_S = 3600.0  # a worker waits out a database outage this long before it gives up
 
 
@@ -74,9 +74,9 @@ class WorkerJob(submitit.helpers.Checkpointable):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "heartbeat is for optimize()": this loop is optimize's, written out
             trial = ostudy.ask()
-        if "key" not in trial.user_attrs:  # another worker took the last waiting trial between look and ask
-            trial.set_user_attr("outcome", "idle")
-            ostudy.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        if record.KEY not in trial.user_attrs:  # another worker took the last waiting trial between look and ask
+            trial.set_user_attr(record.OUTCOME, "idle")
+            ostudy.tell(trial, state=PRUNED)
             return "wait"
         return trial
 
@@ -91,21 +91,21 @@ class WorkerJob(submitit.helpers.Checkpointable):
             print(f"[worker] trial {trial.number} ({spec.key}) failed: {type(exc).__name__}: {exc}", flush=True)
             attrs = failure_attrs(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
             self._patiently(lambda: [trial.set_user_attr(k, v) for k, v in attrs.items() if v is not None])
-            return optuna.trial.TrialState.FAIL, None
+            return FAIL, None
         try:
-            return optuna.trial.TrialState.COMPLETE, self._patiently(lambda: objective_result(trial, result))
+            return COMPLETE, self._patiently(lambda: objective_result(trial, result))
         except optuna.TrialPruned:
-            return optuna.trial.TrialState.PRUNED, None
+            return PRUNED, None
         except Exception as exc:  # noqa: BLE001  (diverged, or no final status: attributes say which)
             print(f"[worker] trial {trial.number} ({spec.key}): {exc}", flush=True)
-            return optuna.trial.TrialState.FAIL, None
+            return FAIL, None
 
     def start(self, study, trial: optuna.trial.Trial):
         """The trial's point (its enqueued parameters), spec and attributes."""
         params = {key: trial.suggest_categorical(key, levels) for key, levels in study.factors.items()}
         params["seed"] = trial.suggest_categorical("seed", study.seeds)
         spec = make_spec(study, params, Path(self.results_dir), self.recipe, self.extra, self.gpus)
-        for name, value in {**spec.attrs, "executor": "worker", "job_id": _job_id()}.items():
+        for name, value in {**spec.attrs, record.EXECUTOR: "worker", record.JOB_ID: _job_id()}.items():
             trial.set_user_attr(name, value)
         return spec
 

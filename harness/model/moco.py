@@ -4,8 +4,11 @@ Where the ablated factors act:
   m   (momentum)     -> `_momentum_update_key_encoder`
   K   (queue size)   -> `queue` buffer, `_dequeue_and_enqueue` (memory bank: K negatives drawn per step)
   tau (temperature)  -> `_infonce`
-  encoder sharing    -> `_keys` (key_encoder = momentum | shared | end_to_end)
-  dictionary         -> key_encoder = memory_bank: `_memory_bank_step` (the paper's Figure 2b and 3)
+  encoder sharing    -> `encode_keys` (which encoder makes the keys, with or without gradient)
+  dictionary         -> the memory bank: `_memory_bank_step` (the paper's Figure 2b and 3)
+
+What each `key_encoder` implies (a key encoder of its own, a queue, where the negatives come from) is
+its row in harness.run.mechanisms; this module acts on those facts.
 """
 from __future__ import annotations
 
@@ -19,34 +22,32 @@ from torch import nn
 
 from harness.model.distributed import concat_all_gather, concat_all_gather_with_grad, is_distributed, rank
 from harness.model.shuffle_bn import encode_shuffled
-
-KEY_ENCODERS = ("momentum", "shared", "end_to_end", "memory_bank")
+from harness.run.mechanisms import DEFAULT, mechanism
 
 
 class MoCo(nn.Module):
     def __init__(self, make_encoder: Callable[[], nn.Module], dim: int = 128, queue_size: int = 65536,
-                 momentum: float = 0.999, temperature: float = 0.07, key_encoder: str = "momentum",
+                 momentum: float = 0.999, temperature: float = 0.07, key_encoder: str = DEFAULT,
                  shuffle_bn: str = "split", symmetric: bool = False, bank_size: int = 0, bank_momentum: float = 0.5):
         super().__init__()
-        if key_encoder not in KEY_ENCODERS:
-            raise ValueError(f"key_encoder must be one of {KEY_ENCODERS}, got {key_encoder!r}")
-        if key_encoder == "memory_bank" and bank_size <= 0:
-            raise ValueError("key_encoder='memory_bank' needs bank_size: the number of training images")
+        mech = self.mechanism = mechanism(key_encoder)
+        if mech.negatives == "bank" and bank_size <= 0:
+            raise ValueError(f"key_encoder={key_encoder!r} needs bank_size: the number of training images")
         self.m, self.T, self.K = momentum, temperature, queue_size
         self.key_encoder, self.shuffle_bn, self.symmetric = key_encoder, shuffle_bn, symmetric
 
         self.encoder_q = make_encoder()
-        if key_encoder == "momentum":
+        if mech.momentum_encoder:
             # theta_k starts as a copy of theta_q and is only ever changed by the momentum update.
             self.encoder_k = copy.deepcopy(self.encoder_q)
             for p in self.encoder_k.parameters():
                 p.requires_grad_(False)
-        if key_encoder == "memory_bank":
+        if mech.negatives == "bank":
             # Wu et al. 2018 (InstDisc), as MoCo compared it (Sec. 3.2, Fig. 2b): one feature per
             # training image, random unit vectors at the start; a buffer, so checkpoints carry it.
             self.bank_m = bank_momentum
             self.register_buffer("bank", F.normalize(torch.randn(bank_size, dim), dim=1))
-        elif key_encoder != "end_to_end":
+        elif mech.has_queue:
             # Buffers, so checkpoints carry the queue and its pointer.
             self.register_buffer("queue", F.normalize(torch.randn(dim, queue_size), dim=0))
             self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
@@ -77,11 +78,12 @@ class MoCo(nn.Module):
         torch._foreach_mul_(k_params, self.m)
         torch._foreach_add_(k_params, torch._foreach_mul(q_params, 1.0 - self.m))
 
-    def _keys(self, x_k: torch.Tensor) -> torch.Tensor:
-        """k = normalize(f_k(x_k)), encoded under Shuffle BN; normalised in fp32 (see _infonce)."""
-        if self.key_encoder == "end_to_end":  # same encoder, gradient flows through keys
+    def encode_keys(self, x_k: torch.Tensor) -> torch.Tensor:
+        """k = normalize(f_k(x_k)), encoded under Shuffle BN; normalised in fp32 (see _infonce). The one
+        key encoding: the dictionary diagnostics re-encode stored keys' views with it."""
+        if self.mechanism.keys == "query_encoder_with_grad":  # end-to-end: gradient flows through keys
             return F.normalize(encode_shuffled(self.encoder_q, x_k, self.shuffle_bn, differentiable=True).float(), dim=1)
-        encoder = self.encoder_k if self.key_encoder == "momentum" else self.encoder_q
+        encoder = self.encoder_k if self.mechanism.momentum_encoder else self.encoder_q
         with torch.no_grad():  # momentum: no gradient to f_k; shared: stop-gradient (the paper's m = 0)
             return F.normalize(encode_shuffled(encoder, x_k, self.shuffle_bn).float(), dim=1)
 
@@ -93,7 +95,7 @@ class MoCo(nn.Module):
 
     def _infonce_fp32(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
-        if self.key_encoder == "end_to_end":
+        if self.mechanism.k_is_batch:
             # Negatives: every other key of the global batch (no queue).
             k_all = concat_all_gather_with_grad(k)
             sim = torch.einsum("nc,mc->nm", q, k_all)  # N x G
@@ -154,16 +156,16 @@ class MoCo(nn.Module):
 
     def _one_direction(self, x_q: torch.Tensor, x_k: torch.Tensor):
         q = F.normalize(self.encoder_q(x_q).float(), dim=1)  # N x C, with gradient; fp32 (see _infonce)
-        k = self._keys(x_k)  # N x C
+        k = self.encode_keys(x_k)  # N x C
         loss, logits = self._infonce(q, k)
         return loss, logits, k
 
     def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`index`: the batch's image indices in the training set (used by the memory bank only)."""
-        if self.key_encoder == "memory_bank":  # x_k is not used: the bank supplies the keys
+        if self.mechanism.negatives == "bank":  # x_k is not used: the bank supplies the keys
             loss, logits = self._memory_bank_step(x_q, index)
             return {"loss": loss, "accuracy": (logits.argmax(dim=1) == 0).float().mean().detach()}
-        if self.key_encoder == "momentum":
+        if self.mechanism.momentum_encoder:
             self._momentum_update_key_encoder()  # uses theta_q as left by the last SGD step
         loss, logits, k = self._one_direction(x_q, x_k)
         keys = k
@@ -171,7 +173,7 @@ class MoCo(nn.Module):
             loss_21, _, k_1 = self._one_direction(x_k, x_q)
             loss = loss + loss_21
             keys = torch.cat([k, k_1])
-        if self.key_encoder != "end_to_end":
+        if self.mechanism.has_queue:
             self._dequeue_and_enqueue(keys.detach())
         # Pretext accuracy: how often the positive wins (near 100 % hints at BN "cheating").
         accuracy = (logits.argmax(dim=1) == 0).float().mean()
@@ -203,4 +205,4 @@ def build_moco(cfg, bank_size: int | None = None) -> MoCo:
     return MoCo(make_encoder, dim=mc.dim, queue_size=mc.queue_size, momentum=mc.momentum,
                 temperature=mc.temperature, key_encoder=mc.key_encoder, shuffle_bn=mc.shuffle_bn,
                 symmetric=mc.symmetric, bank_momentum=mc.bank_momentum,
-                bank_size=(bank_size or pretrain_size(cfg) or 0) if mc.key_encoder == "memory_bank" else 0)
+                bank_size=(bank_size or pretrain_size(cfg) or 0) if mechanism(mc.key_encoder).negatives == "bank" else 0)

@@ -17,10 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-
-class StudyError(ValueError):
-    """A study that cannot run; raised before anything is submitted."""
-
+from harness.run.errors import StudyError
 
 CLUSTER_ENV = "HARNESS_CLUSTER"
 DEFAULT_CLUSTER_FILE = Path("~/.config/harness/cluster.yaml")
@@ -37,7 +34,7 @@ class Resources:
     nodes: int = 1
     signal_delay_s: int = 60
     max_timeouts: int = 3
-    trials_per_job: int = 1  # trials packed into one job and its devices, one process each (launch.PackedJob)
+    trials_per_job: int = 1  # trials packed into one job and its devices, one process each (harness.execution.jobs.PackedJob)
     # Site-specific SLURM options (submitit's names); None / empty: not passed.
     account: Optional[str] = None
     qos: Optional[str] = None

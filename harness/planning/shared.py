@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from harness.run import runio
-from harness.run.config import ConfigError, config_from_dict
+from harness.run.config import config_from_dict
+from harness.run.errors import ConfigError
 from harness.run.outcome import Outcome
 
 SKIP = {"code", "jobs", "report"}  # study subfolders that never hold run directories

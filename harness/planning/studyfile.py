@@ -31,10 +31,12 @@ from typing import Any, Optional
 import yaml
 
 from harness.planning.decide import RaceSpec
-from harness.planning.resources import Resources, StudyError, check_resources
+from harness.planning.resources import Resources, check_resources
 from harness.planning.resources import merge as merge_resources
 from harness.planning.spending import SPENDING
-from harness.run.config import ConfigError, RunConfig, load_recipe_data, make_config, nest
+from harness.run.config import RunConfig, load_recipe_data, make_config, nest
+from harness.run.errors import ConfigError, StudyError
+from harness.run.mechanisms import mechanism
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "studies"
 STUDY_COPY = "study.yaml"  # results/<study>/study.yaml: the file a study was started from
@@ -68,7 +70,7 @@ class Study:
     resources: dict = field(default_factory=dict)  # overrides of the recipe's resources
     retries: int = 2
     reference: dict = field(default_factory=dict)
-    race: Optional[RaceSpec] = None  # adaptive seeds (harness.decide); None: every level gets every seed
+    race: Optional[RaceSpec] = None  # adaptive seeds (harness.planning.decide); None: every level gets every seed
 
     def resources_for(self, recipe: str | None = None) -> Resources:
         """The recipe's resources (its scale: CPU minutes or GPU days), the user's cluster file (site
@@ -348,7 +350,7 @@ def _not_run(params: dict, cfg: RunConfig, recipe: str, size: int | None) -> str
     if "moco.queue_size" not in params:
         return None
     k = cfg.moco.queue_size
-    if cfg.moco.key_encoder == "end_to_end" and k != cfg.optim.batch_size:
+    if mechanism(cfg.moco.key_encoder).k_is_batch and k != cfg.optim.batch_size:
         return (f"key_encoder=end_to_end at K={k}: not run, its negatives are the batch (K = optim.batch_size "
                 f"= {cfg.optim.batch_size})")
     if size is not None and k > size:

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from harness.planning.studyfile import STUDY_DIR, Study, StudyError, load_study, load_study_file
+from harness.planning.studyfile import STUDY_DIR, Study, load_study, load_study_file
 from harness.run import runio
+from harness.run.errors import StudyError
 
 SUITE_KEYS = {"description", "suite"}
 

@@ -12,6 +12,7 @@ import pandas as pd
 
 from harness.reporting.tables import run_moco_config
 from harness.run import runio
+from harness.run.mechanisms import MECHANISMS
 
 DIAGNOSTICS = ("key_consistency", "alignment", "uniformity", "effective_rank")
 NOT_MEASURED = "not measured"
@@ -90,7 +91,9 @@ def markdown(table: pd.DataFrame, md_table) -> list[str]:
         shown[key] = shown[key].astype(object).map(lambda v: NOT_MEASURED if v is None or pd.isna(v)
                                                    else f"{float(v):.4f}")
     if "moco.key_encoder" in shown:  # keys made by the encoder in use: nothing to measure
-        shown.loc[shown["moco.key_encoder"] == "end_to_end", "key_consistency"] = "1 by construction"
+        by_construction = shown["moco.key_encoder"].map(
+            lambda name: name in MECHANISMS and MECHANISMS[name].consistent_by_construction)
+        shown.loc[by_construction.astype(bool), "key_consistency"] = "1 by construction"
     return ["## Dictionary consistency", "",
             "How consistent the dictionary's keys are with the key encoder as it is now (harness.training.diagnostics): "
             "for queue blocks of several ages the keys are made again from the same views by the current key "

@@ -12,7 +12,7 @@ import optuna
 import pandas as pd
 
 from harness.execution.storage import default_url, open_storage, redact
-from harness.planning.studyfile import STUDY_COPY, Study, StudyError, load_study, load_study_file, skipped_levels
+from harness.planning.studyfile import STUDY_COPY, Study, load_study, load_study_file, skipped_levels
 from harness.reporting import consistency_report
 from harness.reporting.page import md_table, render_html
 from harness.reporting.plots import (
@@ -28,6 +28,8 @@ from harness.reporting.plots import (
 from harness.reporting.tables import curves_table, factor_names, summary_table, trials_table
 from harness.reporting.verdicts import decision_lines, seed_hints, verdict
 from harness.run import runio
+from harness.run import trial_record as record
+from harness.run.errors import StudyError
 
 
 def machine_summary(trials: pd.DataFrame, study_dir: Path) -> str:
@@ -57,7 +59,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         raise StudyError(f"no study '{name}' in {redact(storage_url)}; run it first (python -m harness.study "
                          f"{name.split('@')[0]}).") from None
     study_file = stored_study(name, study_dir)
-    objective = ostudy.user_attrs.get("objective", study_file.objective)
+    objective = ostudy.user_attrs.get(record.OBJECTIVE, study_file.objective)
     out = out_dir or study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -75,7 +77,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     _write_tables(out, {"trials": trials, "curves": curves, "summary": summary, "consistency": consistency,
                         "diagnostics": diagnostics})
 
-    skipped = not_run_levels(study_file, ostudy.user_attrs.get("signature", {}))
+    skipped = not_run_levels(study_file, ostudy.user_attrs.get(record.SIGNATURE, {}))
     plots: list[Path] = []
     if len(trials):
         plots += plot_objective(trials, factors, objective, study_file.reference, out, skipped)
@@ -118,7 +120,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() / 60 if starts and ends else float("nan")
-    signature = ostudy.user_attrs.get("signature", {})
+    signature = ostudy.user_attrs.get(record.SIGNATURE, {})
     counts = trials["state"].value_counts().to_dict() if len(trials) else {}
     md = [f"# Study `{name}`", "", study_file.description.strip(), "",
           f"- recipe: `{signature.get('recipe', study_file.recipe)}`; overrides: `{signature.get('overrides') or []}`",

@@ -20,6 +20,7 @@ from harness.reporting.study_report import build_report, machine_summary, stored
 from harness.reporting.tables import factor_names, summary_table, trials_table
 from harness.reporting.verdicts import verdict
 from harness.run import runio
+from harness.run import trial_record as record
 
 SUMMARY_COLUMNS = ["n", "probe_top1_mean", "probe_top1_ci95_low", "probe_top1_ci95_high", "knn_top1_mean",
                    "diverged", "failed"]
@@ -78,7 +79,7 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
         factors = factor_names(ostudy.get_trials(deepcopy=False)) or list(study_file.factors)
         costs.append(cost_row(member, suite.name, trials, study_dir))
         spans += [(t.datetime_start, t.datetime_complete) for t in ostudy.trials
-                  if t.datetime_start and t.datetime_complete and "shared_from" not in t.user_attrs]
+                  if t.datetime_start and t.datetime_complete and record.SHARED_FROM not in t.user_attrs]
         if len(trials):
             machines.add(machine_summary(trials, study_dir))
         summary = summary_table(trials, factors) if len(trials) else pd.DataFrame()

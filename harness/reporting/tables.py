@@ -9,6 +9,8 @@ import optuna
 import pandas as pd
 
 from harness.run import runio
+from harness.run import trial_record as record
+from harness.run.mechanisms import DEFAULT, MECHANISMS
 from harness.run.outcome import state_label
 
 
@@ -29,16 +31,16 @@ def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
     for t in trials:
         a = t.user_attrs
         state = state_label(t.state.name, a)
-        run_dir = _relative(study_dir, a.get("run_dir"))
-        row = {"trial": t.number, "key": a.get("key"), **{f: t.params.get(f) for f in factors},
+        run_dir = _relative(study_dir, a.get(record.RUN_DIR))
+        row = {"trial": t.number, "key": a.get(record.KEY), **{f: t.params.get(f) for f in factors},
                "seed": t.params.get("seed", a.get("seed")), "state": state,
-               "failure_reason": a.get("failure_reason"), "probe_top1": a.get("probe_top1"),
+               "failure_reason": a.get(record.FAILURE_REASON), "probe_top1": a.get("probe_top1"),
                "probe_top5": a.get("probe_top5"), "pixel_floor_top1": a.get("pixel_floor_top1"),
                "knn_top1": a.get("knn_top1"), "final_loss": a.get("final_loss"),
                "chance_loss": chance_loss(study_dir, run_dir), "epochs": a.get("epochs"),
-               "gpu_hours": a.get("gpu_hours"), "hours": a.get("hours"), "job_id": a.get("job_id"),
-               "host": a.get("host"), "identity": a.get("identity"), "run_dir": run_dir,
-               "shared_from": a.get("shared_from"), "shared_hours": a.get("shared_hours")}
+               "gpu_hours": a.get(record.GPU_HOURS), "hours": a.get(record.HOURS), "job_id": a.get(record.JOB_ID),
+               "host": a.get("host"), "identity": a.get(record.IDENTITY), "run_dir": run_dir,
+               "shared_from": a.get(record.SHARED_FROM), "shared_hours": a.get(record.SHARED_HOURS)}
         if t.state == optuna.trial.TrialState.RUNNING and run_dir:
             epochs = [r for r in runio.read_jsonl(study_dir / run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
             if epochs:
@@ -48,9 +50,9 @@ def trials_table(ostudy: optuna.Study, study_dir: Path) -> pd.DataFrame:
 
 
 def _relative(study_dir: Path, run_dir: str | None) -> str | None:
-    """The run directory relative to the study directory. Storages written before run directories
+    """The run directory relative to the study directory. Older format: storages written before run directories
     were recorded relative hold absolute paths: a study moved since (a committed example) is found by
-    the path's runs/<key> tail."""
+    the path's runs/<key> tail. Can go when the committed examples' storages are rewritten."""
     if not run_dir:
         return None
     path = Path(run_dir)
@@ -76,7 +78,8 @@ def run_moco_config(study_dir: Path, run_dir: str | None) -> dict:
 def chance_loss(study_dir: Path, run_dir: str | None) -> float | None:
     """ln(K + 1): the InfoNCE loss of an encoder that cannot tell its positive from the K negatives."""
     moco = run_moco_config(study_dir, run_dir)
-    if not moco or moco.get("key_encoder") == "end_to_end":
+    mech = MECHANISMS.get(moco.get("key_encoder", DEFAULT)) if moco else None
+    if mech is None or mech.k_is_batch:  # negatives: the rest of the batch, not K
         return None
     return math.log(moco.get("queue_size", 0) + 1) if moco.get("queue_size") else None
 

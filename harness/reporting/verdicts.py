@@ -5,17 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness.planning.decide import (
-    EQUAL,
-    SLIGHTLY_WORSE,
-    UNDECIDED,
-    WORSE,
-    RaceSpec,
-    level_label,
-    race,
-    seeds_to_decide,
-    values_by_level,
-)
+from harness.planning.decide import EQUAL, SLIGHTLY_WORSE, UNDECIDED, WORSE, RaceSpec, level_label, race, seeds_to_decide, values_by_level
 from harness.planning.studyfile import Study
 
 
@@ -81,7 +71,7 @@ DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file n
 
 
 def race_of(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
-    """The study's race (harness.decide) replayed on its results; a fixed design is a race of one look."""
+    """The study's race (harness.planning.decide) replayed on its results; a fixed design is a race of one look."""
     spec = study_file.race or RaceSpec(len(study_file.seeds), len(study_file.seeds), DEFAULT_MARGIN, 0.95)
     values, diverged = race_values(trials, study_file, factors, objective)
     return spec, race(values, spec, study_file.direction == "maximize"), diverged

@@ -16,14 +16,14 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from harness.run import mechanisms
+from harness.run.errors import ConfigError
+
 # the identity's names are the config's too (re-exported): every caller asks the config
-from harness.run.identity import INERT, RUNTIME_ONLY, get_dotted, identity_diff, identity_digest, identity_of, nest  # noqa: F401
+from harness.run.identity import RUNTIME_ONLY, get_dotted, identity_diff, identity_digest, identity_of, nest  # noqa: F401
+from harness.run.mechanisms import mechanism
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "studies" / "recipes"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names the field and the fix."""
 
 
 @dataclass
@@ -63,7 +63,7 @@ class MocoConfig:
     mlp: bool = False  # MoCo v2 projection head
     # momentum: MoCo; shared: keys from the query encoder (m = 0); end_to_end: keys with gradient, the
     # batch as negatives; memory_bank: Wu et al. 2018's bank of one feature per image (the paper's Fig. 3)
-    key_encoder: Literal["momentum", "shared", "end_to_end", "memory_bank"] = "momentum"
+    key_encoder: Literal["momentum", "shared", "end_to_end", "memory_bank"] = mechanisms.DEFAULT
     bank_momentum: float = 0.5  # memory bank: v <- m_b v + (1 - m_b) q (InstDisc: 0.5)
     shuffle_bn: Literal["ddp", "split", "none"] = "split"
     bn_splits: int = 8
@@ -283,7 +283,7 @@ def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: 
 
 def resolve_execution(cfg: RunConfig, gpus: int) -> RunConfig:
     """`auto` device and precision made what will run, for a process given `gpus` GPUs (a study's
-    resources.gpus; harness.train: the GPUs it sees). Resolved before the run's identity is taken, so
+    resources.gpus; `python -m harness.train`: the GPUs it sees). Resolved before the run's identity is taken, so
     a CPU fp32 run and a GPU bf16 run are two runs, never shared into each other's studies. bf16 is
     the GPU default (Ampere and newer); an older GPU refuses it at the job's start (harness.training.runtime)
     and says to set runtime.precision=fp16."""
@@ -335,27 +335,66 @@ def _require_crop_scale(key: str, value: list[float], usual: str) -> None:
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Checks that need more than one field. `world_size` is checked once it is known."""
-    m, o, d = cfg.moco, cfg.optim, cfg.data
+    """Every section's bounds and the rules that span fields. `world_size` is checked once it is known.
+
+    Raises:
+        ConfigError: the first field that cannot run, named, with its fix.
+    """
+    _validate_moco(cfg)
+    _validate_optim(cfg.optim)
+    _validate_data_model(cfg)
+    _validate_eval(cfg.eval)
+    _validate_runtime(cfg.runtime)
+    if world_size is not None:
+        _validate_world(cfg, world_size)
+
+
+def _validate_moco(cfg: RunConfig) -> None:
+    m, o = cfg.moco, cfg.optim
     _require(0.0 <= m.momentum <= 1.0,
              f"moco.momentum: m={m.momentum} is outside [0, 1]; the paper uses 0.999 (ImageNet) or 0.99 (CIFAR).")
     _require(m.temperature > 0,
              f"moco.temperature: tau={m.temperature} must be > 0; the paper uses 0.07 (v1) or 0.2 (v2).")
     _require(m.dim > 0, f"moco.dim: must be > 0 (the paper uses 128), got {m.dim}.")
+    mech = mechanism(m.key_encoder)
+    if mech.has_queue:
+        keys_per_step = o.batch_size * (2 if m.symmetric else 1)
+        _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")
+        _require(o.batch_size <= 0 or m.queue_size % keys_per_step == 0,
+                 f"moco.queue_size: K={m.queue_size} is not a multiple of the keys enqueued per step "
+                 f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''}); "
+                 f"the queue would wrap mid-batch. Use K={_nearest_multiple(m.queue_size, keys_per_step)} "
+                 f"or change optim.batch_size.")
+    else:
+        # Negatives are the other keys of the batch, or K draws from the bank: no queue to wrap.
+        _require(not m.symmetric, f"moco.symmetric: not defined for key_encoder={m.key_encoder}; "
+                                  f"set moco.symmetric=false.")
+    if mech.negatives == "bank":
+        _require(m.queue_size > 0, f"moco.queue_size: K (negatives drawn from the bank) must be > 0, "
+                                   f"got {m.queue_size}.")
+        _require(0.0 <= m.bank_momentum < 1.0, f"moco.bank_momentum: must be in [0, 1) (InstDisc: 0.5), "
+                                               f"got {m.bank_momentum}.")
+    if m.shuffle_bn == "split":
+        _require(m.bn_splits >= 1, f"moco.bn_splits: must be >= 1, got {m.bn_splits}.")
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _require(o.batch_size > 0, f"optim.batch_size: must be > 0, got {o.batch_size}.")
     _require(o.epochs > 0, f"optim.epochs: must be > 0, got {o.epochs}.")
     _require(o.lr > 0 and o.lr_batch > 0, "optim.lr and optim.lr_batch: must be > 0.")
     _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}.")
     _require(0 <= o.warmup_epochs < o.epochs,
              f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
+
+
+def _validate_data_model(cfg: RunConfig) -> None:
+    d = cfg.data
     _require_crop_scale("data.crop_scale", d.crop_scale, "MoCo: [0.2, 1]")
     _require(cfg.model.tiny_stem_stride in (1, 2),
              f"model.tiny_stem_stride: must be 1 or 2, got {cfg.model.tiny_stem_stride}.")
     _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
              f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], "
              f"got {cfg.model.tiny_widths}.")
-    _require(cfg.runtime.dist_timeout_s > 0,
-             f"runtime.dist_timeout_s: must be > 0 seconds, got {cfg.runtime.dist_timeout_s}.")
     _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
     _require(d.loader != "device_decode" or d.dataset == "imagefolder",
              f"data.loader: device_decode decodes image files; {d.dataset} is held in memory (use batched).")
@@ -364,44 +403,42 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for key in ("train_subset", "test_subset"):
         value = getattr(d, key)
         _require(value is None or value > 0, f"data.{key}: must be positive or null, got {value}.")
-    e = cfg.eval
+
+
+def _validate_eval(e: EvalConfig) -> None:
     _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k and eval.knn_t: must be > 0 (InstDisc: k=200, t=0.1).")
+    _require(e.knn_every >= 0, f"eval.knn_every: must be >= 0 epochs (0: never), got {e.knn_every}.")
     _require(e.probe_epochs > 0 and e.probe_batch_size > 0,
              "eval.probe_epochs and eval.probe_batch_size: must be > 0.")
     _require(e.probe_lr > 0, f"eval.probe_lr: must be > 0 (main_lincls uses 30), got {e.probe_lr}.")
     _require(e.probe_weight_decay >= 0,
              f"eval.probe_weight_decay: must be >= 0 (main_lincls uses 0), got {e.probe_weight_decay}.")
     _require_crop_scale("eval.probe_crop_scale", e.probe_crop_scale, "main_lincls: [0.08, 1]")
-    if m.key_encoder in ("end_to_end", "memory_bank"):
-        # Negatives are the other keys of the batch, or K draws from the bank: no queue to wrap.
-        _require(not m.symmetric, f"moco.symmetric: not defined for key_encoder={m.key_encoder}; "
-                                  f"set moco.symmetric=false.")
-        if m.key_encoder == "memory_bank":
-            _require(m.queue_size > 0, f"moco.queue_size: K (negatives drawn from the bank) must be > 0, "
-                                       f"got {m.queue_size}.")
-            _require(0.0 <= m.bank_momentum < 1.0, f"moco.bank_momentum: must be in [0, 1) (InstDisc: 0.5), "
-                                                   f"got {m.bank_momentum}.")
-    else:
-        keys_per_step = o.batch_size * (2 if m.symmetric else 1)
-        _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")
-        _require(m.queue_size % keys_per_step == 0,
-                 f"moco.queue_size: K={m.queue_size} is not a multiple of the keys enqueued per step "
-                 f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''}); "
-                 f"the queue would wrap mid-batch. Use K={_nearest_multiple(m.queue_size, keys_per_step)} "
-                 f"or change optim.batch_size.")
+
+
+def _validate_runtime(r: RuntimeConfig) -> None:
+    _require(r.threads >= 0, f"runtime.threads: must be >= 0 (0: torch's default), got {r.threads}.")
+    _require(r.log_every >= 1, f"runtime.log_every: must be >= 1 step, got {r.log_every}.")
+    _require(r.checkpoint_every >= 1,
+             f"runtime.checkpoint_every: must be >= 1 epoch (the last epoch is always saved), got {r.checkpoint_every}.")
+    _require(r.checkpoint_every_steps >= 0,
+             f"runtime.checkpoint_every_steps: must be >= 0 (0: at epoch ends only), got {r.checkpoint_every_steps}.")
+    _require(r.keep_checkpoints >= 1, f"runtime.keep_checkpoints: must be >= 1, got {r.keep_checkpoints}.")
+    _require(r.dist_timeout_s > 0, f"runtime.dist_timeout_s: must be > 0 seconds, got {r.dist_timeout_s}.")
+
+
+def _validate_world(cfg: RunConfig, world_size: int) -> None:
+    m, o = cfg.moco, cfg.optim
+    _require(o.batch_size % world_size == 0,
+             f"optim.batch_size: {o.batch_size} is not divisible by the {world_size} processes.")
+    per_rank = o.batch_size // world_size
     if m.shuffle_bn == "split":
-        _require(m.bn_splits >= 1, f"moco.bn_splits: must be >= 1, got {m.bn_splits}.")
-    if world_size is not None:
-        _require(o.batch_size % world_size == 0,
-                 f"optim.batch_size: {o.batch_size} is not divisible by the {world_size} processes.")
-        per_rank = o.batch_size // world_size
-        if m.shuffle_bn == "split":
-            _require(per_rank % m.bn_splits == 0,
-                     f"moco.bn_splits: the per-process batch {per_rank} is not divisible by bn_splits={m.bn_splits}.")
-        if m.shuffle_bn == "ddp":
-            _require(world_size > 1,
-                     "moco.shuffle_bn: 'ddp' shuffles keys across processes but this run has one process; "
-                     "use moco.shuffle_bn=split (SplitBatchNorm, as the CIFAR Colab) on a single device.")
+        _require(per_rank % m.bn_splits == 0,
+                 f"moco.bn_splits: the per-process batch {per_rank} is not divisible by bn_splits={m.bn_splits}.")
+    if m.shuffle_bn == "ddp":
+        _require(world_size > 1,
+                 "moco.shuffle_bn: 'ddp' shuffles keys across processes but this run has one process; "
+                 "use moco.shuffle_bn=split (SplitBatchNorm, as the CIFAR Colab) on a single device.")
 
 
 def _nearest_multiple(k: int, b: int) -> int:

@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from harness.run.config import ConfigError, RunConfig
+from harness.run.config import RunConfig
+from harness.run.errors import ConfigError
 
 FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 

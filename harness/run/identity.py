@@ -1,5 +1,5 @@
 """A run's identity: what it computes, as a digest of its config minus what only changes how it
-executes (RUNTIME_ONLY) or what its dictionary mechanism never reads (INERT). Two configs with one
+executes (RUNTIME_ONLY) or what its dictionary mechanism never reads (`Mechanism.ignores`). Two configs with one
 identity are one run: shared between studies, resumed under other runtime settings. Pure functions
 of a config's dict (dotted keys), so old configs on disk are read the same way."""
 from __future__ import annotations
@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any
+
+from harness.run.mechanisms import DEFAULT, MECHANISMS
 
 
 def nest(key: str, value: Any) -> dict:
@@ -29,7 +31,7 @@ def get_dotted(data: dict, key: str, default: Any = None) -> Any:
 # ---------------------------------------------------------------- run identity
 
 # Fields that change how a run executes but not what it computes; a run resumed under other values
-# is the same run (each attempt records the values it ran with, see harness.train). At most they
+# is the same run (each attempt records the values it ran with, see harness.training.pretrain). At most they
 # change the order of floating-point sums, as any other machine would.
 RUNTIME_ONLY = {
     "name": "a label: the same computation may serve several studies",
@@ -48,29 +50,23 @@ RUNTIME_ONLY = {
 }
 
 
-# Settings a dictionary mechanism never reads (harness.model.moco): two configs that differ only there train
-# the same run, so a study's end-to-end point at the recipe's K is another study's end-to-end point.
-INERT = {
-    "momentum": ("moco.bank_momentum",),
-    "shared": ("moco.momentum", "moco.bank_momentum"),  # no key encoder to average into
-    "end_to_end": ("moco.momentum", "moco.bank_momentum", "moco.queue_size"),  # negatives: the batch
-    "memory_bank": ("moco.momentum",),  # keys: the bank (its K draws and momentum count)
-}
-
-
 def identity_of(data: dict) -> dict:
     """What a run computes: its config (as a dict) minus the runtime-only fields and the settings its
     dictionary mechanism never reads."""
     out = json.loads(json.dumps(data))  # a deep copy
     runtime = out.get("runtime")
     if isinstance(runtime, dict) and "auto" in (runtime.get("device"), runtime.get("precision")):
-        # Written before `auto` was resolved (resolve_execution): every such run trained on a CPU in fp32
+        # Older format: configs written before `auto` was resolved (resolve_execution, d86ad7d, 2026-12-01); can go
+        # when no committed example or shared run holds one. Every such run trained on a CPU in fp32
         # (no run of this project had met a GPU), which is what its identity says now.
         if runtime.get("device") == "auto":
             runtime["device"] = "cpu"
         if runtime.get("precision") == "auto":
             runtime["precision"] = "bf16" if runtime["device"] == "cuda" else "fp32"
-    for key in (*RUNTIME_ONLY, *INERT.get(get_dotted(out, "moco.key_encoder"), ())):
+    # What the run's dictionary mechanism never reads (harness.run.mechanisms): two configs that differ only
+    # there train the same run, so a study's end-to-end point at the recipe's K is another study's.
+    mech = MECHANISMS.get(get_dotted(out, "moco.key_encoder", DEFAULT))
+    for key in (*RUNTIME_ONLY, *(mech.ignores if mech else ())):
         *parents, leaf = key.split(".")
         node = get_dotted(out, ".".join(parents)) if parents else out
         if isinstance(node, dict):

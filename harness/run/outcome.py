@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from harness.run import trial_record as record
+
 RUNNING = "running"  # status.json while a run is under way: a state, not an outcome
 
 
@@ -24,7 +26,7 @@ class Outcome(str, Enum):
     @classmethod
     def of_trial(cls, attrs: dict) -> "Outcome | None":
         """The outcome recorded on a finished trial (older storages spelled FAILED 'error')."""
-        value = attrs.get("outcome")
+        value = attrs.get(record.OUTCOME)
         return cls.FAILED if value == "error" else (cls(value) if value in cls._value2member_map_ else None)
 
     @property

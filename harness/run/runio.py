@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.run.config import ConfigError
+from harness.run.errors import ConfigError, HarnessError
 
 # Where studies keep their storage, run directories and reports (results/<study>/).
 RESULTS = Path(os.environ.get("HARNESS_RESULTS", "results"))
@@ -149,5 +149,5 @@ def lock_run_dir(run_dir: Path, wait: bool = False):
     return handle
 
 
-class RunDirBusy(RuntimeError):
-    pass
+class RunDirBusy(HarnessError, RuntimeError):
+    """Another process holds the run directory's lock."""

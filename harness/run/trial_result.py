@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from harness.run import runio
+from harness.run import trial_record as record
 from harness.run.outcome import Outcome
 
 
@@ -41,7 +42,7 @@ def read_trial_result(run_dir: Path, objective: str, gpus: int = 0) -> TrialResu
                      pixel_floor_top1=probe.get("pixel_floor_top1"))
     identity = runio.read_json(run_dir / "identity.json")
     if identity:
-        attrs["identity"] = identity["digest"]
+        attrs[record.IDENTITY] = identity["digest"]
     # Training epochs and the final probe: the trial's devices are held for both (in a DDP trial the
     # other ranks are released from collectives during the probe, not from the job's allocation).
     probe_seconds = json.loads(probe_file.read_text()).get("seconds", 0) if probe_file.exists() else 0
@@ -55,5 +56,5 @@ def read_trial_result(run_dir: Path, objective: str, gpus: int = 0) -> TrialResu
             outcome, reason = Outcome.FAILED, f"completed without {objective}"
     elif outcome is Outcome.DIVERGED:
         reason = f"diverged: the loss became NaN/inf (step {status.get('global_step')})"
-    attrs = {k: v for k, v in {"outcome": outcome.value, **attrs}.items() if v is not None}
+    attrs = {k: v for k, v in {record.OUTCOME: outcome.value, **attrs}.items() if v is not None}
     return TrialResult(outcome, value, attrs, reason)

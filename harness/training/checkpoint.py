@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from harness.run import faults
+from harness.run.errors import HarnessError
 
 FORMAT = "moco-harness/checkpoint/1"
 _NAME = re.compile(r"^ckpt-(\d{9})\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(HarnessError, RuntimeError):
+    """A checkpoint that cannot be read (truncated, another run's, another format)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -46,7 +47,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restores what `rng_state` saved. Tolerates tensors on another device (a checkpoint loaded
     with some other map_location) and another number of visible GPUs than the saving process had:
     the generators both have are restored, the rest keep their seeds (every training step reseeds
-    from (seed, step) anyway, see harness.train)."""
+    from (seed, step) anyway, see harness.training.step.step_seed)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]

@@ -26,14 +26,34 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.data.datasets import seeded_generator
 from harness.model import distributed as dist_mod
-from harness.model.shuffle_bn import encode_shuffled
+from harness.model.moco import MoCo
+from harness.run.config import RunConfig
+from harness.training.runtime import Runtime
+from harness.training.step import step_seed
+
+
+@dataclass
+class Observed:
+    """What the diagnostics read of a run, and all they read: its config, model, two-view source
+    (`batch_at`, `pairs`, `steps_per_epoch`), runtime, and the steps taken so far. Never written."""
+    cfg: RunConfig
+    model: MoCo
+    views: Any
+    rt: Runtime
+    global_step: int
+    rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 @contextlib.contextmanager
@@ -58,35 +78,29 @@ def sampled_ages(oldest: int) -> list[int]:
     return sorted({1, max(1, oldest // 4), max(1, oldest // 2), max(1, oldest)})
 
 
-def _step_seed(run, step: int) -> int:
-    """The seed of training step `step` (train.PretrainRun.train_epoch), for Shuffle BN's permutation."""
-    return seeded_generator("step", run.cfg.runtime.seed, step, run.rank).initial_seed()
-
-
-def _fresh_keys(run, step: int) -> torch.Tensor:
+def _fresh_keys(run: Observed, step: int) -> torch.Tensor:
     """Keys of step `step`'s views by the current key encoder, laid out as the queue stored them
     (every rank's keys gathered in rank order; the symmetric loss's second keys after the first)."""
     model = run.model
     per_epoch = run.views.steps_per_epoch
     x_q, x_k, _ = run.views.batch_at(step // per_epoch, step % per_epoch)
     x_q, x_k = run.rt.layout(x_q, x_k)
-    encoder = model.encoder_k if model.key_encoder == "momentum" else model.encoder_q
-    torch.manual_seed(_step_seed(run, step))
+    torch.manual_seed(step_seed(run.cfg, step, run.rank))  # the step's own Shuffle BN permutation
     with run.rt.autocast():
-        keys = [F.normalize(encode_shuffled(encoder, x_k, model.shuffle_bn).float(), dim=1)]
+        keys = [model.encode_keys(x_k)]
         if model.symmetric:
-            keys.append(F.normalize(encode_shuffled(encoder, x_q, model.shuffle_bn).float(), dim=1))
+            keys.append(model.encode_keys(x_q))
     return dist_mod.concat_all_gather(torch.cat(keys))
 
 
-def queue_consistency(run) -> list[tuple[int, float]]:
+def queue_consistency(run: Observed) -> list[tuple[int, float]]:
     """(age in steps, mean cosine stored vs fresh) for the queue (momentum or shared key encoder)."""
-    model, step = run.model, run.state.global_step
+    model, step = run.model, run.global_step
     per_step = run.cfg.optim.batch_size * (2 if model.symmetric else 1)
     oldest = min(model.K // per_step, step)  # blocks written so far and not overwritten
     result = []
     for age in sampled_ages(oldest) if oldest else []:
-        if age == 1 and model.key_encoder == "momentum":
+        if age == 1 and model.mechanism.momentum_encoder:
             # The newest block was encoded by theta_k as it is now (the momentum update comes first in
             # a step, and no step has run since): 1 by construction, not computed.
             result.append((1, 1.0))
@@ -99,16 +113,16 @@ def queue_consistency(run) -> list[tuple[int, float]]:
     return result
 
 
-def bank_consistency(run) -> list[tuple[int, float]]:
+def bank_consistency(run: Observed) -> list[tuple[int, float]]:
     """(age in steps of the entry's last update, mean cosine of entry vs the query encoder's feature
     of the view that updated it), over the epoch just ended (each image updates once an epoch)."""
-    model, step, per_epoch = run.model, run.state.global_step, run.views.steps_per_epoch
+    model, step, per_epoch = run.model, run.global_step, run.views.steps_per_epoch
     result = []
     for age in sampled_ages(min(per_epoch, step)):
         made = step - age
         x_q, _, index = run.views.batch_at(made // per_epoch, made % per_epoch)
         (x_q,) = run.rt.layout(x_q)
-        torch.manual_seed(_step_seed(run, made))
+        torch.manual_seed(step_seed(run.cfg, made, run.rank))
         with run.rt.autocast():
             fresh = F.normalize(model.encoder_q(x_q).float(), dim=1)
         cosine = float((model.bank[index].float() * fresh).sum(dim=1).mean())
@@ -116,7 +130,7 @@ def bank_consistency(run) -> list[tuple[int, float]]:
     return result
 
 
-def alignment_uniformity_rank(run) -> dict[str, float]:
+def alignment_uniformity_rank(run: Observed) -> dict[str, float]:
     """Wang & Isola's alignment and uniformity of q = normalize(f_q(x)), and the backbone features'
     effective rank, on a fixed subset (eval mode: BatchNorm reads its statistics, updates none)."""
     encoder = run.model.encoder_q
@@ -141,18 +155,18 @@ def due(cfg, epoch: int, final: bool) -> bool:
     return bool(every) and (epoch % every == 0 or final)
 
 
-def measure(run) -> dict:
+def measure(run: Observed) -> dict:
     """The epoch record's diagnostics (all ranks call it: fresh keys are gathered across ranks)."""
     model = run.model
     record: dict = {}
     tic = time.perf_counter()
     with untouched(model):
-        if model.key_encoder in ("momentum", "shared"):
-            ages = queue_consistency(run)
-        elif model.key_encoder == "memory_bank":
-            ages = bank_consistency(run)
-        else:  # end_to_end: the keys are made by the encoder in use, consistent by construction
+        if model.mechanism.consistent_by_construction:  # keys made by the encoder in use
             ages = []
+        elif model.mechanism.negatives == "bank":
+            ages = bank_consistency(run)
+        else:
+            ages = queue_consistency(run)
         if ages:
             record["key_consistency"] = ages[-1][1]  # at the oldest sampled age
             record["key_consistency_ages"] = [[age, value] for age, value in ages]

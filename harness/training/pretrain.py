@@ -25,7 +25,8 @@ from torch import nn
 from harness.data.datasets import NUM_CLASSES, folder_classes, load_tensors, pretrain_views
 from harness.model import distributed as dist_mod
 from harness.run import faults, runio
-from harness.run.config import RUNTIME_ONLY, ConfigError, RunConfig, dump_yaml, get_dotted, identity_diff, validate
+from harness.run.config import RUNTIME_ONLY, RunConfig, dump_yaml, get_dotted, identity_diff, validate
+from harness.run.errors import ConfigError
 from harness.run.outcome import RUNNING, Outcome
 from harness.run.snapshot import code_origin
 from harness.training import checkpoint as ckpt
@@ -85,7 +86,7 @@ def knn_monitor(cfg: RunConfig, encoder: nn.Module, splits, device, rank: int = 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool) -> None:
     """A new run directory gets config.yaml; an existing one must hold the same run (identity), though
-    it may be resumed under other runtime settings (threads, cadences: config.RUNTIME_ONLY)."""
+    it may be resumed under other runtime settings (threads, cadences: harness.run.identity.RUNTIME_ONLY)."""
     saved = run_dir / "config.yaml"
     if saved.exists():
         changed = identity_diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
@@ -248,7 +249,8 @@ class PretrainRun:
             record["knn_top1"] = knn_monitor(cfg, self.model.encoder_q, self.splits, self.rt.device,
                                              self.rank, self.world)
         if diagnostics.due(cfg, s.epoch + 1, final):  # reads the run, changes nothing (all ranks)
-            record.update(diagnostics.measure(self))
+            record.update(diagnostics.measure(diagnostics.Observed(
+                cfg, self.model, self.views, self.rt, s.global_step, self.rank)))
         s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, {"loss": 0.0, "accuracy": 0.0, "count": 0}
         self.last = record
         if self.is_main:

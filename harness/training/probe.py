@@ -26,17 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.data.augment import RECIPES, BatchAugment
-from harness.data.datasets import (
-    NORMALIZATION,
-    NUM_CLASSES,
-    folder_classes,
-    folder_probe_loader,
-    folder_probe_set,
-    load_tensors,
-    seeded_generator,
-)
+from harness.data.datasets import NORMALIZATION, NUM_CLASSES, folder_classes, folder_probe_loader, folder_probe_set, load_tensors, seeded_generator
 from harness.run import faults, runio
 from harness.run.config import RunConfig, config_from_dict
+from harness.run.errors import HarnessError
 from harness.training import checkpoint as ckpt
 from harness.training.features import extract, split_batches
 from harness.training.runtime import inference_autocast
@@ -44,8 +37,8 @@ from harness.training.runtime import inference_autocast
 FAST_L2_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
 
-class ProbeError(RuntimeError):
-    pass
+class ProbeError(HarnessError, RuntimeError):
+    """A run that cannot be probed (no checkpoint, a config this code cannot read)."""
 
 
 # ---------------------------------------------------------------- fast protocol

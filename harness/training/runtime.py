@@ -1,7 +1,7 @@
 """How a process executes a run: device, precision, memory layout, CPU threads.
 
 One policy for training, probing and benchmarks (each used to decide these its own way). None of it
-changes what a run computes beyond float rounding (see config.RUNTIME_ONLY): bf16 is the exception,
+changes what a run computes beyond float rounding (see harness.run.identity.RUNTIME_ONLY): bf16 is the exception,
 which is why `runtime.precision` is part of a run's identity.
 """
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.run.config import ConfigError, RunConfig
+from harness.run.config import RunConfig
+from harness.run.errors import ConfigError
 
 
 @dataclass(frozen=True)

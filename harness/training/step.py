@@ -30,6 +30,12 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.SGD:
                            weight_decay=cfg.optim.weight_decay, foreach=True)
 
 
+def step_seed(cfg: RunConfig, global_step: int, rank: int) -> int:
+    """The seed of training step `global_step` on `rank`: all randomness inside a step (Shuffle BN's
+    permutations) derives from it, so the dictionary diagnostics can re-make a step's keys exactly."""
+    return seeded_generator("step", cfg.runtime.seed, global_step, rank).initial_seed()
+
+
 class MocoStep:
     """One SGD step of MoCo on a batch of views: forward (autocast, memory layout), loss scaling,
     backward, optimizer. Nothing here reads a value back from the device."""
@@ -47,8 +53,7 @@ class MocoStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x_q, x_k = self.rt.layout(x_q, x_k)
-        # All randomness inside the step (Shuffle BN permutations) derives from (seed, step, rank).
-        torch.manual_seed(seeded_generator("step", self.cfg.runtime.seed, global_step, rank).initial_seed())
+        torch.manual_seed(step_seed(self.cfg, global_step, rank))
         with self.rt.autocast():
             out = self.net(x_q, x_k, index)
         if poison:

@@ -17,7 +17,8 @@ from timing import hang_s
 
 from harness.execution.executors import SlurmExecutor
 from harness.execution.slurm import explain_sbatch
-from harness.planning.resources import Resources, StudyError, check_resources
+from harness.planning.resources import Resources, check_resources
+from harness.run.errors import StudyError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from timing import hang_s
 
-from harness.planning.studyfile import STUDY_DIR, StudyError, load_study, parse_study, trial_key, validate_levels
-from harness.run.config import ConfigError, make_config
+from harness.planning.studyfile import STUDY_DIR, load_study, parse_study, trial_key, validate_levels
+from harness.run.config import make_config
+from harness.run.errors import ConfigError, StudyError
 from harness.training.probe import ProbeError, load_trained_encoder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,3 +116,21 @@ def test_results_directory_that_cannot_be_written(tmp_path):
                           capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
     assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
     assert blocker.read_text().startswith("a file")  # untouched
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--parallel", "0"], "--parallel"), (["--parallel", "-1"], "--parallel"), (["--workers", "-1"], "--workers"),
+    (["--poll", "0"], "--poll"), (["--heartbeat", "0"], "--heartbeat"), (["--db-outage-limit", "-1"], "--db-outage-limit"),
+    (["--set", "runtime.threads=-1"], "runtime.threads"), (["--set", "runtime.threads=abc"], "runtime.threads"),
+    (["--set", "runtime.log_every=0"], "runtime.log_every"),
+    (["--set", "runtime.checkpoint_every=-1"], "runtime.checkpoint_every"),
+])
+def test_a_bad_command_line_number_is_one_line_naming_it_and_exit_2(argv, field, capsys, tmp_path, monkeypatch):
+    """Each was a traceback (ZeroDivisionError, torch's set_num_threads) or silently accepted."""
+    from harness.run import runio
+    from harness.study import main
+
+    monkeypatch.setattr(runio, "RESULTS", tmp_path)
+    assert main(["smoke", "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and f"{field}:" in err, err

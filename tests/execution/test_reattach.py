@@ -5,8 +5,8 @@ import shutil
 from pathlib import Path
 
 import optuna
-import submitit
 
+from harness.execution import job_files
 from harness.execution.driver import Driver, Options
 from harness.execution.jobs import PackedJob, TrialJob, members
 from harness.planning.studyfile import load_study
@@ -16,8 +16,8 @@ BEFORE = Path(__file__).resolve().parents[1] / "fixtures" / "jobs-pickled-before
 
 
 def test_job_files_pickled_by_the_flat_package_load_as_todays_classes():
-    single = submitit.core.utils.pickle_load(BEFORE / "1001_submitted.pkl").function
-    packed = submitit.core.utils.pickle_load(BEFORE / "1002_submitted.pkl").function
+    single = job_files.load(BEFORE / "1001_submitted.pkl").function
+    packed = job_files.load(BEFORE / "1002_submitted.pkl").function
     assert type(single) is TrialJob and type(packed) is PackedJob  # the new module's classes, not copies
     assert [m.trial_id for m in members(single)] == [3] and [m.trial_id for m in members(packed)] == [5, 6]
     config = members(packed)[1].spec.config

@@ -235,7 +235,7 @@ def test_decision_table_of_an_adaptive_study(tmp_path):
 
 def test_an_undecided_fixed_design_says_how_many_seeds_would_decide_it_and_how_to_race_for_them(tmp_path):
     """The main command's fixed 2-seed design leaves close comparisons undecided: the report names, per
-    comparison, the seed count its observed paired spread needs (harness.decide.seeds_to_decide, whose
+    comparison, the seed count its observed paired spread needs (harness.planning.decide.seeds_to_decide, whose
     80 % is checked by simulation in test_decide) and the race that spends them."""
     import yaml
 

@@ -6,8 +6,9 @@ import sys
 import pytest
 from timing import hang_s
 
-from harness.run.config import ConfigError, make_config, recipe_names, validate
+from harness.run.config import make_config, recipe_names, validate
 from harness.run.datafiles import check_dataset
+from harness.run.errors import ConfigError
 
 
 def test_every_recipe_loads_and_validates():

@@ -1,4 +1,4 @@
-"""Dictionary diagnostics (harness.diagnostics): they measure the run without changing it, and they
+"""Dictionary diagnostics (harness.training.diagnostics): they measure the run without changing it, and they
 measure what they say -- checked on runs whose answer is known."""
 import json
 

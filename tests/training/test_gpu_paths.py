@@ -16,7 +16,8 @@ from image_folders import fmnist_folder
 from timing import scaled
 
 from harness.run import runio
-from harness.run.config import ConfigError, identity_digest, make_config
+from harness.run.config import identity_digest, make_config
+from harness.run.errors import ConfigError
 from harness.training import checkpoint as ckpt
 
 # The process group's timeout in these tests: a collective left waiting fails within it. Set against
@@ -46,7 +47,7 @@ def _ddp_rank(rank, world, port, run_dir, overrides, env, prune_after, results):
 
 
 def ddp_train(run_dir: Path, *extra: str, env: dict | None = None, prune_after: int = 0, world: int = 2) -> dict:
-    """`harness.train.train` in `world` gloo processes, as a DDP trial job runs it; each rank's result."""
+    """`harness.training.pretrain.train` in `world` gloo processes, as a DDP trial job runs it; each rank's result."""
     results = mp.Manager().dict()
     mp.spawn(_ddp_rank, args=(world, _free_port(), str(run_dir), [*DDP, *extra], env or {}, prune_after, results),
              nprocs=world, join=True)
