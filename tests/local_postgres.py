@@ -48,7 +48,7 @@ class LocalPostgres:
         self.password = "pw-" + os.urandom(6).hex()
 
     def url(self, db: str = "optuna") -> str:
-        return f"postgresql+psycopg2://harness:{self.password}@127.0.0.1:{self.port}/{db}"
+        return f"postgresql://harness:{self.password}@127.0.0.1:{self.port}/{db}"
 
     def _as_postgres(self, *args: str) -> None:
         proc = subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True, timeout=hang_s())

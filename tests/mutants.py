@@ -110,6 +110,15 @@ MUTANTS = [
            "out = moco(x_q, x_k, index, learning_rate(cfg, epoch, in_epoch, per_epoch), taken)",
            "out = moco(x_q, x_k, index, cfg.optim.lr, taken)",
            ("tests/training/test_step.py::test_a_bench_step_and_a_run_step_from_the_same_state_give_the_same_parameters",)),
+    # issue 35: the mechanisms' facts from the table alone
+    Mutant("validation-names-mechanisms", "harness/run/config.py",
+           "    if mech.has_queue:", '    if m.key_encoder in ("momentum", "shared"):',
+           ("tests/run/test_mechanisms.py::test_adding_a_row_is_all_validation_and_identity_need",)),
+    # issue 39: interaction contrasts paired by seed
+    Mutant("interaction-unpaired", "harness/reporting/interaction.py",
+           "    y11, y12, y21, y22 = ([c[s] for s in seeds] for c in corners)",
+           "    y11, y12, y21, y22 = ([c[s] for s in (seeds if i % 2 else seeds[::-1])] for i, c in enumerate(corners))",
+           ("tests/reporting/test_interaction.py::test_the_interval_is_the_paired_one",)),
 ]
 
 

@@ -55,6 +55,10 @@ def open_storage(url: str, heartbeat_s: int | None = HEARTBEAT_S, max_retry: int
             return _rdb(PatientRDBStorage, url, engine_kwargs=engine, heartbeat_interval=heartbeat_s,
                         grace_period=4 * heartbeat_s, heartbeat_stale_trial_callback=retry)
     except Exception as exc:  # driver missing, server down, bad path: all "cannot open"
+        if "Failed to import DB access module" in str(exc):  # SQLAlchemy 2.1: postgresql:// means psycopg 3
+            raise StudyError(f"--storage {redact(url)}: its database driver is not installed; "
+                             f"pip install 'moco-harness[postgres]' (psycopg 3, SQLAlchemy's driver for "
+                             f"postgresql://).") from None
         raise StudyError(f"--storage {redact(url)}: cannot open ({type(exc).__name__}: "
                          f"{redact(str(exc).splitlines()[0])[:300]}).") from None
     raise StudyError(f"--storage {redact(url)}: unsupported URL; use sqlite:///path.db, journal:///path.log "

@@ -151,7 +151,9 @@ def plot_curves(curves: pd.DataFrame, factors: list[str], out: Path) -> list[Pat
         return []
     df = curves.copy()
     df["level"] = df[factors].astype(str).agg(", ".join, axis=1)
-    metrics = [m for m in ("loss", "knn_top1") if df[m].notna().any()]
+    # Pretext accuracy beside the kNN monitor: a pretext task solved early while kNN lags is the
+    # signature of BatchNorm "cheating" that Shuffle BN prevents (He et al., Sec. 3.3).
+    metrics = [m for m in ("loss", "pretext_acc", "knn_top1") if m in df and df[m].notna().any()]
     fig, axes = pyplot().subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         seaborn_module().lineplot(data=df, x="epoch", y=metric, hue="level", errorbar="sd", marker="o", ax=ax)
@@ -200,3 +202,60 @@ def save_figure(fig, stem: Path) -> list[Path]:
     fig.savefig(paths[1], metadata={"Date": None})
     pyplot().close(fig)
     return paths
+
+
+def plot_interaction(trials: pd.DataFrame, factors: list[str], objective: str, oldest: pd.DataFrame,
+                     out: Path) -> list[Path]:
+    """A two-factor grid: the objective's heatmap (mean over seeds, n per cell), the interaction plot
+    (the second factor on its axis, one line per level of the first: parallel lines, no interaction),
+    and key consistency at the oldest key against the second factor per level of the first."""
+    first, second = factors
+    done = trials[trials["state"] == "COMPLETE"].dropna(subset=[objective])
+    if not len(done):
+        return []
+    plt = pyplot()
+    panels = 3 if len(oldest) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2))
+    cells = done.groupby([first, second])[objective].agg(["mean", "count"]).reset_index()
+    mean = cells.pivot(index=first, columns=second, values="mean").sort_index(ascending=False)
+    count = cells.pivot(index=first, columns=second, values="count").reindex_like(mean)
+    ax = axes[0]
+    image = ax.imshow(mean.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    low, high = float(mean.min().min()), float(mean.max().max())
+    for i in range(mean.shape[0]):
+        for j in range(mean.shape[1]):
+            if pd.notna(mean.iat[i, j]):
+                light = (mean.iat[i, j] - low) > 0.6 * (high - low)  # viridis turns yellow: dark text there
+                ax.text(j, i, f"{mean.iat[i, j]:.4f}\nn={int(count.iat[i, j])}", ha="center", va="center",
+                        fontsize=8, color="black" if light else "white")
+    ax.set_xticks(range(mean.shape[1]), [f"{v:g}" if isinstance(v, float) else str(v) for v in mean.columns])
+    ax.set_yticks(range(mean.shape[0]), [f"{v:g}" if isinstance(v, float) else str(v) for v in mean.index])
+    ax.set(xlabel=second, ylabel=first)
+    ax.set_title(f"{objective}, mean over seeds", fontsize=10)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+
+    ax = axes[1]
+    for level, part in done.groupby(first, sort=True):
+        grouped = part.groupby(second)[objective]
+        stats = grouped.mean().reset_index()
+        half = grouped.apply(ci95_half).to_numpy()
+        x, _, _ = _axis(second, stats[second])
+        ax.errorbar(x, stats[objective], yerr=half, marker="o", capsize=3, label=f"{first} = {level}")
+    _, label, scale = _axis(second, done[second])
+    _apply_scale(ax, scale, done[second], second)
+    ax.set(xlabel=label, ylabel=objective)
+    ax.set_title("Interaction plot (mean, 95 % interval)", fontsize=10)
+    ax.legend(fontsize=8)
+
+    if panels == 3:
+        ax = axes[2]
+        for level, part in oldest.groupby(first, sort=True):
+            stats = part.groupby(second)["key_consistency"].mean().reset_index()
+            x, _, _ = _axis(second, stats[second])
+            ax.plot(x, stats["key_consistency"], marker="o", label=f"{first} = {level}")
+        _apply_scale(ax, scale, oldest[second], second)
+        ax.set(xlabel=label, ylabel="key consistency at the oldest key (cosine)")
+        ax.set_title("Consistency of the dictionary's oldest keys", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out / "interaction")

@@ -13,10 +13,11 @@ import pandas as pd
 
 from harness.execution.storage import default_url, open_storage, redact
 from harness.planning.studyfile import STUDY_COPY, Study, load_study, load_study_file, skipped_levels
-from harness.reporting import consistency_report
+from harness.reporting import consistency_report, interaction
 from harness.reporting.page import md_table, render_html
 from harness.reporting.plots import (
     plot_curves,
+    plot_interaction,
     plot_interval_width,
     plot_knn_vs_probe,
     plot_objective,
@@ -26,7 +27,7 @@ from harness.reporting.plots import (
     seaborn_module,
 )
 from harness.reporting.tables import curves_table, factor_names, summary_table, trials_table
-from harness.reporting.verdicts import decision_lines, seed_hints, verdict
+from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, seed_hints, verdict
 from harness.run import runio
 from harness.run import trial_record as record
 from harness.run.errors import StudyError
@@ -74,8 +75,13 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     consistency = consistency_report.consistency_table(trials, factors, records) if len(trials) else pd.DataFrame()
     diagnostics = (consistency_report.diagnostics_table(trials, factors, records, study_dir, objective)
                    if len(trials) and factors else pd.DataFrame())
-    _write_tables(out, {"trials": trials, "curves": curves, "summary": summary, "consistency": consistency,
-                        "diagnostics": diagnostics})
+    tables = {"trials": trials, "curves": curves, "summary": summary, "consistency": consistency,
+              "diagnostics": diagnostics}
+    two_factors = study_file.sampler == "grid" and len(trials) and interaction.is_two_factor_grid(trials, factors)
+    interaction_md: list[str] = []
+    if two_factors:
+        tables["interaction"], interaction_md = _interaction(trials, study_file, factors, objective)
+    _write_tables(out, tables)
 
     skipped = not_run_levels(study_file, ostudy.user_attrs.get(record.SIGNATURE, {}))
     plots: list[Path] = []
@@ -86,13 +92,16 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         plots += consistency_report.plot_consistency(consistency, trials, factors, objective, out, pyplot, seaborn_module, save_figure)
         if study_file.race:
             plots += plot_interval_width(trials, study_file, factors, objective, out)
+        if two_factors:
+            plots += plot_interaction(trials, factors, objective,
+                                      interaction.oldest_key_consistency(consistency, factors), out)
     if study_file.sampler == "tpe":
         plots += plot_search(ostudy, out)
     pngs = [p for p in plots if p.suffix == ".png"]
     hints = (seed_hints(trials, study_file, factors, objective)
              if study_file.sampler == "grid" and len(trials) else [])
     md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
-                   consistency_report.markdown(diagnostics, md_table), hints)
+                   consistency_report.markdown(diagnostics, md_table), hints, interaction_md)
     (out / "report.md").write_text(md)
     if hints:  # what would decide an undecided fixed design (the study command prints it)
         (out / "hints.txt").write_text("\n".join(hints) + "\n")
@@ -115,7 +124,7 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
               summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]],
-              dictionary: list[str] = (), hints: list[str] | None = None) -> str:
+              dictionary: list[str] = (), hints: list[str] | None = None, interaction_md: list[str] = ()) -> str:
     verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
@@ -131,6 +140,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
           "## Verdict", "", *[f"- {line}" for line in verdicts], "",
           *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective, hints), ""]
             if study_file.sampler == "grid" and len(trials) else []),
+          *(["## Interaction", "", *interaction_md, ""] if interaction_md else []),
           "## Summary (per level)", "", md_table(summary) if len(summary) else "(no trials)", "", *dictionary]
     if study_file.reference.get("values"):
         md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "
@@ -142,6 +152,17 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
         md += ["## Trials not completed", "", md_table(failed[["trial", "key", "state", "failure_reason"]]), ""]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n" for p in pngs]
     return "\n".join(md) + "\n"
+
+
+def _interaction(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
+    """The interaction contrasts of a two-factor grid: their table and the report's lines, at the
+    study's error rate and margin (a race's, else the fixed design's defaults)."""
+    confidence = study_file.race.confidence if study_file.race else 0.95
+    margin = study_file.race.margin if study_file.race else DEFAULT_MARGIN
+    scale, unit = (100.0, " pt") if objective.endswith("top1") else (1.0, "")
+    found = interaction.contrasts(trials, factors, objective, confidence, margin)
+    return (interaction.contrast_table(found, scale),
+            interaction.contrast_lines(found, margin, confidence, unit, scale))
 
 
 def not_run_levels(study_file: Study, signature: dict) -> list[tuple[dict, str]]:

@@ -93,8 +93,9 @@ def curves_table(trials: pd.DataFrame, factors: list[str], study_dir: Path) -> p
             if r.get("kind") == "epoch":
                 rows.append({"trial": t["trial"], **{f: t[f] for f in factors}, "seed": t["seed"], "state": t["state"],
                              "epoch": r["epoch"], "loss": r.get("loss"), "knn_top1": r.get("knn_top1"),
-                             "lr": r.get("lr")})
-    return pd.DataFrame(rows, columns=["trial", *factors, "seed", "state", "epoch", "loss", "knn_top1", "lr"])
+                             "lr": r.get("lr"), "pretext_acc": r.get("pretext_acc")})
+    # pretext_acc (how often the positive key wins) last: scripts that read the earlier columns keep them
+    return pd.DataFrame(rows, columns=["trial", *factors, "seed", "state", "epoch", "loss", "knn_top1", "lr", "pretext_acc"])
 
 
 def summary_table(trials: pd.DataFrame, factors: list[str]) -> pd.DataFrame:

@@ -25,5 +25,5 @@ GPU_HOURS = "gpu_hours"
 IDENTITY = "identity"  # the run's identity digest (harness.run.identity)
 
 # -- on the study -------------------------------------------------------------------------------
-SIGNATURE = "signature"  # the plan's design (factors, seeds, ...): a changed study file is refused
+SIGNATURE = "signature"  # how it was started: recipe, --set overrides, the study file's text
 OBJECTIVE = "objective"  # the metric the study optimises, as it was when the study began

@@ -308,6 +308,12 @@ def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_ma
     assert len(rows) == 7 and all(line.count("not measured") >= 3 for line in rows)
     assert all(("1 by construction" in line) == ("end_to_end" in line) for line in rows)
     assert not (tmp_path / "mechanisms" / "report" / "consistency.png").exists()
+    # a two-factor grid (K x key encoder): the interaction section, its table and figure
+    assert "## Interaction" in md and "difference of differences" in md
+    contrasts = pd.read_csv(tmp_path / "mechanisms" / "report" / "interaction.csv")
+    assert len(contrasts) == 3 and (contrasts["n"] == 2).all()  # end-to-end runs at one K: no 2 x 2 with it
+    assert (tmp_path / "mechanisms" / "report" / "interaction.png").exists()
+    assert not (tmp_path / "momentum_sweep" / "report" / "interaction.csv").exists()  # one factor
     assert report.main(["moco_ablation"]) == 0
     suite = (tmp_path / "moco_ablation" / "report" / "report.md").read_text()
     members = {part.split("\n", 1)[0]: part for part in suite.split("\n## ")[1:]}
