@@ -306,7 +306,7 @@ class Driver:
         """Enqueue every pending grid point once, then let N workers pull them (see harness.execution.worker)."""
         from harness.execution.worker import WorkerJob
 
-        view = ProgressView(self)
+        view = ProgressView.of(self)
         for _ in range(self.study.retries + 1):
             self.share_finished(self.trials())
             for params in self.plan.pending(self.trials()):
@@ -333,7 +333,7 @@ class Driver:
         """Rounds of reconcile and submit until the plan is done. A round cut by a database outage is
         simply done again once the database answers: every step of it can be repeated (a trial
         asked but not submitted waits; a job submitted but not recorded is found by its pickle)."""
-        view = ProgressView(self)
+        view = ProgressView.of(self)
         outage = Outage(self.storage_url, self.opts.outage_limit_s, self.opts.command)
         while True:
             finished = outage.patiently(lambda: self.round(view))

@@ -40,9 +40,14 @@ def _running_detail(study_dir: Path, t) -> str:
 class ProgressView:
     """A redrawn block on a terminal; otherwise one plain line whenever the counts change."""
 
-    def __init__(self, driver: Driver):
-        self.driver, self.tty = driver, sys.stdout.isatty()
-        self.last, self.lines = None, 0
+    def __init__(self, name: str, direction: str, plan, study_dir: Path):
+        """`plan`: the driver's (its `total` may grow as a race adds seeds)."""
+        self.name, self.direction, self.plan, self.study_dir = name, direction, plan, study_dir
+        self.tty, self.last, self.lines = sys.stdout.isatty(), None, 0
+
+    @classmethod
+    def of(cls, driver: Driver) -> ProgressView:
+        return cls(driver.name, driver.study.direction, driver.plan, driver.dir)
 
     def summary(self, trials) -> str:
         count = lambda s: sum(t.state == s for t in trials)  # noqa: E731
@@ -50,22 +55,22 @@ class ProgressView:
         trained = [t for t in done if record.SHARED_FROM not in t.user_attrs]  # shared ones took no time here
         best = ""
         if done:
-            pick = max if self.driver.study.direction == "maximize" else min
+            pick = max if self.direction == "maximize" else min
             b = pick(done, key=lambda t: t.value)
             best = f" | best {b.value:.4f} ({b.user_attrs.get('key')})"
-        total = self.driver.plan.total
+        total = self.plan.total
         running = count(RUNNING)
         eta = ""
         if trained and running:  # mean trial duration x trials left / trials running at once
             per = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trained) / len(trained)
             remaining = max(total - len(done), 0)
             eta = f" | ETA ~{per * remaining / running / 60:.0f} min"
-        return (f"[study {self.driver.name}] done {len(done)}/{total} running {running} "
+        return (f"[study {self.name}] done {len(done)}/{total} running {running} "
                 f"failed {count(FAIL)} pruned {count(PRUNED)}{best}{eta}")
 
     def show(self, trials) -> None:
         head = self.summary(trials)
-        detail = [f"  {t.user_attrs.get('key')}: {_running_detail(self.driver.dir, t)}" for t in trials
+        detail = [f"  {t.user_attrs.get('key')}: {_running_detail(self.study_dir, t)}" for t in trials
                   if t.state == RUNNING]
         if self.tty:
             if self.lines:
@@ -99,7 +104,7 @@ def status_text(driver: Driver) -> str:
         driver.ostudy = optuna.load_study(study_name=driver.name, storage=open_storage(url, heartbeat_s=None))
     except KeyError:
         return f"study '{driver.name}' has not started ({redact(driver.storage_url)})."
-    return f"{ProgressView(driver).summary(driver.trials())}\n{status_table(driver)}"
+    return f"{ProgressView.of(driver).summary(driver.trials())}\n{status_table(driver)}"
 
 
 def spending_plan(spec, levels: int) -> list[str]:
@@ -113,35 +118,58 @@ def spending_plan(spec, levels: int) -> list[str]:
 
 
 def dry_run(driver: Driver) -> str:
-    s, res = driver.study, driver.resources
+    """The plan as text: the trials, what the jobs ask of the cluster, the cost. Submits nothing.
+
+    Raises:
+        StudyError: only what opening the plan raises; a refusal by the cluster is a line of the text.
+    """
+    s = driver.study
     lines = [f"study {driver.name}: {s.description}", f"recipe {driver.recipe}; storage {redact(driver.storage_url)}; "
              f"executor {driver.kind}; results {driver.dir}"]
     if s.race:
-        levels = len(driver.points) // s.race.max
-        n = levels * s.race.initial
-        lines.append(f"adaptive seeds: {levels} levels x {s.race.initial} seeds = {n} trials at first; then one "
-                     f"more seed for the undecided levels and the best, up to {s.race.max} seeds: at most "
-                     f"{levels * s.race.max} trials (margin {s.race.margin}, confidence {s.race.confidence})")
-        lines += spending_plan(s.race, levels)
+        lines += _race_lines(s.race, len(driver.points) // s.race.max)
     if s.sampler == "grid":
-        lines.append(f"{len(driver.points)} trials (levels x seeds), objective {s.objective} ({s.direction}):")
-        for params, cfg in driver.points:
-            lines.append(f"  {trial_key(params):<50} epochs {cfg.optim.epochs}, batch {cfg.optim.batch_size}, "
-                         f"K {cfg.moco.queue_size}, m {cfg.moco.momentum}, T {cfg.moco.temperature}, "
-                         f"{cfg.moco.key_encoder}")
-        n = len(driver.points)
-        finished = driver.runs.by_digest() if driver.opts.share else {}
-        shared_n = sum(driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve(),
-                                        runs=finished) is not None for params, cfg in driver.points)
-        lines.append(f"{shared_n} of the {n} trials are finished runs of other studies (shared): {n - shared_n} to "
-                     f"train")
-        n -= shared_n
+        grid, n = _grid_lines(driver)
+        lines += grid
     else:
         n = s.n_trials
         lines.append(f"{n} trials chosen by TPE over {', '.join(s.factors)}; pruner {s.pruner}")
+    job, threads = _job_lines(driver)
+    return "\n".join(lines + job + _cost_lines(driver, n, threads))
+
+
+def _race_lines(race, levels: int) -> list[str]:
+    n = levels * race.initial
+    return [f"adaptive seeds: {levels} levels x {race.initial} seeds = {n} trials at first; then one "
+            f"more seed for the undecided levels and the best, up to {race.max} seeds: at most "
+            f"{levels * race.max} trials (margin {race.margin}, confidence {race.confidence})",
+            *spending_plan(race, levels)]
+
+
+def _grid_lines(driver: Driver) -> tuple[list[str], int]:
+    """Each point of the grid, and how many are shared from other studies; the trials to train."""
+    s = driver.study
+    lines = [f"{len(driver.points)} trials (levels x seeds), objective {s.objective} ({s.direction}):"]
+    for params, cfg in driver.points:
+        lines.append(f"  {trial_key(params):<50} epochs {cfg.optim.epochs}, batch {cfg.optim.batch_size}, "
+                     f"K {cfg.moco.queue_size}, m {cfg.moco.momentum}, T {cfg.moco.temperature}, "
+                     f"{cfg.moco.key_encoder}")
+    n = len(driver.points)
+    finished = driver.runs.by_digest() if driver.opts.share else {}
+    shared_n = sum(driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve(),
+                                    runs=finished) is not None for params, cfg in driver.points)
+    lines.append(f"{shared_n} of the {n} trials are finished runs of other studies (shared): {n - shared_n} to "
+                 f"train")
+    return lines, n - shared_n
+
+
+def _job_lines(driver: Driver) -> tuple[list[str], int]:
+    """What a job asks of the executor (the job script on Slurm), the preflight's word, where each
+    resource came from; and the threads a trial's process gets."""
+    res = driver.resources
     with tempfile.TemporaryDirectory() as scratch:  # a dry run leaves nothing behind
         executor = executors.make_executor(driver.kind, Path(scratch), res, driver.name, driver.opts.parallel)
-        lines.append(f"job parameters ({driver.kind}): {json.dumps(executor.parameters(), default=str)}")
+        lines = [f"job parameters ({driver.kind}): {json.dumps(executor.parameters(), default=str)}"]
         if driver.kind == "slurm":
             lines.append("job script (as sbatch gets it; the job array adds --array):")
             lines += [f"  {line}" for line in executor.sbatch_lines()]
@@ -153,11 +181,17 @@ def dry_run(driver: Driver) -> str:
         lines.append("resources from: " + "; ".join(f"{key} {getattr(res, key)!r} ({origin})"
                                                     for key, origin in sorted(sources.items())))
         threads = driver.points[0][1].runtime.threads or executor.threads_per_process(driver.opts.parallel)
+    return lines, threads
+
+
+def _cost_lines(driver: Driver, n: int, threads: int) -> list[str]:
+    """GPU-hours at most, the input pipeline's cores, packing's saving, the time estimate."""
+    s, res = driver.study, driver.resources
     per_trial = res.gpus * res.nodes * res.time_min / 60
     first = f"the first round at most {len(driver.points) // s.race.max * s.race.initial * per_trial:.1f}; " \
         if s.race else ""
-    lines.append(f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
-                 f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}")
+    lines = [f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
+             f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}"]
     first_cfg = driver.points[0][1] if driver.points else None
     if first_cfg is not None and first_cfg.data.dataset == "imagefolder" and res.gpus > 0:
         from harness.planning.input_budget import loader_cores_line
@@ -174,6 +208,4 @@ def dry_run(driver: Driver) -> str:
 
         lines.append(estimate_line(runio.RESULTS, driver.points[0][1], machine_description(), threads, n,
                                    driver.opts.parallel, res.gpus * res.nodes))
-    return "\n".join(lines)
-
-
+    return lines

@@ -340,8 +340,8 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     Raises:
         ConfigError: the first field that cannot run, named, with its fix.
     """
+    _validate_optim(cfg.optim)  # first: the queue's rule divides by the batch
     _validate_moco(cfg)
-    _validate_optim(cfg.optim)
     _validate_data_model(cfg)
     _validate_eval(cfg.eval)
     _validate_runtime(cfg.runtime)
@@ -360,7 +360,7 @@ def _validate_moco(cfg: RunConfig) -> None:
     if mech.has_queue:
         keys_per_step = o.batch_size * (2 if m.symmetric else 1)
         _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")
-        _require(o.batch_size <= 0 or m.queue_size % keys_per_step == 0,
+        _require(m.queue_size % keys_per_step == 0,
                  f"moco.queue_size: K={m.queue_size} is not a multiple of the keys enqueued per step "
                  f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''}); "
                  f"the queue would wrap mid-batch. Use K={_nearest_multiple(m.queue_size, keys_per_step)} "
