@@ -55,7 +55,7 @@ class LocalPostgres:
         if proc.returncode != 0:
             raise RuntimeError(f"local postgres: {args[0]} failed: {proc.stderr.strip()[-1500:]}")
 
-    def start(self) -> "LocalPostgres":
+    def start(self) -> LocalPostgres:
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.chown(self.root, "postgres", "postgres")
         pwfile = self.root / "pw"

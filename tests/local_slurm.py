@@ -74,7 +74,7 @@ class LocalSlurm:
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
     # -------------------------------------------------------------- start
-    def start(self) -> "LocalSlurm":
+    def start(self) -> LocalSlurm:
         r = self.root
         for sub in ("state", "spool", "log", "run", "munge-key"):
             (r / sub).mkdir(parents=True, exist_ok=True)

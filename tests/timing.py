@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 # The reference computation's CPU-seconds on the machine docs/testing.md measured (AMD EPYC, 2 cores,
 # idle); `speed()` is this machine's time over it, never below 1 (a faster machine keeps the defaults).

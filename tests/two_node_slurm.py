@@ -47,7 +47,7 @@ class TwoNodeSlurm:
                 'mount --bind "$0" /etc/hosts && exec "$@"', str(self.root / f"hosts-{node}"), *command]
 
     # -------------------------------------------------------------- start
-    def start(self) -> "TwoNodeSlurm":
+    def start(self) -> TwoNodeSlurm:
         r = self.root
         for sub in ("state", "log", "run", "munge-key", "spool-n1", "spool-n2"):
             (r / sub).mkdir(parents=True, exist_ok=True)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import gzip
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -74,7 +74,7 @@ def _read_idx(path: Path) -> torch.Tensor:
     raise ConfigError(f"data.root: {path} is not an IDX file (magic {magic}).")
 
 
-def _load_fashion_mnist(root: Optional[str]) -> TensorSplits:
+def _load_fashion_mnist(root: str | None) -> TensorSplits:
     where = fashion_mnist_files(root)
     gz = ".gz" if (where / "train-images-idx3-ubyte.gz").exists() else ""
     read = lambda stem: _read_idx(where / f"{stem}{gz}")  # noqa: E731
@@ -82,7 +82,7 @@ def _load_fashion_mnist(root: Optional[str]) -> TensorSplits:
     return TensorSplits(train_x, train_x, train_y, read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte"))
 
 
-def _load_torchvision(dataset: str, root: Optional[str]) -> TensorSplits:
+def _load_torchvision(dataset: str, root: str | None) -> TensorSplits:
     from torchvision import datasets
 
     base = Path(root).expanduser() if root else default_root(dataset)
@@ -107,7 +107,7 @@ def _load_torchvision(dataset: str, root: Optional[str]) -> TensorSplits:
     return TensorSplits(train_x, train_x, torch.tensor(tr.targets), hwc(te.data), torch.tensor(te.targets))
 
 
-def _subset(n_total: int, n: Optional[int], seed_key: str) -> Optional[torch.Tensor]:
+def _subset(n_total: int, n: int | None, seed_key: str) -> torch.Tensor | None:
     if n is None or n >= n_total:
         return None
     return torch.randperm(n_total, generator=seeded_generator("subset", seed_key))[:n].sort().values
@@ -279,7 +279,7 @@ def labelled_batches(images: torch.Tensor, labels: torch.Tensor, cfg: RunConfig,
         yield x, labels[lo:lo + batch_size].to(device)
 
 
-def eval_subset(n: int, limit: Optional[int], split: str) -> Optional[torch.Tensor]:
+def eval_subset(n: int, limit: int | None, split: str) -> torch.Tensor | None:
     """The evaluation subset of a split: `limit` of its `n` images by a fixed seeded permutation (the
     same for every run, so kNN values compare across runs); None: all of them."""
     if limit is None or limit >= n:
@@ -287,7 +287,7 @@ def eval_subset(n: int, limit: Optional[int], split: str) -> Optional[torch.Tens
     return torch.randperm(n, generator=seeded_generator("eval", split))[:limit]
 
 
-def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256, limit: Optional[int] = None,
+def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256, limit: int | None = None,
                        share: Callable[[int], slice] = lambda n: slice(0, n)):
     """Evaluation views (resize, centre crop) of an image folder's split: its seeded subset of `limit`
     images, and of those the rows `share(len(subset))` (a rank's chunk, harness.model.distributed.chunk_of)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -35,7 +34,7 @@ from harness.run.errors import ConfigError
 
 # ---------------------------------------------------------------- decoding (workers and evaluation)
 
-def decode_rgb(image, at_least: Optional[tuple[float, float]] = None):
+def decode_rgb(image, at_least: tuple[float, float] | None = None):
     """An opened image file (`PIL.Image.open`: header read, pixels not yet) as an RGB PIL image, and
     the factors (x, y) its decoded size is of the file's.
 
@@ -160,7 +159,7 @@ class FolderViews:
     """Pretraining batches of an image folder: crops in loader workers (uint8), colours on the device."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,
-                 samples: Optional[list] = None):
+                 samples: list | None = None):
         if samples is None:
             from torchvision import datasets
 
@@ -178,7 +177,7 @@ class FolderViews:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} is larger than the {self.size} "
                               f"training images of {cfg.data.root}; lower it or add images.")
-        self._loader: Optional[torch.utils.data.DataLoader] = None
+        self._loader: torch.utils.data.DataLoader | None = None
 
     def loader(self) -> torch.utils.data.DataLoader:
         """One DataLoader for the whole run: its workers start once, not every epoch."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -59,7 +59,7 @@ class EpochBatches:
         lo = step * self.batch + self.rank * self.per_rank
         return slice(lo, lo + self.per_rank)
 
-    def keys(self, epoch: int, step: int, order: Optional[list] = None) -> list[Key]:
+    def keys(self, epoch: int, step: int, order: list | None = None) -> list[Key]:
         order = order if order is not None else self.order(epoch)
         return [((self.seed, epoch, step), i) for i in order[self.rows(step)]]
 

@@ -35,7 +35,7 @@ def suite_plan(suite: Suite, drivers) -> str:
     runs = drivers[0].runs.by_digest()  # one results root for every member
     for driver in drivers:
         lines += ["", dry_run(driver)]
-        for params, cfg in driver.points:
+        for _params, cfg in driver.points:
             digest = cfg.digest()
             total += 1
             if digest in seen:

@@ -57,7 +57,7 @@ class WorkerJob(submitit.helpers.Checkpointable):
                 continue
             with heartbeat(ostudy, trial):
                 state, value = self.run(study, trial)
-            self._patiently(lambda: ostudy.tell(trial, value, state=state, skip_if_finished=True))
+            self._patiently(lambda: ostudy.tell(trial, value, state=state, skip_if_finished=True))  # noqa: B023 (called now)
             done += 1
 
     def _patiently(self, call):

@@ -13,7 +13,7 @@ its row in harness.run.mechanisms; this module acts on those facts.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

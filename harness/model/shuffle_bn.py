@@ -7,7 +7,7 @@ the "several GPUs". `none`: no shuffle (the ablation the paper warns about).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 from harness.run.config import RunConfig
 
@@ -28,7 +27,7 @@ def _rows(bench_dir: Path) -> list[tuple[str, dict, dict]]:
     return sorted(out, key=lambda item: item[1].get("time", ""))
 
 
-def loader_rate(bench_dir: Path, cfg: RunConfig) -> Optional[tuple[float, str, str]]:
+def loader_rate(bench_dir: Path, cfg: RunConfig) -> tuple[float, str, str] | None:
     """The newest loader images/s per core for this recipe, loader path, view size and augmentation:
     (rate, machine, file)."""
     found = None
@@ -40,7 +39,7 @@ def loader_rate(bench_dir: Path, cfg: RunConfig) -> Optional[tuple[float, str, s
     return found
 
 
-def gpu_rate(bench_dir: Path, cfg: RunConfig) -> Optional[tuple[float, str, str]]:
+def gpu_rate(bench_dir: Path, cfg: RunConfig) -> tuple[float, str, str] | None:
     """The newest training images/s one GPU reached on this recipe (the device check's batched
     throughput, its data already on the device): (rate, GPU, file)."""
     found = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -30,24 +30,24 @@ class Resources:
     cpus: int = 2  # per node
     mem_gb: float = 8  # per node; 0 = all of the node's memory (--mem=0)
     time_min: int = 60
-    partition: Optional[str] = None
+    partition: str | None = None
     nodes: int = 1
     signal_delay_s: int = 60
     max_timeouts: int = 3
     trials_per_job: int = 1  # trials packed into one job and its devices, one process each (harness.execution.jobs.PackedJob)
     # Site-specific SLURM options (submitit's names); None / empty: not passed.
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None  # node features, e.g. "a100|h100"
-    exclude: Optional[str] = None  # nodes to avoid, e.g. "gpu[01-03]"
-    gres: Optional[str] = None  # e.g. "gpu:a100:8", for sites that reject --gpus-per-node (gpus is then its count)
-    gpus_per_task: Optional[int] = None
-    cpus_per_gpu: Optional[int] = None
-    mem_per_gpu: Optional[float] = None  # GB; instead of mem_gb
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None  # node features, e.g. "a100|h100"
+    exclude: str | None = None  # nodes to avoid, e.g. "gpu[01-03]"
+    gres: str | None = None  # e.g. "gpu:a100:8", for sites that reject --gpus-per-node (gpus is then its count)
+    gpus_per_task: int | None = None
+    cpus_per_gpu: int | None = None
+    mem_per_gpu: float | None = None  # GB; instead of mem_gb
     exclusive: bool = False
-    comment: Optional[str] = None
+    comment: str | None = None
     setup: list = field(default_factory=list)  # shell lines before the job starts (module load, conda activate)
-    python: Optional[str] = None  # the job's interpreter, or a container command ending in python
+    python: str | None = None  # the job's interpreter, or a container command ending in python
     srun_args: list = field(default_factory=list)
     additional_parameters: dict = field(default_factory=dict)  # any other sbatch option: {name: value}
 

@@ -101,7 +101,7 @@ def boundaries(kind: str, looks: tuple[int, ...], alpha: float) -> tuple[float, 
             if a <= 1e-15:
                 c = _NEVER
             else:
-                f = lambda c: _exit_probability(x, mass, step, c * math.sqrt(n)) - a  # noqa: E731
+                f = lambda c: _exit_probability(x, mass, step, c * math.sqrt(n)) - a  # noqa: E731, B023 (solved here)
                 c = brentq(f, 1e-3, _NEVER, xtol=1e-7) if f(1e-3) > 0 else 1e-3
         result.append(min(c, _NEVER))
         # The sum's density on (-c sqrt n, c sqrt n) given no crossing so far, for the next look.

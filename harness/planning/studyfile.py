@@ -26,7 +26,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -70,7 +70,7 @@ class Study:
     resources: dict = field(default_factory=dict)  # overrides of the recipe's resources
     retries: int = 2
     reference: dict = field(default_factory=dict)
-    race: Optional[RaceSpec] = None  # adaptive seeds (harness.planning.decide); None: every level gets every seed
+    race: RaceSpec | None = None  # adaptive seeds (harness.planning.decide); None: every level gets every seed
 
     def resources_for(self, recipe: str | None = None) -> Resources:
         """The recipe's resources (its scale: CPU minutes or GPU days), the user's cluster file (site
@@ -249,7 +249,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_seeds(path: Path, seeds: Any, decide: Any, sampler: str) -> tuple[list[int], Optional[RaceSpec]]:
+def _parse_seeds(path: Path, seeds: Any, decide: Any, sampler: str) -> tuple[list[int], RaceSpec | None]:
     """A list of seeds (fixed design), or {initial, max} with `decide` (adaptive replication)."""
     if isinstance(seeds, dict):
         if sampler != "grid":

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -29,9 +30,9 @@ RECIPE_DIR = Path(__file__).resolve().parents[2] / "studies" / "recipes"
 @dataclass
 class DataConfig:
     dataset: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion_mnist"
-    root: Optional[str] = None  # None: the dataset's default location (see harness.data)
-    train_subset: Optional[int] = None  # first N of a fixed seeded permutation; None = all
-    test_subset: Optional[int] = None
+    root: str | None = None  # None: the dataset's default location (see harness.data)
+    train_subset: int | None = None  # first N of a fixed seeded permutation; None = all
+    test_subset: int | None = None
     image_size: int = 28  # crop size of the pretraining views
     augmentation: Literal["v1", "v2", "cifar"] = "cifar"
     # RandomResizedCrop area range of the two views. MoCo's recipes all use [0.2, 1]; small images
@@ -89,12 +90,12 @@ class EvalConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     knn_features: Literal["backbone", "head"] = "backbone"
-    knn_train_subset: Optional[int] = None  # memory bank size cap (None = the training set)
-    knn_test_subset: Optional[int] = None
+    knn_train_subset: int | None = None  # memory bank size cap (None = the training set)
+    knn_test_subset: int | None = None
     # Dictionary diagnostics (harness.training.diagnostics): key consistency against age, alignment/uniformity,
     # effective rank. Epochs between them: None = with the kNN monitor; 0 = never. They read the run,
     # never change it: not part of its identity.
-    diagnostics_every: Optional[int] = None
+    diagnostics_every: int | None = None
     # Images for alignment, uniformity and effective rank (the rank's cap). 128: with the queue's three
     # regenerated batches the diagnostics cost 2.4 % of a CPU-recipe epoch (256: 3.4 %; bench diagnostics).
     diagnostics_subset: int = 128
@@ -168,7 +169,7 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`, converting only where lossless (int -> float)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
         if value is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Optional
 
 from harness.run.config import RunConfig
 from harness.run.errors import ConfigError
@@ -24,7 +23,7 @@ def missing_files(dataset: str, root: Path, expected: str) -> ConfigError:
         f"download them: copy the files there, or set data.root=<dir> (or HARNESS_DATA=<dir>).")
 
 
-def _fashion_mnist_dir(root: Optional[str]) -> Optional[Path]:
+def _fashion_mnist_dir(root: str | None) -> Path | None:
     candidates = [Path(root).expanduser()] if root else [FASHION_MNIST_DEBIAN, default_root("fashion_mnist")]
     for base in candidates:
         for sub in (base, base / "FashionMNIST" / "raw"):
@@ -34,7 +33,7 @@ def _fashion_mnist_dir(root: Optional[str]) -> Optional[Path]:
     return None
 
 
-def fashion_mnist_files(root: Optional[str]) -> Path:
+def fashion_mnist_files(root: str | None) -> Path:
     """The folder holding Fashion-MNIST's IDX files, or the error that says where to put them."""
     where = _fashion_mnist_dir(root)
     if where is None:
@@ -58,7 +57,7 @@ def check_dataset(cfg: RunConfig) -> None:
             raise missing_files(d.dataset, base, expected[d.dataset] + "/")
 
 
-def folder_root(root: Optional[str]) -> Path:
+def folder_root(root: str | None) -> Path:
     if not root:
         raise ConfigError("data.root: the imagefolder dataset needs data.root=<dir> holding train/ and val/ "
                           "class folders (the ImageNet layout).")
@@ -89,7 +88,7 @@ CHANNELS = {"fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "stl10": 3, "imagef
 FULL_PRETRAIN_SIZE = {"fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "stl10": 105000}
 
 
-def pretrain_size(cfg: RunConfig) -> Optional[int]:
+def pretrain_size(cfg: RunConfig) -> int | None:
     """Images per pretraining epoch, where known without reading the files (in-memory datasets)."""
     full = FULL_PRETRAIN_SIZE.get(cfg.data.dataset)
     if full is None:

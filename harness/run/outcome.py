@@ -19,12 +19,12 @@ class Outcome(str, Enum):
         return self.value
 
     @classmethod
-    def of_run(cls, status: str | None) -> "Outcome":
+    def of_run(cls, status: str | None) -> Outcome:
         """The outcome a run directory's status.json says; anything but a final status is a failure."""
         return cls(status) if status in (cls.COMPLETED, cls.DIVERGED, cls.PRUNED) else cls.FAILED
 
     @classmethod
-    def of_trial(cls, attrs: dict) -> "Outcome | None":
+    def of_trial(cls, attrs: dict) -> Outcome | None:
         """The outcome recorded on a finished trial (older storages spelled FAILED 'error')."""
         value = attrs.get(record.OUTCOME)
         return cls.FAILED if value == "error" else (cls(value) if value in cls._value2member_map_ else None)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from harness.run import runio
 from harness.run import trial_record as record
@@ -17,9 +16,9 @@ from harness.run.outcome import Outcome
 @dataclass
 class TrialResult:
     outcome: Outcome
-    value: Optional[float]
+    value: float | None
     attrs: dict = field(default_factory=dict)
-    reason: Optional[str] = None
+    reason: str | None = None
 
 
 def _attempt_attrs(run_dir: Path) -> dict:

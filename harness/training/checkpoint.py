@@ -14,7 +14,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,7 +91,7 @@ def load_file(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_latest(directory: Path) -> Optional[dict[str, Any]]:
+def load_latest(directory: Path) -> dict[str, Any] | None:
     """The newest checkpoint that loads; unusable newer ones are skipped with a warning."""
     for path in checkpoints(directory):
         try:

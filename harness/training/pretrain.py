@@ -14,9 +14,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -125,7 +125,7 @@ class RunState:
                 "sums": dict(self.sums)}
 
     @classmethod
-    def from_checkpoint(cls, state: dict) -> "RunState":
+    def from_checkpoint(cls, state: dict) -> RunState:
         return cls(state["epoch"], state["step_in_epoch"], state["global_step"], dict(state["sums"]))
 
 

@@ -260,5 +260,5 @@ def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, i
         raise ProbeError(f"{state['path']}: does not fit the model of config.yaml "
                          f"(feature dimension or architecture differs): {str(exc).splitlines()[0]}") from None
     if state["epoch"] < cfg.optim.epochs:
-        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {state['epoch']} of {cfg.optim.epochs})")
+        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {state['epoch']} of {cfg.optim.epochs})", stacklevel=2)
     return cfg, model.encoder_q.to(device), state["epoch"]

@@ -46,7 +46,7 @@ class Runtime:
         return "cuda" if cfg.runtime.device != "cpu" and torch.cuda.is_available() else "cpu"
 
     @classmethod
-    def for_config(cls, cfg: RunConfig, local_rank: int = 0) -> "Runtime":
+    def for_config(cls, cfg: RunConfig, local_rank: int = 0) -> Runtime:
         r = cfg.runtime
         if cls.device_type(cfg) == "cuda":
             # Sites that bind one GPU per task show each rank a single device: its own, index 0.
@@ -67,7 +67,7 @@ class Runtime:
                    channels_last=r.channels_last == "yes" or (r.channels_last == "auto" and cuda),
                    threads=r.threads)
 
-    def apply(self) -> "Runtime":
+    def apply(self) -> Runtime:
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.device.type == "cuda":
@@ -89,7 +89,7 @@ class Runtime:
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
         return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
 
-    def grad_scaler(self) -> "torch.amp.GradScaler":
+    def grad_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling (its gradients underflow); bf16 and fp32 do not (a disabled scaler
         is a no-op, so the training step is written once)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
