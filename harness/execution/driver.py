@@ -11,8 +11,10 @@ import fcntl
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import optuna
 
@@ -92,6 +94,7 @@ class Driver:
                              f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
                              f"or set resources.nodes to 1.")
         self.runs = shared.RunIndex(runio.RESULTS)  # finished runs of every study: shared, not trained twice
+        self.plan: GridPlan | SearchPlan
         if self.study.sampler != "grid":
             self.plan = SearchPlan(self.study, max(1, opts.parallel))
         else:
@@ -144,7 +147,7 @@ class Driver:
 
     def lock(self):
         """One driver per study directory at a time; a second one says so and exits."""
-        self._lock = open(self.dir / "driver.lock", "a+")
+        self._lock: TextIO | None = open(self.dir / "driver.lock", "a+")  # held until close()
         try:
             runio.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except runio.LockUnsupported as exc:
@@ -165,7 +168,8 @@ class Driver:
         """Release the driver lock now, not whenever the driver is garbage-collected: a process that
         runs studies one after another (a suite, a rerun in the same process) must not find its own
         finished driver still holding it."""
-        lock, self._lock = getattr(self, "_lock", None), None
+        lock = getattr(self, "_lock", None)
+        self._lock = None
         if lock is not None:
             lock.close()
 
@@ -176,7 +180,7 @@ class Driver:
     def share_finished(self, trials) -> None:
         """Record every pending grid point that some study has already finished (same identity,
         same seed) from that run, instead of training it again (harness.planning.shared)."""
-        if self.study.sampler != "grid" or not self.opts.share:  # a search's points are chosen one by one
+        if not isinstance(self.plan, GridPlan) or not self.opts.share:  # a search's points are chosen one by one
             return
         pending = self.plan.pending(trials)
         finished = self.runs.by_digest() if pending else {}  # one walk of the results tree a round
@@ -185,6 +189,7 @@ class Driver:
 
     def share(self, params: dict, finished: dict[str, list[Path]]) -> bool:
         spec = make_spec(self.study, params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
+        source: Path | None
         if spec.run_dir.is_symlink():  # linked by a driver that stopped before recording the trial
             source = spec.run_dir.resolve()
         elif spec.run_dir.exists():  # this study's own run, perhaps partial: it goes on there
@@ -202,8 +207,9 @@ class Driver:
         # Its training time was spent by the study that ran it: not counted again here.
         attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), record.EXECUTOR: record.SHARED,
                  record.SHARED_FROM: origin, record.SHARED_HOURS: result.attrs.get(record.HOURS, 0.0), record.HOURS: 0.0, record.GPU_HOURS: 0.0}
-        distributions = {key: optuna.distributions.CategoricalDistribution(levels)
-                         for key, levels in self.study.factors.items()}
+        distributions: dict[str, optuna.distributions.BaseDistribution] = {
+            key: optuna.distributions.CategoricalDistribution(levels)
+            for key, levels in self.study.factors.items()}
         distributions["seed"] = optuna.distributions.CategoricalDistribution(self.study.seeds)
         done = result.outcome is Outcome.COMPLETED
         self.ostudy.add_trial(optuna.trial.create_trial(
@@ -215,7 +221,7 @@ class Driver:
         return True
 
     # -------------------------------------------------------------- submit
-    def submit(self, todo: list[dict | None]) -> int:
+    def submit(self, todo: Sequence[dict | None]) -> int:
         """Create one trial per entry and launch its jobs (a job array on SLURM)."""
         pruner = (self.study.pruner, self.epochs, self.study.pruner_args) if self.study.pruner != "none" else None
         threads = self.executor.threads_per_process(self.opts.parallel)
@@ -307,6 +313,7 @@ class Driver:
         from harness.execution.worker import WorkerJob
 
         view = ProgressView.of(self)
+        assert isinstance(self.plan, GridPlan), "worker mode runs grid studies (checked by the face)"
         for _ in range(self.study.retries + 1):
             self.share_finished(self.trials())
             for params in self.plan.pending(self.trials()):

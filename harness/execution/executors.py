@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.local.local import LocalJob
 
 from harness.execution import job_files
 from harness.execution.slurm import ALIVE, explain_sbatch, max_array_size, outside_allocation, slurm_problem, slurm_states, vanish_seconds
@@ -129,7 +130,7 @@ class SlurmExecutor(Executor):
 
     def sbatch_lines(self) -> list[str]:
         """The job script's #SBATCH lines and setup, as submitit writes them (what --dry-run shows)."""
-        inner = self.inner._executor
+        inner: Any = self.inner._executor  # submitit's private API: the script it would submit
         text = inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
         return [line for line in text.splitlines() if line.startswith("#SBATCH")
                 or line in [SRUN_CPUS, *self.res.setup]]
@@ -137,7 +138,7 @@ class SlurmExecutor(Executor):
     def preflight(self) -> None:
         """`sbatch --test-only` of the study's job script: an account, QOS, partition or size the site
         refuses is one StudyError naming the field, before any trial is asked or submitted."""
-        inner = self.inner._executor
+        inner: Any = self.inner._executor
         with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as fh:
             fh.write(inner._make_submission_file_text("true", "preflight"))
         try:
@@ -250,7 +251,7 @@ class LocalExecutor(Executor):
                 "the machine)" + ("" if process is not None else "; it was started by an earlier driver"))
 
     def job(self, job_id: str):
-        return submitit.local.local.LocalJob(folder=str(self.folder), job_id=job_id)
+        return LocalJob(folder=str(self.folder), job_id=job_id)
 
 
 class DebugExecutor(Executor):

@@ -50,14 +50,17 @@ class TrialJob(submitit.helpers.Checkpointable):
         return result.outcome.value
 
     def _reporter(self) -> PruningReporter:
+        storage_url, pruner = self.storage_url, self.pruner
+        assert storage_url is not None and pruner is not None  # a job that reports itself was given both
+
         def open_trial():  # on the first report: a database down at the job's start costs no training
             import optuna
 
             from harness.execution.storage import open_storage
             from harness.planning.studyfile import make_pruner
 
-            study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url, None),
-                                      pruner=make_pruner(*self.pruner))
+            study = optuna.load_study(study_name=self.study_name, storage=open_storage(storage_url, None),
+                                      pruner=make_pruner(*pruner))
             return trial_handle(study, self.trial_id)
 
         return PruningReporter(open_trial)

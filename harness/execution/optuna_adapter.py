@@ -17,7 +17,7 @@ FINAL = (COMPLETE, PRUNED)  # told and never retried
 
 def trial_id(trial: optuna.trial.BaseTrial) -> int:
     """The storage's id of a trial (unique across studies; `number` is per study)."""
-    return trial._trial_id  # noqa: SLF001
+    return trial._trial_id  # type: ignore[attr-defined]  # noqa: SLF001  (every trial class has it)
 
 
 def set_running_attrs(study: optuna.Study, trial: optuna.trial.BaseTrial, attrs: dict) -> None:

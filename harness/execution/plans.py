@@ -59,7 +59,7 @@ class GridPlan:
     def news(self, trials) -> str | None:  # a grid has nothing to say between rounds
         return None
 
-    def ask(self, ostudy: optuna.Study, params: dict) -> tuple[optuna.trial.Trial, dict]:
+    def ask(self, ostudy: optuna.Study, params: dict | None) -> tuple[optuna.trial.Trial, dict]:
         if params:
             ostudy.enqueue_trial(params)
         trial = ostudy.ask()  # pops the oldest waiting trial
@@ -78,12 +78,15 @@ class AdaptivePlan(GridPlan):
         self.factors = list(study.factors)
         self.levels = list(dict.fromkeys(level_of(p, self.factors) for p, _ in points))
         self.said = ""  # the race's last summary line, as news() returned it
+        if study.race is None:
+            raise ValueError("an adaptive plan needs the study's race (decide: and seeds: {initial, max})")
+        self.race = study.race
 
     def state(self, trials) -> RaceState:
         rows = [{**t.params, "seed": t.params.get("seed"), "state": state_label(t.state.name, t.user_attrs),
                  "value": t.value if t.state == COMPLETE else None} for t in trials]
         values, _ = values_by_level(rows, self.factors, self.levels, "value", self.study.seeds)
-        return race(values, self.study.race, self.study.direction == "maximize")
+        return race(values, self.race, self.study.direction == "maximize")
 
     def news(self, trials) -> str | None:
         """The race's summary when it changed since the last call (the driver prints it)."""

@@ -43,7 +43,8 @@ class ProgressView:
     def __init__(self, name: str, direction: str, plan, study_dir: Path):
         """`plan`: the driver's (its `total` may grow as a race adds seeds)."""
         self.name, self.direction, self.plan, self.study_dir = name, direction, plan, study_dir
-        self.tty, self.last, self.lines = sys.stdout.isatty(), None, 0
+        self.tty, self.lines = sys.stdout.isatty(), 0
+        self.last: str | None = None
 
     @classmethod
     def of(cls, driver: Driver) -> ProgressView:
@@ -170,7 +171,7 @@ def _job_lines(driver: Driver) -> tuple[list[str], int]:
     with tempfile.TemporaryDirectory() as scratch:  # a dry run leaves nothing behind
         executor = executors.make_executor(driver.kind, Path(scratch), res, driver.name, driver.opts.parallel)
         lines = [f"job parameters ({driver.kind}): {json.dumps(executor.parameters(), default=str)}"]
-        if driver.kind == "slurm":
+        if isinstance(executor, executors.SlurmExecutor):
             lines.append("job script (as sbatch gets it; the job array adds --array):")
             lines += [f"  {line}" for line in executor.sbatch_lines()]
         try:

@@ -78,7 +78,7 @@ class PruningReporter:
             return False
 
 
-def run_trial(spec: TrialSpec, threads: int = 0, reporter: PruningReporter | None = None,
+def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict], bool] | None = None,
               attempt: dict | None = None) -> TrialResult:
     """Train (resuming whatever the run directory holds) and probe; the result as the directory says.
     `threads`: the job's share of its CPUs, used where the study leaves runtime.threads at 0."""
@@ -96,7 +96,7 @@ def failure_attrs(outcome: Outcome, reason: str | None) -> dict:
     return {record.OUTCOME: outcome.value, record.FAILURE_REASON: reason[:500] if reason else None}
 
 
-def tell(study: optuna.Study, trial: optuna.trial.FrozenTrial, result: TrialResult) -> None:
+def tell(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, result: TrialResult) -> None:
     """The driver records a finished job's result on its RUNNING trial."""
     set_running_attrs(study, trial, {**result.attrs, **failure_attrs(result.outcome, result.reason)})
     if result.outcome is Outcome.COMPLETED:
@@ -107,7 +107,8 @@ def tell(study: optuna.Study, trial: optuna.trial.FrozenTrial, result: TrialResu
         study.tell(trial.number, state=FAIL)
 
 
-def tell_failure(study: optuna.Study, trial: optuna.trial.FrozenTrial, outcome: Outcome, reason: str) -> None:
+def tell_failure(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, outcome: Outcome,
+                 reason: str) -> None:
     tell(study, trial, TrialResult(outcome, None, {}, reason))
 
 
@@ -121,6 +122,7 @@ def objective_result(trial: optuna.trial.Trial, result: TrialResult) -> float:
         if value is not None:
             trial.set_user_attr(name, value)
     if result.outcome is Outcome.COMPLETED:
+        assert result.value is not None  # read_trial_result: a completed run without its objective is FAILED
         return result.value
     if result.outcome is Outcome.PRUNED:
         raise optuna.TrialPruned()

@@ -90,7 +90,12 @@ class WorkerJob(submitit.helpers.Checkpointable):
         except Exception as exc:  # noqa: BLE001  (recorded; the driver's next round retries it)
             print(f"[worker] trial {trial.number} ({spec.key}) failed: {type(exc).__name__}: {exc}", flush=True)
             attrs = failure_attrs(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
-            self._patiently(lambda: [trial.set_user_attr(k, v) for k, v in attrs.items() if v is not None])
+            def record_failure() -> None:
+                for name, value in attrs.items():
+                    if value is not None:
+                        trial.set_user_attr(name, value)
+
+            self._patiently(record_failure)
             return FAIL, None
         try:
             return COMPLETE, self._patiently(lambda: objective_result(trial, result))

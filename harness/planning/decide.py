@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -156,7 +157,8 @@ def race(values: dict, spec: RaceSpec, maximize: bool = True) -> RaceState:
                 continue
             mean, low, high = interval(data[lvl] - data[best], spec.level(n, len(levels)))
             verdict = classify(low, high, spec.margin)
-            comparison = Comparison(lvl, best, n, sign * mean, *sorted((sign * low, sign * high)), verdict)
+            lo, hi = sorted((sign * low, sign * high))
+            comparison = Comparison(lvl, best, n, sign * mean, lo, hi, verdict)
             widths.append(high - low)
             if verdict == UNDECIDED:
                 state.current[lvl] = comparison
@@ -232,7 +234,7 @@ def error_rates(means: list[float], noise: float, shared: float, spec: RaceSpec,
             "fraction_of_fixed": float(np.mean(spent)) / fixed}
 
 
-SCENARIOS = {  # objective units (top-1); noise and shared seed effect from the momentum sweep's scale
+SCENARIOS: dict[str, dict[str, Any]] = {  # objective units (top-1); noise and shared seed effect from the momentum sweep's scale
     "well separated": dict(means=[0.790, 0.833, 0.854, 0.820, 0.805], noise=0.003, shared=0.003),
     "close call": dict(means=[0.790, 0.833, 0.854, 0.851, 0.846], noise=0.003, shared=0.003),
     "all equal": dict(means=[0.85] * 5, noise=0.003, shared=0.003),
@@ -259,7 +261,8 @@ def values_by_level(rows: list[dict], factors: list[str], levels: list[tuple], o
     """Completed results as the race reads them: per level, the values of seeds[0], seeds[1], ... up
     to the first seed not completed. Levels with a diverged run leave the race (the paper's 'fail').
     `rows`: dicts with the factors, 'seed', 'state' and the objective."""
-    done, diverged = {}, []
+    done: dict[tuple, dict[int, float]] = {}
+    diverged: list[tuple] = []
     for row in rows:
         level = level_of(row, factors)
         if row["state"] == "DIVERGED" and level not in diverged:

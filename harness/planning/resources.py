@@ -161,6 +161,7 @@ def merge(recipe: str, recipe_res: dict, study_path: Path, study_res: dict) -> t
             merged[key], sources[key] = value, origin
     check_resources(study_path, merged)
     res = Resources(**merged)
-    if res.gres_gpus() and not res.gpus:
-        res.gpus, sources["gpus"] = res.gres_gpus(), sources["gres"]
+    gres_gpus = res.gres_gpus()
+    if gres_gpus and not res.gpus:
+        res.gpus, sources["gpus"] = gres_gpus, sources["gres"]
     return res, sources

@@ -92,7 +92,9 @@ def boundaries(kind: str, looks: tuple[int, ...], alpha: float) -> tuple[float, 
     if kind == "bonferroni":
         return tuple(_quantile(1.0 - a / 2.0) for a in spend)
     result: list[float] = []
-    x = mass = None  # grid and continuation mass (density x weights) of the sum S_k = sum of n_k differences
+    # grid and continuation mass (density x weights) of the sum S_k = sum of n_k differences; set at look 0
+    x: np.ndarray = np.zeros(0)
+    mass: np.ndarray = np.zeros(0)
     for k, (n, a) in enumerate(zip(looks, spend)):
         if k == 0:
             c = _quantile(1.0 - a / 2.0) if a > 1e-15 else _NEVER

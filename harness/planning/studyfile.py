@@ -24,9 +24,10 @@ import difflib
 import itertools
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -64,7 +65,7 @@ class Study:
     overrides: list[str] = field(default_factory=list)
     n_trials: int = 0
     objective: str = "probe_top1"
-    direction: str = "maximize"
+    direction: Literal["maximize", "minimize"] = "maximize"
     pruner: str = "none"
     pruner_args: dict = field(default_factory=dict)
     resources: dict = field(default_factory=dict)  # overrides of the recipe's resources
@@ -93,7 +94,7 @@ class Study:
                 points.append({**dict(zip(names, levels)), "seed": seed})
         return points
 
-    def run_config(self, params: dict[str, Any], recipe: str | None = None, extra: list[str] = (),
+    def run_config(self, params: dict[str, Any], recipe: str | None = None, extra: Sequence[str] = (),
                    run_name: str | None = None) -> RunConfig:
         """The point's config: recipe, the study's overrides, --set, then the factor levels and seed."""
         levels = [nest(key, value) for key, value in params.items() if key != "seed"]

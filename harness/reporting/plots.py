@@ -1,6 +1,7 @@
 """The report's figures (seaborn on matplotlib's Agg backend, deterministic SVG and PNG)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -79,7 +80,7 @@ def _apply_scale(ax, scale: str, ticks: pd.Series | None = None, factor: str = "
 
 
 def plot_objective(trials: pd.DataFrame, factors: list[str], objective: str, reference: dict, out: Path,
-                   skipped: list[tuple[dict, str]] = ()) -> list[Path]:
+                   skipped: Sequence[tuple[dict, str]] = ()) -> list[Path]:
     """Objective vs the first factor on its natural axis (hue: the second factor); the paper's values,
     when the study file gives them, in a separate panel: a different dataset and scale. Levels not
     run are named under the panel."""

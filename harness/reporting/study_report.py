@@ -6,6 +6,7 @@ Works on partial studies: running, failed, diverged and pruned trials are shown 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import optuna
@@ -124,7 +125,7 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
               summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]],
-              dictionary: list[str] = (), hints: list[str] | None = None, interaction_md: list[str] = ()) -> str:
+              dictionary: Sequence[str] = (), hints: list[str] | None = None, interaction_md: Sequence[str] = ()) -> str:
     verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]

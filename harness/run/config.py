@@ -218,7 +218,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names)} "
                               f"Valid keys here: {', '.join(sorted(names))}.")
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, path)
         else:
             kwargs[key] = _coerce(path, value, tp)

@@ -83,7 +83,7 @@ def identity_digest(data: dict) -> str:
 def identity_diff(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ between two identities."""
     def flat(d: dict, prefix: str = "") -> dict:
-        items = {}
+        items: dict[str, Any] = {}
         for k, v in d.items():
             items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return items

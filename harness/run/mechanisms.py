@@ -64,7 +64,7 @@ MECHANISMS: dict[str, Mechanism] = {m.name: m for m in (
 
 # MoCo's own. Older format: configs written before moco.key_encoder existed (dab95ca, 2026-11-29) mean it;
 # the committed examples hold such configs, so this reading stays while they do.
-DEFAULT = "momentum"
+DEFAULT: Literal["momentum"] = "momentum"
 
 
 def mechanism(name: str) -> Mechanism:

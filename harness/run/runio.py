@@ -102,11 +102,11 @@ class LockUnsupported(OSError):
 
 def filesystem_of(path: Path) -> str:
     """The mount holding `path`, as /proc/mounts names it: 'TYPE at MOUNTPOINT'."""
-    best, path = ("unknown", "?"), str(Path(path).resolve())
+    best, where = ("unknown", "?"), str(Path(path).resolve())
     try:
         for line in Path("/proc/mounts").read_text().splitlines():
             _, point, kind, *_ = line.split()
-            if path == point or path.startswith(point.rstrip("/") + "/"):
+            if where == point or where.startswith(point.rstrip("/") + "/"):
                 if len(point) >= len(best[1]) or best[1] == "?":
                     best = (kind, point)
     except OSError:
