@@ -61,7 +61,22 @@ class Options:
 # ---------------------------------------------------------------- the driver
 
 class Driver:
+    """One study's driver: validates every point, opens the storage, submits trials, re-attaches to
+    running jobs, shares finished runs, relays pruning and records each outcome in Optuna."""
+
     def __init__(self, study: Study, opts: Options):
+        """Everything that can be refused is refused here, before anything is submitted.
+
+        Args:
+            study: the study file as load_study read it.
+            opts: the command line's options (recipe, executor, storage, parallelism, overrides, ...).
+
+        Raises:
+            ConfigError: a level (or the `--set` overrides) the recipe cannot run.
+            StudyError: an override of a factor's key, a missing dataset, a storage that cannot be
+                opened or was started with another recipe, an executor or cluster that refuses the job
+                (sbatch --test-only), or another driver already running this study.
+        """
         self.opts = opts
         self.recipe = opts.recipe or study.recipe
         self.name = study.name + ("" if self.recipe == study.recipe else f"@{self.recipe}")

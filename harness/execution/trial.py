@@ -81,7 +81,20 @@ class PruningReporter:
 def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict], bool] | None = None,
               attempt: dict | None = None) -> TrialResult:
     """Train (resuming whatever the run directory holds) and probe; the result as the directory says.
-    `threads`: the job's share of its CPUs, used where the study leaves runtime.threads at 0."""
+
+    Args:
+        spec: the trial's point, run directory and validated config.
+        threads: the job's share of its CPUs, used where the study leaves runtime.threads at 0.
+        reporter: called after each epoch with (epoch, record); True prunes the run.
+        attempt: what the caller knows of this attempt (job id, trial), kept in attempts.jsonl.
+
+    Returns:
+        The TrialResult read back from the run directory (outcome, objective value, attributes).
+
+    Raises:
+        ConfigError: a run directory that holds another run (train refuses to mix them).
+        Exception: whatever the training raised (a crash); the driver records it as FAILED and retries.
+    """
     from harness.training.pretrain import train  # the driver process never trains: torch's start-up stays in the jobs
 
     cfg = spec.config

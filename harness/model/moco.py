@@ -189,8 +189,19 @@ def compile_encoders(model: MoCo, backend: str = "inductor") -> None:
 
 
 def build_moco(cfg, bank_size: int | None = None) -> MoCo:
-    """MoCo from a RunConfig (the encoder factory lives here so both encoders match). `bank_size`:
-    the training images, for key_encoder=memory_bank (default: the in-memory dataset's size)."""
+    """MoCo from a RunConfig (the encoder factory lives here so both encoders match).
+
+    Args:
+        cfg: a validated RunConfig (model, moco and data sections are read).
+        bank_size: the training images, for a memory bank (default: the in-memory dataset's size).
+
+    Returns:
+        The MoCo module on the CPU, initialised from torch's current RNG state (callers seed it).
+
+    Raises:
+        ConfigError: a `moco.key_encoder` that is not in the mechanisms' table.
+        ValueError: a memory bank without a size (an image-folder run whose size is not given).
+    """
     from harness.model.backbones import Encoder, build_backbone
     from harness.run.datafiles import CHANNELS, pretrain_size
 

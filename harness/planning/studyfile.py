@@ -152,7 +152,16 @@ def _check_distribution(path: Path, key: str, spec: dict) -> None:
 
 
 def load_study(name: str) -> Study:
-    """A study by name (studies/<name>.yaml) or by the path of a study file."""
+    """A study by name (studies/<name>.yaml) or by the path of a study file.
+
+    Returns:
+        The Study: factors, seeds (or a race), sampler, objective, pruner, resources and reference,
+        each checked; the levels themselves are checked against the recipe by validate_levels.
+
+    Raises:
+        StudyError: no such study (the nearest name proposed), a file that is not YAML, an unknown
+            or missing key, a value of the wrong kind, or an override of a factor's own key.
+    """
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         path = Path(name).resolve()
         if not NAME.match(path.stem):

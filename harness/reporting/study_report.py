@@ -53,6 +53,21 @@ def stored_study(name: str, study_dir: Path) -> Study:
 
 
 def build_report(name: str, storage_url: str | None = None, out_dir: Path | None = None) -> Path:
+    """A study's report from its storage and run directories (works on partial studies).
+
+    Args:
+        name: the study's name under the results directory (`results/<name>`; a suite member's is
+            `<suite>/<study>`).
+        storage_url: its Optuna storage (default: the study directory's SQLite database).
+        out_dir: where to write (default: `results/<name>/report`).
+
+    Returns:
+        The report directory: trials, curves, summary and dictionary tables (CSV), figures (PNG and
+        SVG), report.md, report.html, and hints.txt when seeds would decide an undecided comparison.
+
+    Raises:
+        StudyError: no such study in the storage, or a storage that cannot be opened.
+    """
     study_dir = (runio.RESULTS / name).resolve()
     storage_url = storage_url or default_url(study_dir)
     try:

@@ -268,8 +268,22 @@ def parse_override(text: str) -> dict:
 
 def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: str | None = None,
                 gpus: int | None = None) -> RunConfig:
-    """Recipe + overrides -> validated RunConfig (raises ConfigError). `gpus`: the GPUs the run's
-    process will have; given, `auto` device and precision are resolved (resolve_execution)."""
+    """A run's validated configuration: the recipe, then each override in order.
+
+    Args:
+        recipe: a name in studies/recipes/ (e.g. "fmnist-tiny").
+        overrides: "section.key=value" strings (YAML values) or nested dicts, applied in order.
+        name: the run's label (not part of its identity).
+        gpus: the GPUs the run's process will have; given, `auto` device and precision are resolved
+            to what runs (resolve_execution) before the identity is taken.
+
+    Returns:
+        The RunConfig, every field coerced to its type and every section validated.
+
+    Raises:
+        ConfigError: an unknown recipe or key (the nearest valid one proposed), a value of the wrong
+            type, or a setting that cannot run (K not a multiple of the batch, m outside [0, 1], ...).
+    """
     data = load_recipe_data(recipe)
     data.pop("resources", None)  # submission defaults for this scale (harness.planning.studyfile), not run config
     data = _merge(data, {"recipe": recipe})

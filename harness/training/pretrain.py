@@ -285,9 +285,26 @@ class PretrainRun:
 
 def train(cfg: RunConfig, run_dir: Path, resume: bool = False, on_epoch: EpochCallback | None = None,
           probe: bool = True, attempt: dict | None = None, wait_for_lock: bool = False, splits=None) -> dict:
-    """Pretrain (resuming from the newest good checkpoint), then probe. Returns the final status.
-    `attempt`: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl.
-    `wait_for_lock`: a busy run directory is waited for (trial jobs), not an error (the CLI)."""
+    """Pretrain one run (resuming from its newest good checkpoint), then probe it.
+
+    Args:
+        cfg: the run's configuration (make_config); validated again with the process count.
+        run_dir: the run directory; a config.yaml already there must have `cfg`'s identity.
+        resume: require a checkpoint to resume from.
+        on_epoch: called after each epoch with (epoch, record); True stops the run as PRUNED.
+        probe: run the final linear probe (eval.probe) on a completed run.
+        attempt: what the caller knows of this attempt (job id, trial), recorded in attempts.jsonl.
+        wait_for_lock: a busy run directory is waited for (trial jobs), not an error (the CLI).
+        splits: in-memory images to train on instead of the dataset's files (the device check).
+
+    Returns:
+        The run's final status.json: status (COMPLETED, PRUNED, DIVERGED), epoch, loss, kNN, probe.
+
+    Raises:
+        ConfigError: a config that cannot run with this many processes, a run directory made by
+            another config (the differing keys named), `resume` without a checkpoint.
+        RunDirBusy: another process holds the run directory (unless `wait_for_lock`).
+    """
     run_dir = Path(run_dir)
     rank, world, local_rank = dist_mod.init_from_env(Runtime.device_type(cfg), cfg.runtime.dist_timeout_s)
     validate(cfg, world_size=world)
