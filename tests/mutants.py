@@ -111,7 +111,7 @@ MUTANTS = [
            "out = moco(x_q, x_k, index, cfg.optim.lr, taken)",
            ("tests/training/test_step.py::test_a_bench_step_and_a_run_step_from_the_same_state_give_the_same_parameters",)),
     # issue 35: the mechanisms' facts from the table alone
-    Mutant("validation-names-mechanisms", "harness/run/config.py",
+    Mutant("validation-names-mechanisms", "harness/run/validation.py",
            "    if mech.has_queue:", '    if m.key_encoder in ("momentum", "shared"):',
            ("tests/run/test_mechanisms.py::test_adding_a_row_is_all_validation_and_identity_need",)),
     # issue 39: interaction contrasts paired by seed

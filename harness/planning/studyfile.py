@@ -35,16 +35,13 @@ from harness.planning.decide import RaceSpec
 from harness.planning.resources import Resources, check_resources
 from harness.planning.resources import merge as merge_resources
 from harness.planning.spending import SPENDING
-from harness.run.config import RunConfig, load_recipe_data, make_config, nest
+from harness.run.config import RunConfig, build_typed, load_recipe_data, make_config, nest
 from harness.run.errors import ConfigError, StudyError
 from harness.run.mechanisms import mechanism
 
 STUDY_DIR = Path(__file__).resolve().parents[2] / "studies"
 STUDY_COPY = "study.yaml"  # results/<study>/study.yaml: the file a study was started from
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
-TOP_KEYS = {"description", "recipe", "overrides", "sampler", "factors", "seeds", "n_trials", "objective",
-            "direction", "pruner", "resources", "retries", "reference", "decide"}
-OBJECTIVES = ("probe_top1", "knn_top1")
 PRUNER_ARGS = {  # the Optuna pruner arguments a study file may set
     "none": set(), "median": {"n_startup_trials", "n_warmup_steps"},
     "hyperband": {"min_resource", "reduction_factor"}, "successive_halving": {"min_resource", "reduction_factor"},
@@ -186,73 +183,92 @@ def load_study_file(path: Path, name: str) -> Study:
     return parse_study(name, path, data)
 
 
+@dataclass
+class StudyFile:
+    """A study file as written, each top-level key typed: read by the run config's coercion
+    (harness.run.config.build_typed), so a wrong key or type is said as a config's is. What spans
+    several keys (levels by sampler, seeds with `decide`, a pruner's arguments) is checked in
+    parse_study."""
+    description: str
+    recipe: str
+    factors: dict[str, Any] = field(metadata={"expects": "a mapping of dotted config keys to levels, e.g. "
+                                                         "{moco.momentum: [0.9, 0.99]}"})
+    seeds: Any  # a list of seeds (fixed design) or {initial, max} (a race with `decide`)
+    sampler: Literal["grid", "tpe"] = "grid"  # grid: ablations; tpe: searches
+    overrides: list[str] = field(default_factory=list,
+                                 metadata={"expects": "a list of 'section.key=value' strings"})
+    n_trials: int = 0
+    objective: Literal["probe_top1", "knn_top1"] = "probe_top1"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    pruner: Any = "none"  # a name, or {type: name, ...its arguments}
+    resources: dict[str, Any] = field(default_factory=dict)
+    retries: int = 2
+    reference: dict[str, Any] = field(default_factory=dict,
+                                      metadata={"expects": "a mapping {source, metric, values}"})
+    decide: dict[str, Any] | None = None
+
+
+
+
 def parse_study(name: str, path: Path, data: Any) -> Study:
-    if not isinstance(data, dict):
-        raise StudyError(f"{path}: expected a mapping at the top level.")
-    unknown = set(data) - TOP_KEYS
-    if unknown:
-        key = sorted(map(str, unknown))[0]
-        close = difflib.get_close_matches(key, TOP_KEYS, n=1)
-        raise _fail(path, key, f"unknown key.{' Did you mean ' + repr(close[0]) + '?' if close else ''} "
-                    f"Allowed: {', '.join(sorted(TOP_KEYS))}.")
-    for required in ("description", "recipe", "factors", "seeds"):
-        if required not in data:
-            raise _fail(path, required, "missing; every study declares description, recipe, factors and seeds.")
-    sampler = data.get("sampler", "grid")
-    if sampler not in ("grid", "tpe"):
-        raise _fail(path, "sampler", f"{sampler!r}: use grid (ablations) or tpe (searches).")
-    factors = data["factors"]
-    if not isinstance(factors, dict) or not factors:
+    """A study file's contents as a Study.
+
+    Raises:
+        StudyError: the file's path and the key, with what to write instead.
+    """
+    if isinstance(data, dict):  # an empty optional key (`overrides:`) means its default
+        data = {k: v for k, v in data.items() if v is not None or k in ("description", "recipe", "factors", "seeds")}
+    try:
+        raw: StudyFile = build_typed(StudyFile, data, what="study key")
+    except ConfigError as exc:
+        raise StudyError(f"{path}: {exc}") from None
+    if not raw.factors:
         raise _fail(path, "factors", "a mapping of dotted config keys to levels is required.")
-    for key, levels in factors.items():
-        if sampler == "grid":
-            if not isinstance(levels, list) or not levels:
-                raise _fail(path, f"factors.{key}", "a grid study needs a non-empty list of levels.")
-            if len({json.dumps(v) for v in levels}) != len(levels):
-                raise _fail(path, f"factors.{key}", "levels repeat; list each level once.")
-        elif isinstance(levels, dict):
-            _check_distribution(path, key, levels)
-        elif not (isinstance(levels, list) and levels):
-            raise _fail(path, f"factors.{key}", "a distribution {type, low, high} or a list of choices is required.")
-    seeds, race = _parse_seeds(path, data["seeds"], data.get("decide"), sampler)
-    objective = data.get("objective", "probe_top1")
-    if objective not in OBJECTIVES:
-        raise _fail(path, "objective", f"{objective!r}: use one of {', '.join(OBJECTIVES)}.")
-    direction = data.get("direction", "maximize")
-    if direction not in ("maximize", "minimize"):
-        raise _fail(path, "direction", f"{direction!r}: use maximize or minimize.")
-    pruner, pruner_args = data.get("pruner", "none"), {}
-    if isinstance(pruner, dict):
-        pruner_args = {k: v for k, v in pruner.items() if k != "type"}
-        pruner = pruner.get("type")
+    for key, levels in raw.factors.items():
+        _check_levels(path, key, levels, raw.sampler)
+    seeds, race = _parse_seeds(path, raw.seeds, raw.decide, raw.sampler)
+    pruner, pruner_args = _parse_pruner(path, raw.pruner)
+    if raw.sampler == "tpe" and raw.n_trials < 1:
+        raise _fail(path, "n_trials", "a search (sampler: tpe) needs n_trials >= 1.")
+    if not 0 <= raw.retries <= 20:
+        raise _fail(path, "retries", "an integer from 0 to 20 is required.")
+    check_resources(path, raw.resources, whole=False)
+    study = Study(name=name, path=path, description=raw.description, recipe=raw.recipe, factors=raw.factors,
+                  seeds=seeds, sampler=raw.sampler, overrides=raw.overrides, n_trials=raw.n_trials,
+                  objective=raw.objective, direction=raw.direction, pruner=pruner, pruner_args=pruner_args,
+                  resources=raw.resources, retries=raw.retries, reference=raw.reference, race=race)
+    study.check_overrides(raw.overrides, f"{path}: overrides:")
+    return study
+
+
+def _check_levels(path: Path, key: str, levels: Any, sampler: str) -> None:
+    """A grid's levels: a non-empty list, each once; a search's: a distribution or a list of choices."""
+    if sampler == "grid":
+        if not isinstance(levels, list) or not levels:
+            raise _fail(path, f"factors.{key}", "a grid study needs a non-empty list of levels.")
+        if len({json.dumps(v) for v in levels}) != len(levels):
+            raise _fail(path, f"factors.{key}", "levels repeat; list each level once.")
+    elif isinstance(levels, dict):
+        _check_distribution(path, key, levels)
+    elif not (isinstance(levels, list) and levels):
+        raise _fail(path, f"factors.{key}", "a distribution {type, low, high} or a list of choices is required.")
+
+
+def _parse_pruner(path: Path, spec: Any) -> tuple[str, dict]:
+    """`pruner: median` or `pruner: {type: median, n_startup_trials: 5}`: the name and its arguments."""
+    pruner, args = spec, {}
+    if isinstance(spec, dict):
+        args = {k: v for k, v in spec.items() if k != "type"}
+        pruner = spec.get("type")
     if pruner not in PRUNERS:
         raise _fail(path, "pruner", f"{pruner!r}: use one of {', '.join(PRUNERS)} (or a mapping with 'type').")
-    for key, value in pruner_args.items():
+    for key, value in args.items():
         if key not in PRUNER_ARGS[pruner]:
             raise _fail(path, f"pruner.{key}", f"not an argument of the {pruner} pruner; allowed: "
                         f"{', '.join(sorted(PRUNER_ARGS[pruner])) or 'none'}.")
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise _fail(path, f"pruner.{key}", f"a number is required, got {value!r}.")
-    n_trials = data.get("n_trials", 0)
-    if sampler == "tpe" and (not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1):
-        raise _fail(path, "n_trials", "a search (sampler: tpe) needs n_trials >= 1.")
-    retries = data.get("retries", 2)
-    if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 20:
-        raise _fail(path, "retries", "an integer from 0 to 20 is required.")
-    raw_res = data.get("resources", {}) or {}
-    check_resources(path, raw_res, whole=False)
-    overrides = data.get("overrides", []) or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise _fail(path, "overrides", "a list of 'section.key=value' strings is required.")
-    reference = data.get("reference", {}) or {}
-    if not isinstance(reference, dict):
-        raise _fail(path, "reference", "a mapping {source, metric, values} is required.")
-    study = Study(name=name, path=path, description=str(data["description"]), recipe=str(data["recipe"]),
-                  factors=factors, seeds=seeds, sampler=sampler, overrides=overrides, n_trials=n_trials,
-                  objective=objective, direction=direction, pruner=pruner, pruner_args=pruner_args,
-                  resources=raw_res, retries=retries, reference=reference, race=race)
-    study.check_overrides(overrides, f"{path}: overrides:")
-    return study
+    return pruner, args
 
 
 def _is_int(value: Any) -> bool:

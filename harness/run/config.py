@@ -22,7 +22,7 @@ from harness.run.errors import ConfigError
 
 # the identity's names are the config's too (re-exported): every caller asks the config
 from harness.run.identity import RUNTIME_ONLY, get_dotted, identity_diff, identity_digest, identity_of, nest  # noqa: F401
-from harness.run.mechanisms import mechanism
+from harness.run.validation import validate
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "studies" / "recipes"
 
@@ -174,16 +174,23 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner)
+    if tp is Any:  # a value whose shape its reader checks (a study's factor levels, seeds)
+        return value
     if origin is Literal:
         if isinstance(value, bool) and {"yes", "no"} <= set(args):  # YAML reads yes/no as booleans
             value = "yes" if value else "no"
         if value not in args:
             choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{path}: {value!r} is not allowed; use one of {choices}.")
+            raise ConfigError(f"{path}: {value!r} is not allowed; use one of {choices}."
+                              f"{_suggest(str(value), [str(a) for a in args])}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}.")
+        return {_coerce(f"{path} (a key)", k, args[0]): _coerce(f"{path}.{k}", v, args[1]) for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}; write e.g. {path}=[1,2].")
+            raise ConfigError(f"{path}: expected a list such as [1, 2], got {value!r}.")
         return [_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
@@ -206,22 +213,38 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported annotation {tp} at {path}")  # a bug in this module, not user input
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_typed(cls: type, data: Any, prefix: str = "", what: str = "config key") -> Any:
+    """`cls` (a dataclass, nested ones too) from a mapping, every value checked against its annotation
+    (_coerce): the one reading of typed files, run configs and study files alike.
+
+    Raises:
+        ConfigError: an unknown key (the nearest named), a missing required one, a value of the wrong type.
+    """
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}.")
+        raise ConfigError(f"{prefix or what.split()[0]}: expected a mapping of keys, got {data!r}.")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in data:
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{name}: missing; every {what.split()[0]} declares "
+                              f"{', '.join(required)}.")
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{path}'.{_suggest(str(key), names)} "
+            raise ConfigError(f"unknown {what} '{path}'.{_suggest(str(key), names)} "
                               f"Valid keys here: {', '.join(sorted(names))}.")
         tp = hints[key]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path)
-        else:
+            kwargs[key] = build_typed(tp, value, path, what)
+            continue
+        try:
             kwargs[key] = _coerce(path, value, tp)
+        except ConfigError as exc:  # a field may say what it expects (dataclasses.field(metadata={"expects": ...}))
+            expects = next(f.metadata.get("expects") for f in fields if f.name == key)
+            raise ConfigError(f"{exc} Expected: {expects}." if expects else str(exc)) from None
     return cls(**kwargs)
 
 
@@ -291,7 +314,7 @@ def make_config(recipe: str, overrides: typing.Sequence[str | dict] = (), name: 
         data = _merge(data, parse_override(override) if isinstance(override, str) else override)
     if name is not None:
         data["name"] = name
-    cfg = _build(RunConfig, data, "")
+    cfg = build_typed(RunConfig, data)
     validate(cfg)
     return cfg if gpus is None else resolve_execution(cfg, gpus)
 
@@ -305,15 +328,15 @@ def resolve_execution(cfg: RunConfig, gpus: int) -> RunConfig:
     r = cfg.runtime
     device = r.device if r.device != "auto" else ("cuda" if gpus > 0 else "cpu")
     precision = r.precision if r.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
-    _require(not (device == "cpu" and precision == "fp16"),
-             "runtime.precision: fp16 is for CUDA (with a gradient scaler); on a CPU use fp32 or bf16.")
+    if device == "cpu" and precision == "fp16":
+        raise ConfigError("runtime.precision: fp16 is for CUDA (with a gradient scaler); on a CPU use fp32 or bf16.")
     if (device, precision) == (r.device, r.precision):
         return cfg
     return dataclasses.replace(cfg, runtime=dataclasses.replace(r, device=device, precision=precision))
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    cfg = _build(RunConfig, data, "")
+    cfg = build_typed(RunConfig, data)
     validate(cfg)
     return cfg
 
@@ -337,128 +360,6 @@ EVAL_ONLY = ("eval.", "data.test_subset")
 
 
 # ---------------------------------------------------------------- semantic validation
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _require_crop_scale(key: str, value: list[float], usual: str) -> None:
-    """A RandomResizedCrop area range: [low, high] with 0 < low <= high <= 1."""
-    _require(len(value) == 2 and 0 < value[0] <= value[1] <= 1,
-             f"{key}: expected [low, high] with 0 < low <= high <= 1 ({usual}), got {value}.")
-
-
-def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Every section's bounds and the rules that span fields. `world_size` is checked once it is known.
-
-    Raises:
-        ConfigError: the first field that cannot run, named, with its fix.
-    """
-    _validate_optim(cfg.optim)  # first: the queue's rule divides by the batch
-    _validate_moco(cfg)
-    _validate_data_model(cfg)
-    _validate_eval(cfg.eval)
-    _validate_runtime(cfg.runtime)
-    if world_size is not None:
-        _validate_world(cfg, world_size)
-
-
-def _validate_moco(cfg: RunConfig) -> None:
-    m, o = cfg.moco, cfg.optim
-    _require(0.0 <= m.momentum <= 1.0,
-             f"moco.momentum: m={m.momentum} is outside [0, 1]; the paper uses 0.999 (ImageNet) or 0.99 (CIFAR).")
-    _require(m.temperature > 0,
-             f"moco.temperature: tau={m.temperature} must be > 0; the paper uses 0.07 (v1) or 0.2 (v2).")
-    _require(m.dim > 0, f"moco.dim: must be > 0 (the paper uses 128), got {m.dim}.")
-    mech = mechanism(m.key_encoder)
-    if mech.has_queue:
-        keys_per_step = o.batch_size * (2 if m.symmetric else 1)
-        _require(m.queue_size > 0, f"moco.queue_size: K must be > 0, got {m.queue_size}.")
-        _require(m.queue_size % keys_per_step == 0,
-                 f"moco.queue_size: K={m.queue_size} is not a multiple of the keys enqueued per step "
-                 f"({keys_per_step} = optim.batch_size{' x 2 (symmetric)' if m.symmetric else ''}); "
-                 f"the queue would wrap mid-batch. Use K={_nearest_multiple(m.queue_size, keys_per_step)} "
-                 f"or change optim.batch_size.")
-    else:
-        # Negatives are the other keys of the batch, or K draws from the bank: no queue to wrap.
-        _require(not m.symmetric, f"moco.symmetric: not defined for key_encoder={m.key_encoder}; "
-                                  f"set moco.symmetric=false.")
-    if mech.negatives == "bank":
-        _require(m.queue_size > 0, f"moco.queue_size: K (negatives drawn from the bank) must be > 0, "
-                                   f"got {m.queue_size}.")
-        _require(0.0 <= m.bank_momentum < 1.0, f"moco.bank_momentum: must be in [0, 1) (InstDisc: 0.5), "
-                                               f"got {m.bank_momentum}.")
-    if m.shuffle_bn == "split":
-        _require(m.bn_splits >= 1, f"moco.bn_splits: must be >= 1, got {m.bn_splits}.")
-
-
-def _validate_optim(o: OptimConfig) -> None:
-    _require(o.batch_size > 0, f"optim.batch_size: must be > 0, got {o.batch_size}.")
-    _require(o.epochs > 0, f"optim.epochs: must be > 0, got {o.epochs}.")
-    _require(o.lr > 0 and o.lr_batch > 0, "optim.lr and optim.lr_batch: must be > 0.")
-    _require(o.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {o.weight_decay}.")
-    _require(0 <= o.warmup_epochs < o.epochs,
-             f"optim.warmup_epochs: must be in [0, optim.epochs), got {o.warmup_epochs}.")
-
-
-def _validate_data_model(cfg: RunConfig) -> None:
-    d = cfg.data
-    _require_crop_scale("data.crop_scale", d.crop_scale, "MoCo: [0.2, 1]")
-    _require(cfg.model.tiny_stem_stride in (1, 2),
-             f"model.tiny_stem_stride: must be 1 or 2, got {cfg.model.tiny_stem_stride}.")
-    _require(len(cfg.model.tiny_widths) > 0 and all(w > 0 for w in cfg.model.tiny_widths),
-             f"model.tiny_widths: expected positive stage widths such as [32, 64, 128], "
-             f"got {cfg.model.tiny_widths}.")
-    _require(d.image_size >= 8, f"data.image_size: must be >= 8 pixels, got {d.image_size}.")
-    _require(d.loader != "device_decode" or d.dataset == "imagefolder",
-             f"data.loader: device_decode decodes image files; {d.dataset} is held in memory (use batched).")
-    _require(d.num_workers >= 0, f"data.num_workers: must be >= 0 (0: load in the training process), "
-                                 f"got {d.num_workers}.")
-    for key in ("train_subset", "test_subset"):
-        value = getattr(d, key)
-        _require(value is None or value > 0, f"data.{key}: must be positive or null, got {value}.")
-
-
-def _validate_eval(e: EvalConfig) -> None:
-    _require(e.knn_k > 0 and e.knn_t > 0, "eval.knn_k and eval.knn_t: must be > 0 (InstDisc: k=200, t=0.1).")
-    _require(e.knn_every >= 0, f"eval.knn_every: must be >= 0 epochs (0: never), got {e.knn_every}.")
-    _require(e.probe_epochs > 0 and e.probe_batch_size > 0,
-             "eval.probe_epochs and eval.probe_batch_size: must be > 0.")
-    _require(e.probe_lr > 0, f"eval.probe_lr: must be > 0 (main_lincls uses 30), got {e.probe_lr}.")
-    _require(e.probe_weight_decay >= 0,
-             f"eval.probe_weight_decay: must be >= 0 (main_lincls uses 0), got {e.probe_weight_decay}.")
-    _require_crop_scale("eval.probe_crop_scale", e.probe_crop_scale, "main_lincls: [0.08, 1]")
-
-
-def _validate_runtime(r: RuntimeConfig) -> None:
-    _require(r.threads >= 0, f"runtime.threads: must be >= 0 (0: torch's default), got {r.threads}.")
-    _require(r.log_every >= 1, f"runtime.log_every: must be >= 1 step, got {r.log_every}.")
-    _require(r.checkpoint_every >= 1,
-             f"runtime.checkpoint_every: must be >= 1 epoch (the last epoch is always saved), got {r.checkpoint_every}.")
-    _require(r.checkpoint_every_steps >= 0,
-             f"runtime.checkpoint_every_steps: must be >= 0 (0: at epoch ends only), got {r.checkpoint_every_steps}.")
-    _require(r.keep_checkpoints >= 1, f"runtime.keep_checkpoints: must be >= 1, got {r.keep_checkpoints}.")
-    _require(r.dist_timeout_s > 0, f"runtime.dist_timeout_s: must be > 0 seconds, got {r.dist_timeout_s}.")
-
-
-def _validate_world(cfg: RunConfig, world_size: int) -> None:
-    m, o = cfg.moco, cfg.optim
-    _require(o.batch_size % world_size == 0,
-             f"optim.batch_size: {o.batch_size} is not divisible by the {world_size} processes.")
-    per_rank = o.batch_size // world_size
-    if m.shuffle_bn == "split":
-        _require(per_rank % m.bn_splits == 0,
-                 f"moco.bn_splits: the per-process batch {per_rank} is not divisible by bn_splits={m.bn_splits}.")
-    if m.shuffle_bn == "ddp":
-        _require(world_size > 1,
-                 "moco.shuffle_bn: 'ddp' shuffles keys across processes but this run has one process; "
-                 "use moco.shuffle_bn=split (SplitBatchNorm, as the CIFAR Colab) on a single device.")
-
-
-def _nearest_multiple(k: int, b: int) -> int:
-    return max(b, round(k / b) * b)
-
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

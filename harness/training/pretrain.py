@@ -25,10 +25,11 @@ from torch import nn
 from harness.data.datasets import NUM_CLASSES, folder_classes, load_tensors, pretrain_views
 from harness.model import distributed as dist_mod
 from harness.run import faults, runio
-from harness.run.config import RUNTIME_ONLY, RunConfig, dump_yaml, get_dotted, identity_diff, validate
+from harness.run.config import RUNTIME_ONLY, RunConfig, dump_yaml, get_dotted, identity_diff
 from harness.run.errors import ConfigError
 from harness.run.outcome import RUNNING, Outcome
 from harness.run.snapshot import code_origin
+from harness.run.validation import validate
 from harness.training import checkpoint as ckpt
 from harness.training import diagnostics
 from harness.training.features import encoder_features, extract_split

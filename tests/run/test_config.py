@@ -6,9 +6,10 @@ import sys
 import pytest
 from timing import hang_s
 
-from harness.run.config import make_config, recipe_names, validate
+from harness.run.config import make_config, recipe_names
 from harness.run.datafiles import check_dataset
 from harness.run.errors import ConfigError
+from harness.run.validation import validate
 
 
 def test_every_recipe_loads_and_validates():

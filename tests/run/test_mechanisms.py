@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from harness.run import identity, mechanisms
-from harness.run.config import MocoConfig, make_config, validate
+from harness.run.config import MocoConfig, make_config
 from harness.run.errors import ConfigError
 from harness.run.mechanisms import MECHANISMS, Mechanism
+from harness.run.validation import validate
 
 PACKAGE = Path(__file__).resolve().parents[2] / "harness"
 # What must name them: the table and the config's type; and two other meanings of a word: "shared" as the
