@@ -14,7 +14,7 @@ one trained. Every member is validated before the first job is submitted. The su
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,22 @@ import yaml
 
 from harness.planning.studyfile import STUDY_DIR, Study, load_study, load_study_file
 from harness.run import runio
-from harness.run.errors import StudyError
+from harness.run.config import build_typed
+from harness.run.errors import ConfigError, StudyError
 
-SUITE_KEYS = {"description", "suite"}
+
+@dataclass
+class SuiteFile:
+    """A suite file as written, typed (read by the run config's coercion, as study files are)."""
+    suite: list[Any] = field(metadata={"expects": "a non-empty list of study names (or {study: NAME, factors: ...})"})
+    description: str = ""
+
+
+@dataclass
+class MemberEntry:
+    """One entry of `suite:` written as a mapping."""
+    study: str
+    factors: dict[str, Any] | None = None  # a subset of the study's levels
 
 
 @dataclass
@@ -55,32 +68,38 @@ def suite_path(name: str) -> Path | None:
 
 
 def load_suite(path: Path) -> Suite:
-    data = yaml.safe_load(path.read_text())
-    unknown = set(data) - SUITE_KEYS
-    if unknown:
-        raise StudyError(f"{path}: {sorted(unknown)[0]}: unknown key in a suite; allowed: description, suite.")
-    entries = data.get("suite")
-    if not isinstance(entries, list) or not entries:
+    """A suite file: its members, each a study that loads, with an optional subset of its levels.
+
+    Raises:
+        StudyError: an unknown or missing key, an empty list, a member that is not a study (or is a
+            suite), levels that are not the study's, a study listed twice.
+    """
+    try:
+        raw: SuiteFile = build_typed(SuiteFile, yaml.safe_load(path.read_text()), what="suite key")
+    except ConfigError as exc:
+        raise StudyError(f"{path}: {exc}") from None
+    if not raw.suite:
         raise StudyError(f"{path}: suite: a non-empty list of study names (or {{study: NAME, factors: ...}}) "
                          f"is required.")
     members = []
-    for i, entry in enumerate(entries):
+    for i, item in enumerate(raw.suite):
         where = f"{path}: suite[{i}]"
-        if isinstance(entry, str):
-            entry = {"study": entry}
-        if not isinstance(entry, dict) or set(entry) - {"study", "factors"} or "study" not in entry:
-            raise StudyError(f"{where}: a study name, or a mapping {{study: NAME, factors: {{KEY: [levels]}}}}.")
-        if suite_path(str(entry["study"])) is not None:
-            raise StudyError(f"{where}: {entry['study']} is a suite; a suite lists studies.")
-        study = load_study(str(entry["study"]))  # an unknown name fails here, with the close matches
-        factors = entry.get("factors")
-        if factors is not None:
-            _check_subset(where, study, factors)
-        members.append(Member(study.name, str(entry["study"]), factors))
+        try:
+            entry: MemberEntry = build_typed(MemberEntry, {"study": item} if isinstance(item, str) else item,
+                                             what="member key")
+        except ConfigError as exc:
+            raise StudyError(f"{where}: {exc} A member is a study name, or a mapping "
+                             f"{{study: NAME, factors: {{KEY: [levels]}}}}.") from None
+        if suite_path(entry.study) is not None:
+            raise StudyError(f"{where}: {entry.study} is a suite; a suite lists studies.")
+        study = load_study(entry.study)  # an unknown name fails here, with the close matches
+        if entry.factors is not None:
+            _check_subset(where, study, entry.factors)
+        members.append(Member(study.name, entry.study, entry.factors))
     names = [m.study for m in members]
     if len(set(names)) != len(names):
         raise StudyError(f"{path}: suite: {sorted({n for n in names if names.count(n) > 1})[0]} is listed twice.")
-    return Suite(path.stem, path, str(data.get("description", "")), members)
+    return Suite(path.stem, path, raw.description, members)
 
 
 def _check_subset(where: str, study: Study, factors: Any) -> None:

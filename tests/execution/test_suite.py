@@ -100,7 +100,7 @@ def test_a_wrong_suite_fails_before_anything_runs(tmp_path, study_cli):
         (f"suite: [{tmp_path / 'by_m.yaml'}, {tmp_path / 'by_m.yaml'}]\n", "by_m is listed twice"),
         (f"suite: [{suite}]\n", "is a suite; a suite lists studies"),
         ("suite: []\n", "suite: a non-empty list"),
-        ("suite: [smoke]\nstudies: [x]\n", "studies: unknown key in a suite"),
+        ("suite: [smoke]\nstudies: [x]\n", "unknown suite key 'studies'. Did you mean 'suite'?"),
     ]:
         bad.write_text(text)
         proc = study_cli(tmp_path / "results", str(bad), "--executor", "local")
