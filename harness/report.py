@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 
 from harness.planning.suitefile import suite_path
+from harness.reporting import latex
 from harness.reporting.study_report import build_report
 from harness.reporting.suite_report import rebuild_suite_report
 from harness.run.errors import HarnessError
@@ -19,11 +20,15 @@ def main(argv=None) -> int:
     parser.add_argument("name", help="the study's name (as in results/<name>), or a suite's")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/<name>/)")
     parser.add_argument("--out", type=Path, help="output folder (default: results/<name>/report)")
+    parser.add_argument("--latex-png", action="store_true",
+                        help="also compile table.tex with pdflatex and draw it as table.png (needs TeX Live)")
     args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         suite = suite_path(args.name)
         out = build_report(args.name, args.storage, args.out) if suite is None else rebuild_suite_report(suite)
+        if args.latex_png and (out / "table.tex").exists():
+            print(latex.render_png(out / "table.tex"))
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.execution.storage import default_url, open_storage, redact
 from harness.planning.studyfile import STUDY_COPY, Study, load_study, load_study_file, skipped_levels
-from harness.reporting import consistency_report, interaction
+from harness.reporting import consistency_report, interaction, latex
 from harness.reporting.page import md_table, render_html
 from harness.reporting.plots import (
     plot_curves,
@@ -28,7 +28,7 @@ from harness.reporting.plots import (
     seaborn_module,
 )
 from harness.reporting.tables import curves_table, factor_names, summary_table, trials_table
-from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, seed_hints, verdict
+from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, race_of, seed_hints, verdict
 from harness.run import runio
 from harness.run import trial_record as record
 from harness.run.errors import StudyError
@@ -119,6 +119,9 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
                    consistency_report.markdown(diagnostics, md_table), hints, interaction_md)
     (out / "report.md").write_text(md)
+    if study_file.sampler == "grid" and len(summary):
+        (out / "table.tex").write_text(paper_table(name, trials, study_file, factors, objective, summary,
+                                                   ostudy.user_attrs.get(record.SIGNATURE, {})))
     if hints:  # what would decide an undecided fixed design (the study command prints it)
         (out / "hints.txt").write_text("\n".join(hints) + "\n")
     else:
@@ -168,6 +171,23 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
         md += ["## Trials not completed", "", md_table(failed[["trial", "key", "state", "failure_reason"]]), ""]
     md += ["## Figures", ""] + [f"![{p.stem}]({p.name})\n" for p in pngs]
     return "\n".join(md) + "\n"
+
+
+def paper_table(name: str, trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str,
+                summary: pd.DataFrame, signature: dict) -> str:
+    """table.tex: the summary as the paper's table (a table environment to \\input; latex.document wraps it
+    to compile), the paired decisions marking the worse levels."""
+    spec, state, _ = race_of(trials, study_file, factors, objective)
+    verdicts = {level: c.verdict for level, c in {**state.decisions, **state.current}.items()}
+    comparisons = max(len(state.seeds) - 1, 1)
+    unit = " pt" if objective.endswith("top1") else ""
+    scale = 100 if objective.endswith("top1") else 1
+    rule = (f"paired t-intervals at the error rate {1 - spec.confidence:.2g} split over {comparisons} comparison(s); "
+            f"margin {spec.margin * scale:g}{unit}")
+    seeds = spec.max if study_file.race else len(study_file.seeds)
+    return "\n".join([latex.study_table(
+        name, summary, factors, objective, verdicts, state.best, study_file.reference,
+        signature.get("recipe", study_file.recipe), seeds, rule, study_file.direction == "maximize")])
 
 
 def _interaction(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):

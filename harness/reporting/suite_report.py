@@ -117,6 +117,9 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
     text = "\n".join(md) + "\n"
     (out / "report.md").write_text(text)
     (out / "report.html").write_text(render_html(f"suite {suite.name}", text, out))
+    # The paper's tables of every member in one file, in the suite's order (each member's table.tex).
+    tables = [runio.RESULTS / name / "report" / "table.tex" for name, _ in members]
+    (out / "table.tex").write_text("\n".join(p.read_text() for p in tables if p.exists()))
     return out
 
 

@@ -276,6 +276,9 @@ def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(t
         fresh = pd.read_csv(tmp_path / name / "report" / table)
         committed = pd.read_csv(example / "report" / table)
         pd.testing.assert_frame_equal(fresh, committed)
+    latex = sorted(p.name for p in (example / "report").glob("*.tex"))
+    assert latex == ["table.tex"]  # the paper's table, committed and still what the report writes
+    assert (tmp_path / name / "report" / "table.tex").read_text() == (example / "report" / "table.tex").read_text()
     assert len(pd.read_csv(example / "report" / "trials.csv")) == trials
 
 
