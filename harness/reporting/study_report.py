@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.execution.storage import default_url, open_storage, redact
 from harness.planning.studyfile import STUDY_COPY, Study, load_study, load_study_file, skipped_levels
-from harness.reporting import consistency_report, interaction, latex
+from harness.reporting import consistency_report, interaction, latex, tensorboard
 from harness.reporting.page import md_table, render_html
 from harness.reporting.plots import (
     plot_curves,
@@ -119,6 +119,8 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
                    consistency_report.markdown(diagnostics, md_table), hints, interaction_md)
     (out / "report.md").write_text(md)
+    if tensorboard.available() and len(trials):  # rewritten whole from the runs' metrics: never doubled
+        tensorboard.write_study(trials, factors, study_dir, study_dir / "tensorboard")
     if study_file.sampler == "grid" and len(summary):
         (out / "table.tex").write_text(paper_table(name, trials, study_file, factors, objective, summary,
                                                    ostudy.user_attrs.get(record.SIGNATURE, {})))
@@ -151,7 +153,8 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
     signature = ostudy.user_attrs.get(record.SIGNATURE, {})
     counts = trials["state"].value_counts().to_dict() if len(trials) else {}
     md = [f"# Study `{name}`", "", study_file.description.strip(), "",
-          f"- recipe: `{signature.get('recipe', study_file.recipe)}`; overrides: `{signature.get('overrides') or []}`",
+          f"- recipe: `{signature.get('recipe', study_file.recipe)}`; the study file's overrides: "
+          f"`{study_file.overrides}`; the command's (`--set`): `{signature.get('overrides') or []}`",
           f"- objective: {objective} ({study_file.direction}); trials: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
           f"- machine: {machine_summary(trials, study_dir) if len(trials) else 'unknown'}",
