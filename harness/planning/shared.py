@@ -35,10 +35,13 @@ class RunIndex:
         self._digests: dict[Path, tuple[float, str | None]] = {}  # run dir -> (status mtime, digest)
 
     def find(self, digest: str, besides: Path | None = None, runs: dict[str, list[Path]] | None = None) -> Path | None:
-        """A finished run with this identity (the first by path), other than `besides`. `runs`: a
-        `by_digest()` taken once for many lookups (one walk of the results tree, not one each)."""
+        """A finished run with this identity, other than `besides`: of several (one computation run
+        twice), one whose metrics carry the dictionary diagnostics (they never change what a run
+        computes, and a report can show them), then the first by path. `runs`: a `by_digest()` taken
+        once for many lookups (one walk of the results tree, not one each)."""
         runs = self.by_digest() if runs is None else runs
-        return next((r for r in runs.get(digest, []) if r != besides), None)
+        candidates = [r for r in runs.get(digest, []) if r != besides]
+        return min(candidates, key=lambda r: (not _has_diagnostics(r), str(r)), default=None)
 
     def by_digest(self) -> dict[str, list[Path]]:
         """Every finished run under the root, by identity digest, in path order."""
@@ -72,6 +75,14 @@ class RunIndex:
                 digest = None
             self._digests[run_dir] = cached = (mtime, digest)
         return cached[1]
+
+
+def _has_diagnostics(run_dir: Path) -> bool:
+    """Whether a run measured its dictionary (runs made before the diagnostics existed did not)."""
+    try:
+        return '"key_consistency"' in (run_dir / "metrics.jsonl").read_text()
+    except OSError:
+        return False
 
 
 def link(run_dir: Path, source: Path) -> None:

@@ -481,6 +481,14 @@ def test_committed_examples_are_not_shared_into_a_users_studies(tmp_path):
     assert RunIndex(tmp_path / "results" / "examples").find(digest) == copy
     shutil.copytree(run, tmp_path / "results" / "mine" / "runs" / run.name)
     assert RunIndex(tmp_path / "results").find(digest) == tmp_path / "results" / "mine" / "runs" / run.name
+    # The same run made twice, the first by path before the diagnostics existed: the one that has them
+    older = tmp_path / "results" / "a_race" / "runs" / run.name
+    shutil.copytree(run, older)
+    metrics = older / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines() if "key_consistency" not in line))
+    assert RunIndex(tmp_path / "results").find(digest) == tmp_path / "results" / "mine" / "runs" / run.name
+    shutil.rmtree(tmp_path / "results" / "mine")
+    assert RunIndex(tmp_path / "results").find(digest) == older  # the only one left
 
 
 def test_a_driver_start_imports_no_torch(tmp_path):
