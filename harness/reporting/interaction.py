@@ -120,7 +120,8 @@ def contrast_lines(found: list[Contrast], margin: float, confidence: float, unit
     a, b = short_name(c0.first), short_name(c0.second)
     lines = [f"Interaction contrasts, paired by seed: for two levels of each factor, how much more the step in "
              f"{b} gains at the higher {a} than at the lower one (the difference of differences), with t-intervals "
-             f"at the error rate {1 - confidence:.2g} split (Bonferroni) over {len(found)} contrast(s): each at "
+             f"at the error rate {1 - confidence:.2g} split (Bonferroni) over the grid's "
+             f"{round((1 - confidence) / c0.alpha)} contrast(s): each at "
              f"{100 * (1 - c0.alpha):.2f} %. No interaction: the interval inside ± {margin * scale:g}{unit}.", "",
              "| contrast | difference of differences | interval | n | decision |", "|---|---|---|---|---|"]
     for c in found:
