@@ -249,7 +249,49 @@ def bench_census(args: BenchOptions) -> list[dict]:
              "blocking_moves_per_step": row["blocking_moves"], "sync_ops": row["sync_ops"] or None}]
 
 
-PARTS = {"diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe,
+def bench_batch_signature(args: BenchOptions) -> list[dict]:
+    """How much a key depends on the batch it is encoded in, through BatchNorm's batch statistics: the
+    channel Shuffle BN closes (He et al., Sec. 3.3; a positive key shares its batch's statistics, the
+    queue's negatives do not). 512 views of a finished run (--run DIR) are encoded by its key encoder as
+    the run encodes keys (train-mode BatchNorm, its shuffle_bn), twice, in two random batch
+    compositions; `key_change` is 1 - the mean cosine of an image's two keys, at the run's batch size
+    and at 32 (the paper's per-GPU batch)."""
+    if not args.run:
+        raise SystemExit("error: bench batch-signature needs --run DIR (a finished pretraining run)")
+    import yaml
+
+    from harness.model.moco import build_moco
+    from harness.run.config import config_from_dict
+    from harness.training import checkpoint as ckpt
+
+    run = Path(args.run)
+    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    rt = Runtime.for_config(cfg).apply()
+    splits = load_tensors(cfg)
+    model = build_moco(cfg, bank_size=len(splits.pretrain))
+    state = ckpt.load_latest(run / "checkpoints")
+    if state is None:  # committed examples carry no checkpoints
+        raise SystemExit(f"error: {run}: no checkpoint to load (the committed examples keep none)")
+    model.load_state_dict(state["model"])
+    model.to(rt.device).train()  # keys are encoded with the batch's statistics, as in training
+    views, _ = pretrain_views(cfg, rt.device, splits=splits).pairs(512)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for batch in sorted({32, cfg.optim.batch_size}):
+        keys = []
+        for _ in range(2):
+            order = torch.randperm(len(views), generator=generator)
+            out = torch.empty(len(views), cfg.moco.dim)
+            with torch.no_grad():
+                for chunk in order.split(batch):
+                    out[chunk] = model.encode_keys(views[chunk].to(rt.device)).float().cpu()
+            keys.append(out)
+        rows.append({"part": "batch-signature", "run": run.name, "shuffle_bn": cfg.moco.shuffle_bn, "batch": batch,
+                     "key_change": float(1 - (keys[0] * keys[1]).sum(dim=1).mean())})
+    return rows
+
+
+PARTS = {"batch-signature": bench_batch_signature, "diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe,
          "overhead": bench_overhead, "census": bench_census}
 
 

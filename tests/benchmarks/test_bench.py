@@ -120,3 +120,21 @@ def test_bench_census_counts_a_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(next(tmp_path.glob("bench-census-*.json")).read_text())["rows"]
     assert row["ops_per_step"] > 100 and row["syncs_per_step"] == 0 and row["blocking_moves_per_step"] == 0
+
+
+def test_the_batch_signature_bench_measures_how_keys_depend_on_their_batch(tmp_path):
+    """A tiny trained run: a key encoded in two random batches differs (train-mode BatchNorm), and
+    more in batches of 32 than of 128 (noisier batch statistics)."""
+    from harness.benchmarks.options import BenchOptions
+    from harness.benchmarks.parts import bench_batch_signature
+    from harness.run.config import make_config
+    from harness.training.pretrain import train
+
+    cfg = make_config("fmnist-tiny", ["model.tiny_widths=[8,16,32]", "data.train_subset=512", "data.test_subset=64",
+                                      "optim.batch_size=128", "optim.epochs=1", "moco.queue_size=256",
+                                      "moco.shuffle_bn=none", "eval.knn_every=0", "eval.probe=none",
+                                      "runtime.threads=1"])
+    train(cfg, tmp_path / "run", probe=False)
+    rows = {r["batch"]: r["key_change"] for r in bench_batch_signature(BenchOptions(run=str(tmp_path / "run")))}
+    assert sorted(rows) == [32, 128]
+    assert rows[32] > rows[128] > 0

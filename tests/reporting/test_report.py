@@ -255,7 +255,8 @@ def test_an_undecided_fixed_design_says_how_many_seeds_would_decide_it_and_how_t
     assert any(f"`seeds: {{initial: 2, max: {n}}}`" in line and "python -m harness.study sweep" in line for line in lines)
 
 
-@pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25), ("mechanisms", 14)])
+@pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25), ("mechanisms", 14),
+                                          ("dictionary", 18), ("shuffle_bn", 6)])
 def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(tmp_path, monkeypatch, name, trials):
     """results/examples/<study> carries its storage and run files: a fresh report of a copy gives the
     committed tables (what the README promises anyone who reruns it). `python -m harness.report NAME`
