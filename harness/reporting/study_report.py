@@ -100,19 +100,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     _write_tables(out, tables)
 
     skipped = not_run_levels(study_file, ostudy.user_attrs.get(record.SIGNATURE, {}))
-    plots: list[Path] = []
-    if len(trials):
-        plots += plot_objective(trials, factors, objective, study_file.reference, out, skipped)
-        plots += plot_curves(curves, factors, out)
-        plots += plot_knn_vs_probe(trials, factors, out)
-        plots += consistency_report.plot_consistency(consistency, trials, factors, objective, out, pyplot, seaborn_module, save_figure)
-        if study_file.race:
-            plots += plot_interval_width(trials, study_file, factors, objective, out)
-        if two_factors:
-            plots += plot_interaction(trials, factors, objective,
-                                      interaction.oldest_key_consistency(consistency, factors), out)
-    if study_file.sampler == "tpe":
-        plots += plot_search(ostudy, out)
+    plots = _figures(ostudy, study_file, trials, curves, consistency, factors, objective, skipped, bool(two_factors), out)
     pngs = [p for p in plots if p.suffix == ".png"]
     hints = (seed_hints(trials, study_file, factors, objective)
              if study_file.sampler == "grid" and len(trials) else [])
@@ -130,6 +118,24 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         (out / "hints.txt").unlink(missing_ok=True)
     (out / "report.html").write_text(render_html(name, md, out))
     return out
+
+
+def _figures(ostudy, study_file: Study, trials: pd.DataFrame, curves: pd.DataFrame, consistency: pd.DataFrame,
+             factors: list[str], objective: str, skipped: list, two_factors: bool, out: Path) -> list[Path]:
+    plots: list[Path] = []
+    if len(trials):
+        plots += plot_objective(trials, factors, objective, study_file.reference, out, skipped)
+        plots += plot_curves(curves, factors, out)
+        plots += plot_knn_vs_probe(trials, factors, out)
+        plots += consistency_report.plot_consistency(consistency, trials, factors, objective, out, pyplot, seaborn_module, save_figure)
+        if study_file.race:
+            plots += plot_interval_width(trials, study_file, factors, objective, out)
+        if two_factors:
+            plots += plot_interaction(trials, factors, objective,
+                                      interaction.oldest_key_consistency(consistency, factors), out)
+    if study_file.sampler == "tpe":
+        plots += plot_search(ostudy, out)
+    return plots
 
 
 def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
