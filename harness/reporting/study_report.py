@@ -27,7 +27,7 @@ from harness.reporting.plots import (
     save_figure,
     seaborn_module,
 )
-from harness.reporting.tables import curves_table, factor_names, summary_table, trials_table
+from harness.reporting.tables import curves_table, factor_names, page_summary, summary_table, trials_table
 from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, race_of, seed_hints, verdict
 from harness.run import runio
 from harness.run import trial_record as record
@@ -169,7 +169,8 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
           *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective, hints), ""]
             if study_file.sampler == "grid" and len(trials) else []),
           *(["## Interaction", "", *interaction_md, ""] if interaction_md else []),
-          "## Summary (per level)", "", md_table(summary) if len(summary) else "(no trials)", "", *dictionary]
+          "## Summary (per level)", "", md_table(page_summary(summary, factors)) if len(summary) else "(no trials)",
+          "", "All columns, the 95 % intervals' ends apart: `summary.csv`.", "", *dictionary]
     if study_file.reference.get("values"):
         md += [f"Paper reference ({study_file.reference.get('source', '')}; {study_file.reference.get('metric', '')}) "
                "is drawn in its own panel: a different dataset and scale, never on our y-axis.", ""]

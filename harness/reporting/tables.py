@@ -134,3 +134,33 @@ def ci95_half(values) -> float:
 
 
 METRICS = ("probe_top1", "knn_top1")
+
+
+def page_summary(summary: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """The summary as the report page shows it: labels a reader knows, each metric in one column (mean
+    and its 95 % interval, or mean ± std), what did not complete in one; summary.csv keeps every column."""
+    def interval(row, metric: str) -> str:
+        mean, low, high = row.get(f"{metric}_mean"), row.get(f"{metric}_ci95_low"), row.get(f"{metric}_ci95_high")
+        if mean is None or pd.isna(mean):
+            return "-"
+        return f"{mean:.4f}" + (f" [{low:.4f}, {high:.4f}]" if pd.notna(low) and pd.notna(high) else "")
+
+    def spread(row, metric: str) -> str:
+        mean, std = row.get(f"{metric}_mean"), row.get(f"{metric}_std")
+        if mean is None or pd.isna(mean):
+            return "-"
+        return f"{mean:.4f}" + (f" ± {std:.4f}" if pd.notna(std) else "")
+
+    rows = []
+    for _, row in summary.iterrows():
+        missing = ", ".join(f"{int(row[k])} {k}" for k in ("failed", "diverged", "pruned", "running")
+                            if k in row and row[k])
+        shown = {f: row[f] for f in factors}
+        shown.update({"n": int(row["n"]), "probe top-1, mean [95 % interval]": interval(row, "probe_top1"),
+                      "kNN top-1, mean ± std": spread(row, "knn_top1"),
+                      "final loss": f"{row['final_loss_mean']:.3f}" if pd.notna(row.get("final_loss_mean")) else "-",
+                      "not completed": missing})
+        if summary["gpu_hours"].fillna(0).gt(0).any():
+            shown["GPU-hours"] = f"{row['gpu_hours']:.2f}"
+        rows.append(shown)
+    return pd.DataFrame(rows)

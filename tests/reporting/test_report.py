@@ -323,3 +323,23 @@ def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_ma
     members = {part.split("\n", 1)[0]: part for part in suite.split("\n## ")[1:]}
     assert "key_consistency" in members["momentum_sweep"] and "key_consistency" in members["mechanisms"]
     assert "key_consistency" not in members["queue_sweep"]
+
+
+def test_the_page_summary_has_human_labels_and_one_column_a_metric():
+    """The page's summary (summary.csv keeps every column): the probe as mean [95 % interval], kNN as
+    mean ± std, what did not complete in one column; narrow enough for the page."""
+    import pandas as pd
+
+    from harness.reporting.tables import page_summary
+
+    summary = pd.DataFrame([{"moco.momentum": 0.99, "n": 2, "probe_top1_mean": 0.85, "probe_top1_std": 0.01,
+                             "probe_top1_ci95_low": 0.76, "probe_top1_ci95_high": 0.94, "knn_top1_mean": 0.78,
+                             "knn_top1_std": 0.004, "knn_top1_ci95_low": 0.74, "knn_top1_ci95_high": 0.82,
+                             "final_loss_mean": 3.8, "failed": 1, "diverged": 0, "pruned": 0, "running": 0,
+                             "gpu_hours": 0.0}])
+    shown = page_summary(summary, ["moco.momentum"])
+    assert list(shown.columns) == ["moco.momentum", "n", "probe top-1, mean [95 % interval]", "kNN top-1, mean ± std",
+                                   "final loss", "not completed"]
+    row = shown.iloc[0]
+    assert row["probe top-1, mean [95 % interval]"] == "0.8500 [0.7600, 0.9400]"
+    assert row["kNN top-1, mean ± std"] == "0.7800 ± 0.0040" and row["not completed"] == "1 failed"
