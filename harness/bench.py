@@ -17,7 +17,7 @@ from harness.benchmarks.options import BenchOptions
 from harness.benchmarks.parts import PARTS as MEASUREMENTS
 from harness.benchmarks.parts import format_rows
 from harness.run import runio
-from harness.run.errors import HarnessError
+from harness.run.errors import HarnessError, require_at_least
 from harness.training.runtime import machine_description
 
 PARTS = {**MEASUREMENTS, "device": devicecheck.run}
@@ -46,6 +46,16 @@ def main(argv=None) -> int:
     parser.add_argument("--barrier", help=argparse.SUPPRESS)  # PATH:K, packing's common start
     args = parser.parse_args(argv)
     options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
+    try:
+        for flag, low, meaning in (("--steps", 1, "timed steps per repeat"), ("--warmup", 0, "untimed steps first"),
+                                   ("--repeats", 1, "repeats, their median reported"),
+                                   ("--synthetic", 0, "0: the dataset's files"), ("--synthetic-jpeg", 0, "0: data.root")):
+            require_at_least(flag, getattr(args, flag[2:].replace("-", "_")), low, meaning)
+        if args.probe_epochs is not None:
+            require_at_least("--probe-epochs", args.probe_epochs, 1, "epochs of the standard probe")
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     unknown = [p for p in args.parts if p not in PARTS]
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")

@@ -8,6 +8,7 @@ import sys
 
 from harness.planning.decide import SCENARIOS, RaceSpec, error_rates
 from harness.planning.spending import SPENDING
+from harness.run.errors import HarnessError, require_at_least
 
 
 def main(argv=None) -> int:
@@ -21,6 +22,17 @@ def main(argv=None) -> int:
     parser.add_argument("--spending", nargs="+", choices=SPENDING, default=list(SPENDING),
                         help="the rules to compare, each on the same simulated races (default: all)")
     args = parser.parse_args(argv)
+    try:
+        require_at_least("--runs", args.runs, 1, "simulated races per scenario")
+        require_at_least("--initial", args.initial, 2, "the fewest seeds a paired interval can use")
+        require_at_least("--max", args.max, args.initial, "seeds per level at most, from --initial")
+        require_at_least("--margin", args.margin, 0, "a difference in the objective's units")
+        require_at_least("--confidence", args.confidence, 0.5, "below 1")
+        if not args.confidence < 1:
+            raise HarnessError(f"--confidence: must be below 1, got {args.confidence:g}.")
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for spending in args.spending:
         spec = RaceSpec(args.initial, args.max, args.margin, args.confidence, spending)
         for name, scenario in SCENARIOS.items():

@@ -134,3 +134,17 @@ def test_a_bad_command_line_number_is_one_line_naming_it_and_exit_2(argv, field,
     assert main(["smoke", "--dry-run", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and f"{field}:" in err, err
+
+
+@pytest.mark.parametrize("face, argv, field", [
+    ("decide", ["--runs", "0"], "--runs"), ("decide", ["--initial", "1"], "--initial"),
+    ("decide", ["--confidence", "1"], "--confidence"), ("decide", ["--margin", "-0.1"], "--margin"),
+    ("bench", ["train", "--steps", "0"], "--steps"), ("bench", ["train", "--repeats", "-1"], "--repeats"),
+    ("probe", ["nowhere", "--epochs", "0"], "--epochs"),
+])
+def test_the_other_faces_refuse_bad_numbers_in_one_line(face, argv, field, capsys):
+    import importlib
+
+    assert importlib.import_module(f"harness.{face}").main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {field}:"), err
