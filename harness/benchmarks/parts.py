@@ -258,21 +258,12 @@ def bench_batch_signature(args: BenchOptions) -> list[dict]:
     and at 32 (the paper's per-GPU batch)."""
     if not args.run:
         raise SystemExit("error: bench batch-signature needs --run DIR (a finished pretraining run)")
-    import yaml
-
-    from harness.model.moco import build_moco
-    from harness.run.config import config_from_dict
-    from harness.training import checkpoint as ckpt
+    from harness.training.probe import load_trained_moco
 
     run = Path(args.run)
-    cfg = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    cfg, model, _ = load_trained_moco(run)  # ProbeError (one line) without a checkpoint: the committed examples keep none
     rt = Runtime.for_config(cfg).apply()
     splits = load_tensors(cfg)
-    model = build_moco(cfg, bank_size=len(splits.pretrain))
-    state = ckpt.load_latest(run / "checkpoints")
-    if state is None:  # committed examples carry no checkpoints
-        raise SystemExit(f"error: {run}: no checkpoint to load (the committed examples keep none)")
-    model.load_state_dict(state["model"])
     model.to(rt.device).train()  # keys are encoded with the batch's statistics, as in training
     views, _ = pretrain_views(cfg, rt.device, splits=splits).pairs(512)
     generator = torch.Generator().manual_seed(0)

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import json
@@ -210,14 +211,18 @@ class StudyFile:
 
 
 
+_REQUIRED = {f.name for f in dataclasses.fields(StudyFile)
+             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+
 def parse_study(name: str, path: Path, data: Any) -> Study:
     """A study file's contents as a Study.
 
     Raises:
         StudyError: the file's path and the key, with what to write instead.
     """
-    if isinstance(data, dict):  # an empty optional key (`overrides:`) means its default
-        data = {k: v for k, v in data.items() if v is not None or k in ("description", "recipe", "factors", "seeds")}
+    if isinstance(data, dict):  # an empty optional key (`overrides:`) means its default; a required one stays
+        data = {k: v for k, v in data.items() if v is not None or k in _REQUIRED}
     try:
         raw: StudyFile = build_typed(StudyFile, data, what="study key")
     except ConfigError as exc:

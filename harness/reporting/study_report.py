@@ -28,7 +28,7 @@ from harness.reporting.plots import (
     seaborn_module,
 )
 from harness.reporting.tables import curves_table, factor_names, page_summary, summary_table, trials_table
-from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, race_of, seed_hints, verdict
+from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, points, race_of, seed_hints, verdict
 from harness.run import runio
 from harness.run import trial_record as record
 from harness.run.errors import StudyError
@@ -190,8 +190,7 @@ def paper_table(name: str, trials: pd.DataFrame, study_file: Study, factors: lis
     spec, state, _ = race_of(trials, study_file, factors, objective)
     verdicts = {level: c.verdict for level, c in {**state.decisions, **state.current}.items()}
     comparisons = max(len(state.seeds) - 1, 1)
-    unit = " pt" if objective.endswith("top1") else ""
-    scale = 100 if objective.endswith("top1") else 1
+    scale, unit = points(objective)
     rule = (f"paired t-intervals at the error rate {1 - spec.confidence:.2g} split over {comparisons} comparison(s); "
             f"margin {spec.margin * scale:g}{unit}")
     seeds = spec.max if study_file.race else len(study_file.seeds)
@@ -205,7 +204,7 @@ def _interaction(trials: pd.DataFrame, study_file: Study, factors: list[str], ob
     study's error rate and margin (a race's, else the fixed design's defaults)."""
     confidence = study_file.race.confidence if study_file.race else 0.95
     margin = study_file.race.margin if study_file.race else DEFAULT_MARGIN
-    scale, unit = (100.0, " pt") if objective.endswith("top1") else (1.0, "")
+    scale, unit = points(objective)
     found = interaction.contrasts(trials, factors, objective, confidence, margin)
     return (interaction.contrast_table(found, scale),
             interaction.contrast_lines(found, margin, confidence, unit, scale))

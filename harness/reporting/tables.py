@@ -151,6 +151,7 @@ def page_summary(summary: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
             return "-"
         return f"{mean:.4f}" + (f" ± {std:.4f}" if pd.notna(std) else "")
 
+    gpus = summary["gpu_hours"].fillna(0).gt(0).any()
     rows = []
     for _, row in summary.iterrows():
         missing = ", ".join(f"{int(row[k])} {k}" for k in ("failed", "diverged", "pruned", "running")
@@ -160,7 +161,7 @@ def page_summary(summary: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
                       "kNN top-1, mean ± std": spread(row, "knn_top1"),
                       "final loss": f"{row['final_loss_mean']:.3f}" if pd.notna(row.get("final_loss_mean")) else "-",
                       "not completed": missing})
-        if summary["gpu_hours"].fillna(0).gt(0).any():
+        if gpus:
             shown["GPU-hours"] = f"{row['gpu_hours']:.2f}"
         rows.append(shown)
     return pd.DataFrame(rows)

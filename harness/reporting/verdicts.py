@@ -67,6 +67,11 @@ def _best_level(done: pd.DataFrame, factor: str, objective: str, maximize: bool,
                    f"p = {p:.3g}: " + ("beyond seed noise." if p < 0.05 else "within seed noise."))
 
 
+def points(objective: str) -> tuple[float, str]:
+    """How the report writes differences of `objective`: top-1 accuracies in points (x 100, " pt")."""
+    return (100.0, " pt") if objective.endswith("top1") else (1.0, "")
+
+
 DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file names no `decide`
 
 
@@ -94,8 +99,7 @@ def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], 
         return [f"No decision yet: the first {spec.initial} seeds of every level are not all completed "
                 f"(completed so far: {', '.join(short)})."]
     label = lambda level: level_label(level, factors)  # noqa: E731
-    pct = 100 if objective.endswith("top1") else 1
-    unit = " pt" if pct == 100 else ""
+    pct, unit = points(objective)
     comparisons = max(len(state.seeds) - 1, 1)
     plan = spec.plan(len(state.seeds))
     if spec.looks == 1:
@@ -145,7 +149,7 @@ def seed_hints(trials: pd.DataFrame, study_file: Study, factors: list[str], obje
         return []
     values, _ = race_values(trials, study_file, factors, objective)
     sign = 1.0 if study_file.direction == "maximize" else -1.0
-    pct, unit = (100, " pt") if objective.endswith("top1") else (1, "")
+    pct, unit = points(objective)
     alpha = spec.plan(len(state.seeds))[0][2]
     lines, most = [], 0
     for c in state.current.values():

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from harness.run.errors import ConfigError
+
 Keys = Literal["key_encoder", "query_encoder", "query_encoder_with_grad", "bank"]
 Negatives = Literal["queue", "batch", "bank"]
 
@@ -70,7 +72,6 @@ DEFAULT: Literal["momentum"] = "momentum"
 def mechanism(name: str) -> Mechanism:
     """The row of `moco.key_encoder`; a clear error for a name the table does not hold."""
     if name not in MECHANISMS:
-        from harness.run.errors import ConfigError
         raise ConfigError(f"moco.key_encoder: {name!r} is not a dictionary mechanism; "
                           f"choose one of {', '.join(MECHANISMS)}.")
     return MECHANISMS[name]

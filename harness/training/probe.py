@@ -239,8 +239,13 @@ def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device,
     return result
 
 
-def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, int]:
-    """The query encoder of a run's newest good checkpoint. Never a fresh (random) one."""
+def load_trained_moco(run_dir: Path) -> tuple[RunConfig, nn.Module, int]:
+    """The whole MoCo model (both encoders, the dictionary) of a run's newest good checkpoint, on the
+    CPU, with its config and epoch. Never a fresh (random) one.
+
+    Raises:
+        ProbeError: no config.yaml, no usable checkpoint, or a checkpoint that does not fit the config.
+    """
     import yaml
 
     from harness.model.moco import build_moco
@@ -259,6 +264,12 @@ def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, i
     except RuntimeError as exc:
         raise ProbeError(f"{state['path']}: does not fit the model of config.yaml "
                          f"(feature dimension or architecture differs): {str(exc).splitlines()[0]}") from None
-    if state["epoch"] < cfg.optim.epochs:
-        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {state['epoch']} of {cfg.optim.epochs})", stacklevel=2)
-    return cfg, model.encoder_q.to(device), state["epoch"]
+    return cfg, model, state["epoch"]
+
+
+def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, int]:
+    """The query encoder of a run's newest good checkpoint (load_trained_moco), on `device`."""
+    cfg, model, epoch = load_trained_moco(run_dir)
+    if epoch < cfg.optim.epochs:
+        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {epoch} of {cfg.optim.epochs})", stacklevel=2)
+    return cfg, model.encoder_q.to(device), epoch

@@ -17,7 +17,7 @@ from harness.planning.studyfile import load_study_file, trial_key  # noqa: E402
 
 def study_files() -> list[Path]:
     files = sorted((ROOT / "studies").glob("*.yaml")) + sorted((ROOT / "results" / "examples").glob("**/study.yaml"))
-    return [f for f in files if "suite" not in f.read_text().split("\n", 1)[0] and not _is_suite(f)]
+    return [f for f in files if not _is_suite(f)]
 
 
 def _is_suite(path: Path) -> bool:

@@ -47,7 +47,7 @@ def test_a_real_tensorboard_serves_the_studys_scalars_and_hparams(tmp_path):
     def get(path: str, body: dict | None = None):
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=hang_s()) as response:
             return json.loads(response.read())
 
     def runs_listed() -> bool:
