@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.execution.storage import default_url, open_storage, redact
 from harness.planning.studyfile import STUDY_COPY, Study, load_study, load_study_file, skipped_levels
-from harness.reporting import consistency_report, interaction, latex, tensorboard
+from harness.reporting import consistency_report, early, interaction, latex, tensorboard
 from harness.reporting.page import md_table, render_html
 from harness.reporting.plots import (
     plot_curves,
@@ -28,7 +28,7 @@ from harness.reporting.plots import (
     seaborn_module,
 )
 from harness.reporting.tables import curves_table, factor_names, page_summary, summary_table, trials_table
-from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, points, race_of, seed_hints, verdict
+from harness.reporting.verdicts import DEFAULT_MARGIN, decision_lines, points, race_of, rule_of, seed_hints, verdict
 from harness.run import runio
 from harness.run import trial_record as record
 from harness.run.errors import StudyError
@@ -97,6 +97,8 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     interaction_md: list[str] = []
     if two_factors:
         tables["interaction"], interaction_md = _interaction(trials, study_file, factors, objective)
+    if study_file.sampler == "grid" and len(trials):  # how early the monitor knew the final answer
+        tables["agreement"] = early.agreement(trials, curves, study_file, factors, objective)
     _write_tables(out, tables)
 
     skipped = not_run_levels(study_file, ostudy.user_attrs.get(record.SIGNATURE, {}))
@@ -104,8 +106,10 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
     pngs = [p for p in plots if p.suffix == ".png"]
     hints = (seed_hints(trials, study_file, factors, objective)
              if study_file.sampler == "grid" and len(trials) else [])
+    early_md = (early.markdown(tables["agreement"], objective, int(curves["epoch"].max()), md_table)
+                if "agreement" in tables and len(tables["agreement"]) else [])
     md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
-                   consistency_report.markdown(diagnostics, md_table), hints, interaction_md)
+                   consistency_report.markdown(diagnostics, md_table), hints, interaction_md, early_md)
     (out / "report.md").write_text(md)
     if tensorboard.available() and len(trials):  # rewritten whole from the runs' metrics: never doubled
         tensorboard.write_study(trials, factors, study_dir, study_dir / "tensorboard")
@@ -151,8 +155,9 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
               summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]],
-              dictionary: Sequence[str] = (), hints: list[str] | None = None, interaction_md: Sequence[str] = ()) -> str:
-    verdicts = verdict(trials, factors, objective, study_file.direction == "maximize") if len(trials) else []
+              dictionary: Sequence[str] = (), hints: list[str] | None = None, interaction_md: Sequence[str] = (),
+              early_md: Sequence[str] = ()) -> str:
+    verdicts = verdict(trials, factors, objective, study_file.direction == "maximize", rule_of(study_file)) if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
     wall = (max(ends) - min(starts)).total_seconds() / 60 if starts and ends else float("nan")
@@ -169,6 +174,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
           *(["## Decisions", "", *decision_lines(trials, study_file, factors, objective, hints), ""]
             if study_file.sampler == "grid" and len(trials) else []),
           *(["## Interaction", "", *interaction_md, ""] if interaction_md else []),
+          *(["## How early the answer was known", "", *early_md, ""] if early_md else []),
           "## Summary (per level)", "", md_table(page_summary(summary, factors)) if len(summary) else "(no trials)",
           "", "All columns, the 95 % intervals' ends apart: `summary.csv`.", "", *dictionary]
     if study_file.reference.get("values"):

@@ -18,7 +18,7 @@ from harness.reporting import consistency_report
 from harness.reporting.page import md_table, render_html
 from harness.reporting.study_report import build_report, machine_summary, stored_study
 from harness.reporting.tables import factor_names, summary_table, trials_table
-from harness.reporting.verdicts import verdict
+from harness.reporting.verdicts import rule_of, verdict
 from harness.run import runio
 from harness.run import trial_record as record
 
@@ -95,7 +95,7 @@ def build_suite_report(suite, members: list[tuple[str, str]]) -> Path:
                      *([f"![{member}]({member}-objective.png)", ""] if figure.exists() else []),
                      md_table(summary[[*factors, *SUMMARY_COLUMNS]]) if len(summary) else "(no trials)", "",
                      *[f"- {line}" for line in verdict(trials, factors, study_file.objective,
-                                                       study_file.direction == "maximize") if len(trials)],
+                                                       study_file.direction == "maximize", rule_of(study_file)) if len(trials)],
                      "", *dictionary_section(member, study_dir, factors, out),
                      f"Full report: `{name}/report/report.html`.", ""]
     cost = pd.DataFrame(costs)

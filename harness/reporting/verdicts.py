@@ -5,27 +5,50 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness.planning.decide import EQUAL, SLIGHTLY_WORSE, UNDECIDED, WORSE, RaceSpec, level_label, race, seeds_to_decide, values_by_level
+from harness.planning.decide import (
+    EQUAL,
+    SLIGHTLY_WORSE,
+    UNDECIDED,
+    WORSE,
+    RaceSpec,
+    classify,
+    interval,
+    level_label,
+    race,
+    seeds_to_decide,
+    values_by_level,
+)
 from harness.planning.studyfile import Study
 
+DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file names no `decide`
 
-def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: bool = True) -> list[str]:
-    """Best level per factor and whether it beats the runner-up beyond seed noise (Welch's t-test).
-    With several factors, a factor's levels are compared within each combination of the others (the
-    memory bank's K against the memory bank's, not pooled with MoCo's)."""
+
+def rule_of(study_file: Study) -> RaceSpec:
+    """The study's decision rule: its race, or a fixed design's one look at all its seeds."""
+    return study_file.race or RaceSpec(len(study_file.seeds), len(study_file.seeds), DEFAULT_MARGIN, 0.95)
+
+
+def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: bool = True,
+            spec: RaceSpec | None = None) -> list[str]:
+    """Best level per factor and how it compares with the runner-up, in the decision table's terms:
+    the mean paired difference over common seeds, its t-interval at one comparison's share of the
+    error rate, and the margin's words (`spec`: the study's decision rule; default: a fixed design
+    with DEFAULT_MARGIN). With several factors, a factor's levels are compared within each
+    combination of the others (the memory bank's K against the memory bank's, not pooled with MoCo's)."""
     done = trials[trials["state"] == "COMPLETE"].dropna(subset=[objective])
+    spec = spec or RaceSpec(2, 2, DEFAULT_MARGIN, 0.95)
     lines = []
     for factor in factors:
         others = [f for f in factors if f != factor]
         if not others:
-            lines.append(_best_level(done, factor, objective, maximize, factor))
+            lines.append(_best_level(done, factor, objective, maximize, factor, spec))
             continue
         compared = False
         for held, part in done.groupby(others, sort=True):
             held = held if isinstance(held, tuple) else (held,)
             if part[factor].nunique() > 1:  # one level run at this combination: nothing to compare
                 at = ", ".join(f"{f} = {v}" for f, v in zip(others, held))
-                lines.append(_best_level(part, factor, objective, maximize, f"{factor} (at {at})"))
+                lines.append(_best_level(part, factor, objective, maximize, f"{factor} (at {at})", spec))
                 compared = True
         if done[factor].nunique() == 1:
             lines.append(f"{factor}: one level only ({done[factor].iloc[0]}): nothing to compare.")
@@ -47,24 +70,37 @@ def verdict(trials: pd.DataFrame, factors: list[str], objective: str, maximize: 
     return lines
 
 
-def _best_level(done: pd.DataFrame, factor: str, objective: str, maximize: bool, label: str) -> str:
-    from scipy import stats
+# The decision table's words for a comparison (best against another level), shared by the verdict.
+WORDS = {WORSE: "better", SLIGHTLY_WORSE: "better, by less than the margin", EQUAL: "practically equal",
+         UNDECIDED: "undecided"}
 
-    groups = {lvl: g[objective].astype(float).to_numpy() for lvl, g in done.groupby(factor, sort=True)}
-    if not groups:
+
+def _best_level(done: pd.DataFrame, factor: str, objective: str, maximize: bool, label: str, spec: RaceSpec) -> str:
+    """The best level, and the runner-up compared with it as the decision table compares levels: paired
+    by seed, a t-interval at the level one comparison gets (the error rate split over the factor's
+    comparisons), the study's margin."""
+    means = done.groupby(factor, sort=True)[objective].mean()
+    if means.empty:
         return f"{label}: no completed trial yet."
-    ranked = sorted(groups, key=lambda lvl: groups[lvl].mean(), reverse=maximize)
+    ranked = means.sort_values(ascending=not maximize).index.tolist()
     best = ranked[0]
-    text = f"{label}: best level {best} ({objective} {groups[best].mean():.4f}, n={len(groups[best])})"
+    n_best = int((done[factor] == best).sum())
+    text = f"{label}: best level {best} ({objective} {means[best]:.4f}, n={n_best})"
     if len(ranked) == 1:
         return text + "; no other level completed to compare with."
     second = ranked[1]
-    a, b = groups[best], groups[second]
-    if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):
-        return text + f"; runner-up {second} ({b.mean():.4f}); too few seeds to test the difference."
-    p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return text + (f"; runner-up {second} ({b.mean():.4f}), difference {a.mean() - b.mean():+.4f}, Welch's t-test "
-                   f"p = {p:.3g}: " + ("beyond seed noise." if p < 0.05 else "within seed noise."))
+    by_seed = done[done[factor].isin([best, second])].pivot_table(index="seed", columns=factor, values=objective)
+    paired = by_seed.dropna()
+    if len(paired) < 2:
+        return text + f"; runner-up {second} ({means[second]:.4f}); fewer than 2 seeds ran both: nothing to pair."
+    sign = 1.0 if maximize else -1.0
+    diffs = sign * (paired[second] - paired[best]).to_numpy(dtype=float)  # <= 0 on average: best minus the other
+    alpha = spec.comparison_alpha(len(ranked))
+    diff, low, high = interval(diffs, alpha)
+    pct, unit = points(objective)
+    return (text + f"; runner-up {second} ({means[second]:.4f}): {best} vs {second} "
+            f"{-diff * pct:+.2f}{unit} [{-high * pct:+.2f}, {-low * pct:+.2f}], paired over {len(paired)} seeds at "
+            f"{100 * (1 - alpha):.1f} %: {WORDS[classify(low, high, spec.margin)]} (margin ± {spec.margin * pct:g}{unit}).")
 
 
 def points(objective: str) -> tuple[float, str]:
@@ -72,12 +108,9 @@ def points(objective: str) -> tuple[float, str]:
     return (100.0, " pt") if objective.endswith("top1") else (1.0, "")
 
 
-DEFAULT_MARGIN = 0.005  # a fixed design's decision table, when the study file names no `decide`
-
-
 def race_of(trials: pd.DataFrame, study_file: Study, factors: list[str], objective: str):
     """The study's race (harness.planning.decide) replayed on its results; a fixed design is a race of one look."""
-    spec = study_file.race or RaceSpec(len(study_file.seeds), len(study_file.seeds), DEFAULT_MARGIN, 0.95)
+    spec = rule_of(study_file)
     values, diverged = race_values(trials, study_file, factors, objective)
     return spec, race(values, spec, study_file.direction == "maximize"), diverged
 
@@ -113,10 +146,8 @@ def decision_lines(trials: pd.DataFrame, study_file: Study, factors: list[str], 
              f"Practically equal: the interval inside ± {spec.margin * pct:g}{unit}"
              f"{'' if study_file.race else ' (the default margin; set decide: {margin: ...} in the study file)'}.",
              "", "| comparison | difference | interval | n | decision |", "|---|---|---|---|---|"]
-    words = {WORSE: "better", SLIGHTLY_WORSE: "better, by less than the margin", EQUAL: "practically equal",
-             UNDECIDED: "undecided"}
     for c in [*state.decisions.values(), *state.current.values()]:
-        decision = words[c.verdict]
+        decision = WORDS[c.verdict]
         if c.verdict == UNDECIDED and state.done:
             decision = (f"undecided at {c.n} seeds: the difference is below ± {(c.high - c.low) / 2 * pct:.2g}{unit}, "
                         f"what {c.n} seeds can resolve")
@@ -152,6 +183,9 @@ def seed_hints(trials: pd.DataFrame, study_file: Study, factors: list[str], obje
     pct, unit = points(objective)
     alpha = spec.plan(len(state.seeds))[0][2]
     lines, most = [], 0
+    if min(c.n for c in state.current.values()) < 2:  # one seed: no spread to extrapolate from
+        return ["One seed per level: no seed-to-seed spread to judge a difference by. Two or more seeds per level "
+                "(`seeds: [0, 1]`) give the decisions an interval, and these hints a size."]
     for c in state.current.values():
         diffs = sign * (np.asarray(values[c.level][:c.n]) - np.asarray(values[c.best][:c.n]))
         sd = float(np.std(diffs, ddof=1))

@@ -90,7 +90,7 @@ def test_report_plots_exist_and_html_embeds_them(tmp_path, synthetic_study):
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)) == len(pngs)
     md = (out / "report.md").read_text()
     assert "DIVERGED" in md and "node died" in md and "diverged (loss NaN/inf)" in md
-    assert "best level 0.99" in md and "runner-up 0.9 " in md and "too few seeds" in md  # 0.9 has n = 1
+    assert "best level 0.99" in md and "runner-up 0.9 " in md and "fewer than 2 seeds ran both" in md  # 0.9 has n = 1
     assert "different dataset and scale" in md
     # m = 0 (0.6) is below the raw-pixel floor (0.7), m = 0.9 (0.78) and 0.99 (0.80) above it.
     floor_line = next(line for line in md.splitlines() if "raw-pixel floor 0.7000" in line)
@@ -155,22 +155,34 @@ def test_report_html_as_a_reader_sees_it(tmp_path, synthetic_study):
         assert sum(1 for n in image.convert("L").histogram() if n) > 20  # text and figures, not a blank page
 
 
-def test_verdict_tests_the_difference_and_flags_a_loss_at_chance():
-    """Welch's t-test between the best level and the runner-up, both ways; and a run that 'completed'
-    with its loss still near ln(K+1) is called out."""
+def test_verdict_speaks_the_decisions_language_and_flags_a_loss_at_chance():
+    """The verdict compares the best level with the runner-up as the decision table does (paired by
+    seed, a t-interval, the margin's words), not with a second test; and a run that 'completed' with
+    its loss still near ln(K+1) is called out."""
+    from harness.planning.decide import RaceSpec
     from harness.reporting.verdicts import verdict
 
     def table(best, second, loss=3.0):
-        rows = [{"moco.momentum": 0.99, "state": "COMPLETE", "probe_top1": v, "final_loss": 3.0, "chance_loss": 8.3}
-                for v in best]
-        rows += [{"moco.momentum": 0.9, "state": "COMPLETE", "probe_top1": v, "final_loss": loss, "chance_loss": 8.3}
-                 for v in second]
+        rows = [{"moco.momentum": 0.99, "seed": s, "state": "COMPLETE", "probe_top1": v, "final_loss": 3.0,
+                 "chance_loss": 8.3} for s, v in enumerate(best)]
+        rows += [{"moco.momentum": 0.9, "seed": s, "state": "COMPLETE", "probe_top1": v, "final_loss": loss,
+                  "chance_loss": 8.3} for s, v in enumerate(second)]
         return pd.DataFrame(rows)
 
-    apart = verdict(table([0.80, 0.81, 0.80], [0.70, 0.71, 0.70]), ["moco.momentum"], "probe_top1")
-    assert "best level 0.99" in apart[0] and "Welch's t-test" in apart[0] and apart[0].endswith("beyond seed noise.")
-    close = verdict(table([0.80, 0.82, 0.79], [0.80, 0.81, 0.79]), ["moco.momentum"], "probe_top1")
-    assert close[0].endswith("within seed noise.")
+    apart = verdict(table([0.80, 0.81, 0.80], [0.70, 0.72, 0.70]), ["moco.momentum"], "probe_top1")
+    # paired differences 10, 9, 10 pt: mean 9.67, sd 0.577, t(0.975, 2 df) = 4.303: +- 1.43 pt
+    assert apart[0] == ("moco.momentum: best level 0.99 (probe_top1 0.8033, n=3); runner-up 0.9 (0.7067): 0.99 vs "
+                        "0.9 +9.67 pt [+8.23, +11.10], paired over 3 seeds at 95.0 %: better (margin ± 0.5 pt).")
+    assert "Welch" not in "\n".join(apart)
+    # Each level spreads 1.4 pt over seeds; paired, that spread cancels: -0.2..+0.4 pt on each seed,
+    # an interval well inside a 2 pt margin.
+    close = verdict(table([0.800, 0.822, 0.789, 0.811], [0.802, 0.818, 0.790, 0.809]), ["moco.momentum"], "probe_top1",
+                    spec=RaceSpec(4, 4, 0.02))
+    assert close[0].endswith("paired over 4 seeds at 95.0 %: practically equal (margin ± 2 pt).")
+    noisy = verdict(table([0.80, 0.82, 0.79], [0.80, 0.81, 0.79]), ["moco.momentum"], "probe_top1")
+    assert noisy[0].endswith(": undecided (margin ± 0.5 pt).")
+    unpaired = verdict(table([0.80], [0.70, 0.71]), ["moco.momentum"], "probe_top1")
+    assert unpaired[0].endswith("fewer than 2 seeds ran both: nothing to pair.")
     stuck = verdict(table([0.80, 0.81], [0.50, 0.51], loss=8.2), ["moco.momentum"], "probe_top1")
     assert any(line.startswith("moco.momentum = 0.9: completed, but the final loss 8.20") for line in stuck)
     assert not any(line.startswith("moco.momentum = 0.99: completed, but") for line in stuck)
@@ -181,11 +193,11 @@ def test_verdict_compares_a_factor_within_each_level_of_the_other():
     over them, and a mechanism that ran at one K only has nothing to compare."""
     from harness.reporting.verdicts import verdict
 
-    rows = [{"moco.queue_size": k, "moco.key_encoder": enc, "state": "COMPLETE", "probe_top1": v + d,
+    rows = [{"moco.queue_size": k, "moco.key_encoder": enc, "seed": seed, "state": "COMPLETE", "probe_top1": v + d,
              "final_loss": 3.0, "chance_loss": 8.3}
             for k, enc, v in [(256, "memory_bank", 0.70), (4096, "memory_bank", 0.80), (256, "momentum", 0.90),
                               (4096, "momentum", 0.85), (256, "end_to_end", 0.95)]
-            for d in (0.0, 0.01)]
+            for seed, d in enumerate((0.0, 0.01))]
     lines = verdict(pd.DataFrame(rows), ["moco.queue_size", "moco.key_encoder"], "probe_top1")
     bank = next(line for line in lines if line.startswith("moco.queue_size (at moco.key_encoder = memory_bank)"))
     assert "best level 4096 (probe_top1 0.8050, n=2)" in bank  # pooled, 4096 would read 0.8275 and 256 0.8050
