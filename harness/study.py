@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                         help="minutes the driver waits out a database that does not answer (default 30)")
     parser.add_argument("--no-share", action="store_true",
                         help="train every point here, even ones another study has finished (same identity)")
+    parser.add_argument("--track", metavar="URI",
+                        help="relay the runs to this MLflow tracking server (the driver sends; jobs never connect)")
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     opts = Options(recipe=args.recipe, executor=args.executor, storage=args.storage, parallel=args.parallel,
                    overrides=list(args.overrides), wait=not args.no_wait, report=not args.no_report,
                    workers=args.workers, heartbeat=args.heartbeat, poll=args.poll,
-                   outage_limit_s=args.db_outage_limit * 60, share=not args.no_share,
+                   outage_limit_s=args.db_outage_limit * 60, share=not args.no_share, track=args.track,
                    command=" ".join(["python -m harness.study", *(shlex.quote(redact(a)) for a in argv)]))
     return args, opts
 
@@ -81,6 +83,8 @@ def run_study(args, opts: Options) -> int:
     if opts.wait and opts.report:
         out = build_report(driver.name, driver.storage_url)
         print(f"report: {out}")
+        if driver.tracker is not None:
+            driver.tracker.upload_report(out)
         hints = (out / "hints.txt").read_text().strip() if (out / "hints.txt").exists() else ""
         if hints:  # an undecided fixed design says what would decide it
             print(hints)

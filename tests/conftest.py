@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/local_slurm.py, tests/local_postgres.py
 
+import local_mlflow  # noqa: E402
 import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
 import timing  # noqa: E402
@@ -29,12 +30,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 ALLOW_SKIP = "HARNESS_ALLOW_SKIP"  # =1: a machine without the servers may skip their tests (never in CI)
 
 
-def _require(installed: bool, what: str, packages: list[str]) -> None:
+def _require(installed: bool, what: str, packages: list[str], install: str | None = None) -> None:
     """Fail when a package the tests need is missing, unless skipping was asked for explicitly
     (outside CI): a green run must not hide that the cluster tests never ran."""
     if installed:
         return
-    install = f"apt-get install {' '.join(packages)} (tests/apt-packages.txt; the README's test command does it)"
+    install = install or f"apt-get install {' '.join(packages)} (tests/apt-packages.txt; the README's test command does it)"
     if os.environ.get(ALLOW_SKIP) == "1" and not os.environ.get("CI"):
         pytest.skip(f"{what} is not installed and {ALLOW_SKIP}=1: skipped ({install})")
     pytest.fail(f"{what} is not installed: {install}, or set {ALLOW_SKIP}=1 to skip these tests knowingly.")
@@ -132,6 +133,17 @@ def postgres():
             yield server.start()
         finally:
             server.stop()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on loopback for one test (it stops and restarts it)."""
+    _require(local_mlflow.available(), "MLflow", [], "pip install -e '.[test]' (the test extra has mlflow)")
+    server = local_mlflow.LocalMlflow(tmp_path / "mlflow")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @dataclass

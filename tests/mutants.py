@@ -119,6 +119,20 @@ MUTANTS = [
            "    y11, y12, y21, y22 = ([c[s] for s in seeds] for c in corners)",
            "    y11, y12, y21, y22 = ([c[s] for s in (seeds if i % 2 else seeds[::-1])] for i, c in enumerate(corners))",
            ("tests/reporting/test_interaction.py::test_the_interval_is_the_paired_one",)),
+    Mutant("mlflow-sends-every-point-again", "harness/execution/tracking.py",
+           "if not points or points[0].x <= (run.step if", "if not points or points[0].x < (run.step if",
+           ("tests/execution/test_tracking.py::test_the_driver_relays_a_study_to_mlflow_through_an_outage",)),
+    Mutant("mlflow-trusts-a-fresh-cursor", "harness/execution/tracking.py",
+           "last = {name: max((m.step for m in self.client.get_metric_history(run.info.run_id, name)), default=-1)",
+           "last = {name: -1",
+           ("tests/execution/test_tracking.py::test_the_driver_relays_a_study_to_mlflow_through_an_outage",)),
+    Mutant("early-agreement-need-not-last", "harness/reporting/early.py",
+           "        if not (row.same_order and row.same_decisions):\n            break",
+           "        if not (row.same_order and row.same_decisions):\n            continue",
+           ("tests/reporting/test_early.py::test_the_earliest_epoch_from_which_the_monitor_agrees_for_good",)),
+    Mutant("verdict-unpaired", "harness/reporting/verdicts.py",
+           "paired = by_seed.dropna()", "paired = by_seed.apply(lambda c: c.sample(frac=1.0, random_state=1).to_numpy())",
+           ("tests/reporting/test_report.py::test_verdict_speaks_the_decisions_language_and_flags_a_loss_at_chance",)),
 ]
 
 

@@ -18,7 +18,7 @@ from typing import TextIO
 
 import optuna
 
-from harness.execution import executors, job_files, pruning_relay
+from harness.execution import executors, job_files, pruning_relay, tracking
 from harness.execution.jobs import PackedJob, TrialJob, members, pack
 from harness.execution.optuna_adapter import COMPLETE, FAIL, RUNNING, WAITING, set_running_attrs, trial_handle, trial_id
 from harness.execution.plans import AdaptivePlan, GridPlan, SearchPlan
@@ -56,6 +56,7 @@ class Options:
     outage_limit_s: float = 1800.0  # how long the driver waits out a database that does not answer
     command: str = "python -m harness.study"  # the command line that re-attaches (passwords redacted)
     share: bool = True  # reuse runs other studies finished (harness.planning.shared); False: train every point here
+    track: str | None = None  # an MLflow tracking URI the driver relays the runs to (else the study file's tracking.mlflow)
 
 
 # ---------------------------------------------------------------- the driver
@@ -108,6 +109,8 @@ class Driver:
             raise StudyError(f"{self.study.path}: resources.nodes: {self.resources.nodes} nodes per trial need "
                              f"SLURM; the {self.kind} executor runs on this machine only. Use --executor slurm "
                              f"or set resources.nodes to 1.")
+        self.tracking_uri = opts.track or self.study.tracking.get("mlflow")
+        self.tracker: tracking.MlflowRelay | None = None
         self.runs = shared.RunIndex(runio.RESULTS)  # finished runs of every study: shared, not trained twice
         self.plan: GridPlan | SearchPlan
         if self.study.sampler != "grid":
@@ -159,6 +162,9 @@ class Driver:
                                              self.opts.parallel)
         self.executor.preflight()  # a refused account/QOS/partition, too few GPUs: one line, before any trial is asked
         self.code_dir = snapshot.take(self.dir / "code")  # what every job of this driver runs
+        if self.tracking_uri:  # the driver's own client: jobs get no tracking URI (harness.execution.tracking)
+            self.tracker = tracking.MlflowRelay(self.tracking_uri, self.name, self.dir, list(self.study.factors),
+                                                retry_s=min(tracking.RETRY_S, 10 * self.opts.poll))
 
     def lock(self):
         """One driver per study directory at a time; a second one says so and exits."""
@@ -365,6 +371,8 @@ class Driver:
             if finished:
                 break
             time.sleep(self.opts.poll)
+        if self.tracker is not None and self.tracker.relay(self.trials(), now=True) is None:
+            self.tracker.missed(f"python -m harness.report {self.name} --track {redact(self.tracking_uri or '')}")
 
     def round(self, view: ProgressView) -> bool:
         """One look: answer pruning reports, record ended jobs, submit what the plan allows. True when
@@ -372,6 +380,8 @@ class Driver:
         self.relay_pruning()
         self.reconcile()
         self.share_finished(self.trials())
+        if self.tracker is not None:  # never raises: a tracking server down costs a warning, not a round
+            self.tracker.relay(self.trials())
         trials = self.trials()
         running = sum(t.state == RUNNING for t in trials)
         free = None if self.kind == "slurm" else max(0, self.opts.parallel - running)

@@ -70,6 +70,7 @@ class Study:
     retries: int = 2
     reference: dict = field(default_factory=dict)
     race: RaceSpec | None = None  # adaptive seeds (harness.planning.decide); None: every level gets every seed
+    tracking: dict = field(default_factory=dict)  # {mlflow: URI}: the driver relays the runs (harness.execution.tracking)
 
     def resources_for(self, recipe: str | None = None) -> Resources:
         """The recipe's resources (its scale: CPU minutes or GPU days), the user's cluster file (site
@@ -207,10 +208,12 @@ class StudyFile:
     reference: dict[str, Any] = field(default_factory=dict,
                                       metadata={"expects": "a mapping {source, metric, values}"})
     decide: dict[str, Any] | None = None
+    tracking: dict[str, str] = field(default_factory=dict,
+                                     metadata={"expects": "a mapping {mlflow: URI}, e.g. {mlflow: http://mlflow.lab:5000}"})
 
 
 
-
+TRACKERS = ("mlflow",)  # the trackers a driver relays to (harness.execution.tracking)
 _REQUIRED = {f.name for f in dataclasses.fields(StudyFile)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
 
@@ -238,10 +241,15 @@ def parse_study(name: str, path: Path, data: Any) -> Study:
     if not 0 <= raw.retries <= 20:
         raise _fail(path, "retries", "an integer from 0 to 20 is required.")
     check_resources(path, raw.resources, whole=False)
+    for tracker in raw.tracking:
+        if tracker not in TRACKERS:
+            raise _fail(path, f"tracking.{tracker}", f"unknown tracker; one of {', '.join(TRACKERS)} (TensorBoard "
+                        "logs are written by every report, with no setting).")
     study = Study(name=name, path=path, description=raw.description, recipe=raw.recipe, factors=raw.factors,
                   seeds=seeds, sampler=raw.sampler, overrides=raw.overrides, n_trials=raw.n_trials,
                   objective=raw.objective, direction=raw.direction, pruner=pruner, pruner_args=pruner_args,
-                  resources=raw.resources, retries=raw.retries, reference=raw.reference, race=race)
+                  resources=raw.resources, retries=raw.retries, reference=raw.reference, race=race,
+                  tracking=raw.tracking)
     study.check_overrides(raw.overrides, f"{path}: overrides:")
     return study
 

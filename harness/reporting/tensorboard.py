@@ -19,11 +19,8 @@ from typing import Any
 
 import pandas as pd
 
-from harness.run import runio
-
-EPOCH_SCALARS = ("loss", "pretext_acc", "knn_top1", "lr", "key_consistency", "alignment", "uniformity",
-                 "effective_rank", "epoch_seconds")
-FINAL_METRICS = ("probe_top1", "probe_top5", "knn_top1", "final_loss")
+from harness.run import curves, runio
+from harness.run.curves import FINAL_METRICS
 
 
 def available() -> bool:
@@ -47,7 +44,7 @@ def write_study(trials: pd.DataFrame, factors: list[str], study_dir: Path, out: 
         records = runio.read_jsonl(study_dir / t["run_dir"] / "metrics.jsonl")
         hparams = {f: t[f] for f in factors if pd.notna(t[f])}
         hparams["seed"] = int(t["seed"]) if pd.notna(t.get("seed")) else None
-        final = {m: float(t[m]) for m in FINAL_METRICS if m in t and pd.notna(t[m])}
+        final = curves.final(t.to_dict())
         written.append(write_run(out / t["key"], records, hparams, final, domains, str(t["state"])))
     return written
 
@@ -59,21 +56,10 @@ def write_run(logdir: Path, records: list[dict], hparams: dict[str, Any], final:
     logdir.mkdir(parents=True, exist_ok=True)
     writer = EventFileWriter(str(logdir))
     try:
-        step_of_epoch = {}
-        for r in records:
-            step = int(r.get("step", 0))
-            if r.get("kind") == "step":
-                for key in ("loss", "lr"):
-                    if isinstance(r.get(key), (int, float)):
-                        writer.add_event(_scalar_event(f"step/{key}", float(r[key]), step))
-            elif r.get("kind") == "epoch":
-                step_of_epoch[int(r["epoch"])] = step
-                for key in EPOCH_SCALARS:
-                    if isinstance(r.get(key), (int, float)):
-                        writer.add_event(_scalar_event(f"epoch/{key}", float(r[key]), int(r["epoch"])))
-        last = max(step_of_epoch) if step_of_epoch else 0
+        for point in curves.points(records):
+            writer.add_event(_scalar_event(point.series, point.value, point.x))
         for key, value in final.items():
-            writer.add_event(_scalar_event(f"final/{key}", value, last))
+            writer.add_event(_scalar_event(f"final/{key}", value, curves.last_epoch(records)))
         for event in _hparams_events({k: v for k, v in hparams.items() if v is not None}, final, domains, state):
             writer.add_event(event)
     finally:

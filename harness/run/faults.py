@@ -8,7 +8,9 @@ every epoch of a run's first attempt: a job that outlives its time limit without
 time-limit test), and, once resumed from a checkpoint, finishes without more waiting; pace@S/<run>
 paces one trial only. HARNESS_FAULT=stall-<point>@S sleeps S seconds at <point> ("probe": rank 0's
 final probe, made long), nan-loss@N makes the loss NaN at global step N (set in one DDP rank's
-environment: the rank that diverges alone).
+environment: the rank that diverges alone). HARNESS_FAULT=hold@DIR holds every run after epoch E
+for as long as the file DIR/hold-E exists: a test decides when training goes on, instead of guessing
+how long it takes.
 Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
 <point>/<run directory name> limits a fault to that trial (one trial of a packed job, or of a study
 whose trials each get their own); several faults at once are joined by '+'
@@ -58,6 +60,14 @@ def pace(run_dir: Path | None = None, resumed: bool = False) -> None:
         name, _, seconds = fault.partition("@")
         if name == "pace" and not (only and run_dir is not None and Path(run_dir).name != only):
             time.sleep(float(seconds))
+
+
+def hold(epoch: int) -> None:
+    for wanted in _faults():
+        name, _, directory = wanted.partition("@")
+        if name == "hold":
+            while (Path(directory) / f"hold-{epoch}").exists():
+                time.sleep(0.2)
 
 
 def raise_point(point: str, run_dir: Path | None = None) -> None:

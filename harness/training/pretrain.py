@@ -262,6 +262,7 @@ class PretrainRun:
         if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs:
             self.save()
         faults.pace(self.run_dir, resumed=self.resumed)
+        faults.hold(s.epoch)
         return record
 
     def finish(self, outcome: Outcome, probe: bool) -> dict:

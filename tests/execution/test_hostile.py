@@ -148,3 +148,12 @@ def test_the_other_faces_refuse_bad_numbers_in_one_line(face, argv, field, capsy
     assert importlib.import_module(f"harness.{face}").main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {field}:"), err
+
+
+@pytest.mark.parametrize("tracking, field", [({"wandb": "x"}, "tracking.wandb"), ("http://mlflow:5000", "tracking"),
+                                             ({"mlflow": 5000}, "tracking")])
+def test_a_wrong_tracking_setting_names_its_key(tracking, field):
+    with pytest.raises(StudyError, match=f"smoke.yaml: .*{field.replace('.', '[.]')}"):
+        parse_study("smoke", STUDY_DIR / "smoke.yaml", {**VALID, "tracking": tracking})
+    assert parse_study("smoke", STUDY_DIR / "smoke.yaml",
+                       {**VALID, "tracking": {"mlflow": "http://mlflow.lab:5000"}}).tracking == {"mlflow": "http://mlflow.lab:5000"}
