@@ -11,7 +11,9 @@ from pathlib import Path
 from harness.run.config import EVAL_ONLY, RunConfig, with_overrides
 from harness.run.errors import HarnessError, require_at_least
 from harness.training.probe import load_trained_encoder, probe_run
-from harness.training.runtime import Runtime
+from harness.training.runtime import Runtime, inference_precision
+
+PROBE_RUNTIME = ("runtime.device", "runtime.threads", "runtime.precision")  # what --set may say of this machine
 
 
 def main(argv=None) -> int:
@@ -20,17 +22,28 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", choices=["fast", "standard"], help="default: the run config's eval.probe")
     parser.add_argument("--epochs", type=int, help="standard protocol epochs (default: eval.probe_epochs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="change how the run is evaluated (eval.*, data.test_subset), e.g. --set eval.probe_lr=1")
+                        help="change how the run is evaluated (eval.*, data.test_subset; runtime.device, "
+                             "runtime.threads, and runtime.precision: how features are read), e.g. --set eval.probe_lr=1")
     args = parser.parse_args(argv)
     try:
         if args.epochs is not None:
             require_at_least("--epochs", args.epochs, 1, "epochs of the standard probe")
-        device = Runtime.for_config(RunConfig()).apply().device  # the run's own device setting may be another machine's
+        # This machine's runtime, not the run's (it may have trained on another): device and threads as
+        # given here; precision says how features are read (inference_precision), never how the
+        # checkpoint trained, so an older GPU is not refused the bf16 a run trained in.
+        here = [o for o in args.overrides if o.startswith("runtime.")]
+        machine = with_overrides(RunConfig(), [o for o in here if not o.startswith("runtime.precision=")],
+                                 only=PROBE_RUNTIME)
+        device = Runtime.for_config(with_overrides(machine, ["runtime.precision=fp32"])).apply().device
+        precision = with_overrides(RunConfig(), [o for o in here if o.startswith("runtime.precision=")],
+                                   only=PROBE_RUNTIME).runtime.precision
         cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
-        cfg = with_overrides(cfg, args.overrides + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),
+        evaluation = [o for o in args.overrides if not o.startswith("runtime.")]
+        cfg = with_overrides(cfg, evaluation + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),
                              only=EVAL_ONLY)
         protocol = args.protocol or (cfg.eval.probe if cfg.eval.probe != "none" else "fast")
-        result = probe_run(cfg, args.run_dir, encoder, None, device, protocol, epoch)
+        with inference_precision(precision):
+            result = probe_run(cfg, args.run_dir, encoder, None, device, protocol, epoch)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ so a run resumed mid-epoch sees exactly the batches an uninterrupted run would h
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from collections.abc import Callable, Iterator
@@ -207,6 +208,45 @@ class _TwoViews(torch.utils.data.Dataset):
             return self.transform(image), self.transform(image)
 
 
+@functools.lru_cache(maxsize=8)
+def _folder_index(directory: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+    """An image folder split's classes and (path, class) list: ImageFolder's directory walk, once per
+    process (ImageNet's train/ is 1.28M files, and a run reads it for pretraining, every kNN
+    evaluation on every rank, and the probe)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    classes, class_to_idx = find_classes(directory)
+    return tuple(classes), tuple(make_dataset(directory, class_to_idx, IMG_EXTENSIONS))
+
+
+class IndexedFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder over an index read once per process (_folder_index): the same
+    classes, samples, targets and items, (transform(loader(path)), class)."""
+
+    def __init__(self, directory: str, transform=None, loader=None):
+        classes, self.samples = _folder_index(directory)
+        self.classes = list(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.targets = [target for _, target in self.samples]
+        self.transform, self.loader = transform, loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        if self.loader is None:
+            from torchvision.datasets.folder import default_loader
+
+            self.loader = default_loader
+        image = self.loader(path)
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def image_folder(cfg: RunConfig, split: str, transform=None, loader=None) -> IndexedFolder:
+    return IndexedFolder(str(folder_root(cfg.data.root) / split), transform, loader)
+
+
 class LoaderViews:
     """Pretraining batches through a DataLoader with per-image (PIL) transforms in worker processes:
     the path for image folders, and the comparison path for in-memory datasets."""
@@ -215,9 +255,7 @@ class LoaderViews:
         mean, std = NORMALIZATION[cfg.data.dataset]
         transform = per_image_transform(view_spec(cfg), cfg.data.image_size, mean, std)
         if images is None:
-            from torchvision import datasets
-
-            images = datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"))
+            images = image_folder(cfg, "train")
         self.dataset = _TwoViews(images, transform)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         self.size = len(self.dataset)
@@ -291,16 +329,12 @@ def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256
                        share: Callable[[int], slice] = lambda n: slice(0, n)):
     """Evaluation views (resize, centre crop) of an image folder's split: its seeded subset of `limit`
     images, and of those the rows `share(len(subset))` (a rank's chunk, harness.model.distributed.chunk_of)."""
-    from torchvision import datasets
-
     from harness.data.folder_views import EvalDecode
 
-    base = folder_root(cfg.data.root)
     mean, std = NORMALIZATION["imagefolder"]
     size, resize = cfg.data.image_size, int(cfg.data.image_size * 256 / 224)
     # the pretraining views' decode, reduced where the shorter side stays >= the resize
-    folder = datasets.ImageFolder(str(base / split), eval_transform(size, mean, std, resize=resize),
-                                  loader=EvalDecode(resize))
+    folder = image_folder(cfg, split, eval_transform(size, mean, std, resize=resize), loader=EvalDecode(resize))
     pick = eval_subset(len(folder), limit, "train" if split == "train" else "test")
     indices = list(range(len(folder))) if pick is None else pick.tolist()
     chunk = indices[share(len(indices))]
@@ -310,13 +344,10 @@ def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256
 
 def folder_probe_set(cfg: RunConfig, spec):
     """main_lincls's training views of an image folder: per-image crop + flip (in loader workers)."""
-    from torchvision import datasets
-
     from harness.data.folder_views import decode_full
 
     mean, std = NORMALIZATION["imagefolder"]
-    return datasets.ImageFolder(str(folder_root(cfg.data.root) / "train"),
-                                per_image_transform(spec, cfg.data.image_size, mean, std), loader=decode_full)
+    return image_folder(cfg, "train", per_image_transform(spec, cfg.data.image_size, mean, std), loader=decode_full)
 
 
 def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: int):
@@ -327,6 +358,4 @@ def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: 
 
 
 def folder_classes(cfg: RunConfig) -> int:
-    from torchvision.datasets.folder import find_classes
-
-    return len(find_classes(str(folder_root(cfg.data.root) / "train"))[0])
+    return len(_folder_index(str(folder_root(cfg.data.root) / "train"))[0])

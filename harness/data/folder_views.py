@@ -161,11 +161,9 @@ class FolderViews:
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,
                  samples: list | None = None):
         if samples is None:
-            from torchvision import datasets
+            from harness.data.datasets import image_folder
 
-            from harness.run.datafiles import folder_root
-
-            samples = datasets.ImageFolder(str(folder_root(cfg.data.root) / "train")).samples
+            samples = image_folder(cfg, "train").samples
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         spec, size = view_spec(cfg), cfg.data.image_size
         self.encoded = cfg.data.loader == "device_decode"

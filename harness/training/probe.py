@@ -32,7 +32,7 @@ from harness.run.config import RunConfig, config_from_dict
 from harness.run.errors import HarnessError
 from harness.training import checkpoint as ckpt
 from harness.training.features import extract, split_batches
-from harness.training.runtime import inference_autocast
+from harness.training.runtime import inference_autocast, inference_dtype
 
 FAST_L2_GRID = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -219,7 +219,8 @@ def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol
                   "train_size": len(tr_y), "test_size": len(te_y)}
     else:
         result = standard_probe(cfg, backbone, splits, device, classes)
-    out = {"protocol": protocol, **result, "seconds": time.perf_counter() - tic, "feature_dim": backbone.out_dim}
+    out = {"protocol": protocol, **result, "seconds": time.perf_counter() - tic, "feature_dim": backbone.out_dim,
+           "features_read_in": str(inference_dtype(device)).removeprefix("torch.")}
     if cfg.eval.pixel_floor and splits is not None:
         out["pixel_floor_top1"] = pixel_floor(cfg, splits, device, classes)
     return out

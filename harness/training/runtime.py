@@ -7,6 +7,7 @@ which is why `runtime.precision` is part of a run's identity.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import platform
 import socket
@@ -100,10 +101,34 @@ class Runtime:
                 "channels_last": self.channels_last, "threads": torch.get_num_threads()}
 
 
+# How frozen-backbone evaluation reads features when asked for (the probe face's --set
+# runtime.precision=...); "auto": the rule of inference_dtype.
+_INFERENCE_PRECISION: contextvars.ContextVar[str] = contextvars.ContextVar("inference_precision", default="auto")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def inference_precision(precision: str):
+    """Evaluation inside reads features in `precision` (auto | fp32 | bf16 | fp16)."""
+    if precision not in ("auto", *DTYPES):
+        raise ConfigError(f"runtime.precision: {precision!r} is not one of auto, fp32, bf16, fp16.")
+    token = _INFERENCE_PRECISION.set(precision)
+    try:
+        yield
+    finally:
+        _INFERENCE_PRECISION.reset(token)
+
+
 def inference_dtype(device: torch.device) -> torch.dtype:
     """Frozen-backbone evaluation (kNN, probes) reads features in bf16 on a GPU that has it (Ampere
     and later), fp16 on one that has not (T4, V100: bf16 is refused or emulated there), fp32 on a
-    CPU — whatever the run trained in, features are read the same way on the same device."""
+    CPU — whatever the run trained in, features are read the same way on the same device — unless
+    inference_precision says otherwise (fp16 is refused on a CPU)."""
+    asked = _INFERENCE_PRECISION.get()
+    if asked != "auto":
+        if asked == "fp16" and device.type != "cuda":
+            raise ConfigError("runtime.precision: fp16 is for CUDA; on a CPU evaluate in fp32 or bf16.")
+        return DTYPES[asked]
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -273,3 +273,31 @@ def test_the_dry_run_of_a_gpu_folder_study_says_how_many_loader_cores_a_gpu_need
     line = dry_run()  # the recipe's 8 GPUs and 80 CPUs: 10 a GPU, 15 needed
     assert "a GPU trains 1450 images/s (NVIDIA H100" in line and "15 loader cores per GPU needed" in line
     assert "gives 10 CPUs per GPU (too few" in line
+
+
+def test_a_run_walks_its_image_folder_once(tmp_path, monkeypatch):
+    """Pretraining views, two kNN evaluations (train and val each time) and the probe's training set
+    of one run read each split's file list once: ImageNet's train/ is 1.28M files, walked before on
+    every evaluation on every rank. The items are ImageFolder's."""
+    import torchvision.datasets.folder as tv_folder
+    from torchvision import datasets
+
+    from harness.data import datasets as data_mod
+    from harness.data.augment import AugmentSpec
+    from harness.training.features import split_batches
+
+    root = fmnist_folder(tmp_path / "data", {"train": 24, "val": 9})
+    cfg = make_config("imagenet-r50-v2", [*FOLDER, f"data.root={root}", "data.num_workers=0"])
+    walks = []
+    real = tv_folder.make_dataset
+    monkeypatch.setattr(tv_folder, "make_dataset", lambda directory, *a, **k: walks.append(str(directory)) or real(directory, *a, **k))
+    data_mod._folder_index.cache_clear()
+    pretrain_views(cfg, torch.device("cpu"))
+    for _ in range(2):
+        for split in ("train", "test"):
+            assert sum(len(labels) for _, labels in split_batches(cfg, split, torch.device("cpu"))) == (24 if split == "train" else 9)
+    probe_set = data_mod.folder_probe_set(cfg, AugmentSpec())
+    assert sorted(Path(w).name for w in walks) == ["train", "val"]
+    reference = datasets.ImageFolder(str(root / "train"))
+    assert probe_set.samples == tuple(reference.samples) and probe_set.classes == reference.classes
+    assert probe_set.targets == reference.targets and data_mod.folder_classes(cfg) == len(reference.classes)

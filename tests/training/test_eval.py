@@ -157,7 +157,7 @@ def test_probe_refuses_a_run_without_checkpoint(tmp_path):
     assert proc.returncode == 2 and "no usable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
+def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path, capsys):
     run = tmp_path / "run"
     small = ["data.train_subset=256", "data.test_subset=128", "optim.batch_size=64", "optim.epochs=1",
              "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none"]
@@ -167,6 +167,29 @@ def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--set", "moco.dim=64"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "only eval.*, data.test_subset can change" in proc.stderr
+    # How this machine evaluates may be said (device, threads, how features are read), in one line when wrong.
+    from harness import probe
+
+    assert probe.main([str(run), "--protocol", "fast", "--set", "runtime.precision=fp16"]) == 2
+    assert "runtime.precision: fp16 is for CUDA" in capsys.readouterr().err
+    assert probe.main([str(run), "--protocol", "fast", "--set", "runtime.compile=true"]) == 2
+    assert "only runtime.device, runtime.threads, runtime.precision can change" in capsys.readouterr().err
+    results = {}
+    for precision in ("fp32", "bf16"):
+        assert probe.main([str(run), "--protocol", "fast", "--set", f"runtime.precision={precision}",
+                           "--set", "runtime.threads=1"]) == 0
+        results[precision] = json.loads(capsys.readouterr().out)
+    assert results["fp32"]["features_read_in"] == "float32" and results["bf16"]["features_read_in"] == "bfloat16"
+    # ... and reached the extraction: the same checkpoint's features, read in bf16, are not fp32's
+    from harness.training.features import extract_split
+    from harness.training.runtime import inference_precision
+
+    _, encoder, _ = load_trained_encoder(run, torch.device("cpu"))
+    cfg = make_config("fmnist-tiny", small)
+    with inference_precision("bf16"):
+        low, _ = extract_split(encoder, cfg, "test", torch.device("cpu"), load_tensors(cfg), limit=16)
+    full, _ = extract_split(encoder, cfg, "test", torch.device("cpu"), load_tensors(cfg), limit=16)
+    assert not torch.equal(low, full) and torch.allclose(low, full, atol=0.1, rtol=0.05)
     config = (run / "config.yaml").read_text().replace("dim: 128", "dim: 64")
     (run / "config.yaml").write_text(config)
     with pytest.raises(ProbeError, match="does not fit the model"):
