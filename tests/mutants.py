@@ -133,8 +133,8 @@ MUTANTS = [
     Mutant("verdict-unpaired", "harness/reporting/verdicts.py",
            "paired = by_seed.dropna()", "paired = by_seed.apply(lambda c: c.sample(frac=1.0, random_state=1).to_numpy())",
            ("tests/reporting/test_report.py::test_verdict_speaks_the_decisions_language_and_flags_a_loss_at_chance",)),
-    Mutant("folder-walked-per-evaluation", "harness/data/datasets.py",
-           "@functools.lru_cache(maxsize=8)\ndef _folder_index", "def _folder_index",
+    Mutant("folder-walked-per-evaluation", "harness/data/folder_views.py",
+           "@functools.lru_cache(maxsize=8)\ndef folder_index", "def folder_index",
            ("tests/data/test_folder_views.py::test_a_run_walks_its_image_folder_once",)),
 ]
 

@@ -10,7 +10,6 @@ so a run resumed mid-epoch sees exactly the batches an uninterrupted run would h
 """
 from __future__ import annotations
 
-import functools
 import gzip
 import struct
 from collections.abc import Callable, Iterator
@@ -208,45 +207,6 @@ class _TwoViews(torch.utils.data.Dataset):
             return self.transform(image), self.transform(image)
 
 
-@functools.lru_cache(maxsize=8)
-def _folder_index(directory: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
-    """An image folder split's classes and (path, class) list: ImageFolder's directory walk, once per
-    process (ImageNet's train/ is 1.28M files, and a run reads it for pretraining, every kNN
-    evaluation on every rank, and the probe)."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
-
-    classes, class_to_idx = find_classes(directory)
-    return tuple(classes), tuple(make_dataset(directory, class_to_idx, IMG_EXTENSIONS))
-
-
-class IndexedFolder(torch.utils.data.Dataset):
-    """torchvision's ImageFolder over an index read once per process (_folder_index): the same
-    classes, samples, targets and items, (transform(loader(path)), class)."""
-
-    def __init__(self, directory: str, transform=None, loader=None):
-        classes, self.samples = _folder_index(directory)
-        self.classes = list(classes)
-        self.class_to_idx = {name: i for i, name in enumerate(classes)}
-        self.targets = [target for _, target in self.samples]
-        self.transform, self.loader = transform, loader
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, target = self.samples[index]
-        if self.loader is None:
-            from torchvision.datasets.folder import default_loader
-
-            self.loader = default_loader
-        image = self.loader(path)
-        return (self.transform(image) if self.transform is not None else image), target
-
-
-def image_folder(cfg: RunConfig, split: str, transform=None, loader=None) -> IndexedFolder:
-    return IndexedFolder(str(folder_root(cfg.data.root) / split), transform, loader)
-
-
 class LoaderViews:
     """Pretraining batches through a DataLoader with per-image (PIL) transforms in worker processes:
     the path for image folders, and the comparison path for in-memory datasets."""
@@ -255,6 +215,8 @@ class LoaderViews:
         mean, std = NORMALIZATION[cfg.data.dataset]
         transform = per_image_transform(view_spec(cfg), cfg.data.image_size, mean, std)
         if images is None:
+            from harness.data.folder_views import image_folder
+
             images = image_folder(cfg, "train")
         self.dataset = _TwoViews(images, transform)
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
@@ -329,7 +291,7 @@ def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256
                        share: Callable[[int], slice] = lambda n: slice(0, n)):
     """Evaluation views (resize, centre crop) of an image folder's split: its seeded subset of `limit`
     images, and of those the rows `share(len(subset))` (a rank's chunk, harness.model.distributed.chunk_of)."""
-    from harness.data.folder_views import EvalDecode
+    from harness.data.folder_views import EvalDecode, image_folder
 
     mean, std = NORMALIZATION["imagefolder"]
     size, resize = cfg.data.image_size, int(cfg.data.image_size * 256 / 224)
@@ -344,7 +306,7 @@ def folder_eval_loader(cfg: RunConfig, split: str, device, batch_size: int = 256
 
 def folder_probe_set(cfg: RunConfig, spec):
     """main_lincls's training views of an image folder: per-image crop + flip (in loader workers)."""
-    from harness.data.folder_views import decode_full
+    from harness.data.folder_views import decode_full, image_folder
 
     mean, std = NORMALIZATION["imagefolder"]
     return image_folder(cfg, "train", per_image_transform(spec, cfg.data.image_size, mean, std), loader=decode_full)
@@ -358,4 +320,6 @@ def folder_probe_loader(cfg: RunConfig, folder, device, epoch: int, batch_size: 
 
 
 def folder_classes(cfg: RunConfig) -> int:
-    return len(_folder_index(str(folder_root(cfg.data.root) / "train"))[0])
+    from harness.data.folder_views import folder_index
+
+    return len(folder_index(str(folder_root(cfg.data.root) / "train"))[0])

@@ -22,6 +22,7 @@ state, so any number of workers and a run resumed mid-epoch see exactly the same
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 from harness.data.augment import AugmentSpec, BatchAugment, sample_crops, to_device
 from harness.data.spec import NORMALIZATION, EpochBatches, Key, seeded_generator, view_spec
 from harness.run.config import RunConfig
+from harness.run.datafiles import folder_root
 from harness.run.errors import ConfigError
 
 # ---------------------------------------------------------------- decoding (workers and evaluation)
@@ -161,8 +163,6 @@ class FolderViews:
     def __init__(self, cfg: RunConfig, device: torch.device, rank: int = 0, world: int = 1,
                  samples: list | None = None):
         if samples is None:
-            from harness.data.datasets import image_folder
-
             samples = image_folder(cfg, "train").samples
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         spec, size = view_spec(cfg), cfg.data.image_size
@@ -225,3 +225,44 @@ class FolderViews:
         seed = self.cfg.runtime.seed
         idx = torch.randperm(self.size, generator=seeded_generator("diagnostics", seed))[:n].tolist()
         return self._items([(("diagnostics", seed), i) for i in idx], "diagnostics", seed)[:2]
+
+
+# ---------------------------------------------------------------- the folder's index
+
+@functools.lru_cache(maxsize=8)
+def folder_index(directory: str) -> tuple[tuple[str, ...], tuple[tuple[str, int], ...]]:
+    """An image folder split's classes and (path, class) list: ImageFolder's directory walk, once per
+    process (ImageNet's train/ is 1.28M files, and a run reads it for pretraining, every kNN
+    evaluation on every rank, and the probe)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    classes, class_to_idx = find_classes(directory)
+    return tuple(classes), tuple(make_dataset(directory, class_to_idx, IMG_EXTENSIONS))
+
+
+class IndexedFolder(torch.utils.data.Dataset):
+    """torchvision's ImageFolder over an index read once per process (folder_index): the same
+    classes, samples, targets and items, (transform(loader(path)), class)."""
+
+    def __init__(self, directory: str, transform=None, loader=None):
+        classes, self.samples = folder_index(directory)
+        self.classes = list(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.targets = [target for _, target in self.samples]
+        self.transform, self.loader = transform, loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        if self.loader is None:
+            from torchvision.datasets.folder import default_loader
+
+            self.loader = default_loader
+        image = self.loader(path)
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def image_folder(cfg: RunConfig, split: str, transform=None, loader=None) -> IndexedFolder:
+    return IndexedFolder(str(folder_root(cfg.data.root) / split), transform, loader)

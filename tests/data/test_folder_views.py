@@ -284,6 +284,7 @@ def test_a_run_walks_its_image_folder_once(tmp_path, monkeypatch):
 
     from harness.data import datasets as data_mod
     from harness.data.augment import AugmentSpec
+    from harness.data.folder_views import folder_index
     from harness.training.features import split_batches
 
     root = fmnist_folder(tmp_path / "data", {"train": 24, "val": 9})
@@ -291,7 +292,7 @@ def test_a_run_walks_its_image_folder_once(tmp_path, monkeypatch):
     walks = []
     real = tv_folder.make_dataset
     monkeypatch.setattr(tv_folder, "make_dataset", lambda directory, *a, **k: walks.append(str(directory)) or real(directory, *a, **k))
-    data_mod._folder_index.cache_clear()
+    folder_index.cache_clear()
     pretrain_views(cfg, torch.device("cpu"))
     for _ in range(2):
         for split in ("train", "test"):
