@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                         help="minutes the driver waits out a database that does not answer (default 30)")
     parser.add_argument("--no-share", action="store_true",
                         help="train every point here, even ones another study has finished (same identity)")
+    parser.add_argument("--evaluate", metavar="PROTOCOL", choices=["fast", "standard"],
+                        help="add this probe protocol to the study's finished runs (only those that lack it; "
+                             "no training), then report both")
     parser.add_argument("--track", metavar="URI",
                         help="relay the runs to this MLflow tracking server (the driver sends; jobs never connect)")
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
@@ -79,6 +82,17 @@ def run_study(args, opts: Options) -> int:
     if args.status:
         print(status_text(driver))
         return 0
+    if args.evaluate:
+        driver.open()
+        try:
+            done, failed = driver.evaluate(args.evaluate)
+        finally:
+            driver.close()
+        print(f"[study {driver.name}] {args.evaluate} evaluation: {done} run(s) evaluated"
+              + (f"; failed after every try: {'; '.join(failed)}" if failed else ""))
+        if opts.report:
+            print(f"report: {build_report(driver.name, driver.storage_url)}")
+        return 1 if failed else 0
     driver.open_and_run()
     if opts.wait and opts.report:
         out = build_report(driver.name, driver.storage_url)

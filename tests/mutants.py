@@ -136,6 +136,17 @@ MUTANTS = [
     Mutant("folder-walked-per-evaluation", "harness/data/folder_views.py",
            "@functools.lru_cache(maxsize=8)\ndef folder_index", "def folder_index",
            ("tests/data/test_folder_views.py::test_a_run_walks_its_image_folder_once",)),
+    Mutant("evaluation-never-retried", "harness/execution/driver.py",
+           "for attempt in range(self.study.retries + 1):\n            todo = pending()",
+           "for attempt in range(1):\n            todo = pending()",
+           ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
+    Mutant("second-protocol-overwrites-the-first", "harness/run/runio.py",
+           'return Path(run_dir) / ("probe.json" if protocol == configured else f"probe-{protocol}.json")',
+           'return Path(run_dir) / "probe.json"',
+           ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
+    Mutant("probe-state-not-resumed", "harness/training/probe.py",
+           "saved = resume.load() if resume is not None else None", "saved = None",
+           ("tests/training/test_eval.py::test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result",)),
 ]
 
 

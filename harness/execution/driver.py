@@ -356,6 +356,45 @@ class Driver:
                     break
                 time.sleep(self.opts.poll)
 
+    # -------------------------------------------------------------- re-evaluation
+    def evaluate(self, protocol: str) -> tuple[int, list[str]]:
+        """Add an evaluation protocol to the study's finished runs: a job per run that lacks it, which
+        probes its last checkpoint and never trains (harness.execution.jobs.EvalJob); a failed one is
+        tried again up to the study's `retries`. Returns (results written, what failed)."""
+        from harness.execution.jobs import EvalJob
+
+        def pending() -> dict[str, Path]:
+            todo = {}
+            for t in self.trials():
+                if t.state != COMPLETE or record.RUN_DIR not in t.user_attrs:
+                    continue
+                run_dir = (self.dir / t.user_attrs[record.RUN_DIR]).resolve()  # a shared run: its own directory
+                configured = str(make_spec(self.study, t.params, self.dir, self.opts.recipe, self.opts.overrides,
+                                           self.gpus).config.eval.probe)
+                if not runio.probe_file(run_dir, protocol, configured).exists():
+                    todo[t.user_attrs[record.KEY]] = run_dir
+            return todo
+
+        done, failed = 0, dict[str, str]()
+        for attempt in range(self.study.retries + 1):
+            todo = pending()
+            if not todo:
+                break
+            print(f"[study {self.name}] {protocol} evaluation of {len(todo)} finished run(s)"
+                  f"{f' (try {attempt + 1})' if attempt else ''}: no training", flush=True)
+            threads = self.executor.threads_per_process(self.opts.parallel)
+            jobs = self.executor.submit([EvalJob(str(run), protocol, threads) for run in todo.values()], self.code_dir)
+            while not all(job.done() for job in jobs):
+                time.sleep(self.opts.poll)
+            failed = {}
+            for key, job in zip(todo, jobs):
+                error = job.exception()
+                if error is None:
+                    done += 1
+                else:
+                    failed[key] = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+        return done, [f"{key}: {reason}" for key, reason in failed.items() if key in pending()]
+
     # -------------------------------------------------------------- main loop
     def run(self) -> None:
         """Rounds of reconcile and submit until the plan is done. A round cut by a database outage is

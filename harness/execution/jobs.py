@@ -148,3 +148,29 @@ def members(job) -> list[TrialJob]:
     return job.members if isinstance(job, PackedJob) else [job]
 
 
+
+
+class EvalJob(submitit.helpers.Checkpointable):
+    """An evaluation protocol on a finished run, as a job of its own: loads the run's last
+    checkpoint and probes it (harness.training.probe.probe_run), never trains. Requeued
+    (preemption, time limit), the standard probe goes on from its last epoch's state."""
+
+    def __init__(self, run_dir: str, protocol: str, threads: int = 0):
+        self.run_dir, self.protocol, self.threads = run_dir, protocol, threads
+
+    def __call__(self) -> str:
+        restore_cwd()
+        from pathlib import Path
+
+        from harness.run import faults
+        from harness.run.config import with_overrides
+        from harness.training.probe import load_trained_moco, probe_run
+        from harness.training.runtime import Runtime
+
+        run_dir = Path(self.run_dir)
+        faults.raise_point("evaluate", run_dir)
+        cfg, model, epoch = load_trained_moco(run_dir)
+        here = with_overrides(cfg, [f"runtime.threads={self.threads}"] if self.threads else [])
+        device = Runtime.for_config(here).apply().device
+        result = probe_run(cfg, run_dir, model.encoder_q.to(device), None, device, self.protocol, epoch)
+        return f"{self.protocol} top-1 {result['top1']:.4f}"

@@ -14,7 +14,7 @@ import pandas as pd
 
 from harness.execution.storage import default_url, open_storage, redact
 from harness.planning.studyfile import STUDY_COPY, Study, load_study, load_study_file, skipped_levels
-from harness.reporting import consistency_report, early, interaction, latex, tensorboard
+from harness.reporting import consistency_report, early, interaction, latex, protocols, tensorboard
 from harness.reporting.page import md_table, render_html
 from harness.reporting.plots import (
     plot_curves,
@@ -99,6 +99,10 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         tables["interaction"], interaction_md = _interaction(trials, study_file, factors, objective)
     if study_file.sampler == "grid" and len(trials):  # how early the monitor knew the final answer
         tables["agreement"] = early.agreement(trials, curves, study_file, factors, objective)
+    if len(trials) and factors:  # a protocol added to the finished runs (--evaluate)
+        probes = protocols.protocol_table(trials, factors, study_dir)
+        if len(probes) and probes["protocol"].nunique() > 1:
+            tables["protocols"] = probes
     _write_tables(out, tables)
 
     skipped = not_run_levels(study_file, ostudy.user_attrs.get(record.SIGNATURE, {}))
@@ -108,8 +112,9 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
              if study_file.sampler == "grid" and len(trials) else [])
     early_md = (early.markdown(tables["agreement"], objective, int(curves["epoch"].max()), md_table)
                 if "agreement" in tables and len(tables["agreement"]) else [])
+    protocols_md = protocols.markdown(tables["protocols"], factors, objective, md_table) if "protocols" in tables else []
     md = _markdown(name, ostudy, study_file, objective, trials, factors, summary, pngs, study_dir, skipped,
-                   consistency_report.markdown(diagnostics, md_table), hints, interaction_md, early_md)
+                   consistency_report.markdown(diagnostics, md_table), hints, interaction_md, early_md, protocols_md)
     (out / "report.md").write_text(md)
     if tensorboard.available() and len(trials):  # rewritten whole from the runs' metrics: never doubled
         tensorboard.write_study(trials, factors, study_dir, study_dir / "tensorboard")
@@ -156,7 +161,7 @@ def _write_tables(out: Path, tables: dict[str, pd.DataFrame]) -> None:
 def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFrame, factors: list[str],
               summary: pd.DataFrame, pngs: list[Path], study_dir: Path, skipped: list[tuple[dict, str]],
               dictionary: Sequence[str] = (), hints: list[str] | None = None, interaction_md: Sequence[str] = (),
-              early_md: Sequence[str] = ()) -> str:
+              early_md: Sequence[str] = (), protocols_md: Sequence[str] = ()) -> str:
     verdicts = verdict(trials, factors, objective, study_file.direction == "maximize", rule_of(study_file)) if len(trials) else []
     starts = [t.datetime_start for t in ostudy.trials if t.datetime_start]
     ends = [t.datetime_complete for t in ostudy.trials if t.datetime_complete]
@@ -175,6 +180,7 @@ def _markdown(name, ostudy, study_file: Study, objective: str, trials: pd.DataFr
             if study_file.sampler == "grid" and len(trials) else []),
           *(["## Interaction", "", *interaction_md, ""] if interaction_md else []),
           *(["## How early the answer was known", "", *early_md, ""] if early_md else []),
+          *(["## Probe protocols", "", *protocols_md, ""] if protocols_md else []),
           "## Summary (per level)", "", md_table(page_summary(summary, factors)) if len(summary) else "(no trials)",
           "", "All columns, the 95 % intervals' ends apart: `summary.csv`.", "", *dictionary]
     if study_file.reference.get("values"):

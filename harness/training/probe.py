@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -93,7 +95,10 @@ def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes: int) -> dict:
+def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes: int,
+                   resume: ProbeResume | None = None) -> dict:
+    """The standard protocol; with `resume`, every epoch's state is kept so that a probe killed
+    (preempted, out of time) goes on from its last epoch to the result an uninterrupted one gives."""
     before = _snapshot(backbone)
     backbone.eval()  # frozen, BN statistics included
     for p in backbone.parameters():
@@ -103,12 +108,56 @@ def standard_probe(cfg: RunConfig, backbone: nn.Module, splits, device, classes:
               else torch.contiguous_format)
     backbone.to(memory_format=torch.channels_last)  # faster inference convolutions; values unchanged
     try:
-        return _train_classifier(cfg, backbone, before, splits, device, classes)
+        return _train_classifier(cfg, backbone, before, splits, device, classes, resume)
     finally:
         backbone.to(memory_format=layout)
 
 
-def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits, device, classes: int) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ProbeResume:
+    """Where a standard probe keeps its per-epoch state, and what it must match to be resumed: the
+    probe's settings and the checkpoint it probes (another of either starts afresh)."""
+    directory: Path
+    key: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig, run_dir: Path, protocol: str, trained_epoch: int | None) -> ProbeResume:
+        settings = {"eval": dataclasses.asdict(cfg.eval), "test_subset": cfg.data.test_subset,
+                    "seed": cfg.runtime.seed, "trained_epoch": trained_epoch}
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return cls(Path(run_dir) / f"probe-{protocol}-state", key)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / "state.pt"
+
+    def load(self) -> dict | None:
+        """The last epoch's state, if it is this probe's (a torn or foreign file: start afresh)."""
+        try:
+            state = ckpt.load_file(self.path) if self.path.exists() else None
+        except ckpt.CheckpointError as exc:
+            warnings.warn(f"{exc}; the probe starts from its first epoch", stacklevel=2)
+            return None
+        return state if state is not None and state.get("key") == self.key else None
+
+    def save(self, state: dict) -> None:
+        """Written atomically (a temporary file renamed over the last), as the run's checkpoints are."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / ".state.pt.tmp"
+        with open(tmp, "wb") as fh:
+            torch.save({"format": ckpt.FORMAT, **state, "key": self.key}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()
+
+
+def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits, device, classes: int,
+                      resume: ProbeResume | None = None) -> dict:
     e = cfg.eval
     fc = nn.Linear(backbone.out_dim, classes)
     with torch.no_grad():  # N(0, 0.01), zero bias; seeded so that a probe is reproducible
@@ -128,8 +177,15 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
     # The backbone is frozen in eval mode, so main_lincls's per-epoch validation sees the same test
     # features every epoch: extract them once (identical numbers, one pass instead of `epochs`).
     test_feats, test_labels = extract(backbone, split_batches(cfg, "test", device, splits), device)
-    best, history = {"top1": -1.0}, []
-    for epoch in range(e.probe_epochs):
+    best, history, start = {"top1": -1.0}, [], 0
+    saved = resume.load() if resume is not None else None
+    if saved is not None:  # every epoch's batches and augmentations come from seeds: this one goes on exactly
+        classifier.load_state_dict(saved["classifier"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict({**saved["schedule"], "milestones": Counter(saved["schedule"]["milestones"])})
+        best, history, start = saved["best"], saved["history"], saved["epoch"]
+        print(f"[probe] resumed the standard probe after epoch {start} of {e.probe_epochs}", flush=True)
+    for epoch in range(start, e.probe_epochs):
         for x, y in train_views(epoch):
             with torch.no_grad(), inference_autocast(device):
                 feats = backbone(x.contiguous(memory_format=torch.channels_last))
@@ -149,6 +205,12 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
         history.append(current)
         if current["top1"] > best["top1"]:
             best = current
+        if resume is not None:
+            schedule = sched.state_dict()
+            resume.save({"epoch": epoch + 1, "classifier": classifier.state_dict(), "optimizer": opt.state_dict(),
+                         "schedule": {**schedule, "milestones": dict(schedule["milestones"])},
+                         "best": best, "history": history})
+            faults.kill_point("probe-epoch", resume.directory.parent, step=epoch + 1)
     # main_lincls's sanity check: the probe must not have touched the backbone.
     after = backbone.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
@@ -205,7 +267,8 @@ def pixel_floor(cfg: RunConfig, splits, device, classes: int) -> float:
 
 # ---------------------------------------------------------------- entry points
 
-def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol: str) -> dict:
+def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol: str,
+                   resume: ProbeResume | None = None) -> dict:
     if splits is None and cfg.data.dataset != "imagefolder":
         splits = load_tensors(cfg)
     classes = NUM_CLASSES.get(cfg.data.dataset) or folder_classes(cfg)
@@ -218,7 +281,7 @@ def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol
         result = {**fast_probe(tr_x, tr_y, te_x, te_y, classes, cfg.runtime.seed),
                   "train_size": len(tr_y), "test_size": len(te_y)}
     else:
-        result = standard_probe(cfg, backbone, splits, device, classes)
+        result = standard_probe(cfg, backbone, splits, device, classes, resume)
     out = {"protocol": protocol, **result, "seconds": time.perf_counter() - tic, "feature_dim": backbone.out_dim,
            "features_read_in": str(inference_dtype(device)).removeprefix("torch.")}
     if cfg.eval.pixel_floor and splits is not None:
@@ -227,16 +290,18 @@ def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol
 
 
 def probe_path(cfg: RunConfig, run_dir: Path, protocol: str) -> Path:
-    return run_dir / ("probe.json" if protocol == cfg.eval.probe else f"probe-{protocol}.json")
+    return runio.probe_file(run_dir, protocol, cfg.eval.probe)
 
 
 def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device, protocol: str | None = None,
               epoch: int | None = None) -> dict:
     protocol = protocol or cfg.eval.probe
     faults.kill_point("probe", run_dir)
-    result = probe_backbone(cfg, encoder.backbone, splits, device, protocol)
+    resume = ProbeResume.of(cfg, run_dir, protocol, epoch)
+    result = probe_backbone(cfg, encoder.backbone, splits, device, protocol, resume)
     result["epoch"] = epoch if epoch is not None else cfg.optim.epochs
     runio.write_json(probe_path(cfg, run_dir, protocol), result)
+    resume.clear()  # the result is written: its epochs' state is spent
     return result
 
 

@@ -1,5 +1,6 @@
 """kNN monitor and linear probes."""
 import json
+import os
 import subprocess
 import sys
 
@@ -230,3 +231,41 @@ def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, t
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast = json.loads((run / "probe-fast.json").read_text())
     assert (fast["train_size"], fast["test_size"]) == (n_train, n_val) and fast["top1"] > 0.6
+
+
+def test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    """The standard probe keeps each epoch's state (classifier, optimizer, schedule, best so far):
+    killed after epoch 2 of 4, the same command goes on from there and gives the uninterrupted
+    result; a probe with other settings never resumes from it; a finished probe leaves no state."""
+    from harness import probe
+
+    run = tmp_path / "run"
+    small = ["data.train_subset=256", "data.test_subset=128", "optim.batch_size=64", "optim.epochs=1",
+             "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none", "model.tiny_widths=[8,16,32]"]
+    args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
+    assert subprocess.run(args, capture_output=True, timeout=hang_s()).returncode == 0
+    standard = [str(run), "--protocol", "standard", "--set", "eval.probe_epochs=4", "--set", "eval.probe_batch_size=64"]
+
+    def result() -> dict:
+        out = json.loads((run / "probe-standard.json").read_text())
+        return {k: v for k, v in out.items() if k != "seconds"}
+
+    assert probe.main(standard) == 0
+    straight = result()
+    assert not (run / "probe-standard-state").exists()  # spent once the result is written
+    (run / "probe-standard.json").unlink()
+    killed = subprocess.run([sys.executable, "-m", "harness.probe", *standard], capture_output=True, text=True,
+                            timeout=hang_s(), env={**os.environ, "HARNESS_FAULT": "probe-epoch@2"})
+    assert killed.returncode == -9 and not (run / "probe-standard.json").exists()
+    capsys.readouterr()
+    assert probe.main(standard) == 0
+    assert "resumed the standard probe after epoch 2 of 4" in capsys.readouterr().out
+    assert result() == straight and len(straight["top1_per_epoch"]) == 4
+    # Other settings (here the learning rate) are another probe: it starts from its first epoch.
+    (run / ".fault-probe-epoch@2").unlink()  # a fault fires once per run directory: arm it again
+    again = subprocess.run([sys.executable, "-m", "harness.probe", *standard], capture_output=True, timeout=hang_s(),
+                           env={**os.environ, "HARNESS_FAULT": "probe-epoch@2"})
+    assert again.returncode == -9 and (run / "probe-standard-state" / "state.pt").exists()
+    capsys.readouterr()
+    assert probe.main([*standard, "--set", "eval.probe_lr=3"]) == 0
+    assert "resumed" not in capsys.readouterr().out

@@ -1,0 +1,69 @@
+"""Re-evaluation of a finished study (`python -m harness.study NAME --evaluate standard`): every
+finished run gains the second protocol through jobs of its own, nothing is trained again, a failed
+evaluation is tried again, and the report shows both protocols side by side."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from timing import hang_s
+
+from harness.run.runio import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = """\
+description: 2 tiny trials probed fast; the standard probe is added afterwards
+recipe: fmnist-tiny
+overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=256, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
+            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128, eval.probe=fast,
+            eval.probe_epochs=3, eval.probe_batch_size=64]
+factors: {moco.momentum: [0.9, 0.99]}
+seeds: [0, 1]
+retries: 1
+resources: {cpus: 1, mem_gb: 2, time_min: 10}
+"""
+KEYS = [f"momentum={m},seed={s}" for m in (0.9, 0.99) for s in (0, 1)]
+
+
+def _study(tmp_path: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HARNESS_RESULTS": str(tmp_path / "results"), **({"HARNESS_FAULT": fault} if fault else {})}
+    return subprocess.run([sys.executable, "-m", "harness.study", str(tmp_path / "evaluated.yaml"), "--executor", "local",
+                           "--poll", "0.5", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=hang_s())
+
+
+def _trained(run: Path) -> tuple:
+    """What pretraining left: its attempts, its metrics, its checkpoints."""
+    return (len(read_jsonl(run / "attempts.jsonl")), (run / "metrics.jsonl").read_text(),
+            sorted((p.name, p.stat().st_mtime_ns) for p in (run / "checkpoints").iterdir()))
+
+
+@pytest.mark.slow
+def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
+    (tmp_path / "evaluated.yaml").write_text(STUDY)
+    first = _study(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = {key: tmp_path / "results" / "evaluated" / "runs" / key for key in KEYS}
+    before = {key: _trained(run) for key, run in runs.items()}
+    assert all(json.loads((run / "probe.json").read_text())["protocol"] == "fast" for run in runs.values())
+
+    # The first try of every evaluation fails (an injected error): each is tried again, nothing retrains.
+    added = _study(tmp_path, "--evaluate", "standard", fault="evaluate")
+    assert added.returncode == 0, added.stderr[-3000:]
+    assert "standard evaluation of 4 finished run(s): no training" in added.stdout
+    assert "standard evaluation of 4 finished run(s) (try 2): no training" in added.stdout
+    assert "standard evaluation: 4 run(s) evaluated" in added.stdout
+    for key, run in runs.items():
+        standard = json.loads((run / "probe-standard.json").read_text())
+        assert standard["protocol"] == "standard" and len(standard["top1_per_epoch"]) == 3
+        assert json.loads((run / "probe.json").read_text())["protocol"] == "fast"  # the first protocol stays
+        assert _trained(run) == before[key]  # no pretraining ran: same attempts, metrics and checkpoints
+    report = (tmp_path / "results" / "evaluated" / "report" / "report.md").read_text()
+    section = report.split("## Probe protocols")[1].split("\n## ")[0]
+    assert "fast top-1" in section and "standard top-1" in section and "standard − fast" in section
+    assert "Rank correlation (Spearman) of the levels' means between the protocols" in section
+
+    again = _study(tmp_path, "--evaluate", "standard", "--no-report")
+    assert again.returncode == 0 and "standard evaluation: 0 run(s) evaluated" in again.stdout
+    assert "no training" not in again.stdout  # nothing was submitted
