@@ -147,6 +147,14 @@ MUTANTS = [
     Mutant("probe-state-not-resumed", "harness/training/probe.py",
            "saved = resume.load() if resume is not None else None", "saved = None",
            ("tests/training/test_eval.py::test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result",)),
+    Mutant("cmyk-to-the-batched-decode", "harness/data/folder_views.py",
+           "jpegs = [i for i, c in enumerate(components) if c in (1, 3)]",
+           "jpegs = [i for i, c in enumerate(components) if c is not None]",
+           ("tests/data/test_folder_views.py::test_device_decode_takes_cmyk_damaged_files_and_a_failed_batch_image_by_image",)),
+    Mutant("unreadable-file-stops-the-epoch", "harness/data/folder_views.py",
+           "    except (OSError, ValueError, SyntaxError):\n        height, width = shape",
+           "    except SyntaxError:\n        height, width = shape",
+           ("tests/data/test_folder_views.py::test_device_decode_takes_cmyk_damaged_files_and_a_failed_batch_image_by_image",)),
 ]
 
 

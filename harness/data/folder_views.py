@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -128,22 +129,91 @@ def collate_encoded(items):
     return list(data), torch.stack(boxes), torch.stack(flips), torch.tensor(index)
 
 
+# SOF markers (baseline, progressive, lossless, arithmetic): their segment says how many components.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_components(data: torch.Tensor) -> int | None:
+    """The number of colour components a JPEG's header declares (1 gray, 3 YCbCr, 4 CMYK/YCCK), or None
+    when the bytes are not a JPEG whose frame header could be found (read from the header only)."""
+    raw = bytes(data[:65536].tolist()) if len(data) > 4 else b""
+    if raw[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 4 <= len(raw):
+        if raw[at] != 0xFF:
+            return None
+        marker, length = raw[at + 1], int.from_bytes(raw[at + 2:at + 4], "big")
+        if marker in _SOF:
+            return raw[at + 9] if at + 9 < len(raw) else None
+        at += 2 + length
+    return None
+
+
+def _decode_on_cpu(data: torch.Tensor, shape: tuple[int, int]):
+    """One image decoded by PIL (what nvjpeg cannot: CMYK, damaged files), CHW uint8 RGB; an image
+    PIL cannot read either becomes mid-gray of `shape` (height, width), so an epoch never stops on
+    one file. Returns (image, whether it was readable)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(bytes(data.tolist()))) as image:
+            rgb = image.convert("RGB")
+            return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.size[1], rgb.size[0], 3).permute(2, 0, 1), True
+    except (OSError, ValueError, SyntaxError):
+        height, width = shape
+        return torch.full((3, height, width), 128, dtype=torch.uint8), False
+
+
 def decode_on_device(data: list, boxes: torch.Tensor, flips: torch.Tensor, size: int,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device, fallbacks: Counter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both views (float in [0, 1], NCHW) of encoded images, decoded on `device` (nvjpeg on CUDA;
-    libjpeg-turbo on the CPU), cropped and resized there (bilinear, antialiased)."""
+    libjpeg-turbo on the CPU), cropped and resized there (bilinear, antialiased).
+
+    What the batched decode cannot take goes image by image to the CPU, counted in `fallbacks`:
+    CMYK/YCCK JPEGs (4 components, read from the header; nvjpeg refuses them: `cmyk`), every image of
+    a batch whose batched decode failed (`batch_failed`, then each on its own), and files no decoder
+    reads (`unreadable`: mid-gray, as large as its crop boxes reach)."""
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-    jpeg = [bool(d[:2].tolist() == [0xFF, 0xD8]) for d in data]
+    from harness.run import faults
+
+    fallbacks = fallbacks if fallbacks is not None else Counter()
+    reach = (boxes[..., 0] + boxes[..., 2]).amax(1).tolist(), (boxes[..., 1] + boxes[..., 3]).amax(1).tolist()
+    components = [jpeg_components(d) for d in data]
+    jpegs = [i for i, c in enumerate(components) if c in (1, 3)]
     decoded: list = [None] * len(data)
-    jpegs = [i for i, j in enumerate(jpeg) if j]
     if jpegs:
-        # one batched call: nvjpeg decodes the whole list at once on CUDA
-        for i, image in zip(jpegs, decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
-            decoded[i] = image
-    for i in (i for i, j in enumerate(jpeg) if not j):  # PNG and others: the CPU decodes them
-        decoded[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
+        try:
+            faults.raise_once("decode-batch")
+            # one batched call: nvjpeg decodes the whole list at once on CUDA
+            for i, image in zip(jpegs, decode_jpeg([data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)):
+                decoded[i] = image
+        except RuntimeError:
+            fallbacks["batch_failed"] += 1
+            for i in jpegs:
+                try:
+                    decoded[i] = decode_jpeg(data[i], mode=ImageReadMode.RGB, device=device)
+                except RuntimeError:
+                    decoded[i] = None
+    for i in range(len(data)):
+        if decoded[i] is not None:
+            continue
+        if components[i] == 4:
+            fallbacks["cmyk"] += 1
+        elif components[i] is None:  # PNG and other formats: the CPU decodes them (not a fallback)
+            try:
+                decoded[i] = decode_image(data[i], mode=ImageReadMode.RGB).to(device)
+                continue
+            except RuntimeError:
+                pass
+        image, readable = _decode_on_cpu(data[i], (int(reach[0][i]), int(reach[1][i])))
+        if not readable:
+            fallbacks["unreadable"] += 1
+        decoded[i] = image.to(device)
     views = []
     for v in range(2):
         out = []
@@ -167,6 +237,8 @@ class FolderViews:
         self.cfg, self.device, self.rank, self.world = cfg, device, rank, world
         spec, size = view_spec(cfg), cfg.data.image_size
         self.encoded = cfg.data.loader == "device_decode"
+        self.decode_fallbacks: Counter = Counter()  # device_decode: images the batched decode could not take
+        self._warned_epoch = None
         self.dataset = CropFlipPairs(samples, spec, size, encoded=self.encoded)
         self.augment = BatchAugment(spec, size, *NORMALIZATION["imagefolder"])
         self.size = len(samples)  # training images (the memory bank's entries)
@@ -199,7 +271,12 @@ class FolderViews:
         from the step's generator (both views, in turn)."""
         if self.encoded:
             data, boxes, flips, index = batch
-            x_q, x_k = decode_on_device(data, boxes, flips, self.cfg.data.image_size, self.device)
+            before = sum(self.decode_fallbacks.values())
+            x_q, x_k = decode_on_device(data, boxes, flips, self.cfg.data.image_size, self.device, self.decode_fallbacks)
+            if sum(self.decode_fallbacks.values()) > before and self._warned_epoch != epoch:  # once an epoch
+                self._warned_epoch = epoch
+                print(f"[data] decoded on the CPU instead (so far): {dict(self.decode_fallbacks)} (harness.data."
+                      "folder_views.decode_on_device)", flush=True)
         else:
             u_q, u_k, index = batch
             x_q, x_k = (u.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255).contiguous()

@@ -70,6 +70,16 @@ def hold(epoch: int) -> None:
                 time.sleep(0.2)
 
 
+_RAISED: set[str] = set()
+
+
+def raise_once(point: str) -> None:
+    """HARNESS_FAULT=<point>: raise a RuntimeError the first time this process reaches <point>."""
+    if point in _faults() and point not in _RAISED:
+        _RAISED.add(point)
+        raise RuntimeError(f"injected fault (HARNESS_FAULT={point})")
+
+
 def raise_point(point: str, run_dir: Path | None = None) -> None:
     if "raise-always" in _faults():  # every attempt: retries run out
         raise RuntimeError("injected fault (HARNESS_FAULT=raise-always)")

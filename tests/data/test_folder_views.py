@@ -302,3 +302,31 @@ def test_a_run_walks_its_image_folder_once(tmp_path, monkeypatch):
     reference = datasets.ImageFolder(str(root / "train"))
     assert probe_set.samples == tuple(reference.samples) and probe_set.classes == reference.classes
     assert probe_set.targets == reference.targets and data_mod.folder_classes(cfg) == len(reference.classes)
+
+
+def test_device_decode_takes_cmyk_damaged_files_and_a_failed_batch_image_by_image(tmp_path, monkeypatch):
+    """What nvjpeg cannot decode goes to the CPU, counted, never a crash: a CMYK JPEG (read from its
+    header), a truncated JPEG (no decoder reads it: mid-gray), and a batched decode that fails (injected
+    once). A whole epoch of views comes out, finite and of the right shape."""
+    from PIL import Image
+
+    from harness.run import faults
+
+    root = fmnist_folder(tmp_path, {"train": 16, "val": 4}, side=48)
+    files = sorted((root / "train").rglob("*.jpg"))
+    Image.open(files[0]).convert("CMYK").save(files[0], "JPEG")
+    whole = files[1].read_bytes()
+    files[1].write_bytes(whole[:len(whole) * 2 // 3])  # cut mid-scan (header whole), as an interrupted copy leaves it
+    cfg = make_config("imagenet-r50-v2", [*FOLDER, f"data.root={root}", "data.image_size=32", "data.loader=device_decode",
+                                          "optim.batch_size=4", "data.num_workers=0"])
+    monkeypatch.setenv("HARNESS_FAULT", "decode-batch")
+    monkeypatch.setattr(faults, "_RAISED", set())
+    views = pretrain_views(cfg, torch.device("cpu"))
+    seen = 0
+    for x_q, x_k, index in views.epoch(0, indices=True):
+        assert x_q.shape == x_k.shape == (4, 3, 32, 32) and torch.isfinite(x_q).all() and torch.isfinite(x_k).all()
+        seen += len(index)
+    assert seen == views.steps_per_epoch * 4 == 16  # every image once
+    decoded = views.decode_fallbacks
+    assert decoded["batch_failed"] in (1, 2)  # the injected failure, and the batch holding the truncated file
+    assert decoded["cmyk"] == 1 and decoded["unreadable"] == 1  # each file once an epoch
