@@ -155,6 +155,9 @@ MUTANTS = [
            "    except (OSError, ValueError, SyntaxError):\n        height, width = shape",
            "    except SyntaxError:\n        height, width = shape",
            ("tests/data/test_folder_views.py::test_device_decode_takes_cmyk_damaged_files_and_a_failed_batch_image_by_image",)),
+    Mutant("trial-job-probes-itself", "harness/execution/driver.py",
+           "probe=self.eval_resources is None)))", "probe=True)))",
+           ("tests/execution/test_evaluate.py::test_with_resources_eval_each_pretrained_run_is_evaluated_by_a_job_of_its_own",)),
 ]
 
 

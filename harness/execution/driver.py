@@ -93,6 +93,7 @@ class Driver:
         self.epochs = self.points[0][1].optim.epochs
         self.resources = self.study.resources_for(self.recipe)
         self.gpus = self.resources.gpus * self.resources.nodes
+        self.eval_resources = self.resources.for_evaluation()  # resources.eval: evaluation as a job of its own
         if opts.workers and self.resources.trials_per_job > 1:
             raise StudyError(f"{self.study.path}: resources.trials_per_job: packing is for the driver's jobs; "
                              f"--workers already runs one trial per worker process (drop one of them).")
@@ -102,6 +103,9 @@ class Driver:
                              f"{self.resources.gpus}, tasks {self.resources.tasks}, nodes {self.resources.nodes}); "
                              f"--workers runs one process per trial. Drop --workers (the driver's jobs run DDP), "
                              f"or give each trial one GPU (--set is not enough: resources.gpus: 1 in the study).")
+        if opts.workers and self.eval_resources is not None:
+            raise StudyError(f"{self.study.path}: resources.eval: evaluation jobs are the driver's; --workers probes in "
+                             "each worker (drop one of them).")
         if opts.workers and (self.study.sampler != "grid" or self.study.race):
             raise StudyError("--workers: worker mode runs a fixed grid; searches and adaptive seeds need the "
                              "driver's rounds (drop --workers).")
@@ -161,6 +165,11 @@ class Driver:
         self.executor = executors.make_executor(self.kind, self.dir / "jobs", self.resources, self.name,
                                              self.opts.parallel)
         self.executor.preflight()  # a refused account/QOS/partition, too few GPUs: one line, before any trial is asked
+        self.eval_executor = None
+        if self.eval_resources is not None:
+            self.eval_executor = executors.make_executor(self.kind, self.dir / "jobs-eval", self.eval_resources,
+                                                         f"{self.name}-eval", self.opts.parallel)
+            self.eval_executor.preflight()
         self.code_dir = snapshot.take(self.dir / "code")  # what every job of this driver runs
         if self.tracking_uri:  # the driver's own client: jobs get no tracking URI (harness.execution.tracking)
             self.tracker = tracking.MlflowRelay(self.tracking_uri, self.name, self.dir, list(self.study.factors),
@@ -260,7 +269,8 @@ class Driver:
             # A driver that waits relays pruning: its jobs never open the storage (harness.execution.pruning_relay).
             relay = max(RELAY_WAIT_S, RELAY_WAIT_POLLS * self.opts.poll) if self.opts.wait else None
             prepared.append((trial, TrialJob(spec, None if relay else self.storage_url, self.name,
-                                                    trial_id(trial), pruner, threads, relay_wait_s=relay)))
+                                                    trial_id(trial), pruner, threads, relay_wait_s=relay,
+                                                    probe=self.eval_resources is None)))
         if not prepared:
             return 0
         by_key = {job.spec.key: trial for trial, job in prepared}
@@ -284,6 +294,10 @@ class Driver:
         """Tell Optuna the outcome of every RUNNING trial whose job has ended (or vanished)."""
         # Workers tell Optuna themselves (heartbeats cover the ones that die).
         running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get(record.EXECUTOR) != "worker"]
+        evaluating = [t for t in running if record.EVAL_JOB_ID in t.user_attrs]
+        if evaluating:
+            self.reconcile_evaluations(evaluating)
+        running = [t for t in running if record.EVAL_JOB_ID not in t.user_attrs]
         if any(record.JOB_ID not in t.user_attrs for t in running):
             self._recover_job_ids(running)
         mine = {t.user_attrs[record.JOB_ID]: t.user_attrs.get(record.SUBMITTED, 0) for t in running
@@ -320,6 +334,9 @@ class Driver:
                 t.user_attrs[record.JOB_ID] = by_trial[trial_id(t)]
 
     def finalize(self, t, state: str) -> None:
+        if self.eval_executor is not None and self._awaits_evaluation(t):
+            self.submit_evaluation(t)  # the pretraining job has ended and freed its devices
+            return
         result = read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective, self.gpus)
         if result.outcome is Outcome.FAILED and result.reason is None:
             status = runio.read_status(self.dir / t.user_attrs[record.RUN_DIR])
@@ -327,6 +344,56 @@ class Driver:
                      if status.get("epoch") is not None else " (before training started)")
             result.reason = self.executor.failure(t.user_attrs[record.JOB_ID], state, t.user_attrs.get(record.KEY)) + where
         tell(self.ostudy, t, result)
+
+    # -------------------------------------------------------------- evaluation jobs (resources.eval)
+    def _configured_probe(self, t) -> str:
+        return str(make_spec(self.study, t.params, self.dir, self.opts.recipe, self.opts.overrides,
+                             self.gpus).config.eval.probe)
+
+    def _awaits_evaluation(self, t) -> bool:
+        """A completed pretraining whose probe has not been written: its evaluation job is due."""
+        run_dir = self.dir / t.user_attrs[record.RUN_DIR]
+        protocol = self._configured_probe(t)
+        return (runio.read_status(run_dir).get("status") == Outcome.COMPLETED.value and protocol != "none"
+                and not runio.probe_file(run_dir, protocol, protocol).exists())
+
+    def submit_evaluation(self, t) -> None:
+        from harness.execution.jobs import EvalJob
+
+        assert self.eval_executor is not None
+        tries = int(t.user_attrs.get(record.EVAL_TRIES, 0)) + 1
+        run_dir = (self.dir / t.user_attrs[record.RUN_DIR]).resolve()
+        threads = self.eval_executor.threads_per_process(self.opts.parallel)
+        job = self.eval_executor.submit([EvalJob(str(run_dir), self._configured_probe(t), threads)], self.code_dir)[0]
+        set_running_attrs(self.ostudy, t, {record.EVAL_JOB_ID: str(job.job_id), record.EVAL_SUBMITTED: time.time(),
+                                           record.EVAL_TRIES: tries})
+        print(f"[study {self.name}] {t.user_attrs.get(record.KEY)}: pretrained; evaluation job {job.job_id} submitted"
+              f"{f' (try {tries})' if tries > 1 else ''}", flush=True)
+
+    def reconcile_evaluations(self, evaluating) -> None:
+        """Record the trials whose evaluation job has ended; a failed one is tried again (up to the
+        study's retries) without training again, then the trial fails with the reason, the run kept."""
+        assert self.eval_executor is not None
+        ended = self.eval_executor.ended({t.user_attrs[record.EVAL_JOB_ID]: t.user_attrs.get(record.EVAL_SUBMITTED, 0)
+                                          for t in evaluating})
+        for t in evaluating:
+            job_id = t.user_attrs[record.EVAL_JOB_ID]
+            if job_id not in ended:
+                continue
+            if not self._awaits_evaluation(t):  # the probe is written: the trial's result is whole
+                tell(self.ostudy, t, read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective,
+                                                       self.gpus))
+                continue
+            reason = self.eval_executor.failure(job_id, ended[job_id])
+            if int(t.user_attrs.get(record.EVAL_TRIES, 1)) <= self.study.retries:
+                print(f"[study {self.name}] {t.user_attrs.get(record.KEY)}: evaluation failed ({reason}); "
+                      "tried again, no training", flush=True)
+                self.submit_evaluation(t)
+            else:
+                tell_failure(self.ostudy, t, Outcome.FAILED,
+                             f"evaluation failed after {t.user_attrs.get(record.EVAL_TRIES)} tries ({reason}); the "
+                             f"pretraining is complete: `python -m harness.study {self.study.name} --evaluate "
+                             f"{self._configured_probe(t)}` evaluates it again")
 
     # -------------------------------------------------------------- worker mode
     def run_workers(self) -> None:

@@ -27,7 +27,7 @@ class TrialJob(submitit.helpers.Checkpointable):
     `run_trial` resumes from the run directory's checkpoint, so no state travels in the pickle."""
 
     def __init__(self, spec: TrialSpec, storage_url: str | None, study_name: str, trial_id: int,
-                 pruner: tuple | None, threads: int = 0, relay_wait_s: float | None = None):
+                 pruner: tuple | None, threads: int = 0, relay_wait_s: float | None = None, probe: bool = True):
         """`pruner`: (name, epochs, args) for studyfile.make_pruner, or None for no pruning.
         `relay_wait_s`: pruning goes through the run directory to the driver (harness.execution.pruning_relay),
         which answers within this many seconds; the job never opens the storage (`storage_url` None).
@@ -35,6 +35,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         self.spec, self.storage_url, self.study_name = spec, storage_url, study_name
         self.trial_id, self.pruner, self.threads = trial_id, pruner, threads
         self.relay_wait_s = relay_wait_s
+        self.probe = probe  # False: the job ends with pretraining; the driver submits the evaluation (EvalJob)
 
     def __call__(self) -> str:
         restore_cwd()
@@ -46,7 +47,9 @@ class TrialJob(submitit.helpers.Checkpointable):
             # Older format: jobs pickled before the relay (b02cb9e, 2026-12-01) report themselves; can go with them.
             relay_wait_s = getattr(self, "relay_wait_s", None)
             reporter = RelayReporter(self.spec.run_dir, relay_wait_s) if relay_wait_s else self._reporter()
-        result = run_trial(self.spec, self.threads, reporter, attempt={"job_id": env.job_id})
+        # Older format: jobs pickled before evaluation jobs (issue 37) probe in the job; can go with them.
+        result = run_trial(self.spec, self.threads, reporter, attempt={"job_id": env.job_id},
+                           probe=getattr(self, "probe", True))
         return result.outcome.value
 
     def _reporter(self) -> PruningReporter:

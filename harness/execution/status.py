@@ -28,6 +28,8 @@ if TYPE_CHECKING:  # a back-reference for the annotations only: the driver impor
 def _running_detail(study_dir: Path, t) -> str:
     if record.RUN_DIR not in t.user_attrs:
         return "starting"
+    if record.EVAL_JOB_ID in t.user_attrs:
+        return f"pretrained; evaluating (job {t.user_attrs[record.EVAL_JOB_ID]})"
     records = runio.read_jsonl(study_dir / t.user_attrs[record.RUN_DIR] / "metrics.jsonl")
     epochs = [r for r in records if r.get("kind") == "epoch"]
     if not epochs:

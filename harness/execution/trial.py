@@ -79,7 +79,7 @@ class PruningReporter:
 
 
 def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict], bool] | None = None,
-              attempt: dict | None = None) -> TrialResult:
+              attempt: dict | None = None, probe: bool = True) -> TrialResult:
     """Train (resuming whatever the run directory holds) and probe; the result as the directory says.
 
     Args:
@@ -87,6 +87,7 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict],
         threads: the job's share of its CPUs, used where the study leaves runtime.threads at 0.
         reporter: called after each epoch with (epoch, record); True prunes the run.
         attempt: what the caller knows of this attempt (job id, trial), kept in attempts.jsonl.
+        probe: probe a completed run here (False: its evaluation is a job of its own, harness.execution.jobs.EvalJob).
 
     Returns:
         The TrialResult read back from the run directory (outcome, objective value, attributes).
@@ -101,7 +102,7 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict],
     if threads and not cfg.runtime.threads:
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=threads))
     faults.raise_point("raise-once", spec.run_dir)
-    train(cfg, spec.run_dir, on_epoch=reporter, attempt=attempt, wait_for_lock=True)
+    train(cfg, spec.run_dir, on_epoch=reporter, attempt=attempt, wait_for_lock=True, probe=probe)
     return read_trial_result(spec.run_dir, spec.objective, spec.gpus)
 
 

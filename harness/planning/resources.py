@@ -50,6 +50,21 @@ class Resources:
     python: str | None = None  # the job's interpreter, or a container command ending in python
     srun_args: list = field(default_factory=list)
     additional_parameters: dict = field(default_factory=dict)  # any other sbatch option: {name: value}
+    # The evaluation as a job of its own, after pretraining (None: the probe ends the trial's own job).
+    # Its keys replace the trial's for that job, e.g. {gpus: 1, time_min: 600}; one node, one process.
+    eval: dict | None = None
+
+    def for_evaluation(self) -> Resources | None:
+        """The evaluation job's resources: the trial's, one node and one process (a probe runs on one
+        device) with one GPU's share of its CPUs and memory if it has GPUs, then `eval`'s own keys;
+        None without `eval`."""
+        if self.eval is None:
+            return None
+        base = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "eval"}
+        share = max(self.gpus, 1)
+        base.update(nodes=1, tasks=0, trials_per_job=1, gpus=min(self.gpus, 1), gres=None, gpus_per_task=None,
+                    cpus=max(1, self.cpus // share), mem_gb=self.mem_gb / share if self.mem_gb else 0)
+        return Resources(**{**base, **self.eval})
 
     def gres_gpus(self) -> int | None:
         """The GPU count a `gres` string asks for per node (gpu:8, gpu:a100:8), None without one."""
@@ -74,13 +89,14 @@ def _fail(where: Path | str, key: str, message: str) -> StudyError:
     return StudyError(f"{where}: {key}: {message}")
 
 
-def check_resources(where: Path | str, res: Any, whole: bool = True) -> None:
-    """Each key well-formed; with `whole`, also what holds only for the merged set."""
+def check_resources(where: Path | str, res: Any, whole: bool = True, prefix: str = "resources") -> None:
+    """Each key well-formed; with `whole`, also what holds only for the merged set. `prefix`: how the
+    mapping is named in messages (resources, or resources.eval)."""
     if not isinstance(res, dict) or set(res) - RESOURCE_KEYS:
         bad = sorted(set(res) - RESOURCE_KEYS) if isinstance(res, dict) else res
-        raise _fail(where, "resources", f"unknown entries {bad}; allowed: {', '.join(sorted(RESOURCE_KEYS))}.")
+        raise _fail(where, prefix, f"unknown entries {bad}; allowed: {', '.join(sorted(RESOURCE_KEYS))}.")
     for key, value in res.items():
-        name = f"resources.{key}"
+        name = f"{prefix}.{key}"
         if key in STRINGS:
             if value is not None and not (isinstance(value, str) and value.strip()):
                 raise _fail(where, name, f"a non-empty string or null is required, got {value!r}.")
@@ -90,6 +106,15 @@ def check_resources(where: Path | str, res: Any, whole: bool = True) -> None:
         elif key == "exclusive":
             if not isinstance(value, bool):
                 raise _fail(where, name, f"true or false is required, got {value!r}.")
+        elif key == "eval":
+            if value is not None and not isinstance(value, dict):
+                raise _fail(where, name, "a mapping of resources for the evaluation job is required, e.g. "
+                                         "{gpus: 1, time_min: 600}, or null.")
+            if isinstance(value, dict):
+                if "eval" in value or "trials_per_job" in value or "nodes" in value:
+                    raise _fail(where, name, "an evaluation job is one process on one node; eval, nodes and "
+                                             "trials_per_job have no meaning there.")
+                check_resources(where, value, whole=False, prefix="resources.eval")
         elif key == "additional_parameters":
             if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
                                                       for k, v in value.items()):

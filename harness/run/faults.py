@@ -9,8 +9,8 @@ time-limit test), and, once resumed from a checkpoint, finishes without more wai
 paces one trial only. HARNESS_FAULT=stall-<point>@S sleeps S seconds at <point> ("probe": rank 0's
 final probe, made long), nan-loss@N makes the loss NaN at global step N (set in one DDP rank's
 environment: the rank that diverges alone). HARNESS_FAULT=hold@DIR holds every run after epoch E
-for as long as the file DIR/hold-E exists: a test decides when training goes on, instead of guessing
-how long it takes.
+for as long as the file DIR/hold-E exists (the standard probe after its epoch E: DIR/hold-probe-E): a
+test decides when training goes on, instead of guessing how long it takes.
 Each fires once per run directory (a marker file records it), so the retry that follows succeeds.
 <point>/<run directory name> limits a fault to that trial (one trial of a packed job, or of a study
 whose trials each get their own); several faults at once are joined by '+'
@@ -62,11 +62,12 @@ def pace(run_dir: Path | None = None, resumed: bool = False) -> None:
             time.sleep(float(seconds))
 
 
-def hold(epoch: int) -> None:
+def hold(epoch: int, stage: str = "") -> None:
+    """HARNESS_FAULT=hold@DIR: wait here while DIR/hold-<stage><epoch> exists."""
     for wanted in _faults():
         name, _, directory = wanted.partition("@")
         if name == "hold":
-            while (Path(directory) / f"hold-{epoch}").exists():
+            while (Path(directory) / f"hold-{stage}{epoch}").exists():
                 time.sleep(0.2)
 
 

@@ -23,6 +23,9 @@ SHARED_HOURS = "shared_hours"  # a SHARED trial: the training hours it did not r
 HOURS = "hours"  # training (and final probe) hours of the run, 0 for a SHARED trial
 GPU_HOURS = "gpu_hours"
 IDENTITY = "identity"  # the run's identity digest (harness.run.identity)
+EVAL_JOB_ID = "eval_job_id"  # with resources.eval: the evaluation job of a pretrained run (the trial waits on it)
+EVAL_SUBMITTED = "eval_submitted"  # time.time() when that evaluation job was submitted
+EVAL_TRIES = "eval_tries"  # evaluation jobs submitted for the trial so far (retried up to the study's retries)
 
 # -- on the study -------------------------------------------------------------------------------
 SIGNATURE = "signature"  # how it was started: recipe, --set overrides, the study file's text

@@ -211,6 +211,7 @@ def _train_classifier(cfg: RunConfig, backbone: nn.Module, before: dict, splits,
                          "schedule": {**schedule, "milestones": dict(schedule["milestones"])},
                          "best": best, "history": history})
             faults.kill_point("probe-epoch", resume.directory.parent, step=epoch + 1)
+            faults.hold(epoch + 1, "probe-")
     # main_lincls's sanity check: the probe must not have touched the backbone.
     after = backbone.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]

@@ -290,3 +290,59 @@ def test_a_grid_larger_than_max_array_size_is_submitted_as_several_arrays(tmp_pa
         assert len({job.job_id.split("_")[0] for job in jobs}) == 2 and all(job.result() is None for job in jobs)
     finally:
         subprocess.run(["scancel", *[job.job_id for job in jobs]], env=slurm.env, capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_frees_its_allocation_before_its_evaluation_job_which_resumes_after_a_requeue(tmp_path, slurm):
+    """resources.eval on the real cluster: a 2-task DDP pretraining job ends (sacct: COMPLETED) before
+    its evaluation job starts; that job, requeued while it waits after the standard probe's epoch 2,
+    goes on from its saved state and ends with the probe an uninterrupted one gives."""
+    import torch
+
+    from harness.run.runio import read_jsonl
+    from harness.training.probe import load_trained_encoder, probe_backbone
+
+    study = DDP_PAIR.replace("optim.epochs=6", "optim.epochs=2").replace(
+        "eval.probe=none", "eval.probe=standard, eval.probe_epochs=4, eval.probe_batch_size=64").replace(
+        "resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10}",
+        "resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10, eval: {cpus: 1, time_min: 10}}")
+    (tmp_path / "ddp.yaml").write_text(study)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    (gates / "hold-probe-2").touch()  # the evaluation waits after its probe's epoch 2 until the requeue
+    env = {**os.environ, **slurm.env, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": "",
+           "HARNESS_RESULTS": str(tmp_path / "results"), "HARNESS_FAULT": f"hold@{gates}"}
+    driver = subprocess.Popen([sys.executable, "-m", "harness.study", str(tmp_path / "ddp.yaml"), "--poll", "1",
+                               "--no-report", "--no-share", "--executor", "slurm"], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = tmp_path / "results" / "ddp" / "runs" / "momentum=0.99,seed=0"
+    state = run / "probe-standard-state" / "state.pt"
+    try:
+        deadline = time.time() + hang_s()
+        while not state.exists():
+            assert driver.poll() is None and time.time() < deadline, "the probe's epoch-2 state never appeared"
+            time.sleep(0.5)
+        trials = optuna.load_study(study_name="ddp", storage=f"sqlite:///{tmp_path / 'results' / 'ddp' / 'study.db'}").trials
+        eval_job = trials[0].user_attrs["eval_job_id"]
+        # The gate stays: the held attempt is killed by the requeue; the next one resumes after epoch 2.
+        subprocess.run(["scontrol", "requeue", eval_job], env=slurm.env, check=True)
+        out, _ = driver.communicate(timeout=hang_s())
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-3000:]
+    trial = optuna.load_study(study_name="ddp", storage=f"sqlite:///{tmp_path / 'results' / 'ddp' / 'study.db'}").trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE and "resumed the standard probe after epoch 2 of 4" in \
+        (tmp_path / "results" / "ddp" / "jobs-eval").joinpath(f"{eval_job}_0_log.out").read_text()
+    assert len(read_jsonl(run / "attempts.jsonl")) == 1  # pretrained once
+    accounting = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,Start,End", "-j",
+                                 f"{trial.user_attrs['job_id']},{eval_job}"], env=slurm.env, capture_output=True,
+                                text=True, check=True).stdout.split()
+    rows = {line.split("|")[0]: line.split("|")[1:] for line in accounting}
+    pretraining, evaluation = rows[trial.user_attrs["job_id"]], rows[eval_job]
+    assert pretraining[0] == "COMPLETED" and evaluation[0] == "COMPLETED", rows
+    assert pretraining[2] <= evaluation[1], rows  # the allocation was released before the evaluation began
+    # The same probe, uninterrupted, here: the requeued one gave the same numbers.
+    cfg, encoder, _ = load_trained_encoder(run, torch.device("cpu"))
+    straight = probe_backbone(cfg, encoder.backbone, None, torch.device("cpu"), "standard")
+    written = json.loads((run / "probe.json").read_text())
+    assert written["top1_per_epoch"] == straight["top1_per_epoch"] and written["top1"] == straight["top1"]

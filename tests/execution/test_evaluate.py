@@ -67,3 +67,32 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     again = _study(tmp_path, "--evaluate", "standard", "--no-report")
     assert again.returncode == 0 and "standard evaluation: 0 run(s) evaluated" in again.stdout
     assert "no training" not in again.stdout  # nothing was submitted
+
+
+@pytest.mark.slow
+def test_with_resources_eval_each_pretrained_run_is_evaluated_by_a_job_of_its_own(tmp_path):
+    """resources.eval: the trial's job ends with pretraining (its devices freed), the driver then submits
+    the evaluation as a job of its own; one that fails (injected, once per run) is tried again and the
+    trial completes without a second pretraining."""
+    study = STUDY.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "resources: {cpus: 1, mem_gb: 2, time_min: 10}", "resources: {cpus: 1, mem_gb: 2, time_min: 10, eval: {time_min: 5}}")
+    (tmp_path / "evaluated.yaml").write_text(study)
+    ran = _study(tmp_path, "--no-report", fault="evaluate")
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    out = ran.stdout
+    keys = [k for k in KEYS if k.endswith("seed=0")]
+    for key in keys:
+        assert f"{key}: pretrained; evaluation job" in out and f"{key}: evaluation failed (" in out
+        assert "injected fault (HARNESS_FAULT=evaluate)" in out
+        run = tmp_path / "results" / "evaluated" / "runs" / key
+        assert json.loads((run / "probe.json").read_text())["protocol"] == "fast"
+        assert len(read_jsonl(run / "attempts.jsonl")) == 1  # pretrained once: the retry only evaluated
+    import optuna
+
+    trials = optuna.load_study(study_name="evaluated", storage=f"sqlite:///{tmp_path / 'results' / 'evaluated' / 'study.db'}").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
+    assert all(t.user_attrs["eval_tries"] == 2 and t.value == t.user_attrs["probe_top1"] for t in trials)
+    # The evaluation ran in jobs of its own (their own folder and scheduler ids), after the trial's job.
+    eval_jobs = {t.user_attrs["eval_job_id"] for t in trials}
+    assert eval_jobs.isdisjoint({t.user_attrs["job_id"] for t in trials})
+    assert all(any((tmp_path / "results" / "evaluated" / "jobs-eval").glob(f"{job}_*")) for job in eval_jobs)

@@ -157,3 +157,15 @@ def test_a_wrong_tracking_setting_names_its_key(tracking, field):
         parse_study("smoke", STUDY_DIR / "smoke.yaml", {**VALID, "tracking": tracking})
     assert parse_study("smoke", STUDY_DIR / "smoke.yaml",
                        {**VALID, "tracking": {"mlflow": "http://mlflow.lab:5000"}}).tracking == {"mlflow": "http://mlflow.lab:5000"}
+
+
+@pytest.mark.parametrize("evaluation, says", [(5, "a mapping of resources for the evaluation job"),
+                                              ({"nodes": 2}, "one process on one node"),
+                                              ({"gpus": -1}, "eval.gpus: a non-negative number")])
+def test_a_wrong_evaluation_resource_names_its_key(evaluation, says):
+    with pytest.raises(StudyError, match=f"smoke.yaml: resources.*{says}"):
+        parse_study("smoke", STUDY_DIR / "smoke.yaml", {**VALID, "resources": {"eval": evaluation}})
+    study = parse_study("smoke", STUDY_DIR / "smoke.yaml", {**VALID, "resources": {"gpus": 8, "cpus": 80,
+                                                                                   "eval": {"time_min": 600}}})
+    evaluation_job = study.resources_for().for_evaluation()
+    assert (evaluation_job.gpus, evaluation_job.cpus, evaluation_job.nodes, evaluation_job.time_min) == (1, 10, 1, 600)
