@@ -193,8 +193,15 @@ def _cost_lines(driver: Driver, n: int, threads: int) -> list[str]:
     per_trial = res.gpus * res.nodes * res.time_min / 60
     first = f"the first round at most {len(driver.points) // s.race.max * s.race.initial * per_trial:.1f}; " \
         if s.race else ""
+    evaluation = driver.eval_resources
     lines = [f"GPU-hours: {first}at most {n * per_trial:.1f} ({n} trials x {res.gpus * res.nodes} GPUs x "
-             f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}"]
+             f"{res.time_min} min limit){'; CPU-only trials' if res.gpus == 0 else ''}"
+             + ("" if evaluation is None else " for pretraining, its probe not included")]
+    if evaluation is not None:  # resources.eval: the probe is a job of its own, counted apart
+        per_eval = evaluation.gpus * evaluation.time_min / 60
+        lines.append(f"evaluation jobs (resources.eval): at most {n * per_eval:.1f} GPU-hours ({n} jobs x "
+                     f"{evaluation.gpus} GPU x {evaluation.time_min} min limit, {evaluation.cpus} CPUs each)"
+                     f"{'; CPU-only' if evaluation.gpus == 0 else ''}; in all at most {n * (per_trial + per_eval):.1f}")
     first_cfg = driver.points[0][1] if driver.points else None
     if first_cfg is not None and first_cfg.data.dataset == "imagefolder" and res.gpus > 0:
         from harness.planning.input_budget import loader_cores_line

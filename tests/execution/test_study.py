@@ -109,6 +109,13 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path, study_cli):
     params = json.loads(plan.stdout.split("job parameters (local): ", 1)[1].splitlines()[0])
     assert params["gpus_per_node"] == 4 and params["nodes"] == 1 and params["tasks_per_node"] == 4
     assert params["timeout_min"] == 90 and params["cpus_per_task"] == 4  # 16 CPUs over 4 processes
+    # resources.eval: the probe is a job of its own, counted apart: 6 x 1 GPU x 30 min = 3 GPU-hours
+    gpu.write_text(text.replace("time_min: 90}", "time_min: 90, eval: {time_min: 30}}"))
+    apart = study_cli(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
+    assert "GPU-hours: at most 36.0 (6 trials x 4 GPUs x 90 min limit) for pretraining, its probe not included" \
+        in apart.stdout, apart.stderr
+    assert ("evaluation jobs (resources.eval): at most 3.0 GPU-hours (6 jobs x 1 GPU x 30 min limit, 4 CPUs each); "
+            "in all at most 39.0") in apart.stdout
     gpu.write_text(text.replace("gpus: 4,", "gpus: 4, nodes: 2,"))
     two_nodes = study_cli(tmp_path / "res", str(gpu), "--dry-run", "--executor", "local")
     assert two_nodes.returncode == 2 and "resources.nodes: 2 nodes per trial need SLURM" in two_nodes.stderr
