@@ -158,6 +158,14 @@ MUTANTS = [
     Mutant("trial-job-probes-itself", "harness/execution/driver.py",
            "probe=self.eval_resources is None)))", "probe=True)))",
            ("tests/execution/test_evaluate.py::test_with_resources_eval_each_pretrained_run_is_evaluated_by_a_job_of_its_own",)),
+    Mutant("split-bn-evaluates-with-a-stale-estimate", "harness/model/batchnorm.py",
+           "        if not mode:  # evaluation normalises with the shared estimate: the splits' mean, now\n            self._average_splits()",
+           "        pass",
+           ("tests/model/test_moco.py::test_split_batchnorm_normalises_each_split_on_its_own",)),
+    Mutant("split-bn-saves-a-stale-estimate", "harness/model/batchnorm.py",
+           "        self._average_splits()  # a checkpoint's running_mean/var are the splits' mean, as the Colab's\n",
+           "",
+           ("tests/model/test_moco.py::test_split_batchnorm_keeps_the_colabs_running_estimates_without_averaging_every_step",)),
 ]
 
 

@@ -3,14 +3,24 @@ single-device stand-in for multi-GPU BN). Sample n falls in split n % num_splits
 split it is plain BatchNorm2d."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
+    """Each split keeps its own running estimate (`running_mean_split`, `running_var_split`, one
+    entry per split and channel). The Colab repeats the shared estimate into every split before each
+    step and averages them back after it; the update is linear, so the mean over the splits' own
+    estimates is the same recursion, and it is what `running_mean` / `running_var` hold whenever they
+    are read (evaluation mode, a state dict) — without the repeat, average and copy on every call."""
+
     def __init__(self, num_features: int, num_splits: int, **kw):
         super().__init__(num_features, **kw)
         self.num_splits = num_splits
+        if num_splits > 1:
+            self.register_buffer("running_mean_split", self.running_mean.repeat(num_splits))
+            self.register_buffer("running_var_split", self.running_var.repeat(num_splits))
 
     def forward(self, x):
         n, c, h, w = x.shape
@@ -19,12 +29,33 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         if n % s:
             raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by bn_splits={s}")
-        # One running estimate per split during the step, averaged back afterwards.
-        mean_split = self.running_mean.repeat(s)
-        var_split = self.running_var.repeat(s)
-        out = F.batch_norm(x.reshape(-1, c * s, h, w), mean_split, var_split,
+        out = F.batch_norm(x.reshape(-1, c * s, h, w), self.running_mean_split, self.running_var_split,
                            self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
-        self.running_mean.copy_(mean_split.view(s, c).mean(0))
-        self.running_var.copy_(var_split.view(s, c).mean(0))
         self.num_batches_tracked.add_(1)
         return out.view(n, c, h, w)
+
+    @torch.no_grad()
+    def _average_splits(self) -> None:
+        if self.num_splits > 1:
+            c = self.num_features
+            self.running_mean.copy_(self.running_mean_split.view(self.num_splits, c).mean(0))
+            self.running_var.copy_(self.running_var_split.view(self.num_splits, c).mean(0))
+
+    def train(self, mode: bool = True):
+        if not mode:  # evaluation normalises with the shared estimate: the splits' mean, now
+            self._average_splits()
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._average_splits()  # a checkpoint's running_mean/var are the splits' mean, as the Colab's
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Older format: checkpoints written before the per-split estimates (issue 34) hold the shared one
+        # alone; every split starts from it, as the Colab's next step would. Can go with those checkpoints.
+        if self.num_splits > 1 and prefix + "running_mean" in state_dict and prefix + "running_mean_split" not in state_dict:
+            state_dict[prefix + "running_mean_split"] = state_dict[prefix + "running_mean"].repeat(self.num_splits)
+            state_dict[prefix + "running_var_split"] = state_dict[prefix + "running_var"].repeat(self.num_splits)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

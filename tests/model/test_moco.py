@@ -225,9 +225,33 @@ def test_split_batchnorm_normalises_each_split_on_its_own():
         part = out[s::2]
         assert torch.allclose(part.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
     expected = 0.1 * torch.stack([x[0::2].mean((0, 2, 3)), x[1::2].mean((0, 2, 3))]).mean(0)
+    # Each split keeps its own estimate; the shared one (their mean) is what a state dict and evaluation read.
+    assert torch.allclose(bn.running_mean_split.view(2, 3), 0.1 * torch.stack([x[0::2].mean((0, 2, 3)),
+                                                                              x[1::2].mean((0, 2, 3))]), atol=1e-5)
+    bn.eval()  # (a state dict reads the same mean: the next test)
     assert torch.allclose(bn.running_mean, expected, atol=1e-5)
-    bn.eval()
     assert torch.equal(bn(x), F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps))
+
+
+def test_split_batchnorm_keeps_the_colabs_running_estimates_without_averaging_every_step():
+    """Per-split running estimates, averaged when read, follow the Colab's recursion (repeat the shared
+    estimate into the splits, update, average back: every step) to float rounding, over many steps;
+    a state dict written before them loads with every split starting from the shared estimate."""
+    torch.manual_seed(0)
+    bn = SplitBatchNorm(3, num_splits=4)
+    mean, var = torch.zeros(3), torch.ones(3)
+    for step in range(50):
+        x = torch.randn(16, 3, 4, 4) * (1 + step % 3) + step % 5
+        bn(x)
+        parts = x.view(4, 4, 3, 4, 4).transpose(0, 1)  # sample n in split n % 4: parts[s] is split s
+        mean = (0.9 * mean + 0.1 * parts.mean((1, 3, 4))).mean(0)  # the Colab: repeat, update, average back
+        var = (0.9 * var + 0.1 * parts.var((1, 3, 4), correction=1)).mean(0)  # unbiased, as batch_norm keeps
+    state = bn.state_dict()
+    assert torch.allclose(state["running_mean"], mean, atol=1e-5) and torch.allclose(state["running_var"], var, atol=1e-4)
+    old = {k: v for k, v in state.items() if "_split" not in k}
+    fresh = SplitBatchNorm(3, num_splits=4)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.running_mean_split, state["running_mean"].repeat(4))
 
 
 @pytest.mark.parametrize("key_encoder", ["momentum", "shared", "end_to_end"])
