@@ -166,6 +166,10 @@ MUTANTS = [
            "        self._average_splits()  # a checkpoint's running_mean/var are the splits' mean, as the Colab's\n",
            "",
            ("tests/model/test_moco.py::test_split_batchnorm_keeps_the_colabs_running_estimates_without_averaging_every_step",)),
+    Mutant("a-failed-member-fails-the-whole-pack", "harness/execution/jobs.py",
+           "            except Exception as exc:\n                failures[member.run_dir] = f\"{type(exc).__name__}: {exc}\"[:500]",
+           "            except Exception:\n                raise",
+           ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
 ]
 
 

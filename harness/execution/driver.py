@@ -94,6 +94,8 @@ class Driver:
         self.resources = self.study.resources_for(self.recipe)
         self.gpus = self.resources.gpus * self.resources.nodes
         self.eval_resources = self.resources.for_evaluation()  # resources.eval: evaluation as a job of its own
+        self.eval_executor: executors.Executor | None = None
+        self._to_evaluate: list = []  # a round's pretrained runs (and failed evaluations), submitted in packs
         if opts.workers and self.resources.trials_per_job > 1:
             raise StudyError(f"{self.study.path}: resources.trials_per_job: packing is for the driver's jobs; "
                              f"--workers already runs one trial per worker process (drop one of them).")
@@ -165,7 +167,6 @@ class Driver:
         self.executor = executors.make_executor(self.kind, self.dir / "jobs", self.resources, self.name,
                                              self.opts.parallel)
         self.executor.preflight()  # a refused account/QOS/partition, too few GPUs: one line, before any trial is asked
-        self.eval_executor = None
         if self.eval_resources is not None:
             self.eval_executor = executors.make_executor(self.kind, self.dir / "jobs-eval", self.eval_resources,
                                                          f"{self.name}-eval", self.opts.parallel)
@@ -295,6 +296,7 @@ class Driver:
         # Workers tell Optuna themselves (heartbeats cover the ones that die).
         running = [t for t in self.trials() if t.state == RUNNING and t.user_attrs.get(record.EXECUTOR) != "worker"]
         evaluating = [t for t in running if record.EVAL_JOB_ID in t.user_attrs]
+        self._to_evaluate = []
         if evaluating:
             self.reconcile_evaluations(evaluating)
         running = [t for t in running if record.EVAL_JOB_ID not in t.user_attrs]
@@ -314,6 +316,8 @@ class Driver:
                              f"executor, re-attached with {self.kind}")
             elif job_id in ended:
                 self.finalize(t, ended[job_id])
+        if self._to_evaluate:
+            self.submit_evaluations(self._to_evaluate)
 
     def _recover_job_ids(self, running) -> None:
         """A driver killed between submitting and recording job ids left trials without one; find
@@ -335,7 +339,7 @@ class Driver:
 
     def finalize(self, t, state: str) -> None:
         if self.eval_executor is not None and self._awaits_evaluation(t):
-            self.submit_evaluation(t)  # the pretraining job has ended and freed its devices
+            self._to_evaluate.append(t)  # the pretraining job has ended and freed its devices
             return
         result = read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective, self.gpus)
         if result.outcome is Outcome.FAILED and result.reason is None:
@@ -357,18 +361,24 @@ class Driver:
         return (runio.read_status(run_dir).get("status") == Outcome.COMPLETED.value and protocol != "none"
                 and not runio.probe_file(run_dir, protocol, protocol).exists())
 
-    def submit_evaluation(self, t) -> None:
-        from harness.execution.jobs import EvalJob
+    def submit_evaluations(self, trials: list) -> None:
+        """Evaluation jobs for these pretrained runs: resources.eval.trials_per_job of them a job."""
+        from harness.execution.jobs import EvalJob, pack_evaluations
 
-        assert self.eval_executor is not None
-        tries = int(t.user_attrs.get(record.EVAL_TRIES, 0)) + 1
-        run_dir = (self.dir / t.user_attrs[record.RUN_DIR]).resolve()
+        assert self.eval_executor is not None and self.eval_resources is not None
         threads = self.eval_executor.threads_per_process(self.opts.parallel)
-        job = self.eval_executor.submit([EvalJob(str(run_dir), self._configured_probe(t), threads)], self.code_dir)[0]
-        set_running_attrs(self.ostudy, t, {record.EVAL_JOB_ID: str(job.job_id), record.EVAL_SUBMITTED: time.time(),
-                                           record.EVAL_TRIES: tries})
-        print(f"[study {self.name}] {t.user_attrs.get(record.KEY)}: pretrained; evaluation job {job.job_id} submitted"
-              f"{f' (try {tries})' if tries > 1 else ''}", flush=True)
+        members = [EvalJob(str((self.dir / t.user_attrs[record.RUN_DIR]).resolve()), self._configured_probe(t), threads)
+                   for t in trials]
+        packs = pack_evaluations(members, self.eval_resources.trials_per_job)
+        jobs = self.eval_executor.submit(packs, self.code_dir)
+        size = self.eval_resources.trials_per_job
+        for i, t in enumerate(trials):
+            job = jobs[i // size]
+            tries = int(t.user_attrs.get(record.EVAL_TRIES, 0)) + 1
+            set_running_attrs(self.ostudy, t, {record.EVAL_JOB_ID: str(job.job_id), record.EVAL_SUBMITTED: time.time(),
+                                               record.EVAL_TRIES: tries})
+            print(f"[study {self.name}] {t.user_attrs.get(record.KEY)}: pretrained; evaluation job {job.job_id} "
+                  f"submitted{f' (try {tries})' if tries > 1 else ''}", flush=True)
 
     def reconcile_evaluations(self, evaluating) -> None:
         """Record the trials whose evaluation job has ended; a failed one is tried again (up to the
@@ -384,11 +394,12 @@ class Driver:
                 tell(self.ostudy, t, read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective,
                                                        self.gpus))
                 continue
-            reason = self.eval_executor.failure(job_id, ended[job_id])
+            run_dir = str((self.dir / t.user_attrs[record.RUN_DIR]).resolve())
+            reason = self.eval_executor.failure(job_id, ended[job_id], run_dir)
             if int(t.user_attrs.get(record.EVAL_TRIES, 1)) <= self.study.retries:
                 print(f"[study {self.name}] {t.user_attrs.get(record.KEY)}: evaluation failed ({reason}); "
                       "tried again, no training", flush=True)
-                self.submit_evaluation(t)
+                self._to_evaluate.append(t)
             else:
                 tell_failure(self.ostudy, t, Outcome.FAILED,
                              f"evaluation failed after {t.user_attrs.get(record.EVAL_TRIES)} tries ({reason}); the "
@@ -428,7 +439,7 @@ class Driver:
         """Add an evaluation protocol to the study's finished runs: a job per run that lacks it, which
         probes its last checkpoint and never trains (harness.execution.jobs.EvalJob); a failed one is
         tried again up to the study's `retries`. Returns (results written, what failed)."""
-        from harness.execution.jobs import EvalJob
+        from harness.execution.jobs import EvalJob, pack_evaluations
 
         def pending() -> dict[str, Path]:
             todo = {}
@@ -442,6 +453,9 @@ class Driver:
                     todo[t.user_attrs[record.KEY]] = run_dir
             return todo
 
+        # With resources.eval: its executor and its packing (evaluations a job); else the trial's, one a job.
+        executor = self.eval_executor or self.executor
+        size = self.eval_resources.trials_per_job if self.eval_resources is not None else 1
         done, failed = 0, dict[str, str]()
         for attempt in range(self.study.retries + 1):
             todo = pending()
@@ -449,17 +463,25 @@ class Driver:
                 break
             print(f"[study {self.name}] {protocol} evaluation of {len(todo)} finished run(s)"
                   f"{f' (try {attempt + 1})' if attempt else ''}: no training", flush=True)
-            threads = self.executor.threads_per_process(self.opts.parallel)
-            jobs = self.executor.submit([EvalJob(str(run), protocol, threads) for run in todo.values()], self.code_dir)
+            threads = executor.threads_per_process(self.opts.parallel)
+            members = [EvalJob(str(run), protocol, threads) for run in todo.values()]
+            jobs = executor.submit(pack_evaluations(members, size), self.code_dir)
             while not all(job.done() for job in jobs):
                 time.sleep(self.opts.poll)
             failed = {}
-            for key, job in zip(todo, jobs):
+            for i, (key, member) in enumerate(zip(todo, members)):
+                job = jobs[i // size]
                 error = job.exception()
-                if error is None:
+                reason: str | None
+                if error is not None:
+                    reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+                else:  # a pack's result says each member's failure (None: evaluated)
+                    result = job.result()
+                    reason = result.get(member.run_dir) if isinstance(result, dict) else None
+                if reason is None:
                     done += 1
                 else:
-                    failed[key] = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
+                    failed[key] = reason
         return done, [f"{key}: {reason}" for key, reason in failed.items() if key in pending()]
 
     # -------------------------------------------------------------- main loop

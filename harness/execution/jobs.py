@@ -165,7 +165,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         restore_cwd()
         from pathlib import Path
 
-        from harness.run import faults
+        from harness.run import faults, runio
         from harness.run.config import with_overrides
         from harness.training.probe import load_trained_moco, probe_run
         from harness.training.runtime import Runtime
@@ -173,7 +173,35 @@ class EvalJob(submitit.helpers.Checkpointable):
         run_dir = Path(self.run_dir)
         faults.raise_point("evaluate", run_dir)
         cfg, model, epoch = load_trained_moco(run_dir)
+        if runio.probe_file(run_dir, self.protocol, cfg.eval.probe).exists():  # a requeued pack's finished member
+            return f"{self.protocol}: already evaluated"
         here = with_overrides(cfg, [f"runtime.threads={self.threads}"] if self.threads else [])
         device = Runtime.for_config(here).apply().device
         result = probe_run(cfg, run_dir, model.encoder_q.to(device), None, device, self.protocol, epoch)
         return f"{self.protocol} top-1 {result['top1']:.4f}"
+
+
+class EvalJobs(submitit.helpers.Checkpointable):
+    """Several evaluations in one job, one after another in its process (resources.eval.trials_per_job):
+    a probe is small next to a pretraining. One that fails does not stop the others; its reason is the
+    job's result for its run directory. Requeued, the finished ones are skipped, the standard probe
+    in progress goes on from its last epoch."""
+
+    def __init__(self, members: list[EvalJob]):
+        self.members = members
+
+    def __call__(self) -> dict[str, str | None]:
+        failures: dict[str, str | None] = {}
+        for member in self.members:
+            try:
+                member()
+                failures[member.run_dir] = None
+            except Exception as exc:
+                failures[member.run_dir] = f"{type(exc).__name__}: {exc}"[:500]
+        return failures
+
+
+def pack_evaluations(jobs: list[EvalJob], size: int) -> list:
+    """Evaluations in packs of `size`; a pack of one is the evaluation's own job."""
+    packs = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    return [p[0] if len(p) == 1 else EvalJobs(p) for p in packs]

@@ -51,7 +51,8 @@ class Resources:
     srun_args: list = field(default_factory=list)
     additional_parameters: dict = field(default_factory=dict)  # any other sbatch option: {name: value}
     # The evaluation as a job of its own, after pretraining (None: the probe ends the trial's own job).
-    # Its keys replace the trial's for that job, e.g. {gpus: 1, time_min: 600}; one node, one process.
+    # Its keys replace the trial's for that job, e.g. {gpus: 1, time_min: 600}; one node, one process;
+    # its trials_per_job: evaluations one job runs in turn (they are small).
     eval: dict | None = None
 
     def for_evaluation(self) -> Resources | None:
@@ -111,9 +112,9 @@ def check_resources(where: Path | str, res: Any, whole: bool = True, prefix: str
                 raise _fail(where, name, "a mapping of resources for the evaluation job is required, e.g. "
                                          "{gpus: 1, time_min: 600}, or null.")
             if isinstance(value, dict):
-                if "eval" in value or "trials_per_job" in value or "nodes" in value:
+                if "eval" in value or "nodes" in value or "tasks" in value:
                     raise _fail(where, name, "an evaluation job is one process on one node; eval, nodes and "
-                                             "trials_per_job have no meaning there.")
+                                             "tasks have no meaning there (trials_per_job: evaluations a job).")
                 check_resources(where, value, whole=False, prefix="resources.eval")
         elif key == "additional_parameters":
             if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, (str, int, float, bool))

@@ -41,7 +41,8 @@ def _trained(run: Path) -> tuple:
 
 @pytest.mark.slow
 def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
-    (tmp_path / "evaluated.yaml").write_text(STUDY)
+    """With resources.eval.trials_per_job: 2, the study's own evaluations and the added ones run two a job."""
+    (tmp_path / "evaluated.yaml").write_text(STUDY.replace("time_min: 10}", "time_min: 10, eval: {trials_per_job: 2}}"))
     first = _study(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = {key: tmp_path / "results" / "evaluated" / "runs" / key for key in KEYS}
@@ -49,11 +50,14 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     assert all(json.loads((run / "probe.json").read_text())["protocol"] == "fast" for run in runs.values())
 
     # The first try of every evaluation fails (an injected error): each is tried again, nothing retrains.
+    jobs = tmp_path / "results" / "evaluated" / "jobs-eval"
+    packed_before = len(list(jobs.glob("*_submitted.pkl")))
     added = _study(tmp_path, "--evaluate", "standard", fault="evaluate")
     assert added.returncode == 0, added.stderr[-3000:]
     assert "standard evaluation of 4 finished run(s): no training" in added.stdout
     assert "standard evaluation of 4 finished run(s) (try 2): no training" in added.stdout
     assert "standard evaluation: 4 run(s) evaluated" in added.stdout
+    assert len(list(jobs.glob("*_submitted.pkl"))) - packed_before == 4  # 2 tries x 2 jobs of 2 evaluations
     for key, run in runs.items():
         standard = json.loads((run / "probe-standard.json").read_text())
         assert standard["protocol"] == "standard" and len(standard["top1_per_epoch"]) == 3
@@ -75,7 +79,7 @@ def test_with_resources_eval_each_pretrained_run_is_evaluated_by_a_job_of_its_ow
     the evaluation as a job of its own; one that fails (injected, once per run) is tried again and the
     trial completes without a second pretraining."""
     study = STUDY.replace("seeds: [0, 1]", "seeds: [0]").replace(
-        "resources: {cpus: 1, mem_gb: 2, time_min: 10}", "resources: {cpus: 1, mem_gb: 2, time_min: 10, eval: {time_min: 5}}")
+        "resources: {cpus: 1, mem_gb: 2, time_min: 10}", "resources: {cpus: 1, mem_gb: 2, time_min: 10, eval: {time_min: 5, trials_per_job: 2}}")
     (tmp_path / "evaluated.yaml").write_text(study)
     ran = _study(tmp_path, "--no-report", fault="evaluate")
     assert ran.returncode == 0, ran.stderr[-3000:]
