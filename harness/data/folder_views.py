@@ -136,7 +136,7 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 def jpeg_components(data: torch.Tensor) -> int | None:
     """The number of colour components a JPEG's header declares (1 gray, 3 YCbCr, 4 CMYK/YCCK), or None
     when the bytes are not a JPEG whose frame header could be found (read from the header only)."""
-    raw = bytes(data[:65536].tolist()) if len(data) > 4 else b""
+    raw = data[:65536].numpy().tobytes() if len(data) > 4 else b""  # the file's bytes (a CPU uint8 tensor)
     if raw[:2] != b"\xff\xd8":
         return None
     at = 2
@@ -159,7 +159,7 @@ def _decode_on_cpu(data: torch.Tensor, shape: tuple[int, int]):
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(bytes(data.tolist()))) as image:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             rgb = image.convert("RGB")
             return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.size[1], rgb.size[0], 3).permute(2, 0, 1), True
     except (OSError, ValueError, SyntaxError):
