@@ -36,6 +36,9 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEO
 RETRY_S = 30.0  # after a failed request, the next try waits at most this long (the rounds go on meanwhile)
 BATCH = 900  # metrics per request (the server takes at most 1000)
 KEY_TAG, LEVEL_TAG, TRIAL_TAG = "harness.key", "harness.level", "harness.trial"
+# A record's first series, one per kind of record (harness.run.curves): the server has a record when it
+# has that point, because a record goes up whole in one request.
+MARKS = {"step": "step/loss", "epoch": "epoch/loss"}
 REPORT_RUN = "report"
 
 
@@ -51,10 +54,10 @@ def available() -> bool:
 class _Run:
     """What the server has of one point's run (read from it, then kept up to date)."""
     run_id: str
-    step: int = -1  # the last `step/...` point sent
-    epoch: int = -1  # the last `epoch/...` point sent
+    last: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MARKS, -1))  # kind -> the last x sent
     final: bool = False
     ended_trial: int | None = None  # the trial whose end the run records (a retry of the point reopens it)
+    seen: tuple | None = None  # (size, mtime) of metrics.jsonl when last read: unchanged, nothing new to send
 
 
 @dataclass
@@ -137,10 +140,10 @@ class MlflowRelay:
                 key = run.data.tags.get(KEY_TAG)
                 if key is None:
                     continue
-                last = {name: max((m.step for m in self.client.get_metric_history(run.info.run_id, name)), default=-1)
-                        for name in ("step/loss", "epoch/loss")}
+                last = {kind: max((m.step for m in self.client.get_metric_history(run.info.run_id, mark)), default=-1)
+                        for kind, mark in MARKS.items()}
                 ended = run.data.tags.get(TRIAL_TAG) if run.info.status != "RUNNING" else None
-                self.runs[key] = _Run(run.info.run_id, last["step/loss"], last["epoch/loss"],
+                self.runs[key] = _Run(run.info.run_id, last,
                                       any(f"final/{m}" in run.data.metrics for m in curves.FINAL_METRICS),
                                       int(ended) if ended is not None else None)
             token = page.token
@@ -167,8 +170,11 @@ class MlflowRelay:
                 return 0
             self.client.update_run(run.run_id, status="RUNNING")  # the point was retried: its run goes on
             run.ended_trial = None
-        run_dir = self.study_dir / t.user_attrs[record.RUN_DIR]
-        records = runio.read_jsonl(run_dir / "metrics.jsonl")
+        metrics = self.study_dir / t.user_attrs[record.RUN_DIR] / "metrics.jsonl"
+        seen = (metrics.stat().st_size, metrics.stat().st_mtime_ns) if metrics.exists() else None
+        if run is not None and t.state == RUNNING and seen == run.seen:
+            return 0  # a training run that wrote nothing since the last round: the file is not read again
+        records = runio.read_jsonl(metrics)
         if run is None:
             if not records and t.state == RUNNING:
                 return 0  # nothing to show yet
@@ -183,13 +189,14 @@ class MlflowRelay:
         sent, chunk = 0, list[curves.Point]()
         for r in records:
             points = list(curves.points([r]))
-            if not points or points[0].x <= (run.step if points[0].series.startswith("step/") else run.epoch):
+            if not points or points[0].x <= run.last[_kind(points[0])]:
                 continue
             if len(chunk) + len(points) > BATCH:
                 sent += self._send(run, chunk, now)
                 chunk = []
             chunk += points
         sent += self._send(run, chunk, now)
+        run.seen = seen  # only once sent: a failed request reads the file again next time
         if t.state == RUNNING:
             return sent
         final = curves.final(t.user_attrs)
@@ -210,10 +217,8 @@ class MlflowRelay:
         if points:
             self.client.log_batch(run.run_id, metrics=[Metric(p.series, p.value, now, p.x) for p in points])
         for p in points:
-            if p.series == "step/loss":
-                run.step = max(run.step, p.x)
-            elif p.series == "epoch/loss":
-                run.epoch = max(run.epoch, p.x)
+            if p.series == MARKS[_kind(p)]:
+                run.last[_kind(p)] = max(run.last[_kind(p)], p.x)
         return len(points)
 
     def _upload(self, report_dir: Path) -> bool:
@@ -224,6 +229,10 @@ class MlflowRelay:
         self.client.log_artifacts(run_id, str(report_dir), artifact_path="report")
         self.client.set_terminated(run_id, "FINISHED")
         return True
+
+
+def _kind(point: curves.Point) -> str:
+    return point.series.split("/", 1)[0]  # step | epoch
 
 
 def catch_up(uri: str, name: str, storage_url: str, study_dir: Path, factors: list[str], report_dir: Path | None) -> bool:
