@@ -447,9 +447,7 @@ class Driver:
                 if t.state != COMPLETE or record.RUN_DIR not in t.user_attrs:
                     continue
                 run_dir = (self.dir / t.user_attrs[record.RUN_DIR]).resolve()  # a shared run: its own directory
-                configured = str(make_spec(self.study, t.params, self.dir, self.opts.recipe, self.opts.overrides,
-                                           self.gpus).config.eval.probe)
-                if not runio.probe_file(run_dir, protocol, configured).exists():
+                if not runio.probe_file(run_dir, protocol, self._configured_probe(t)).exists():
                     todo[t.user_attrs[record.KEY]] = run_dir
             return todo
 
@@ -468,21 +466,12 @@ class Driver:
             jobs = executor.submit(pack_evaluations(members, size), self.code_dir)
             while not all(job.done() for job in jobs):
                 time.sleep(self.opts.poll)
-            failed = {}
-            for i, (key, member) in enumerate(zip(todo, members)):
-                job = jobs[i // size]
-                error = job.exception()
-                reason: str | None
-                if error is not None:
-                    reason = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
-                else:  # a pack's result says each member's failure (None: evaluated)
-                    result = job.result()
-                    reason = result.get(member.run_dir) if isinstance(result, dict) else None
-                if reason is None:
-                    done += 1
-                else:
-                    failed[key] = reason
-        return done, [f"{key}: {reason}" for key, reason in failed.items() if key in pending()]
+            missing = pending()  # what the run directories still lack, whatever the jobs returned
+            done += len(todo) - len(missing)
+            # why: the job's exception, or a pack's reason for that run (harness.execution.jobs.EvalJobs)
+            failed = {key: executor.failure(str(jobs[i // size].job_id), jobs[i // size].state, member.run_dir)
+                      for i, (key, member) in enumerate(zip(todo, members)) if key in missing}
+        return done, [f"{key}: {reason}" for key, reason in failed.items()]
 
     # -------------------------------------------------------------- main loop
     def run(self) -> None:
@@ -508,9 +497,9 @@ class Driver:
         self.relay_pruning()
         self.reconcile()
         self.share_finished(self.trials())
-        if self.tracker is not None:  # never raises: a tracking server down costs a warning, not a round
-            self.tracker.relay(self.trials())
         trials = self.trials()
+        if self.tracker is not None:  # never raises: a tracking server down costs a warning, not a round
+            self.tracker.relay(trials)
         running = sum(t.state == RUNNING for t in trials)
         free = None if self.kind == "slurm" else max(0, self.opts.parallel - running)
         news = self.plan.news(trials)
