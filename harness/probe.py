@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness.run.config import EVAL_ONLY, RunConfig, with_overrides
+from harness.run.config import EVAL_ONLY, PROBE_PROTOCOLS, RunConfig, with_overrides
 from harness.run.errors import HarnessError, require_at_least
 from harness.training.probe import load_trained_encoder, probe_run
 from harness.training.runtime import Runtime, inference_precision
@@ -19,7 +19,7 @@ PROBE_RUNTIME = ("runtime.device", "runtime.threads", "runtime.precision")  # wh
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.probe", description="Linear probe of a finished run.")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--protocol", choices=["fast", "standard"], help="default: the run config's eval.probe")
+    parser.add_argument("--protocol", choices=PROBE_PROTOCOLS, help="default: the run config's eval.probe")
     parser.add_argument("--epochs", type=int, help="standard protocol epochs (default: eval.probe_epochs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change how the run is evaluated (eval.*, data.test_subset; runtime.device, "
@@ -31,12 +31,10 @@ def main(argv=None) -> int:
         # This machine's runtime, not the run's (it may have trained on another): device and threads as
         # given here; precision says how features are read (inference_precision), never how the
         # checkpoint trained, so an older GPU is not refused the bf16 a run trained in.
-        here = [o for o in args.overrides if o.startswith("runtime.")]
-        machine = with_overrides(RunConfig(), [o for o in here if not o.startswith("runtime.precision=")],
+        machine = with_overrides(RunConfig(), [o for o in args.overrides if o.startswith("runtime.")],
                                  only=PROBE_RUNTIME)
+        precision = machine.runtime.precision
         device = Runtime.for_config(with_overrides(machine, ["runtime.precision=fp32"])).apply().device
-        precision = with_overrides(RunConfig(), [o for o in here if o.startswith("runtime.precision=")],
-                                   only=PROBE_RUNTIME).runtime.precision
         cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
         evaluation = [o for o in args.overrides if not o.startswith("runtime.")]
         cfg = with_overrides(cfg, evaluation + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),

@@ -29,6 +29,7 @@ from harness.planning.suitefile import load_suite, suite_path
 from harness.reporting.study_report import build_report
 from harness.reporting.suite_report import build_suite_report
 from harness.run import runio
+from harness.run.config import PROBE_PROTOCOLS
 from harness.run.errors import HarnessError, require_at_least
 
 
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
                         help="minutes the driver waits out a database that does not answer (default 30)")
     parser.add_argument("--no-share", action="store_true",
                         help="train every point here, even ones another study has finished (same identity)")
-    parser.add_argument("--evaluate", metavar="PROTOCOL", choices=["fast", "standard"],
+    parser.add_argument("--evaluate", metavar="PROTOCOL", choices=PROBE_PROTOCOLS,
                         help="add this probe protocol to the study's finished runs (only those that lack it; "
                              "no training), then report both")
     parser.add_argument("--track", metavar="URI",

@@ -24,7 +24,7 @@ from harness.benchmarks.census import StepCensus
 from harness.benchmarks.options import BenchOptions
 from harness.data.datasets import load_tensors, pretrain_views
 from harness.data.synthetic import synthetic_splits
-from harness.run.config import EVAL_ONLY, RunConfig, make_config, with_overrides
+from harness.run.config import EVAL_ONLY, PROBE_PROTOCOLS, RunConfig, make_config, with_overrides
 from harness.training.runtime import Runtime, synchronize
 from harness.training.step import training_step
 
@@ -157,7 +157,7 @@ def bench_probe(args: BenchOptions) -> list[dict]:
     cfg = with_overrides(cfg, args.overrides + extra, only=EVAL_ONLY)
     cfg.eval.pixel_floor = False
     rows = []
-    for protocol in ("fast", "standard"):
+    for protocol in PROBE_PROTOCOLS:
         result = probe_backbone(cfg, encoder.backbone, None, device, protocol)
         rows.append({"part": "probe", "protocol": protocol, "seconds": result["seconds"], "top1": result["top1"],
                      "epochs": cfg.eval.probe_epochs if protocol == "standard" else None, "device": str(device)})

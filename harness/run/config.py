@@ -99,7 +99,7 @@ class EvalConfig:
     # Images for alignment, uniformity and effective rank (the rank's cap). 128: with the queue's three
     # regenerated batches the diagnostics cost 2.4 % of a CPU-recipe epoch (256: 3.4 %; bench diagnostics).
     diagnostics_subset: int = 128
-    probe: Literal["fast", "standard", "none"] = "fast"
+    probe: Literal["fast", "standard", "none"] = "fast"  # the protocols: PROBE_PROTOCOLS, and none
     probe_epochs: int = 100  # standard protocol
     probe_lr: float = 30.0
     # L2 on the fc weight. main_lincls: 0 (1.28M ImageNet images); a probe on a small training split
@@ -357,6 +357,7 @@ def with_overrides(cfg: RunConfig, overrides: typing.Sequence[str], only: typing
 
 # Settings a finished run can be evaluated with afresh (harness.probe, bench probe).
 EVAL_ONLY = ("eval.", "data.test_subset")
+PROBE_PROTOCOLS = ("fast", "standard")  # eval.probe's protocols (the faces' --protocol / --evaluate choices)
 
 
 # ---------------------------------------------------------------- semantic validation

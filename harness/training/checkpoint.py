@@ -59,18 +59,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"ckpt-{state['global_step']:09d}.pt"
-    tmp = directory / f".{final.name}.tmp"
+    write(final, state, before_rename=lambda: faults.kill_point("checkpoint-before-rename", directory.parent,
+                                                                step=state["global_step"]))
+    for old in checkpoints(directory)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def write(path: Path, state: dict[str, Any], before_rename=None) -> None:
+    """`state` with the format tag, written atomically: a temporary file, fsync, renamed over `path`
+    (a reader sees the old file or the new one, never a part)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
     with open(tmp, "wb") as fh:
         torch.save({"format": FORMAT, **state}, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    faults.kill_point("checkpoint-before-rename", directory.parent, step=state["global_step"])
-    os.replace(tmp, final)  # atomic: a reader sees the old set of files or the new one
-    for old in checkpoints(directory)[keep:]:
-        old.unlink(missing_ok=True)
-    return final
+    if before_rename is not None:
+        before_rename()
+    os.replace(tmp, path)
 
 
 def checkpoints(directory: Path) -> list[Path]:

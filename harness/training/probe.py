@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import time
 import warnings
 from collections import Counter
@@ -141,14 +140,7 @@ class ProbeResume:
         return state if state is not None and state.get("key") == self.key else None
 
     def save(self, state: dict) -> None:
-        """Written atomically (a temporary file renamed over the last), as the run's checkpoints are."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / ".state.pt.tmp"
-        with open(tmp, "wb") as fh:
-            torch.save({"format": ckpt.FORMAT, **state, "key": self.key}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        ckpt.write(self.path, {**state, "key": self.key})  # atomically, as the run's checkpoints
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -87,8 +87,7 @@ class Runtime:
         return tuple(x.contiguous(memory_format=torch.channels_last) for x in images)
 
     def autocast(self):
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
+        return _autocast(self.device, DTYPES[self.precision])
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """fp16 needs loss scaling (its gradients underflow); bf16 and fp32 do not (a disabled scaler
@@ -135,7 +134,11 @@ def inference_dtype(device: torch.device) -> torch.dtype:
 
 
 def inference_autocast(device: torch.device):
-    dtype = inference_dtype(device)
+    return _autocast(device, inference_dtype(device))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype`; float32 means none (autocast is given a dtype it accepts, and disabled)."""
     return torch.autocast(device.type, dtype=dtype if dtype != torch.float32 else torch.bfloat16,
                           enabled=dtype != torch.float32)
 
