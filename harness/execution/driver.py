@@ -24,15 +24,15 @@ from harness.execution.optuna_adapter import COMPLETE, FAIL, RUNNING, WAITING, s
 from harness.execution.plans import AdaptivePlan, GridPlan, SearchPlan
 from harness.execution.status import ProgressView
 from harness.execution.storage import Outage, default_url, open_storage, redact
-from harness.execution.trial import failure_attrs, make_spec, tell, tell_failure
+from harness.execution.trial import TrialSpec, failure_attrs, make_spec, tell, tell_failure
 from harness.planning import shared
 from harness.planning.studyfile import STUDY_COPY, Study, load_study_file, make_pruner, trial_key, validate_levels
-from harness.run import runio, snapshot
+from harness.run import evaluations, runio, snapshot
 from harness.run import trial_record as record
 from harness.run.datafiles import check_dataset
 from harness.run.errors import ConfigError, StudyError
 from harness.run.outcome import Outcome
-from harness.run.trial_result import read_trial_result
+from harness.run.trial_result import TrialResult, read_trial_result
 
 # How long a job waits for the driver's pruning decision after an epoch: the driver answers within a
 # round (--poll seconds apart); a driver that does not answer costs one such wait (harness.execution.pruning_relay).
@@ -229,11 +229,18 @@ class Driver:
             source = self.runs.find(spec.config.digest(), besides=spec.run_dir.resolve(), runs=finished)
             if source is None:
                 return False
-        result = read_trial_result(source, self.study.objective, self.gpus)
-        if result.outcome not in (Outcome.COMPLETED, Outcome.DIVERGED):  # e.g. finished without this objective
+        result = read_trial_result(source, self.study.objective, self.gpus, spec.probe)
+        pretrained = runio.read_status(source).get("status") == Outcome.COMPLETED.value
+        if result.outcome not in (Outcome.COMPLETED, Outcome.DIVERGED) and not pretrained:
             return False
         if not spec.run_dir.is_symlink():
             shared.link(spec.run_dir, source)
+        if result.outcome is not Outcome.DIVERGED and spec.probe is not None and evaluations.find(source, spec.probe) is None:
+            # The pretraining is done, this probe is not (evaluation is not part of the identity): the trial's
+            # job goes on from the run's last checkpoint, trains nothing, and only probes (or its evaluation job).
+            print(f"[study {self.name}] {spec.key}: shares the pretraining of {os.path.relpath(source, runio.RESULTS.resolve())} "
+                  f"(identity {spec.config.digest()}); only its {spec.probe['protocol']} probe is run here.", flush=True)
+            return False
         origin = os.path.relpath(source, runio.RESULTS.resolve())
         # Its training time was spent by the study that ran it: not counted again here.
         attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), record.EXECUTOR: record.SHARED,
@@ -341,7 +348,7 @@ class Driver:
         if self.eval_executor is not None and self._awaits_evaluation(t):
             self._to_evaluate.append(t)  # the pretraining job has ended and freed its devices
             return
-        result = read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective, self.gpus)
+        result = self._read(t)
         if result.outcome is Outcome.FAILED and result.reason is None:
             status = runio.read_status(self.dir / t.user_attrs[record.RUN_DIR])
             where = (f" (the run had reached epoch {status['epoch']}, step {status.get('global_step')})"
@@ -350,16 +357,20 @@ class Driver:
         tell(self.ostudy, t, result)
 
     # -------------------------------------------------------------- evaluation jobs (resources.eval)
-    def _configured_probe(self, t) -> str:
-        return str(make_spec(self.study, t.params, self.dir, self.opts.recipe, self.opts.overrides,
-                             self.gpus).config.eval.probe)
+    def _spec(self, t) -> TrialSpec:
+        return make_spec(self.study, t.params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
+
+    def _read(self, t) -> TrialResult:
+        """The trial's result from its run directory: its probe is the one with the trial's settings."""
+        return read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective, self.gpus,
+                                 self._spec(t).probe)
 
     def _awaits_evaluation(self, t) -> bool:
-        """A completed pretraining whose probe has not been written: its evaluation job is due."""
+        """A completed pretraining without the trial's probe (its protocol and settings): its evaluation job is due."""
         run_dir = self.dir / t.user_attrs[record.RUN_DIR]
-        protocol = self._configured_probe(t)
-        return (runio.read_status(run_dir).get("status") == Outcome.COMPLETED.value and protocol != "none"
-                and not runio.probe_file(run_dir, protocol, protocol).exists())
+        probe = self._spec(t).probe
+        return (runio.read_status(run_dir).get("status") == Outcome.COMPLETED.value and probe is not None
+                and evaluations.find(run_dir, probe) is None)
 
     def submit_evaluations(self, trials: list) -> None:
         """Evaluation jobs for these pretrained runs: resources.eval.trials_per_job of them a job."""
@@ -367,8 +378,7 @@ class Driver:
 
         assert self.eval_executor is not None and self.eval_resources is not None
         threads = self.eval_executor.threads_per_process(self.opts.parallel)
-        members = [EvalJob(str((self.dir / t.user_attrs[record.RUN_DIR]).resolve()), self._configured_probe(t), threads)
-                   for t in trials]
+        members = [EvalJob.of(self.dir / t.user_attrs[record.RUN_DIR], self._spec(t).config, threads) for t in trials]
         packs = pack_evaluations(members, self.eval_resources.trials_per_job)
         jobs = self.eval_executor.submit(packs, self.code_dir)
         size = self.eval_resources.trials_per_job
@@ -391,8 +401,7 @@ class Driver:
             if job_id not in ended:
                 continue
             if not self._awaits_evaluation(t):  # the probe is written: the trial's result is whole
-                tell(self.ostudy, t, read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective,
-                                                       self.gpus))
+                tell(self.ostudy, t, self._read(t))
                 continue
             run_dir = str((self.dir / t.user_attrs[record.RUN_DIR]).resolve())
             reason = self.eval_executor.failure(job_id, ended[job_id], run_dir)
@@ -404,7 +413,7 @@ class Driver:
                 tell_failure(self.ostudy, t, Outcome.FAILED,
                              f"evaluation failed after {t.user_attrs.get(record.EVAL_TRIES)} tries ({reason}); the "
                              f"pretraining is complete: `python -m harness.study {self.study.name} --evaluate "
-                             f"{self._configured_probe(t)}` evaluates it again")
+                             f"{self._spec(t).config.eval.probe}` evaluates it again")
 
     # -------------------------------------------------------------- worker mode
     def run_workers(self) -> None:
@@ -441,19 +450,22 @@ class Driver:
         tried again up to the study's `retries`. Returns (results written, what failed)."""
         from harness.execution.jobs import EvalJob, pack_evaluations
 
-        def pending() -> dict[str, Path]:
+        def pending() -> dict[str, EvalJob]:
+            """The study's finished runs without this protocol under the study's settings for it."""
             todo = {}
             for t in self.trials():
                 if t.state != COMPLETE or record.RUN_DIR not in t.user_attrs:
                     continue
                 run_dir = (self.dir / t.user_attrs[record.RUN_DIR]).resolve()  # a shared run: its own directory
-                if not runio.probe_file(run_dir, protocol, self._configured_probe(t)).exists():
-                    todo[t.user_attrs[record.KEY]] = run_dir
+                cfg = self._spec(t).config
+                if evaluations.find(run_dir, evaluations.of(cfg, protocol) or {}) is None:
+                    todo[t.user_attrs[record.KEY]] = EvalJob.of(run_dir, cfg, threads, protocol)
             return todo
 
         # With resources.eval: its executor and its packing (evaluations a job); else the trial's, one a job.
         executor = self.eval_executor or self.executor
         size = self.eval_resources.trials_per_job if self.eval_resources is not None else 1
+        threads = executor.threads_per_process(self.opts.parallel)
         done, failed = 0, dict[str, str]()
         for attempt in range(self.study.retries + 1):
             todo = pending()
@@ -461,8 +473,7 @@ class Driver:
                 break
             print(f"[study {self.name}] {protocol} evaluation of {len(todo)} finished run(s)"
                   f"{f' (try {attempt + 1})' if attempt else ''}: no training", flush=True)
-            threads = executor.threads_per_process(self.opts.parallel)
-            members = [EvalJob(str(run), protocol, threads) for run in todo.values()]
+            members = list(todo.values())
             jobs = executor.submit(pack_evaluations(members, size), self.code_dir)
             while not all(job.done() for job in jobs):
                 time.sleep(self.opts.poll)

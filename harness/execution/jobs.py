@@ -8,8 +8,10 @@ The driver side (executors, job states) is harness.execution.executors; it never
 """
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import signal
+from pathlib import Path
 
 import submitit
 
@@ -17,6 +19,7 @@ from harness.execution.optuna_adapter import trial_handle
 from harness.execution.pruning_relay import RelayReporter
 from harness.execution.trial import PruningReporter, TrialSpec, run_trial
 from harness.run import runio
+from harness.run.config import RunConfig
 from harness.run.outcome import Outcome
 from harness.run.snapshot import restore_cwd
 
@@ -158,22 +161,30 @@ class EvalJob(submitit.helpers.Checkpointable):
     checkpoint and probes it (harness.training.probe.probe_run), never trains. Requeued
     (preemption, time limit), the standard probe goes on from its last epoch's state."""
 
-    def __init__(self, run_dir: str, protocol: str, threads: int = 0):
-        self.run_dir, self.protocol, self.threads = run_dir, protocol, threads
+    def __init__(self, run_dir: str, protocol: str, threads: int = 0, evaluation: dict | None = None):
+        """`evaluation`: the eval section to probe with (the trial's, which may differ from the one in
+        the run's config.yaml: evaluation is not part of a run's identity); None: config.yaml's."""
+        self.run_dir, self.protocol, self.threads, self.evaluation = run_dir, protocol, threads, evaluation
+
+    @classmethod
+    def of(cls, run_dir: Path, cfg: RunConfig, threads: int = 0, protocol: str | None = None) -> EvalJob:
+        """`cfg`'s probe (or `protocol` with cfg's settings for it) on the run in `run_dir`."""
+        return cls(str(Path(run_dir).resolve()), protocol or cfg.eval.probe, threads, dataclasses.asdict(cfg.eval))
 
     def __call__(self) -> str:
         restore_cwd()
-        from pathlib import Path
-
-        from harness.run import faults, runio
-        from harness.run.config import with_overrides
-        from harness.training.probe import load_trained_moco, probe_run
+        from harness.run import evaluations, faults
+        from harness.run.config import config_from_dict, with_overrides
+        from harness.training.probe import load_trained_moco, probe_run, probe_settings
         from harness.training.runtime import Runtime
 
         run_dir = Path(self.run_dir)
         faults.raise_point("evaluate", run_dir)
         cfg, model, epoch = load_trained_moco(run_dir)
-        if runio.probe_file(run_dir, self.protocol, cfg.eval.probe).exists():  # a requeued pack's finished member
+        evaluation = getattr(self, "evaluation", None)  # older format: jobs pickled before 2026-12-03 have none
+        if evaluation is not None:
+            cfg = config_from_dict({**cfg.to_dict(), "eval": evaluation})
+        if evaluations.find(run_dir, probe_settings(cfg, self.protocol)) is not None:  # a requeued pack's finished member
             return f"{self.protocol}: already evaluated"
         here = with_overrides(cfg, [f"runtime.threads={self.threads}"] if self.threads else [])
         device = Runtime.for_config(here).apply().device

@@ -20,7 +20,7 @@ import optuna
 from harness.execution.optuna_adapter import FAIL, PRUNED, set_running_attrs
 from harness.execution.storage import OUTAGE_ERRORS
 from harness.planning.studyfile import Study, trial_key
-from harness.run import faults
+from harness.run import evaluations, faults
 from harness.run import trial_record as record
 from harness.run.config import RunConfig
 from harness.run.errors import StudyError
@@ -42,6 +42,11 @@ class TrialSpec:
         """What the storage records about the spec as soon as a trial is assigned it."""
         return {record.KEY: self.key, record.RUN_DIR: f"runs/{self.key}",  # relative to the study directory: it can move
                 "seed": self.params.get("seed"), record.IDENTITY: self.config.digest()}
+
+    @property
+    def probe(self) -> dict | None:
+        """The probe settings whose result is this trial's (None: eval.probe none)."""
+        return evaluations.of(self.config)
 
 
 def make_spec(study: Study, params: dict, study_dir: Path, recipe: str | None, extra: list[str],
@@ -103,7 +108,7 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict],
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=threads))
     faults.raise_point("raise-once", spec.run_dir)
     train(cfg, spec.run_dir, on_epoch=reporter, attempt=attempt, wait_for_lock=True, probe=probe)
-    return read_trial_result(spec.run_dir, spec.objective, spec.gpus)
+    return read_trial_result(spec.run_dir, spec.objective, spec.gpus, spec.probe)
 
 
 def failure_attrs(outcome: Outcome, reason: str | None) -> dict:

@@ -8,19 +8,25 @@ import pandas as pd
 
 from harness.planning.decide import interval
 from harness.reporting.verdicts import points
-from harness.run import runio
+from harness.run import evaluations
 
 
 def protocol_table(trials: pd.DataFrame, factors: list[str], study_dir) -> pd.DataFrame:
-    """One row per completed trial and protocol: top-1 and top-5 as that protocol's result file says."""
+    """One row per completed trial and probe result: top-1 and top-5 as its result file says. A protocol
+    the study's runs hold under several settings is named with each settings' key."""
     rows = []
     for _, t in trials[trials["state"] == "COMPLETE"].iterrows():
         if not isinstance(t.get("run_dir"), str):
             continue
-        for protocol, result in runio.probe_results(study_dir / t["run_dir"]).items():
-            rows.append({**{f: t[f] for f in factors}, "seed": t["seed"], "protocol": protocol,
-                         "top1": result["top1"], "top5": result.get("top5")})
-    return pd.DataFrame(rows)
+        for result in evaluations.results(study_dir / t["run_dir"]):
+            rows.append({**{f: t[f] for f in factors}, "seed": t["seed"], "protocol": result["protocol"],
+                         "key": evaluations.key(result["settings"]), "top1": result["top1"], "top5": result.get("top5")})
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    several = table.groupby("protocol")["key"].transform("nunique") > 1
+    table.loc[several, "protocol"] = table["protocol"] + " " + table["key"]
+    return table.drop(columns="key").drop_duplicates(subset=[*factors, "seed", "protocol"])
 
 
 def markdown(table: pd.DataFrame, factors: list[str], objective: str, md_table) -> list[str]:

@@ -1,5 +1,5 @@
 """A run's identity: what it computes, as a digest of its config minus what only changes how it
-executes (RUNTIME_ONLY) or what its dictionary mechanism never reads (`Mechanism.ignores`). Two configs with one
+executes (RUNTIME_ONLY), how it is evaluated (EVALUATION) or what its dictionary mechanism never reads (`Mechanism.ignores`). Two configs with one
 identity are one run: shared between studies, resumed under other runtime settings. Pure functions
 of a config's dict (dotted keys), so old configs on disk are read the same way."""
 from __future__ import annotations
@@ -45,15 +45,22 @@ RUNTIME_ONLY = {
     "runtime.keep_checkpoints": "checkpoints kept on disk",
     "runtime.log_every": "how often the loss is read back and logged",
     "data.num_workers": "DataLoader processes; each image's augmentation is seeded by its index",
-    "eval.diagnostics_every": "how often the dictionary diagnostics read the run (they never change it)",
-    "eval.diagnostics_subset": "images the diagnostics read",
 }
+
+# How a run is evaluated: the kNN monitor, the dictionary diagnostics and the final probe read the run and
+# never change it (tests/training/test_diagnostics.py trains with and without them: bit-identical). So
+# no eval.* field is part of the identity: another probe or monitor shares the pretraining and only
+# evaluates it, each probe's result kept under its own settings (harness.run.evaluations), each attempt's
+# monitor settings in attempts.jsonl. Runs made while eval.* was part of it (before 2026-12-03) are found
+# by the identity recomputed from their config.yaml (harness.planning.shared.RunIndex), as any run is.
+EVALUATION = "eval"
 
 
 def identity_of(data: dict) -> dict:
-    """What a run computes: its config (as a dict) minus the runtime-only fields and the settings its
-    dictionary mechanism never reads."""
+    """What a run computes: its config (as a dict) minus the runtime-only fields, its evaluation and the
+    settings its dictionary mechanism never reads."""
     out = json.loads(json.dumps(data))  # a deep copy
+    out.pop(EVALUATION, None)
     runtime = out.get("runtime")
     if isinstance(runtime, dict) and "auto" in (runtime.get("device"), runtime.get("precision")):
         # Older format: configs written before `auto` was resolved (resolve_execution, d86ad7d, 2026-12-01); can go

@@ -152,18 +152,3 @@ def lock_run_dir(run_dir: Path, wait: bool = False):
 class RunDirBusy(HarnessError, RuntimeError):
     """Another process holds the run directory's lock."""
 
-
-def probe_file(run_dir: Path, protocol: str, configured: str) -> Path:
-    """Where a probe's result lives: probe.json for the protocol the run's config names
-    (`eval.probe`), probe-<protocol>.json for another, so two protocols of one run sit side by side."""
-    return Path(run_dir) / ("probe.json" if protocol == configured else f"probe-{protocol}.json")
-
-
-def probe_results(run_dir: Path) -> dict[str, dict]:
-    """Every probe result of a run, by protocol (as each file says)."""
-    found: dict[str, dict] = {}
-    for path in sorted(Path(run_dir).glob("probe*.json")):
-        result = read_json(path)
-        if result and "protocol" in result and "top1" in result:
-            found.setdefault(result["protocol"], result)
-    return found

@@ -4,11 +4,10 @@ Read the same way by the driver (for jobs it submitted) and by workers (for tria
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.run import runio
+from harness.run import evaluations, runio
 from harness.run import trial_record as record
 from harness.run.outcome import Outcome
 
@@ -29,22 +28,28 @@ def _attempt_attrs(run_dir: Path) -> dict:
             "job_ids": ",".join(str(a.get("job_id")) for a in attempts)}
 
 
-def read_trial_result(run_dir: Path, objective: str, gpus: int = 0) -> TrialResult:
+CONFIGURED = "configured"
+
+
+def read_trial_result(run_dir: Path, objective: str, gpus: int = 0, probe: dict | str | None = CONFIGURED) -> TrialResult:
+    """`probe`: the probe settings whose result is the trial's (harness.run.evaluations.of the trial's
+    config; None: no probe); CONFIGURED: the protocol and settings the run's config.yaml names."""
     status = runio.read_status(run_dir)
     outcome = Outcome.of_run(status.get("status"))
     attrs = {"epochs": status.get("epoch"), "final_loss": status.get("loss"),
              "knn_top1": status.get("knn_top1"), **_attempt_attrs(run_dir)}
-    probe_file = run_dir / "probe.json"
-    if probe_file.exists():
-        probe = json.loads(probe_file.read_text())
-        attrs.update(probe_top1=probe["top1"], probe_top5=probe["top5"], probe_protocol=probe["protocol"],
-                     pixel_floor_top1=probe.get("pixel_floor_top1"))
+    if probe == CONFIGURED:
+        probe = evaluations.configured(run_dir)
+    result = evaluations.find(run_dir, probe) if isinstance(probe, dict) else None
+    if result is not None:
+        attrs.update(probe_top1=result["top1"], probe_top5=result["top5"], probe_protocol=result["protocol"],
+                     pixel_floor_top1=result.get("pixel_floor_top1"))
     identity = runio.read_json(run_dir / "identity.json")
     if identity:
         attrs[record.IDENTITY] = identity["digest"]
     # Training epochs and the final probe: the trial's devices are held for both (in a DDP trial the
     # other ranks are released from collectives during the probe, not from the job's allocation).
-    probe_seconds = json.loads(probe_file.read_text()).get("seconds", 0) if probe_file.exists() else 0
+    probe_seconds = result.get("seconds", 0) if result is not None else 0
     hours = (sum(r.get("epoch_seconds", 0) for r in runio.read_jsonl(run_dir / "metrics.jsonl")
                  if r.get("kind") == "epoch") + probe_seconds) / 3600
     attrs.update(hours=hours, gpu_hours=hours * gpus)

@@ -5,10 +5,11 @@ The run directory is the whole interface to the rest of the harness:
   metrics.jsonl   one JSON object per epoch (and per logged step)
   checkpoints/    atomic checkpoints; the newest good one is resumed automatically
   status.json     running | completed | diverged | pruned, with the final figures
-  probe.json      the linear-probe result (harness.probe)
+  probe-*.json    linear-probe results, each with its settings (harness.run.evaluations)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -24,7 +25,7 @@ from torch import nn
 
 from harness.data.datasets import NUM_CLASSES, folder_classes, load_tensors, pretrain_views
 from harness.model import distributed as dist_mod
-from harness.run import faults, runio
+from harness.run import evaluations, faults, runio
 from harness.run.config import RUNTIME_ONLY, RunConfig, dump_yaml, get_dotted, identity_diff
 from harness.run.errors import ConfigError
 from harness.run.outcome import RUNNING, Outcome
@@ -34,7 +35,7 @@ from harness.training import checkpoint as ckpt
 from harness.training import diagnostics
 from harness.training.features import encoder_features, extract_split
 from harness.training.knn import knn_accuracy
-from harness.training.probe import probe_run  # imported up front: a long run must not load newer code at its end
+from harness.training.probe import probe_run, probe_settings  # imported up front: a long run must not load newer code at its end
 from harness.training.runtime import Runtime, machine_description
 from harness.training.step import build_step, learning_rate
 
@@ -98,7 +99,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool) -> None:
     elif is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         runio.write_atomic(saved, dump_yaml(cfg))
-    if is_main and not (run_dir / "identity.json").exists():
+    if is_main and runio.read_json(run_dir / "identity.json").get("digest") != cfg.digest():  # new, or an older identity's
         runio.write_json(run_dir / "identity.json", {"digest": cfg.digest(), "identity": cfg.identity()})
 
 
@@ -108,7 +109,8 @@ def record_attempt(run_dir: Path, cfg: RunConfig, rt: Runtime, attempt: dict | N
         **(attempt or {}), "host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
         "machine": machine_description(), "code": code_origin(),
         "runtime": {**rt.describe(), **{k.split(".", 1)[1]: get_dotted(cfg.to_dict(), k)
-                                        for k in RUNTIME_ONLY if k.startswith("runtime.")}}})
+                                        for k in RUNTIME_ONLY if k.startswith("runtime.")}},
+        "eval": dataclasses.asdict(cfg.eval)})  # the monitor and probe this attempt ran with (not the run's identity)
 
 
 # ---------------------------------------------------------------- the run
@@ -162,6 +164,9 @@ class PretrainRun:
         s = self.state
         if self.is_main:
             runio.truncate_metrics(self.run_dir / "metrics.jsonl", s.global_step)
+            # The last epoch's figures: a run resumed at its end (to be probed) keeps its final loss and kNN.
+            self.last = next((r for r in reversed(runio.read_jsonl(self.run_dir / "metrics.jsonl"))
+                              if r.get("kind") == "epoch"), {})
             runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step)
             if saved is not None:
                 print(f"[train] resumed from {saved['path']} (epoch {s.epoch}, step {s.global_step})", flush=True)
@@ -277,7 +282,7 @@ class PretrainRun:
                   "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1")}
         if self.is_main:
             if outcome is Outcome.COMPLETED and probe and self.cfg.eval.probe != "none" \
-                    and not (self.run_dir / "probe.json").exists():
+                    and evaluations.find(self.run_dir, probe_settings(self.cfg)) is None:
                 runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step, stage="probe")
                 faults.stall("probe")
                 result["probe"] = probe_run(self.cfg, self.run_dir, self.model.encoder_q, self.splits, self.rt.device)

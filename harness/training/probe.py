@@ -9,8 +9,8 @@
   regression by full-batch L-BFGS; its L2 strength is chosen on a held-out 20 % of the TRAINING
   split, then refit on the whole training split and evaluated once on the test split.
 
-Both write probe.json (the protocol the run's config names; another protocol writes
-probe-<protocol>.json) with a raw-pixel floor: the fast probe on pixels, cached per dataset.
+Both write their result with the settings that made it (harness.run.evaluations.result_path: probe.json),
+and a raw-pixel floor: the fast probe on pixels, cached per dataset.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from harness.data.augment import RECIPES, BatchAugment
 from harness.data.datasets import NORMALIZATION, NUM_CLASSES, folder_classes, folder_probe_loader, folder_probe_set, load_tensors, seeded_generator
-from harness.run import faults, runio
+from harness.run import evaluations, faults, runio
 from harness.run.config import RunConfig, config_from_dict
 from harness.run.errors import HarnessError
 from harness.training import checkpoint as ckpt
@@ -121,7 +121,7 @@ class ProbeResume:
 
     @classmethod
     def of(cls, cfg: RunConfig, run_dir: Path, protocol: str, trained_epoch: int | None) -> ProbeResume:
-        settings = {"eval": dataclasses.asdict(cfg.eval), "test_subset": cfg.data.test_subset,
+        settings = {"probe": probe_settings(cfg, protocol), "test_subset": cfg.data.test_subset,
                     "seed": cfg.runtime.seed, "trained_epoch": trained_epoch}
         key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return cls(Path(run_dir) / f"probe-{protocol}-state", key)
@@ -282,8 +282,12 @@ def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol
     return out
 
 
-def probe_path(cfg: RunConfig, run_dir: Path, protocol: str) -> Path:
-    return runio.probe_file(run_dir, protocol, cfg.eval.probe)
+def probe_settings(cfg: RunConfig, protocol: str | None = None) -> dict:
+    """What the probe of `protocol` (default: eval.probe) computes with (harness.run.evaluations)."""
+    found = evaluations.of(cfg, protocol)
+    if found is None:
+        raise ProbeError(f"no probe protocol to run (eval.probe={cfg.eval.probe}); choose one of {', '.join(evaluations.READS)}")
+    return found
 
 
 def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device, protocol: str | None = None,
@@ -293,7 +297,8 @@ def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device,
     resume = ProbeResume.of(cfg, run_dir, protocol, epoch)
     result = probe_backbone(cfg, encoder.backbone, splits, device, protocol, resume)
     result["epoch"] = epoch if epoch is not None else cfg.optim.epochs
-    runio.write_json(probe_path(cfg, run_dir, protocol), result)
+    result["settings"] = probe_settings(cfg, protocol)
+    runio.write_json(evaluations.result_path(run_dir, result["settings"]), result)
     resume.clear()  # the result is written: its epochs' state is spent
     return result
 

@@ -27,9 +27,9 @@ resources: {cpus: 1, mem_gb: 2, time_min: 10}
 KEYS = [f"momentum={m},seed=0" for m in (0.9, 0.99)]
 
 
-def _study(tmp_path: Path, *args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+def _study(tmp_path: Path, *args: str, fault: str | None = None, name: str = "evaluated") -> subprocess.CompletedProcess:
     env = {**os.environ, "HARNESS_RESULTS": str(tmp_path / "results"), **({"HARNESS_FAULT": fault} if fault else {})}
-    return subprocess.run([sys.executable, "-m", "harness.study", str(tmp_path / "evaluated.yaml"), "--executor", "local",
+    return subprocess.run([sys.executable, "-m", "harness.study", str(tmp_path / f"{name}.yaml"), "--executor", "local",
                            "--poll", "0.5", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=hang_s())
 
 
@@ -71,6 +71,29 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     again = _study(tmp_path, "--evaluate", "standard", "--no-report")
     assert again.returncode == 0 and "standard evaluation: 0 run(s) evaluated" in again.stdout
     assert "no training" not in again.stdout  # nothing was submitted
+
+    # Another study of the same runs with another probe (2 standard epochs) and another kNN monitor:
+    # evaluation is not part of a run's identity, so it shares the pretraining and only probes it.
+    (tmp_path / "sibling.yaml").write_text(STUDY.replace("eval.probe=fast", "eval.probe=standard, eval.knn_every=2")
+                                           .replace("eval.probe_epochs=3", "eval.probe_epochs=2"))
+    sibling = _study(tmp_path, "--no-report", name="sibling")
+    assert sibling.returncode == 0, sibling.stderr[-3000:]
+    import optuna
+
+    trials = optuna.load_study(study_name="sibling", storage=f"sqlite:///{tmp_path / 'results' / 'sibling' / 'study.db'}").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
+    for key, run in runs.items():
+        assert f"{key}: shares the pretraining of evaluated/runs/{key}" in sibling.stdout
+        assert (tmp_path / "results" / "sibling" / "runs" / key).resolve() == run.resolve()
+        attempts, metrics, checkpoints = _trained(run)
+        assert (attempts, metrics, checkpoints) == (before[key][0] + 1, *before[key][1:])  # one more start, no step
+        [other] = [json.loads(p.read_text()) for p in run.glob("probe-standard-*.json")]
+        assert len(other["top1_per_epoch"]) == 2 and other["settings"]["probe_epochs"] == 2
+        assert json.loads((run / "probe-standard.json").read_text())["settings"]["probe_epochs"] == 3  # kept
+        [trial] = [t for t in trials if t.user_attrs["key"] == key]
+        assert trial.value == other["top1"] and trial.user_attrs["knn_top1"] is not None
+        status = json.loads((run / "status.json").read_text())
+        assert status["status"] == "completed" and status["loss"] is not None  # the final figures kept
 
 
 @pytest.mark.slow

@@ -11,12 +11,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import yaml
 from timing import hang_s
 
 from harness import report as harness_report
 from harness.reporting.plots import _axis
 from harness.run import runio
-from harness.run.config import RUNTIME_ONLY, identity_diff, make_config
+from harness.run.config import RUNTIME_ONLY, config_from_dict, identity_diff, make_config, with_overrides
 from harness.run.runio import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,8 +42,12 @@ def test_identity_ignores_how_a_run_executes_but_not_what_it_computes():
                                       "runtime.keep_checkpoints=9", "runtime.compile=true", "data.num_workers=0",
                                       "runtime.channels_last=yes"], name="another/label")
     assert base.digest() == how.digest() and identity_diff(base.to_dict(), how.to_dict()) == []
+    # How it is evaluated (monitor, diagnostics, probe) reads the run and never changes it.
+    evaluated = make_config("fmnist-tiny", ["eval.probe=standard", "eval.probe_lr=3", "eval.knn_every=5",
+                                            "eval.knn_train_subset=1000", "eval.diagnostics_every=0"])
+    assert base.digest() == evaluated.digest() and identity_diff(base.to_dict(), evaluated.to_dict()) == []
     for change in ("moco.momentum=0.9", "runtime.seed=1", "moco.queue_size=2048", "runtime.precision=bf16",
-                   "eval.probe=standard", "optim.epochs=3"):
+                   "data.test_subset=500", "optim.epochs=3"):
         other = make_config("fmnist-tiny", [change])
         assert other.digest() != base.digest(), change
         assert identity_diff(base.to_dict(), other.to_dict()) == [change.split("=")[0]]
@@ -178,3 +183,26 @@ def test_restarted_study_resumes_its_runs_under_other_runtime_settings(tmp_path,
     monkeypatch.setattr(runio, "RESULTS", results)  # `python -m harness.report restart`, in this process
     assert harness_report.main(["restart"]) == 0
     assert "restart" in (report / "report.md").read_text()
+
+
+def test_a_run_made_while_evaluation_was_part_of_the_identity_is_found_and_read(tmp_path):
+    """A committed example's run directory (written before evaluation left the identity: probe.json
+    without its settings, identity.json with the older digest) is found by the identity of a config
+    with another probe and monitor, and its probe is read as made with its config.yaml's settings."""
+    import shutil
+
+    from harness.planning.shared import RunIndex
+    from harness.run import evaluations
+
+    example = ROOT / "results" / "examples" / "momentum_sweep" / "runs" / "momentum=0.9,seed=0"
+    run = tmp_path / "results" / "old" / "runs" / example.name
+    shutil.copytree(example, run)
+    assert "settings" not in json.loads((run / "probe.json").read_text())
+    made = config_from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    asked = with_overrides(made, ["eval.probe=standard", "eval.knn_every=3", "eval.knn_train_subset=500"])
+    assert RunIndex(tmp_path / "results").find(asked.digest()) == run
+    probe = evaluations.find(run, evaluations.of(made))
+    assert probe is not None and probe["top1"] == json.loads((run / "probe.json").read_text())["top1"]
+    assert evaluations.find(run, evaluations.of(asked)) is None  # the standard probe is not there: it is evaluated
+    assert evaluations.result_path(run, evaluations.of(asked)).name == "probe-standard.json"
+    assert evaluations.result_path(run, evaluations.of(with_overrides(asked, ["eval.probe_lr=7"]))).name.startswith("probe-standard-")

@@ -246,17 +246,21 @@ def test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result(tmp
     assert subprocess.run(args, capture_output=True, timeout=hang_s()).returncode == 0
     standard = [str(run), "--protocol", "standard", "--set", "eval.probe_epochs=4", "--set", "eval.probe_batch_size=64"]
 
+    def written() -> list:  # settings other than config.yaml's: probe-standard-<key>.json (harness.run.evaluations)
+        return sorted(run.glob("probe-standard-*.json"))
+
     def result() -> dict:
-        out = json.loads((run / "probe-standard.json").read_text())
+        out = json.loads(written()[0].read_text())
         return {k: v for k, v in out.items() if k != "seconds"}
 
     assert probe.main(standard) == 0
     straight = result()
+    assert straight["settings"]["probe_epochs"] == 4
     assert not (run / "probe-standard-state").exists()  # spent once the result is written
-    (run / "probe-standard.json").unlink()
+    written()[0].unlink()
     killed = subprocess.run([sys.executable, "-m", "harness.probe", *standard], capture_output=True, text=True,
                             timeout=hang_s(), env={**os.environ, "HARNESS_FAULT": "probe-epoch@2"})
-    assert killed.returncode == -9 and not (run / "probe-standard.json").exists()
+    assert killed.returncode == -9 and not written()
     capsys.readouterr()
     assert probe.main(standard) == 0
     assert "resumed the standard probe after epoch 2 of 4" in capsys.readouterr().out
