@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-jpeg", type=int, default=0, metavar="N",
                         help="data part, image-folder recipes: write N photo-like 500x375 JPEGs to a temporary "
                              "folder and time the input pipelines on them (else data.root is read)")
-    parser.add_argument("--run", help="a finished run directory (probe part)")
+    parser.add_argument("--run", help="a finished run directory (probe part); DIR,DIR,... (monitor part)")
     parser.add_argument("--probe-epochs", type=int, help="standard probe epochs (default: the run's config)")
     parser.add_argument("--out", type=Path, default=runio.RESULTS / "bench", help="where the JSON goes (default: $HARNESS_RESULTS/bench)")
     parser.add_argument("--size", choices=["auto", "full", "small"], default="auto",

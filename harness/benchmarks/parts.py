@@ -5,6 +5,10 @@
   data      augmented image pairs/s: batched vs per-image; on an image-folder recipe (data.root, or
             --synthetic-jpeg N) the loader's images/s per core, old and new path side by side
   probe     fast vs standard linear probe on a trained run (--run DIR): seconds and top-1
+  monitor   the kNN monitor's cost against a training epoch and its estimate against its bank size
+            (--run DIR,DIR...: finished runs of one recipe; harness/benchmarks/monitor.py)
+  walltime  a trial's pretraining wall time against its training seconds, the probe's apart, from the
+            run directories' own files (--run DIR,DIR... or STUDY/runs)
   overhead  submit -> trial-start latency per executor (debug, local, slurm when present)
   device    the prepared check for a lent GPU (harness/benchmarks/devicecheck.py): fast paths vs fp32 eager,
             throughput of the GPU recipes, peak memory, several trials on one device
@@ -21,7 +25,9 @@ from pathlib import Path
 import torch
 
 from harness.benchmarks.census import StepCensus
+from harness.benchmarks.monitor import bench_monitor
 from harness.benchmarks.options import BenchOptions
+from harness.benchmarks.walltime import bench_walltime
 from harness.data.datasets import load_tensors, pretrain_views
 from harness.data.synthetic import synthetic_splits
 from harness.run.config import EVAL_ONLY, PROBE_PROTOCOLS, RunConfig, make_config, with_overrides
@@ -283,7 +289,8 @@ def bench_batch_signature(args: BenchOptions) -> list[dict]:
 
 
 PARTS = {"batch-signature": bench_batch_signature, "diagnostics": bench_diagnostics, "train": bench_train, "data": bench_data, "probe": bench_probe,
-         "overhead": bench_overhead, "census": bench_census}
+         "overhead": bench_overhead, "census": bench_census, "monitor": bench_monitor,
+         "walltime": bench_walltime}
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -16,7 +16,7 @@ from harness.execution.optuna_adapter import COMPLETE, FAIL, PRUNED, RUNNING
 from harness.execution.storage import open_storage, redact
 from harness.planning.estimate import estimate_line
 from harness.planning.studyfile import trial_key
-from harness.run import runio
+from harness.run import evaluations, runio
 from harness.run import trial_record as record
 from harness.run.errors import StudyError
 
@@ -159,10 +159,16 @@ def _grid_lines(driver: Driver) -> tuple[list[str], int]:
                      f"{cfg.moco.key_encoder}")
     n = len(driver.points)
     finished = driver.runs.by_digest() if driver.opts.share else {}
-    shared_n = sum(driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve(),
-                                    runs=finished) is not None for params, cfg in driver.points)
+    shared_n = probe_only = 0
+    for params, cfg in driver.points:
+        source = driver.runs.find(cfg.digest(), besides=(driver.dir / "runs" / trial_key(params)).resolve(), runs=finished)
+        if source is not None:
+            shared_n += 1
+            probe = evaluations.of(cfg)  # evaluation is not part of the identity: this probe may not be there yet
+            probe_only += probe is not None and evaluations.find(source, probe) is None
     lines.append(f"{shared_n} of the {n} trials are finished runs of other studies (shared): {n - shared_n} to "
-                 f"train")
+                 f"train" + (f"; {probe_only} of the shared runs lack this study's probe, which runs without training"
+                             if probe_only else ""))
     return lines, n - shared_n
 
 

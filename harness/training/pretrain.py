@@ -258,6 +258,7 @@ class PretrainRun:
             record.update(diagnostics.measure(diagnostics.Observed(
                 cfg, self.model, self.views, self.rt, s.global_step, self.rank)))
         s.epoch, s.step_in_epoch, s.sums = s.epoch + 1, 0, {"loss": 0.0, "accuracy": 0.0, "count": 0}
+        record["time"] = time.time()  # when the epoch's work (training, monitor, diagnostics) ended: wall-clock reports
         self.last = record
         if self.is_main:
             runio.append_jsonl(self.run_dir / "metrics.jsonl", record)

@@ -76,6 +76,10 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     # evaluation is not part of a run's identity, so it shares the pretraining and only probes it.
     (tmp_path / "sibling.yaml").write_text(STUDY.replace("eval.probe=fast", "eval.probe=standard, eval.knn_every=2")
                                            .replace("eval.probe_epochs=3", "eval.probe_epochs=2"))
+    plan = _study(tmp_path, "--dry-run", name="sibling")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert ("2 of the 2 trials are finished runs of other studies (shared): 0 to train; 2 of the shared runs lack "
+            "this study's probe, which runs without training") in plan.stdout
     sibling = _study(tmp_path, "--no-report", name="sibling")
     assert sibling.returncode == 0, sibling.stderr[-3000:]
     import optuna
