@@ -22,7 +22,8 @@ from harness.run import runio
 from harness.run.config import RunConfig, get_dotted
 
 COST_FIELDS = ("optim.epochs", "optim.batch_size", "data.train_subset", "data.image_size", "model.arch",
-               "model.tiny_widths", "model.tiny_stem_stride", "eval.probe", "eval.knn_every")
+               "model.tiny_widths", "model.tiny_stem_stride", "eval.probe", "eval.knn_every", "eval.knn_train_subset",
+               "eval.knn_test_subset")
 
 
 # What one training step's time depends on (not the epochs, the seed or the evaluation).

@@ -138,3 +138,36 @@ def test_the_batch_signature_bench_measures_how_keys_depend_on_their_batch(tmp_p
     rows = {r["batch"]: r["key_change"] for r in bench_batch_signature(BenchOptions(run=str(tmp_path / "run")))}
     assert sorted(rows) == [32, 128]
     assert rows[32] > rows[128] > 0
+
+
+def test_the_monitor_and_walltime_benches_read_finished_runs(tmp_path):
+    """bench monitor: the kNN monitor's estimate on seeded banks against the whole training split's, its
+    cost against a timed epoch, and whether banks order two runs as the whole split does; bench
+    walltime: each run's pretraining wall time against its training seconds, from its own files."""
+    from harness.run.config import make_config
+    from harness.training.pretrain import train
+
+    tiny = ["model.tiny_widths=[8,16,32]", "data.train_subset=600", "data.test_subset=256", "optim.batch_size=64",
+            "optim.epochs=2", "moco.queue_size=256", "moco.bn_splits=4", "eval.pixel_floor=false",
+            "eval.knn_test_subset=256", "eval.knn_every=2", "eval.probe=fast"]
+    runs = [tmp_path / f"m{m}" for m in (0.9, 0.99)]
+    for run, m in zip(runs, (0.9, 0.99)):
+        train(make_config("fmnist-tiny", [*tiny, f"moco.momentum={m}"]), run)
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "harness.bench", "monitor", "walltime", "--run", ",".join(map(str, runs)),
+           "--steps", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(next(out.glob("bench-*.json")).read_text())["rows"]
+    monitor = [r for r in rows if r["part"] == "monitor" and "run" in r]
+    assert sorted({r["bank"] for r in monitor}) == [500, 600]  # the banks smaller than the split, and the split
+    whole = [r for r in monitor if r["bank"] == 600]
+    assert all(r["sd_points"] == 0 and r["minus_whole_points"] == 0 for r in whole)
+    assert all(r["monitor_s"] > 0 and r["fraction_of_epoch"] == r["monitor_s"] / r["epoch_s"] for r in monitor)
+    pairs = [r for r in rows if r["part"] == "monitor" and "pair" in r]
+    assert {r["same_order"] for r in pairs if r["bank"] == 500} <= {f"{k}/5" for k in range(6)}
+    wall = {r["run"]: r for r in rows if r["part"] == "walltime"}
+    for run in runs:
+        row = wall[run.name]
+        assert row["attempts"] == 1 and row["epochs"] == 2 and row["monitor_epochs"] == 1  # every 2nd epoch
+        assert row["pretraining_wall_s"] > row["training_s"] > 0 and row["probe_s"] > 0

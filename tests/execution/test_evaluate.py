@@ -74,7 +74,7 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
 
     # Another study of the same runs with another probe (2 standard epochs) and another kNN monitor:
     # evaluation is not part of a run's identity, so it shares the pretraining and only probes it.
-    (tmp_path / "sibling.yaml").write_text(STUDY.replace("eval.probe=fast", "eval.probe=standard, eval.knn_every=2")
+    (tmp_path / "sibling.yaml").write_text(STUDY.replace("eval.probe=fast", "eval.probe=standard, eval.knn_every=1")
                                            .replace("eval.probe_epochs=3", "eval.probe_epochs=2"))
     plan = _study(tmp_path, "--dry-run", name="sibling")
     assert plan.returncode == 0, plan.stderr[-3000:]

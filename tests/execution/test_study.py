@@ -348,7 +348,7 @@ PRUNING_STUDY = """\
 description: TPE over tau with a pruner every trial fails
 recipe: fmnist-tiny
 overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=3,
-            moco.queue_size=256, eval.pixel_floor=false]
+            moco.queue_size=256, eval.pixel_floor=false, eval.knn_every=1]
 sampler: tpe
 n_trials: 1
 factors: {moco.temperature: {type: float, low: 0.1, high: 0.3}}
@@ -417,7 +417,8 @@ def test_dry_run_estimates_the_cost_from_earlier_runs_of_the_same_work(tmp_path,
         path.write_text(json.dumps({**attempt, "machine": machine_description()}) + "\n")
         walls.append(json.loads((path.parent / "status.json").read_text())["updated"] - attempt["start"])
     args = ["momentum_sweep", "--dry-run", "--executor", "local", "--parallel", "2", "--set", "runtime.threads=1",
-            "--no-share"]  # the copied runs would be shared: nothing to train
+            "--no-share",  # the copied runs would be shared: nothing to train
+            "--set", "eval.knn_every=1", "--set", "eval.knn_train_subset=null"]  # their monitor: the same work
     proc = study_cli(tmp_path, *args)
     assert proc.returncode == 0, proc.stderr
     per_trial = statistics.median(walls)

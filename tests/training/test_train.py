@@ -131,7 +131,7 @@ def test_fmnist_tiny_recipe_learns(tmp_path):
     0.798 vs 0.766)."""
     out = tmp_path / "fmnist-tiny"
     short = ["optim.epochs=3", "optim.batch_size=128", "optim.lr_batch=128", "data.test_subset=2000",
-             "data.train_subset=4096"]
+             "data.train_subset=4096", "eval.knn_every=1"]
     args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out),
             *(a for key in short for a in ("--set", key))]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=hang_s())
