@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--protocol", choices=PROBE_PROTOCOLS, help="default: the run config's eval.probe")
     parser.add_argument("--epochs", type=int, help="standard protocol epochs (default: eval.probe_epochs)")
+    parser.add_argument("--epoch", type=int, help="probe the checkpoint kept at this training epoch (runtime.keep_epochs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change how the run is evaluated (eval.*, data.test_subset; runtime.device, "
                              "runtime.threads, and runtime.precision: how features are read), e.g. --set eval.probe_lr=1")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
                                  only=PROBE_RUNTIME)
         precision = machine.runtime.precision
         device = Runtime.for_config(with_overrides(machine, ["runtime.precision=fp32"])).apply().device
-        cfg, encoder, epoch = load_trained_encoder(args.run_dir, device)
+        cfg, encoder, epoch = load_trained_encoder(args.run_dir, device, args.epoch)
         evaluation = [o for o in args.overrides if not o.startswith("runtime.")]
         cfg = with_overrides(cfg, evaluation + ([f"eval.probe_epochs={args.epochs}"] if args.epochs else []),
                              only=EVAL_ONLY)

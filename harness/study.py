@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     parser.add_argument("--evaluate", metavar="PROTOCOL", choices=PROBE_PROTOCOLS,
                         help="add this probe protocol to the study's finished runs (only those that lack it; "
                              "no training), then report both")
+    parser.add_argument("--epoch", type=int, metavar="E",
+                        help="with --evaluate: probe the checkpoint each run kept at epoch E (runtime.keep_epochs)")
     parser.add_argument("--track", metavar="URI",
                         help="relay the runs to this MLflow tracking server (the driver sends; jobs never connect)")
     parser.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
@@ -67,6 +69,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     require_at_least("--heartbeat", args.heartbeat, 1, "seconds between a worker's beats")
     require_at_least("--db-outage-limit", args.db_outage_limit, 0, "minutes a driver waits out a silent database")
     require_at_least("--poll", args.poll, 0.1, "seconds between the driver's looks at its jobs")
+    if args.epoch is not None:
+        require_at_least("--epoch", args.epoch, 1, "the epoch whose kept checkpoint is probed")
+        if not args.evaluate:
+            raise HarnessError("--epoch: goes with --evaluate PROTOCOL (the probe to run on that epoch's checkpoints)")
     opts = Options(recipe=args.recipe, executor=args.executor, storage=args.storage, parallel=args.parallel,
                    overrides=list(args.overrides), wait=not args.no_wait, report=not args.no_report,
                    workers=args.workers, heartbeat=args.heartbeat, poll=args.poll,
@@ -86,10 +92,11 @@ def run_study(args, opts: Options) -> int:
     if args.evaluate:
         driver.open()
         try:
-            done, failed = driver.evaluate(args.evaluate)
+            done, failed = driver.evaluate(args.evaluate, args.epoch)
         finally:
             driver.close()
-        print(f"[study {driver.name}] {args.evaluate} evaluation: {done} run(s) evaluated"
+        at = f" of epoch {args.epoch}" if args.epoch else ""
+        print(f"[study {driver.name}] {args.evaluate} evaluation{at}: {done} run(s) evaluated"
               + (f"; failed after every try: {'; '.join(failed)}" if failed else ""))
         if opts.report:
             print(f"report: {build_report(driver.name, driver.storage_url)}")

@@ -185,6 +185,12 @@ MUTANTS = [
     Mutant("a-run-resumed-at-its-end-loses-its-final-figures", "harness/training/pretrain.py",
            "            self.last = next((r for r in reversed(", "            self.last = {} if True else next((r for r in reversed(",
            ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
+    Mutant("kept-epochs-not-kept", "harness/training/pretrain.py",
+           "            if epoch_end and self.state.epoch in self.cfg.runtime.keep_epochs:",
+           "            if False:", ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
+    Mutant("a-part-way-probe-read-as-the-last", "harness/run/evaluations.py",
+           '"epoch": epoch or config["optim"]["epochs"]', '"epoch": config["optim"]["epochs"]',
+           ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
 ]
 
 

@@ -444,10 +444,19 @@ class Driver:
                 time.sleep(self.opts.poll)
 
     # -------------------------------------------------------------- re-evaluation
-    def evaluate(self, protocol: str) -> tuple[int, list[str]]:
+    @staticmethod
+    def _final_epoch(job) -> int:
+        return int(runio.read_status(Path(job.run_dir)).get("epoch", -1))
+
+    def evaluate(self, protocol: str, epoch: int | None = None) -> tuple[int, list[str]]:
         """Add an evaluation protocol to the study's finished runs: a job per run that lacks it, which
-        probes its last checkpoint and never trains (harness.execution.jobs.EvalJob); a failed one is
-        tried again up to the study's `retries`. Returns (results written, what failed)."""
+        probes its last checkpoint (or the one kept at `epoch`: runtime.keep_epochs) and never trains
+        (harness.execution.jobs.EvalJob); a failed one is tried again up to the study's `retries`.
+        Returns (results written, what failed).
+
+        Raises:
+            StudyError: `epoch` not kept by a run that lacks the probe (before anything is submitted).
+        """
         from harness.execution.jobs import EvalJob, pack_evaluations
 
         def pending() -> dict[str, EvalJob]:
@@ -458,14 +467,21 @@ class Driver:
                     continue
                 run_dir = (self.dir / t.user_attrs[record.RUN_DIR]).resolve()  # a shared run: its own directory
                 cfg = self._spec(t).config
-                if evaluations.find(run_dir, evaluations.of(cfg, protocol) or {}) is None:
-                    todo[t.user_attrs[record.KEY]] = EvalJob.of(run_dir, cfg, threads, protocol)
+                if evaluations.find(run_dir, evaluations.of(cfg, protocol, epoch) or {}) is None:
+                    todo[t.user_attrs[record.KEY]] = EvalJob.of(run_dir, cfg, threads, protocol, epoch)
             return todo
 
         # With resources.eval: its executor and its packing (evaluations a job); else the trial's, one a job.
         executor = self.eval_executor or self.executor
         size = self.eval_resources.trials_per_job if self.eval_resources is not None else 1
         threads = executor.threads_per_process(self.opts.parallel)
+        if epoch is not None:
+            unkept = [key for key, job in pending().items() if epoch != self._final_epoch(job)
+                      and not runio.kept_checkpoint(Path(job.run_dir) / "checkpoints", epoch).exists()]
+            if unkept:
+                raise StudyError(f"--epoch {epoch}: {len(unkept)} run(s) kept no checkpoint of that epoch "
+                                 f"(first: {unkept[0]}); runtime.keep_epochs lists the epochs a run keeps, set before "
+                                 f"it trains (a runtime setting: it never changes what a run computes).")
         done, failed = 0, dict[str, str]()
         for attempt in range(self.study.retries + 1):
             todo = pending()

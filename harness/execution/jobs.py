@@ -161,15 +161,19 @@ class EvalJob(submitit.helpers.Checkpointable):
     checkpoint and probes it (harness.training.probe.probe_run), never trains. Requeued
     (preemption, time limit), the standard probe goes on from its last epoch's state."""
 
-    def __init__(self, run_dir: str, protocol: str, threads: int = 0, evaluation: dict | None = None):
+    def __init__(self, run_dir: str, protocol: str, threads: int = 0, evaluation: dict | None = None,
+                 epoch: int | None = None):
         """`evaluation`: the eval section to probe with (the trial's, which may differ from the one in
-        the run's config.yaml: evaluation is not part of a run's identity); None: config.yaml's."""
+        the run's config.yaml: evaluation is not part of a run's identity); None: config.yaml's.
+        `epoch`: the checkpoint kept at that epoch (runtime.keep_epochs); None: the last."""
         self.run_dir, self.protocol, self.threads, self.evaluation = run_dir, protocol, threads, evaluation
+        self.epoch = epoch
 
     @classmethod
-    def of(cls, run_dir: Path, cfg: RunConfig, threads: int = 0, protocol: str | None = None) -> EvalJob:
+    def of(cls, run_dir: Path, cfg: RunConfig, threads: int = 0, protocol: str | None = None,
+           epoch: int | None = None) -> EvalJob:
         """`cfg`'s probe (or `protocol` with cfg's settings for it) on the run in `run_dir`."""
-        return cls(str(Path(run_dir).resolve()), protocol or cfg.eval.probe, threads, dataclasses.asdict(cfg.eval))
+        return cls(str(Path(run_dir).resolve()), protocol or cfg.eval.probe, threads, dataclasses.asdict(cfg.eval), epoch)
 
     def __call__(self) -> str:
         restore_cwd()
@@ -180,11 +184,11 @@ class EvalJob(submitit.helpers.Checkpointable):
 
         run_dir = Path(self.run_dir)
         faults.raise_point("evaluate", run_dir)
-        cfg, model, epoch = load_trained_moco(run_dir)
+        cfg, model, epoch = load_trained_moco(run_dir, getattr(self, "epoch", None))
         evaluation = getattr(self, "evaluation", None)  # older format: jobs pickled before 2026-12-03 have none
         if evaluation is not None:
             cfg = config_from_dict({**cfg.to_dict(), "eval": evaluation})
-        if evaluations.find(run_dir, probe_settings(cfg, self.protocol)) is not None:  # a requeued pack's finished member
+        if evaluations.find(run_dir, probe_settings(cfg, self.protocol, epoch)) is not None:  # a requeued pack's finished member
             return f"{self.protocol}: already evaluated"
         here = with_overrides(cfg, [f"runtime.threads={self.threads}"] if self.threads else [])
         device = Runtime.for_config(here).apply().device

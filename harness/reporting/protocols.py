@@ -8,7 +8,7 @@ import pandas as pd
 
 from harness.planning.decide import interval
 from harness.reporting.verdicts import points
-from harness.run import evaluations
+from harness.run import evaluations, runio
 
 
 def protocol_table(trials: pd.DataFrame, factors: list[str], study_dir) -> pd.DataFrame:
@@ -18,8 +18,12 @@ def protocol_table(trials: pd.DataFrame, factors: list[str], study_dir) -> pd.Da
     for _, t in trials[trials["state"] == "COMPLETE"].iterrows():
         if not isinstance(t.get("run_dir"), str):
             continue
-        for result in evaluations.results(study_dir / t["run_dir"]):
-            rows.append({**{f: t[f] for f in factors}, "seed": t["seed"], "protocol": result["protocol"],
+        run_dir = study_dir / t["run_dir"]
+        final = runio.read_status(run_dir).get("epoch")
+        for result in evaluations.results(run_dir):
+            epoch = result["settings"]["epoch"]  # a probe part-way names its epoch
+            label = result["protocol"] + (f" @ epoch {epoch}" if epoch != final else "")
+            rows.append({**{f: t[f] for f in factors}, "seed": t["seed"], "protocol": label,
                          "key": evaluations.key(result["settings"]), "top1": result["top1"], "top5": result.get("top5")})
     table = pd.DataFrame(rows)
     if table.empty:
@@ -30,13 +34,20 @@ def protocol_table(trials: pd.DataFrame, factors: list[str], study_dir) -> pd.Da
 
 
 def markdown(table: pd.DataFrame, factors: list[str], objective: str, md_table) -> list[str]:
-    """The levels under each protocol and how the protocols differ; nothing with fewer than two."""
+    """The levels under each protocol against the first (the fast probe of the last epoch), and how they
+    differ; nothing with fewer than two."""
     if table.empty or table["protocol"].nunique() < 2:
         return []
+    protocols = sorted(table["protocol"].unique(), key=lambda p: (p != "fast", p))  # the fast one first
+    lines: list[str] = []
+    for second in protocols[1:]:
+        lines += _against(table, factors, objective, md_table, protocols[0], second)
+    return lines
+
+
+def _against(table: pd.DataFrame, factors: list[str], objective: str, md_table, first: str, second: str) -> list[str]:
     from scipy import stats
 
-    protocols = sorted(table["protocol"].unique(), key=lambda p: (p != "fast", p))  # the fast one first
-    first, second = protocols[:2]
     wide = table.pivot_table(index=[*factors, "seed"], columns="protocol", values="top1").dropna(subset=[first, second])
     if wide.empty:
         return []
@@ -56,4 +67,5 @@ def markdown(table: pd.DataFrame, factors: list[str], objective: str, md_table) 
             "second added to finished runs without training them again). Differences are paired by seed, with "
             "95 % t-intervals.", "", md_table(pd.DataFrame(rows)), "",
             f"Rank correlation (Spearman) of the levels' means between the protocols: {rho:+.2f}; best level: "
-            + (f"{best[first]} under both." if same else f"{best[first]} under {first}, {best[second]} under {second}.")]
+            + (f"{best[first]} under both." if same else f"{best[first]} under {first}, {best[second]} under {second}."),
+            ""]

@@ -126,6 +126,9 @@ class RuntimeConfig:
     checkpoint_every: int = 1  # epochs
     checkpoint_every_steps: int = 0  # 0 = only at epoch boundaries
     keep_checkpoints: int = 2
+    # Epochs whose checkpoint is kept besides the newest ones (checkpoints/epochs/), for probes of the
+    # run part-way (`python -m harness.study NAME --evaluate fast --epoch E`): a learning curve.
+    keep_epochs: list[int] = field(default_factory=list)
     log_every: int = 20  # steps between loss read-backs (and NaN checks)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     # DDP: a collective that waits longer than this fails the run (NCCL's default is 10 minutes). No

@@ -1,4 +1,4 @@
-"""A run's probe results, each kept under the settings that made it.
+"""A run's probe results, each kept under the settings that made it (its checkpoint's epoch included).
 
 Evaluation is not part of a run's identity (harness.run.identity.EVALUATION): one pretraining may be
 probed under several protocols and settings, by several studies. A result file says what it was made
@@ -32,19 +32,19 @@ READS: dict[str, tuple[str, ...]] = {
 }
 
 
-def settings(config: dict, protocol: str | None = None) -> dict[str, Any]:
-    """What a probe computes with: the protocol (default: eval.probe), the test images and the eval.*
-    fields it reads. `config`: a whole config as a dict."""
+def settings(config: dict, protocol: str | None = None, epoch: int | None = None) -> dict[str, Any]:
+    """What a probe computes with: the checkpoint's epoch (default: the last, optim.epochs), the protocol
+    (default: eval.probe), the test images and the eval.* fields it reads. `config`: a whole config as a dict."""
     evaluation = config["eval"]
     protocol = protocol or evaluation["probe"]
-    return {"protocol": protocol, "test_subset": config["data"]["test_subset"],
+    return {"protocol": protocol, "epoch": epoch or config["optim"]["epochs"], "test_subset": config["data"]["test_subset"],
             **{k: evaluation[k] for k in READS[protocol]}}
 
 
-def of(cfg: RunConfig, protocol: str | None = None) -> dict | None:
-    """The probe settings of a config (protocol default: its eval.probe); None for eval.probe none."""
+def of(cfg: RunConfig, protocol: str | None = None, epoch: int | None = None) -> dict | None:
+    """The probe settings of a config (protocol default: its eval.probe; epoch: the last); None for eval.probe none."""
     protocol = protocol or cfg.eval.probe
-    return settings(cfg.to_dict(), protocol) if protocol in READS else None
+    return settings(cfg.to_dict(), protocol, epoch) if protocol in READS else None
 
 
 def key(probe_settings: dict) -> str:
@@ -75,7 +75,7 @@ def results(run_dir: Path) -> list[dict]:
                 made_with = _made_with(Path(run_dir))
             if result["protocol"] not in READS or not made_with:
                 continue
-            result = {**result, "settings": settings(made_with, result["protocol"])}
+            result = {**result, "settings": settings(made_with, result["protocol"], result.get("epoch"))}
         found.append(result)
     return found
 
@@ -89,6 +89,15 @@ def configured(run_dir: Path) -> dict | None:
     """The probe settings the run's config.yaml names (None: no probe, or no readable config)."""
     made_with = _made_with(Path(run_dir))
     return settings(made_with) if made_with and made_with["eval"]["probe"] in READS else None
+
+
+def configured_result(run_dir: Path) -> dict | None:
+    """The result of the probe the run's config.yaml names; without a readable config.yaml, probe.json as it is."""
+    probe = configured(run_dir)
+    if probe is not None:
+        return find(run_dir, probe)
+    result = runio.read_json(Path(run_dir) / "probe.json")
+    return result if "top1" in result else None
 
 
 def _made_with(run_dir: Path) -> dict:

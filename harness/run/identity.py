@@ -43,6 +43,7 @@ RUNTIME_ONLY = {
     "runtime.checkpoint_every": "checkpoint cadence",
     "runtime.checkpoint_every_steps": "checkpoint cadence",
     "runtime.keep_checkpoints": "checkpoints kept on disk",
+    "runtime.keep_epochs": "intermediate checkpoints kept on disk, for probes of the run part-way",
     "runtime.log_every": "how often the loss is read back and logged",
     "data.num_workers": "DataLoader processes; each image's augmentation is seeded by its index",
 }

@@ -80,6 +80,11 @@ def read_status(run_dir: Path) -> dict:
     return read_json(run_dir / "status.json")
 
 
+def kept_checkpoint(checkpoints: Path, epoch: int) -> Path:
+    """Where the checkpoint of an epoch in runtime.keep_epochs is kept (outside the newest-k pruning)."""
+    return Path(checkpoints) / "epochs" / f"epoch-{epoch:05d}.pt"
+
+
 def check_writable(directory: Path) -> None:
     """Fail early, with the path named, where outputs could not be written (tried, not guessed:
     permission bits say nothing for root or read-only mounts)."""

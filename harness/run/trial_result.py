@@ -38,9 +38,8 @@ def read_trial_result(run_dir: Path, objective: str, gpus: int = 0, probe: dict 
     outcome = Outcome.of_run(status.get("status"))
     attrs = {"epochs": status.get("epoch"), "final_loss": status.get("loss"),
              "knn_top1": status.get("knn_top1"), **_attempt_attrs(run_dir)}
-    if probe == CONFIGURED:
-        probe = evaluations.configured(run_dir)
-    result = evaluations.find(run_dir, probe) if isinstance(probe, dict) else None
+    result = (evaluations.configured_result(run_dir) if probe == CONFIGURED
+              else evaluations.find(run_dir, probe) if isinstance(probe, dict) else None)
     if result is not None:
         attrs.update(probe_top1=result["top1"], probe_top5=result["top5"], probe_protocol=result["protocol"],
                      pixel_floor_top1=result.get("pixel_floor_top1"))

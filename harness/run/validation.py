@@ -114,6 +114,8 @@ def _validate_runtime(r: RuntimeConfig) -> None:
     _require(r.checkpoint_every_steps >= 0,
              f"runtime.checkpoint_every_steps: must be >= 0 (0: at epoch ends only), got {r.checkpoint_every_steps}.")
     _require(r.keep_checkpoints >= 1, f"runtime.keep_checkpoints: must be >= 1, got {r.keep_checkpoints}.")
+    _require(all(isinstance(e, int) and e >= 1 for e in r.keep_epochs),
+             f"runtime.keep_epochs: epochs (>= 1) whose checkpoints are kept, got {r.keep_epochs}.")
     _require(r.dist_timeout_s > 0, f"runtime.dist_timeout_s: must be > 0 seconds, got {r.dist_timeout_s}.")
 
 

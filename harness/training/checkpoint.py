@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.run import faults
+from harness.run import faults, runio
 from harness.run.errors import HarnessError
 
 FORMAT = "moco-harness/checkpoint/1"
@@ -65,6 +66,25 @@ def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
     for old in checkpoints(directory)[keep:]:
         old.unlink(missing_ok=True)
     return final
+
+
+def keep_epoch(directory: Path, saved: Path, epoch: int) -> Path:
+    """A second name for the checkpoint just saved, outside the newest-k pruning and the resume's
+    listing: checkpoints/epochs/epoch-<E>.pt (a hard link where the filesystem has them)."""
+    kept = epoch_path(directory, epoch)
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.parent / f".{kept.name}.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(saved, tmp)
+    except OSError:
+        shutil.copyfile(saved, tmp)
+    os.replace(tmp, kept)
+    return kept
+
+
+def epoch_path(directory: Path, epoch: int) -> Path:
+    return runio.kept_checkpoint(directory, epoch)
 
 
 def write(path: Path, state: dict[str, Any], before_rename=None) -> None:

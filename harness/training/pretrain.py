@@ -173,13 +173,16 @@ class PretrainRun:
         if self.world > 1:  # wrapped after loading: DDP broadcasts rank 0's weights at construction
             self.step.net = dist_mod.wrap_ddp(self.model, self.rt.device, self.model.dictionary_buffers())
 
-    def save(self) -> None:
+    def save(self, epoch_end: bool = False) -> None:
+        """A checkpoint; at the end of an epoch in runtime.keep_epochs, also kept by that epoch's name."""
         if self.is_main:
-            ckpt.save(self.run_dir / "checkpoints", {
+            saved = ckpt.save(self.run_dir / "checkpoints", {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 **self.state.to_checkpoint(), "rng": ckpt.rng_state(), "config": self.cfg.to_dict(),
             }, keep=self.cfg.runtime.keep_checkpoints)
+            if epoch_end and self.state.epoch in self.cfg.runtime.keep_epochs:
+                ckpt.keep_epoch(self.run_dir / "checkpoints", saved, self.state.epoch)
         if self.world > 1:
             torch.distributed.barrier()
 
@@ -265,8 +268,8 @@ class PretrainRun:
             runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step)
             progress.note(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in record.items() if k != "kind"))
-        if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs:
-            self.save()
+        if s.epoch % cfg.runtime.checkpoint_every == 0 or s.epoch == cfg.optim.epochs or s.epoch in cfg.runtime.keep_epochs:
+            self.save(epoch_end=True)
         faults.pace(self.run_dir, resumed=self.resumed)
         faults.hold(s.epoch)
         return record

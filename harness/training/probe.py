@@ -282,9 +282,10 @@ def probe_backbone(cfg: RunConfig, backbone: nn.Module, splits, device, protocol
     return out
 
 
-def probe_settings(cfg: RunConfig, protocol: str | None = None) -> dict:
-    """What the probe of `protocol` (default: eval.probe) computes with (harness.run.evaluations)."""
-    found = evaluations.of(cfg, protocol)
+def probe_settings(cfg: RunConfig, protocol: str | None = None, epoch: int | None = None) -> dict:
+    """What the probe of `protocol` (default: eval.probe) computes with (harness.run.evaluations), of the
+    checkpoint at `epoch` (default: the last)."""
+    found = evaluations.of(cfg, protocol, epoch)
     if found is None:
         raise ProbeError(f"no probe protocol to run (eval.probe={cfg.eval.probe}); choose one of {', '.join(evaluations.READS)}")
     return found
@@ -297,18 +298,19 @@ def probe_run(cfg: RunConfig, run_dir: Path, encoder: nn.Module, splits, device,
     resume = ProbeResume.of(cfg, run_dir, protocol, epoch)
     result = probe_backbone(cfg, encoder.backbone, splits, device, protocol, resume)
     result["epoch"] = epoch if epoch is not None else cfg.optim.epochs
-    result["settings"] = probe_settings(cfg, protocol)
+    result["settings"] = probe_settings(cfg, protocol, result["epoch"])
     runio.write_json(evaluations.result_path(run_dir, result["settings"]), result)
     resume.clear()  # the result is written: its epochs' state is spent
     return result
 
 
-def load_trained_moco(run_dir: Path) -> tuple[RunConfig, nn.Module, int]:
-    """The whole MoCo model (both encoders, the dictionary) of a run's newest good checkpoint, on the
-    CPU, with its config and epoch. Never a fresh (random) one.
+def load_trained_moco(run_dir: Path, epoch: int | None = None) -> tuple[RunConfig, nn.Module, int]:
+    """The whole MoCo model (both encoders, the dictionary) of a run's newest good checkpoint (or the
+    one kept at `epoch`: runtime.keep_epochs), on the CPU, with its config and epoch. Never a fresh
+    (random) one.
 
     Raises:
-        ProbeError: no config.yaml, no usable checkpoint, or a checkpoint that does not fit the config.
+        ProbeError: no config.yaml, no usable checkpoint (of that epoch), or a checkpoint that does not fit the config.
     """
     import yaml
 
@@ -321,6 +323,8 @@ def load_trained_moco(run_dir: Path) -> tuple[RunConfig, nn.Module, int]:
     state = ckpt.load_latest(run_dir / "checkpoints")
     if state is None:
         raise ProbeError(f"{run_dir}: no usable checkpoint in checkpoints/; there is no trained backbone to probe.")
+    if epoch is not None and state["epoch"] != epoch:
+        state = _kept(run_dir, epoch)
     bank = state["model"].get("bank")  # a memory-bank run: the bank's size is the training set's
     model = build_moco(cfg, bank_size=bank.shape[0] if bank is not None else None)
     try:
@@ -331,9 +335,21 @@ def load_trained_moco(run_dir: Path) -> tuple[RunConfig, nn.Module, int]:
     return cfg, model, state["epoch"]
 
 
-def load_trained_encoder(run_dir: Path, device) -> tuple[RunConfig, nn.Module, int]:
-    """The query encoder of a run's newest good checkpoint (load_trained_moco), on `device`."""
-    cfg, model, epoch = load_trained_moco(run_dir)
-    if epoch < cfg.optim.epochs:
-        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {epoch} of {cfg.optim.epochs})", stacklevel=2)
-    return cfg, model.encoder_q.to(device), epoch
+def _kept(run_dir: Path, epoch: int) -> dict:
+    path = ckpt.epoch_path(run_dir / "checkpoints", epoch)
+    if not path.exists():
+        raise ProbeError(f"{run_dir}: no checkpoint of epoch {epoch} was kept; runtime.keep_epochs lists the epochs a "
+                         f"run keeps for probes part-way (set it before training: it never changes what a run computes).")
+    try:
+        return {**ckpt.load_file(path), "path": str(path)}
+    except ckpt.CheckpointError as exc:
+        raise ProbeError(str(exc)) from None
+
+
+def load_trained_encoder(run_dir: Path, device, epoch: int | None = None) -> tuple[RunConfig, nn.Module, int]:
+    """The query encoder of a run's newest good checkpoint (or the one kept at `epoch`: load_trained_moco),
+    on `device`."""
+    cfg, model, epoch_loaded = load_trained_moco(run_dir, epoch)
+    if epoch is None and epoch_loaded < cfg.optim.epochs:
+        warnings.warn(f"{run_dir}: probing an unfinished run (epoch {epoch_loaded} of {cfg.optim.epochs})", stacklevel=2)
+    return cfg, model.encoder_q.to(device), epoch_loaded

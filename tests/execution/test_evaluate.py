@@ -18,7 +18,7 @@ description: 2 tiny trials probed fast; the standard probe is added afterwards
 recipe: fmnist-tiny
 overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=256, data.test_subset=256, optim.batch_size=64, optim.epochs=2,
             moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128, eval.probe=fast,
-            eval.probe_epochs=3, eval.probe_batch_size=64]
+            eval.probe_epochs=3, eval.probe_batch_size=64, "runtime.keep_epochs=[1]"]
 factors: {moco.momentum: [0.9, 0.99]}
 seeds: [0]
 retries: 1
@@ -98,6 +98,24 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
         assert trial.value == other["top1"] and trial.user_attrs["knn_top1"] is not None
         status = json.loads((run / "status.json").read_text())
         assert status["status"] == "completed" and status["loss"] is not None  # the final figures kept
+
+    # A learning curve: the fast probe of the checkpoint each run kept at epoch 1 (runtime.keep_epochs).
+    last = _study(tmp_path, "--evaluate", "fast", "--epoch", "2", "--no-report")  # the last epoch: already probed
+    assert last.returncode == 0 and "fast evaluation of epoch 2: 0 run(s) evaluated" in last.stdout
+    early = _study(tmp_path, "--evaluate", "fast", "--epoch", "1")
+    assert early.returncode == 0, early.stderr[-3000:]
+    assert "fast evaluation of epoch 1: 2 run(s) evaluated" in early.stdout
+    for key, run in runs.items():
+        [part_way] = [r for r in map(json.loads, (p.read_text() for p in run.glob("probe-fast-*.json")))]
+        assert part_way["epoch"] == 1 and part_way["settings"]["epoch"] == 1
+        assert part_way["top1"] != json.loads((run / "probe.json").read_text())["top1"]  # another checkpoint
+        assert _trained(run)[1:] == before[key][1:]  # metrics and checkpoints untouched
+    report = (tmp_path / "results" / "evaluated" / "report" / "report.md").read_text()
+    section = report.split("## Probe protocols")[1].split("\n## ")[0]
+    assert "fast @ epoch 1 − fast" in section  # each protocol against the fast one: the part-way probe, and the
+    assert section.count("The study's runs under two probe protocols") == 3  # two standard settings (by key)
+    never = _study(tmp_path, "--evaluate", "fast", "--epoch", "3", "--no-report")
+    assert never.returncode == 2 and "--epoch 3: 2 run(s) kept no checkpoint of that epoch" in never.stderr
 
 
 @pytest.mark.slow

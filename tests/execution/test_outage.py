@@ -17,7 +17,7 @@ STUDY = """\
 description: 2 trials long enough to be mid-run during an outage; a pruner that reports every epoch, never prunes
 recipe: fmnist-tiny
 overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=256, data.test_subset=256, optim.batch_size=64, optim.epochs=4,
-            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128]
+            moco.queue_size=256, moco.bn_splits=4, eval.pixel_floor=false, eval.knn_test_subset=128, eval.knn_every=1]
 factors: {moco.momentum: [0.9, 0.99]}
 seeds: [0]
 pruner: {type: threshold, lower: 0.0}

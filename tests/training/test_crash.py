@@ -25,7 +25,7 @@ factors: {runtime.keep_checkpoints: [3, 4, 5, 6, 7]}
 seeds: [0]
 retries: 2
 """
-TIMING = {"epoch_seconds", "images_per_s", "seconds", "diagnostics_seconds"}
+TIMING = {"epoch_seconds", "images_per_s", "seconds", "diagnostics_seconds", "time"}
 POINTS = {  # where -> (the fault, the copy it hits)
     "before the first checkpoint": ("after-step-2", 4),
     "mid-epoch": ("after-step-11", 5),
