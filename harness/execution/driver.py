@@ -361,9 +361,18 @@ class Driver:
         return make_spec(self.study, t.params, self.dir, self.opts.recipe, self.opts.overrides, self.gpus)
 
     def _read(self, t) -> TrialResult:
-        """The trial's result from its run directory: its probe is the one with the trial's settings."""
-        return read_trial_result(self.dir / t.user_attrs[record.RUN_DIR], self.study.objective, self.gpus,
-                                 self._spec(t).probe)
+        """The trial's result from its run directory: its probe is the one with the trial's settings. A
+        trial that only probed a shared pretraining (its runs/<key> a link) counts the probe's hours, not
+        the training it did not repeat (shared_from, shared_hours: as a shared trial's)."""
+        run_dir, probe = self.dir / t.user_attrs[record.RUN_DIR], self._spec(t).probe
+        result = read_trial_result(run_dir, self.study.objective, self.gpus, probe)
+        if run_dir.is_symlink() and record.HOURS in result.attrs:
+            found = evaluations.find(run_dir, probe) if probe is not None else None
+            probe_h = (found or {}).get("seconds", 0.0) / 3600
+            result.attrs.update({record.SHARED_FROM: os.path.relpath(run_dir.resolve(), runio.RESULTS.resolve()),
+                                 record.SHARED_HOURS: result.attrs[record.HOURS] - probe_h,
+                                 record.HOURS: probe_h, record.GPU_HOURS: probe_h * self.gpus})
+        return result
 
     def _awaits_evaluation(self, t) -> bool:
         """A completed pretraining without the trial's probe (its protocol and settings): its evaluation job is due."""

@@ -27,8 +27,19 @@ from harness.run.validation import validate
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "studies" / "recipes"
 
 
+class _Section:
+    """A config section that a job file pickled by older code restores: a field added since takes its
+    default (a requeued job goes on under the code it now finds; its run's identity is unchanged)."""
+
+    def __setstate__(self, state: dict) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            if f.name not in state:
+                state[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        self.__dict__.update(state)
+
+
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     dataset: Literal["fashion_mnist", "cifar10", "cifar100", "stl10", "imagefolder"] = "fashion_mnist"
     root: str | None = None  # None: the dataset's default location (see harness.data)
     train_subset: int | None = None  # first N of a fixed seeded permutation; None = all
@@ -47,7 +58,7 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     arch: Literal["resnet_tiny", "resnet18", "resnet50"] = "resnet_tiny"
     stem: Literal["imagenet", "cifar"] = "cifar"  # cifar: 3x3 conv1, stride 1, no max-pool
     tiny_widths: list[int] = field(default_factory=lambda: [32, 64, 128])  # resnet_tiny stage widths
@@ -56,7 +67,7 @@ class ModelConfig:
 
 
 @dataclass
-class MocoConfig:
+class MocoConfig(_Section):
     dim: int = 128  # feature dimension of q and k
     queue_size: int = 4096  # K: number of negative keys
     momentum: float = 0.99  # m: key encoder EMA coefficient
@@ -72,7 +83,7 @@ class MocoConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(_Section):
     epochs: int = 10
     batch_size: int = 256  # global batch, over all processes
     lr: float = 0.06  # learning rate at batch `lr_batch`; scaled linearly with batch_size
@@ -85,7 +96,7 @@ class OptimConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Section):
     knn_every: int = 1  # epochs between kNN monitor evaluations; 0 = never
     knn_k: int = 200
     knn_t: float = 0.1
@@ -116,7 +127,7 @@ class EvalConfig:
 
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(_Section):
     seed: int = 0
     # auto is resolved before a run's identity is taken (resolve_execution): the identity holds what runs.
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda for trials given GPUs, else cpu
@@ -137,7 +148,7 @@ class RuntimeConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     name: str = "run"
     recipe: str = ""
     data: DataConfig = field(default_factory=DataConfig)

@@ -96,6 +96,8 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
         assert json.loads((run / "probe-standard.json").read_text())["settings"]["probe_epochs"] == 3  # kept
         [trial] = [t for t in trials if t.user_attrs["key"] == key]
         assert trial.value == other["top1"] and trial.user_attrs["knn_top1"] is not None
+        assert trial.user_attrs["shared_from"] == f"evaluated/runs/{key}"  # its cost: the probe, not the training
+        assert trial.user_attrs["hours"] * 3600 == pytest.approx(other["seconds"]) and trial.user_attrs["shared_hours"] > 0
         status = json.loads((run / "status.json").read_text())
         assert status["status"] == "completed" and status["loss"] is not None  # the final figures kept
 
