@@ -183,7 +183,7 @@ MUTANTS = [
            'return next((r for r in results(run_dir) if r["protocol"] == probe_settings["protocol"]), None)',
            ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
     Mutant("a-run-resumed-at-its-end-loses-its-final-figures", "harness/training/pretrain.py",
-           "            self.last = next((r for r in reversed(", "            self.last = {} if True else next((r for r in reversed(",
+           "            self.last = next((r for r in reversed(kept)", "            self.last = {} if True else next((r for r in reversed(kept)",
            ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
     Mutant("kept-epochs-not-kept", "harness/training/pretrain.py",
            "            if epoch_end and self.state.epoch in self.cfg.runtime.keep_epochs:",

@@ -235,13 +235,13 @@ class Driver:
             return False
         if not spec.run_dir.is_symlink():
             shared.link(spec.run_dir, source)
-        if result.outcome is not Outcome.DIVERGED and spec.probe is not None and evaluations.find(source, spec.probe) is None:
+        origin = os.path.relpath(source, runio.RESULTS.resolve())
+        if result.outcome is not Outcome.DIVERGED and spec.probe is not None and result.probe is None:
             # The pretraining is done, this probe is not (evaluation is not part of the identity): the trial's
             # job goes on from the run's last checkpoint, trains nothing, and only probes (or its evaluation job).
-            print(f"[study {self.name}] {spec.key}: shares the pretraining of {os.path.relpath(source, runio.RESULTS.resolve())} "
+            print(f"[study {self.name}] {spec.key}: shares the pretraining of {origin} "
                   f"(identity {spec.config.digest()}); only its {spec.probe['protocol']} probe is run here.", flush=True)
             return False
-        origin = os.path.relpath(source, runio.RESULTS.resolve())
         # Its training time was spent by the study that ran it: not counted again here.
         attrs = {**spec.attrs, **result.attrs, **failure_attrs(result.outcome, result.reason), record.EXECUTOR: record.SHARED,
                  record.SHARED_FROM: origin, record.SHARED_HOURS: result.attrs.get(record.HOURS, 0.0), record.HOURS: 0.0, record.GPU_HOURS: 0.0}
@@ -364,11 +364,10 @@ class Driver:
         """The trial's result from its run directory: its probe is the one with the trial's settings. A
         trial that only probed a shared pretraining (its runs/<key> a link) counts the probe's hours, not
         the training it did not repeat (shared_from, shared_hours: as a shared trial's)."""
-        run_dir, probe = self.dir / t.user_attrs[record.RUN_DIR], self._spec(t).probe
-        result = read_trial_result(run_dir, self.study.objective, self.gpus, probe)
+        run_dir = self.dir / t.user_attrs[record.RUN_DIR]
+        result = read_trial_result(run_dir, self.study.objective, self.gpus, self._spec(t).probe)
         if run_dir.is_symlink() and record.HOURS in result.attrs:
-            found = evaluations.find(run_dir, probe) if probe is not None else None
-            probe_h = (found or {}).get("seconds", 0.0) / 3600
+            probe_h = (result.probe or {}).get("seconds", 0.0) / 3600
             result.attrs.update({record.SHARED_FROM: os.path.relpath(run_dir.resolve(), runio.RESULTS.resolve()),
                                  record.SHARED_HOURS: result.attrs[record.HOURS] - probe_h,
                                  record.HOURS: probe_h, record.GPU_HOURS: probe_h * self.gpus})

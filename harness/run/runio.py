@@ -58,13 +58,14 @@ def append_jsonl(path: Path, record: dict) -> None:
         fh.flush()
 
 
-def truncate_metrics(path: Path, global_step: int) -> None:
+def truncate_metrics(path: Path, global_step: int) -> list[dict]:
     """On resume, drop records written after the checkpoint being resumed (they will be redone),
-    so metrics.jsonl never holds a step or an epoch twice."""
+    so metrics.jsonl never holds a step or an epoch twice. Returns the records kept."""
     if not path.exists():
-        return
+        return []
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= global_step]
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
 
 
 def write_status(run_dir: Path, status: str, **fields) -> None:

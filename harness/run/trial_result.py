@@ -18,6 +18,7 @@ class TrialResult:
     value: float | None
     attrs: dict = field(default_factory=dict)
     reason: str | None = None
+    probe: dict | None = None  # the trial's probe result as read (its settings and seconds), None: none yet
 
 
 def _attempt_attrs(run_dir: Path) -> dict:
@@ -60,4 +61,4 @@ def read_trial_result(run_dir: Path, objective: str, gpus: int = 0, probe: dict 
     elif outcome is Outcome.DIVERGED:
         reason = f"diverged: the loss became NaN/inf (step {status.get('global_step')})"
     attrs = {k: v for k, v in {record.OUTCOME: outcome.value, **attrs}.items() if v is not None}
-    return TrialResult(outcome, value, attrs, reason)
+    return TrialResult(outcome, value, attrs, reason, result)

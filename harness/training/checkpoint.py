@@ -71,7 +71,7 @@ def save(directory: Path, state: dict[str, Any], keep: int = 2) -> Path:
 def keep_epoch(directory: Path, saved: Path, epoch: int) -> Path:
     """A second name for the checkpoint just saved, outside the newest-k pruning and the resume's
     listing: checkpoints/epochs/epoch-<E>.pt (a hard link where the filesystem has them)."""
-    kept = epoch_path(directory, epoch)
+    kept = runio.kept_checkpoint(directory, epoch)
     kept.parent.mkdir(parents=True, exist_ok=True)
     tmp = kept.parent / f".{kept.name}.tmp"
     tmp.unlink(missing_ok=True)
@@ -81,10 +81,6 @@ def keep_epoch(directory: Path, saved: Path, epoch: int) -> Path:
         shutil.copyfile(saved, tmp)
     os.replace(tmp, kept)
     return kept
-
-
-def epoch_path(directory: Path, epoch: int) -> Path:
-    return runio.kept_checkpoint(directory, epoch)
 
 
 def write(path: Path, state: dict[str, Any], before_rename=None) -> None:

@@ -163,10 +163,9 @@ class PretrainRun:
             ckpt.set_rng_state(saved["rng"])
         s = self.state
         if self.is_main:
-            runio.truncate_metrics(self.run_dir / "metrics.jsonl", s.global_step)
+            kept = runio.truncate_metrics(self.run_dir / "metrics.jsonl", s.global_step)
             # The last epoch's figures: a run resumed at its end (to be probed) keeps its final loss and kNN.
-            self.last = next((r for r in reversed(runio.read_jsonl(self.run_dir / "metrics.jsonl"))
-                              if r.get("kind") == "epoch"), {})
+            self.last = next((r for r in reversed(kept) if r.get("kind") == "epoch"), {})
             runio.write_status(self.run_dir, RUNNING, epoch=s.epoch, global_step=s.global_step)
             if saved is not None:
                 print(f"[train] resumed from {saved['path']} (epoch {s.epoch}, step {s.global_step})", flush=True)

@@ -336,7 +336,7 @@ def load_trained_moco(run_dir: Path, epoch: int | None = None) -> tuple[RunConfi
 
 
 def _kept(run_dir: Path, epoch: int) -> dict:
-    path = ckpt.epoch_path(run_dir / "checkpoints", epoch)
+    path = runio.kept_checkpoint(run_dir / "checkpoints", epoch)
     if not path.exists():
         raise ProbeError(f"{run_dir}: no checkpoint of epoch {epoch} was kept; runtime.keep_epochs lists the epochs a "
                          f"run keeps for probes part-way (set it before training: it never changes what a run computes).")
