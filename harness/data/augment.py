@@ -85,16 +85,28 @@ def sample_crops(n: int, height: int, width: int, spec: AugmentSpec, g: torch.Ge
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     if x.shape[1] == 1:
         return x
-    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    r, g, b = x.split(1, 1)
     return 0.2989 * r + 0.587 * g + 0.114 * b  # the ITU-R 601 weights torchvision uses
 
 
-def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (factor * a + (1 - factor) * b).clamp(0, 1)
+def _blend_parts(x: torch.Tensor, factor: torch.Tensor, to_gray: torch.Tensor | None,
+                 to_mean: torch.Tensor | None) -> torch.Tensor:
+    """Brightness, contrast or saturation of each image in one expression: torchvision blends the
+    image with black, its gray level's mean or its gray image, clamp(f x + (1 - f) target). The table
+    gives f and (1 - f) already split by target (`to_gray`, `to_mean`: 1 - f for the image's part,
+    0 for the others), so every image gets its own part and factor 1 leaves it exactly as it was."""
+    y = factor * x
+    if to_gray is not None or to_mean is not None:
+        gray = _grayscale(x)
+        if to_gray is not None:
+            y = y + to_gray * gray
+        if to_mean is not None:
+            y = y + to_mean * gray.mean(dim=(1, 2, 3), keepdim=True)
+    return y.clamp(0, 1)
 
 
-def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of each image by `shift` (shape (N, 1, 1, 1), in turns), as torchvision's
+def _adjust_hue(x: torch.Tensor, shift6: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of each image by `shift6` (shape (N, 1, 1, 1), in sixths of a turn), as torchvision's
     adjust_hue (RGB -> HSV, h + shift, HSV -> RGB) but without building S and V: with v = max and
     v s = max - min, channel n of the result is v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h') mod 6,
     n = 5, 3, 1. Hue in sixths: (g - b, b - r, r - g) / (max - min) + (0, 2, 4) at the channel that
@@ -102,12 +114,25 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     maxc, argmax = x.max(1, keepdim=True)
     delta = maxc - x.amin(1, keepdim=True)
     diffs = x.roll(-1, 1) - x.roll(-2, 1)  # (g - b, b - r, r - g)
-    # constants made on the device (a host tensor would be a copy per call)
-    offsets = torch.arange(0.0, 6.0, 2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    sixths = diffs / torch.where(delta > 0, delta, 1.0) + offsets
-    h6 = torch.where(delta > 0, sixths.gather(1, argmax), 0.0) + 6.0 * shift
-    k = (h6 + (5.0 - offsets)) % 6.0  # n = 5, 3, 1
+    offsets, phases, one, zero = _hue_constants(x.device, x.dtype)
+    chromatic = delta > 0
+    sixths = diffs / torch.where(chromatic, delta, one) + offsets
+    h6 = torch.where(chromatic, sixths.gather(1, argmax), zero) + shift6
+    k = (h6 + phases) % 6.0  # n = 5, 3, 1
     return maxc - delta * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+
+
+_HUE_CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+
+def _hue_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The hue offsets (0, 2, 4), the phases 5 - offsets, 1 and 0: made on the device once, not per
+    call (a host tensor would be a copy per call, a Python scalar in `where` a tensor per call)."""
+    if (device, dtype) not in _HUE_CONSTANTS:
+        offsets = torch.arange(0.0, 6.0, 2.0, device=device, dtype=dtype).view(1, 3, 1, 1)
+        _HUE_CONSTANTS[device, dtype] = (offsets, 5.0 - offsets, torch.ones((), device=device, dtype=dtype),
+                                         torch.zeros((), device=device, dtype=dtype))
+    return _HUE_CONSTANTS[device, dtype]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:
@@ -142,8 +167,10 @@ class BatchAugment:
              back from the device.
     """
 
-    # Columns of the colour table: per jitter stage (4, in each image's own random order)
-    # brightness, contrast, saturation factors, hue on (0/1), hue shift; then grayscale on, blur on, sigma.
+    # Columns of the colour table: per jitter stage (4, in each image's own random order) the factor
+    # f of its brightness, contrast or saturation part (1 for none), 1 - f toward the gray image
+    # (saturation) and toward the gray mean (contrast), 0 otherwise; hue on (0/1), hue shift in
+    # sixths of a turn; then grayscale on, blur on, sigma.
     STAGE = 5
     GRAY, BLUR, SIGMA = 4 * STAGE, 4 * STAGE + 1, 4 * STAGE + 2
     COLOUR_COLUMNS = 4 * STAGE + 3
@@ -183,25 +210,28 @@ class BatchAugment:
         grayscale and blur of n images: the (n, COLOUR_COLUMNS) table. Few ops: it is host work
         done every step."""
         spec = self.spec
-        stages = torch.zeros(n, 4, self.STAGE)
-        stages[:, :, :3] = 1.0  # brightness, contrast and saturation factors 1: the identity
         if spec.jitter_p > 0 and any(spec.jitter):
             b, ct, s, hue = spec.jitter
             jitter = torch.rand(n, generator=g) < spec.jitter_p
             factors = torch.stack([_uniform(n, max(0.0, 1 - v), 1 + v, g) for v in (b, ct, s)]
                                   + [_uniform(n, -hue, hue, g)], 1)  # (n, 4)
             order = torch.argsort(torch.rand(n, 4, generator=g), dim=1)  # order[:, stage] = the part done then
-            at = (order.unsqueeze(2) == torch.arange(4)) & jitter.view(n, 1, 1)  # (n, stage, part)
-            stages[:, :, :3] = torch.where(at[:, :, :3], factors[:, None, :3], 1.0)
-            stages[:, :, 3] = at[:, :, 3].float()
-            stages[:, :, 4] = factors[:, 3:4]
-        extra = torch.zeros(n, 3)
-        if spec.grayscale_p > 0 and channels == 3:
-            extra[:, 0] = (torch.rand(n, generator=g) < spec.grayscale_p).float()
-        if spec.blur_p > 0:
-            extra[:, 1] = (torch.rand(n, generator=g) < spec.blur_p).float()
-            extra[:, 2] = _uniform(n, *spec.blur_sigma, g)
-        return torch.cat([stages.view(n, -1), extra], 1)
+            parts = 4 if channels == 3 else 2  # saturation and hue leave a one-channel image as it is
+            at = (order.unsqueeze(2) == torch.arange(parts)) & jitter.view(n, 1, 1)  # (n, stage, part)
+            # at most one part per stage: the product is that part's factor, or 1
+            factor = torch.where(at[..., :3], factors[:, None, :min(parts, 3)], 1.0).prod(2)
+            rest = 1 - factor
+            no_hue = torch.zeros(n, 4)
+            stages = torch.stack([factor, rest * at[..., 2] if parts == 4 else no_hue, rest * at[..., 1],
+                                  at[..., 3].float() if parts == 4 else no_hue,
+                                  (6.0 * factors[:, 3:4]).expand(n, 4)], 2)
+        else:
+            stages = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]).expand(n, 4, self.STAGE)  # the identity
+        no = torch.zeros(n)
+        gray = (torch.rand(n, generator=g) < spec.grayscale_p).float() if spec.grayscale_p > 0 and channels == 3 else no
+        blur = (torch.rand(n, generator=g) < spec.blur_p).float() if spec.blur_p > 0 else no
+        sigma = _uniform(n, *spec.blur_sigma, g) if spec.blur_p > 0 else no
+        return torch.cat([stages.reshape(n, -1), torch.stack([gray, blur, sigma], 1)], 1)
 
     # ------------------------------------------------------------ application (the device)
 
@@ -216,17 +246,15 @@ class BatchAugment:
         to `size`): the part of the recipe that needs no file, batched wherever `x` lives. Factor 1
         leaves an image exactly as it was (1 * v + 0 * u = v, and v is in [0, 1] for the clamp)."""
         spec, c = self.spec, x.shape[1]
-        column = lambda i: table[:, i].view(-1, 1, 1, 1)  # noqa: E731  (a per-image factor)
+        columns = table.view(table.shape[0], -1, 1, 1)
+        column = lambda i: columns[:, i:i + 1]  # noqa: E731  (a per-image factor, (N, 1, 1, 1))
         if spec.jitter_p > 0 and any(spec.jitter):
             b, ct, s, hue = spec.jitter
             for stage in range(4):
                 col = stage * self.STAGE
-                if b:
-                    x = (x * column(col)).clamp(0, 1)
-                if ct:
-                    x = _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), column(col + 1))
-                if s and c == 3:
-                    x = _blend(x, _grayscale(x), column(col + 2))
+                if b or ct or (s and c == 3):
+                    x = _blend_parts(x, column(col), column(col + 1) if s and c == 3 else None,
+                                     column(col + 2) if ct else None)
                 if hue and c == 3:
                     x = torch.where(column(col + 3) > 0, _adjust_hue(x, column(col + 4)), x)
         if spec.grayscale_p > 0 and c == 3:

@@ -29,10 +29,33 @@ class SplitBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         if n % s:
             raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by bn_splits={s}")
-        out = F.batch_norm(x.reshape(-1, c * s, h, w), self.running_mean_split, self.running_var_split,
-                           self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
         self.num_batches_tracked.add_(1)
-        return out.view(n, c, h, w)
+        if x.is_contiguous():
+            # Splits side by side as channels: sample i*s + j is row i of channel block j, a view.
+            out = F.batch_norm(x.view(n // s, s * c, h, w), self.running_mean_split, self.running_var_split,
+                               self.weight.repeat(s), self.bias.repeat(s), True, self.momentum, self.eps)
+        else:
+            out = self._strided_splits(x)
+        # Not a view for autograd: the next layer's in-place ReLU on a view would make every
+        # backward rebuild the base (as_strided, zeros, copy: ~10 ops per layer).
+        return torch.ops.aten._unsafe_view(out, (n, c, h, w))
+
+    def _strided_splits(self, x: torch.Tensor) -> torch.Tensor:
+        """The same normalisation for a channels_last (or any other non-contiguous) batch, in its own
+        layout: folding the splits into channels would copy it to NCHW and the next convolution back.
+        Statistics per (split, channel) reduced over a 5-d view, computed in fp32 as BatchNorm does."""
+        n, c, h, w = x.shape
+        s = self.num_splits
+        xs = x.view(n // s, s, c, h, w)
+        var, mean = torch.var_mean(xs.float(), dim=(0, 3, 4), correction=0, keepdim=True)  # (1, s, c, 1, 1)
+        scale = self.weight.view(c, 1, 1) * torch.rsqrt(var + self.eps)
+        out = xs * scale + (self.bias.view(c, 1, 1) - mean * scale)
+        with torch.no_grad():
+            count = (n // s) * h * w
+            m = self.momentum
+            self.running_mean_split.mul_(1 - m).add_(mean.view(-1), alpha=m)
+            self.running_var_split.mul_(1 - m).add_(var.view(-1), alpha=m * count / max(count - 1, 1))
+        return out.to(x.dtype)
 
     @torch.no_grad()
     def _average_splits(self) -> None:

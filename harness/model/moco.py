@@ -94,11 +94,12 @@ class MoCo(nn.Module):
             return self._infonce_fp32(q.float(), k.float())
 
     def _infonce_fp32(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # N x 1
+        # bmm and mm as Algorithm 1 writes them (einsum would add a dozen permutes and views per step)
+        l_pos = _positive_logits(q, k)  # N x 1
         if self.mechanism.k_is_batch:
             # Negatives: every other key of the global batch (no queue).
             k_all = concat_all_gather_with_grad(k)
-            sim = torch.einsum("nc,mc->nm", q, k_all)  # N x G
+            sim = torch.mm(q, k_all.t())  # N x G
             n = q.shape[0]
             # Row i keeps columns 0..G-2, shifted past its own key (column rank * n + i): a gather
             # of a fixed shape (a boolean mask's selection would read its size back from the device).
@@ -107,7 +108,7 @@ class MoCo(nn.Module):
             l_neg = sim.gather(1, others + (others >= own).long())  # N x (G - 1)
         else:
             # The queue as it was before this step: enqueue happens after both losses.
-            l_neg = torch.einsum("nc,ck->nk", q, self.queue.clone().detach())  # N x K
+            l_neg = torch.mm(q, self.queue.clone().detach())  # N x K
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         return F.cross_entropy(logits.float(), labels), logits
@@ -139,8 +140,8 @@ class MoCo(nn.Module):
                 dist.broadcast(draw, src=0)  # every rank uses rank 0's draw
             negatives = self.bank[draw]  # K x C
         with torch.autocast(q.device.type, enabled=False):
-            l_pos = torch.einsum("nc,nc->n", q, positive).unsqueeze(-1)
-            l_neg = torch.einsum("nc,kc->nk", q, negatives)
+            l_pos = _positive_logits(q, positive)
+            l_neg = torch.mm(q, negatives.t())
         logits = torch.cat([l_pos, l_neg], dim=1) / self.T
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
         self._update_bank(index, q.detach())
@@ -178,6 +179,11 @@ class MoCo(nn.Module):
         # Pretext accuracy: how often the positive wins (near 100 % hints at BN "cheating").
         accuracy = (logits.argmax(dim=1) == 0).float().mean()
         return {"loss": loss, "accuracy": accuracy.detach()}
+
+
+def _positive_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q . k per row, N x 1: Algorithm 1's bmm(q.view(N, 1, C), k.view(N, C, 1))."""
+    return torch.bmm(q.unsqueeze(1), k.unsqueeze(2)).view(-1, 1)
 
 
 def compile_encoders(model: MoCo, backend: str = "inductor") -> None:

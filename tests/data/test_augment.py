@@ -71,7 +71,7 @@ def test_hue_shift_matches_torchvision_adjust_hue():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 5, 5, generator=g)
     shift = torch.linspace(-0.4, 0.4, 6)
-    ours = _adjust_hue(x, shift.view(6, 1, 1, 1))
+    ours = _adjust_hue(x, 6.0 * shift.view(6, 1, 1, 1))  # in sixths of a turn
     for i in range(6):
         assert torch.allclose(ours[i], F.adjust_hue(x[i], shift[i].item()), atol=1e-4)
 
@@ -84,18 +84,26 @@ def test_views_are_deterministic_given_the_generator_seed():
     assert torch.equal(a, b) and a.shape == (8, 3, 16, 16)
 
 
-def test_contrast_and_saturation_match_torchvision():
+def test_brightness_contrast_and_saturation_match_torchvision():
+    """One blend per jitter stage (`_blend_parts`): each image gets its own part and factor."""
     from torchvision.transforms.v2 import functional as F
 
-    from harness.data.augment import _blend, _grayscale
+    from harness.data.augment import _blend_parts
 
     x = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(2))
-    factor = torch.tensor([0.6, 1.0, 1.4]).view(3, 1, 1, 1)
-    contrast = _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
-    saturation = _blend(x, _grayscale(x), factor)
-    for i, f in enumerate([0.6, 1.0, 1.4]):
-        assert torch.allclose(contrast[i], F.adjust_contrast(x[i], f), atol=1e-5)
-        assert torch.allclose(saturation[i], F.adjust_saturation(x[i], f), atol=1e-5)
+    factors = [0.6, 1.0, 1.4]
+    f = torch.tensor(factors).view(3, 1, 1, 1)
+    none = torch.zeros(3, 1, 1, 1)
+    brightness = _blend_parts(x, f, none, none)
+    contrast = _blend_parts(x, f, none, 1 - f)
+    saturation = _blend_parts(x, f, 1 - f, none)
+    for i, factor in enumerate(factors):
+        assert torch.allclose(brightness[i], F.adjust_brightness(x[i], factor), atol=1e-5)
+        assert torch.allclose(contrast[i], F.adjust_contrast(x[i], factor), atol=1e-5)
+        assert torch.allclose(saturation[i], F.adjust_saturation(x[i], factor), atol=1e-5)
+    parts = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]]).view(3, 2, 1, 1)  # contrast, identity, saturation
+    mixed = _blend_parts(x, f, (1 - f) * parts[:, :1], (1 - f) * parts[:, 1:])
+    assert torch.equal(mixed[0], contrast[0]) and torch.equal(mixed[1], x[1]) and torch.equal(mixed[2], saturation[2])
 
 
 def test_data_crop_scale_reaches_both_view_paths():

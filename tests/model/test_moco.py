@@ -254,6 +254,32 @@ def test_split_batchnorm_keeps_the_colabs_running_estimates_without_averaging_ev
     assert torch.equal(fresh.running_mean_split, state["running_mean"].repeat(4))
 
 
+def test_split_batchnorm_keeps_channels_last_and_normalises_as_in_nchw():
+    """A channels_last batch (the layout on a GPU) is normalised in its own layout, without folding
+    the splits into channels (a copy to NCHW, and one back at the next convolution): same output,
+    gradients and running estimates as the NCHW path, to float rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 6, 5, 5) * 3 + 1
+    nchw, strided = SplitBatchNorm(6, num_splits=4), SplitBatchNorm(6, num_splits=4)
+    with torch.no_grad():
+        nchw.weight.uniform_(0.5, 1.5), nchw.bias.uniform_(-1, 1)
+    strided.load_state_dict(nchw.state_dict())
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_nchw = x.clone().requires_grad_()
+    out_cl, out = strided(x_cl), nchw(x_nchw)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last) and not out_cl.is_contiguous()
+    assert torch.allclose(out_cl, out, atol=1e-5)
+    weights = torch.randn_like(out)
+    (out_cl * weights).sum().backward()
+    (out * weights).sum().backward()
+    assert torch.allclose(x_cl.grad, x_nchw.grad, atol=1e-5)
+    assert torch.allclose(strided.weight.grad, nchw.weight.grad, atol=1e-4)
+    assert torch.allclose(strided.bias.grad, nchw.bias.grad, atol=1e-4)
+    assert torch.allclose(strided.running_mean_split, nchw.running_mean_split, atol=1e-6)
+    assert torch.allclose(strided.running_var_split, nchw.running_var_split, atol=1e-5)
+    assert strided.num_batches_tracked == nchw.num_batches_tracked == 1
+
+
 @pytest.mark.parametrize("key_encoder", ["momentum", "shared", "end_to_end"])
 def test_every_key_encoder_trains_with_split_bn(key_encoder):
     model = make(key_encoder, bn=lambda c: SplitBatchNorm(c, num_splits=2))
