@@ -49,12 +49,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
         xs = x.view(n // s, s, c, h, w)
         var, mean = torch.var_mean(xs.float(), dim=(0, 3, 4), correction=0, keepdim=True)  # (1, s, c, 1, 1)
         scale = self.weight.view(c, 1, 1) * torch.rsqrt(var + self.eps)
-        out = xs * scale + (self.bias.view(c, 1, 1) - mean * scale)
+        out = torch.addcmul(self.bias.view(c, 1, 1) - mean * scale, xs, scale)
         with torch.no_grad():
             count = (n // s) * h * w
-            m = self.momentum
-            self.running_mean_split.mul_(1 - m).add_(mean.view(-1), alpha=m)
-            self.running_var_split.mul_(1 - m).add_(var.view(-1), alpha=m * count / max(count - 1, 1))
+            self.running_mean_split.lerp_(mean.view(-1), self.momentum)
+            self.running_var_split.lerp_(var.view(-1) * (count / max(count - 1, 1)), self.momentum)  # unbiased
         return out.to(x.dtype)
 
     @torch.no_grad()

@@ -188,7 +188,9 @@ def _positive_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def compile_encoders(model: MoCo, backend: str = "inductor") -> None:
     """torch.compile the query and key encoders in place (nn.Module.compile): parameter names, hence
-    checkpoints, and the momentum update over their parameters stay exactly as without it."""
+    checkpoints, and the momentum update over their parameters stay exactly as without it. Under DDP
+    they are first called inside its forward, where dynamo splits each graph at DDP's gradient
+    buckets, so the all-reduce still overlaps backward (tests/model/test_ddp.py)."""
     model.encoder_q.compile(backend=backend)
     if hasattr(model, "encoder_k"):
         model.encoder_k.compile(backend=backend)
