@@ -9,6 +9,10 @@ runs it): each check prints what it measured, at full size on a GPU and at small
   syncs       host syncs, blocking copies and ops per training step, batches drawn inside the count
               (harness.benchmarks.census; on CUDA also torch.cuda.set_sync_debug_mode)
   layout      channels_last x SplitBatchNorm, cudnn.benchmark on and off: images/s
+  decode      data.loader=device_decode's stream order: tensors still read by queued kernels are
+              freed, then a batch is decoded; the kernels' sums must come out right (torchvision's
+              decoder called directly, beside it, for comparison); "not checked" without CUDA or when
+              the queued kernels had already finished when the decode returned
   logits      InfoNCE logits at T = 0.07 against a queue of K keys: bf16 einsum vs fp32, and the
               model's own path under autocast (fp32 similarities) vs fp32; TF32 settings noted
 """
@@ -211,10 +215,51 @@ def check_logits(device: torch.device, queue_size: int) -> dict:
             "ok": float((logits - reference).abs().max()) <= 1e-3}
 
 
+def check_decode_order(device: torch.device, trials: int = 20) -> dict:
+    """pytorch/vision#9606's case: blocks freed while kernels queued on the step's stream still read
+    them are handed to the decoder. Each trial fills tensors the size of a decoded image, queues a
+    long kernel and a sum of each behind it, frees them, decodes, then compares the sums."""
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    from harness.data.folder_views import decode_on_device
+
+    row = {"part": "gpu", "check": "decode stream order"}
+    if device.type != "cuda":
+        return {**row, "not_checked": "no CUDA device (streams exist only there)"}
+    g = torch.Generator().manual_seed(0)
+    side, n = 128, 8
+    images = [torch.nn.functional.interpolate(torch.rand(1, 3, 16, 16, generator=g), size=(side, side))[0]
+              for _ in range(n)]
+    jpegs = [encode_jpeg((image * 255).to(torch.uint8)) for image in images]
+    boxes = torch.tensor([0, 0, side, side]).repeat(n, 2, 1)
+    flips = torch.zeros(n, 2, dtype=torch.bool)
+    decoders = {"ours": lambda: decode_on_device(jpegs, boxes, flips, side, device),
+                "torchvision directly": lambda: decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)}
+    counts = {}
+    for name, decode in decoders.items():
+        corrupted = tested = 0
+        for _ in range(trials):
+            held = [torch.full((3 * side * side // 4,), float(i + 1), device=device) for i in range(n)]  # a decoded image's bytes
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(100_000_000)  # a long kernel; the sums queue behind it
+            sums = [t.sum() for t in held]
+            queued = torch.cuda.Event()
+            queued.record()
+            del held  # freed while the sums still have to read them
+            decode()
+            tested += not queued.query()  # the sums had not run yet when the decode returned
+            torch.cuda.synchronize(device)
+            corrupted += sum(float(total) != (i + 1) * 3 * side * side / 4 for i, total in enumerate(sums))
+        counts[name] = {"trials_tested": tested, "corrupted_sums": corrupted}
+    if counts["ours"]["trials_tested"] == 0:
+        return {**row, **counts, "not_checked": "the queued kernels had finished before a decode returned"}
+    return {**row, **counts, "ok": counts["ours"]["corrupted_sums"] == 0}
+
+
 def run(size: dict) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = [check_resume(size), check_gather(device), check_syncs(size), *check_layout(size),
-            check_logits(device, 65536 if size["name"] == "full" else 4096)]
+            check_decode_order(device), check_logits(device, 65536 if size["name"] == "full" else 4096)]
     return rows
 
 
@@ -234,6 +279,10 @@ def describe(r: dict) -> str | None:
         cuda = "" if r["cuda_syncs_per_step"] is None else f", CUDA's own count {r['cuda_syncs_per_step']:.1f}"
         return (f"{mark}{r['syncs_per_step']:.1f} host syncs and {r['blocking_moves_per_step']:.1f} blocking copies "
                 f"per step, {r['ops_per_step']:.0f} ops (census on {r['device']}{cuda})")
+    if r["check"].startswith("decode"):
+        ours, direct = r["ours"], r["torchvision directly"]
+        return (f"{mark}{ours['corrupted_sums']} sums corrupted in {ours['trials_tested']} trials that tested it "
+                f"(torchvision's decoder called directly: {direct['corrupted_sums']} in {direct['trials_tested']})")
     if r["check"].startswith("layout"):
         return f"{r['images_per_s']:.0f} images/s (SplitBatchNorm, {r['bn_splits']} splits)"
     with contextlib.suppress(KeyError):

@@ -22,6 +22,7 @@ state, so any number of workers and a run resumed mid-epoch see exactly the same
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections import Counter
@@ -170,18 +171,32 @@ def _decode_on_cpu(data: torch.Tensor, shape: tuple[int, int]):
 def decode_on_device(data: list, boxes: torch.Tensor, flips: torch.Tensor, size: int,
                      device: torch.device, fallbacks: Counter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both views (float in [0, 1], NCHW) of encoded images, decoded on `device` (nvjpeg on CUDA;
-    libjpeg-turbo on the CPU), cropped and resized there (bilinear, antialiased).
+    libjpeg-turbo on the CPU), cropped and resized there (`_crop_resize`).
+
+    On CUDA the decode runs under a stream of its own that the step's stream then waits for:
+    torchvision's decoder allocates its outputs on the stream current at the call and writes them
+    from a private one that does not wait for it (pytorch/vision#9606), so on the step's stream it
+    could be handed memory that kernels still queued there read. Blocks of the decode stream are
+    reused only after the step's stream is done with them (`record_stream`).
 
     What the batched decode cannot take goes image by image to the CPU, counted in `fallbacks`:
     CMYK/YCCK JPEGs (4 components, read from the header; nvjpeg refuses them: `cmyk`), every image of
     a batch whose batched decode failed (`batch_failed`, then each on its own), and files no decoder
     reads (`unreadable`: mid-gray, as large as its crop boxes reach)."""
-    import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     from harness.run import faults
 
     fallbacks = fallbacks if fallbacks is not None else Counter()
+    with _decode_stream(device) as on_step_stream:
+        decoded = _decode_all(data, boxes, fallbacks, device, decode_jpeg, decode_image, ImageReadMode, faults)
+        decoded = [on_step_stream(image) for image in decoded]
+    return _crop_resize(decoded, boxes, flips, size)
+
+
+def _decode_all(data, boxes, fallbacks, device, decode_jpeg, decode_image, ImageReadMode, faults) -> list:
+    """Every image of the batch decoded (CHW uint8 RGB on `device`): the JPEGs nvjpeg takes in one
+    batched call, the rest one by one (see decode_on_device)."""
     reach = (boxes[..., 0] + boxes[..., 2]).amax(1).tolist(), (boxes[..., 1] + boxes[..., 3]).amax(1).tolist()
     components = [jpeg_components(d) for d in data]
     jpegs = [i for i, c in enumerate(components) if c in (1, 3)]
@@ -214,14 +229,51 @@ def decode_on_device(data: list, boxes: torch.Tensor, flips: torch.Tensor, size:
         if not readable:
             fallbacks["unreadable"] += 1
         decoded[i] = image.to(device)
-    views = []
-    for v in range(2):
-        out = []
-        for image, (top, left, h, w), flipped in zip(decoded, boxes[:, v].tolist(), flips[:, v].tolist()):
-            crop = image[None, :, top:top + h, left:left + w].float()
-            crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            out.append(crop.flip(-1) if flipped else crop)
-        views.append(torch.cat(out).clamp_(0, 255).div_(255))
+    return decoded
+
+
+@contextlib.contextmanager
+def _decode_stream(device: torch.device):
+    """On CUDA: the body runs on a side stream that first waits for the step's stream; yields a
+    function that hands a tensor made there to the step's stream. Elsewhere: nothing to order."""
+    if device.type != "cuda":
+        yield lambda tensor: tensor
+        return
+    step_stream = torch.cuda.current_stream(device)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _DECODE_STREAMS[device]
+    side.wait_stream(step_stream)
+
+    def on_step_stream(tensor: torch.Tensor) -> torch.Tensor:
+        tensor.record_stream(step_stream)  # its block is not reused before the step's stream is done with it
+        return tensor
+
+    with torch.cuda.stream(side):
+        yield on_step_stream
+    step_stream.wait_stream(side)
+
+
+_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _crop_resize(decoded: list, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both views' crops of every image resized to size x size: one `roi_align` per image for its two
+    boxes (bilinear samples averaged over each output pixel's area, as many as the scale needs: an
+    antialiased resize), flips applied to the whole batch at once. Two launches an image instead of
+    a slice, a conversion, a resize and a flip per image and view."""
+    from torchvision.ops import roi_align
+
+    device = decoded[0].device
+    # boxes (n, 2, 4) as (top, left, h, w) -> roi_align's rows (0, x1, y1, x2, y2), pixel edges, each
+    # image its own batch of one; one copy to the device for all of them
+    top, left, h, w = boxes.to(torch.float32).unbind(-1)
+    rois = to_device(torch.stack([torch.zeros_like(top), left, top, left + w, top + h], -1), device)  # (n, 2, 5)
+    flipped = to_device(flips.t().reshape(2, -1, 1, 1, 1), device)
+    views = torch.stack([roi_align(image[None].float(), rois[i], output_size=size, spatial_scale=1.0,
+                                   sampling_ratio=0, aligned=True)
+                         for i, image in enumerate(decoded)], 1)  # (2, n, C, size, size)
+    views = torch.where(flipped, views.flip(-1), views).clamp_(0, 255).div_(255)
     return views[0], views[1]
 
 

@@ -23,13 +23,14 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
         "input device_decode vs batched", "resume on the device", "gather channels_last", "syncs per step",
         "layout channels_last=no cudnn.benchmark=False", "layout channels_last=no cudnn.benchmark=True",
         "layout channels_last=yes cudnn.benchmark=False", "layout channels_last=yes cudnn.benchmark=True",
-        "logits bf16 vs fp32", "summary"]
+        "decode stream order", "logits bf16 vs fp32", "summary"]
     gpu = {r["check"]: r for r in rows if r["part"] == "gpu"}
     # The checks that settle the GPU paths ran on the CPU too: resume exact, gathers equal, fp32 logits.
     assert gpu["resume on the device"]["ok"] and gpu["resume on the device"]["state_max_diff"] == 0
     assert 0 < gpu["resume on the device"]["resumed_at_step"] < gpu["resume on the device"]["steps"]
     assert gpu["gather channels_last"]["ok"] and gpu["gather channels_last"]["world_size"] == 2
     assert gpu["logits bf16 vs fp32"]["ok"]
+    assert gpu["decode stream order"]["not_checked"].startswith("no CUDA") and "ok" not in gpu["decode stream order"]
     syncs = gpu["syncs per step"]  # counted over the real pipeline, batches drawn inside the count
     assert syncs["ok"] and syncs["syncs_per_step"] == 0 and syncs["blocking_moves_per_step"] == 0
     assert gpu["logits bf16 vs fp32"]["bf16_einsum_max_diff"] > 10 * gpu["logits bf16 vs fp32"]["model_max_diff"]
@@ -50,6 +51,7 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     inputs = {r["check"]: r for r in rows if r["check"].startswith("input")}
     assert inputs["input device_decode vs batched"]["ok"] and inputs["input batched"]["device_images_per_s"] > 0
     assert "| torch.compile | cifar10-r18 | ok: loss rel. diff" in proc.stdout  # the table a person reads
+    assert "| decode stream order |" in proc.stdout and "not checked: no CUDA" in proc.stdout
 
 
 def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):

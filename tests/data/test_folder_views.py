@@ -330,3 +330,33 @@ def test_device_decode_takes_cmyk_damaged_files_and_a_failed_batch_image_by_imag
     decoded = views.decode_fallbacks
     assert decoded["batch_failed"] in (1, 2)  # the injected failure, and the batch holding the truncated file
     assert decoded["cmyk"] == 1 and decoded["unreadable"] == 1  # each file once an epoch
+
+
+def test_device_decode_crops_and_resizes_a_batch_in_few_ops_close_to_an_antialiased_resize():
+    """`_crop_resize`: both views of an image in one roi_align (bilinear samples averaged over each
+    output pixel: an antialiased resize), flips for the whole batch: a few ops an image, not a slice,
+    conversion, resize and flip per image and view; close to torch's antialiased bilinear resize."""
+    import torch.nn.functional as F
+
+    from harness.benchmarks.census import StepCensus
+    from harness.data.folder_views import _crop_resize
+
+    g = torch.Generator().manual_seed(0)
+    smooth = lambda h, w: (F.interpolate(torch.rand(1, 3, h // 8, w // 8, generator=g), size=(h, w), mode="bilinear")  # noqa: E731
+                           * 255).round().to(torch.uint8)[0]
+    images = [smooth(64, 48), smooth(40, 56), smooth(72, 72), smooth(48, 64)]
+    boxes = torch.tensor([[[4, 2, 40, 30], [0, 0, 64, 48]], [[10, 20, 12, 16], [1, 3, 30, 40]],
+                          [[0, 0, 72, 72], [30, 31, 20, 18]], [[8, 8, 32, 32], [0, 10, 48, 50]]])  # (top, left, h, w)
+    flips = torch.tensor([[False, True], [True, False], [False, False], [True, True]])
+    census = StepCensus()
+    with census:
+        x_q, x_k = _crop_resize(images, boxes, flips, 24)
+    assert x_q.shape == x_k.shape == (4, 3, 24, 24)
+    assert census.summary()["ops"] <= 4 * len(images) + 20, census.ops
+    for view, out in enumerate((x_q, x_k)):
+        for i, image in enumerate(images):
+            top, left, h, w = boxes[i, view].tolist()
+            crop = image[None, :, top:top + h, left:left + w].float()
+            ref = F.interpolate(crop, size=(24, 24), mode="bilinear", antialias=True, align_corners=False) / 255
+            ref = ref.flip(-1) if flips[i, view] else ref
+            assert (out[i] - ref[0]).abs().mean() < 0.01, (view, i)
