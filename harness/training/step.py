@@ -25,9 +25,13 @@ def learning_rate(cfg: RunConfig, epoch: int, step_in_epoch: int, steps_per_epoc
 
 def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.SGD:
     """SGD on the query encoder only (the key encoder moves by the momentum update, never by a
-    gradient), at the batch-scaled learning rate; the schedule sets each step's rate."""
-    return torch.optim.SGD(model.encoder_q.parameters(), lr=cfg.scaled_lr(), momentum=cfg.optim.momentum,
-                           weight_decay=cfg.optim.weight_decay, foreach=True)
+    gradient), at the batch-scaled learning rate; the schedule sets each step's rate. On CUDA the
+    fused kernel (one launch for the whole update); on the CPU the foreach one, whose rounding every
+    CPU run has had (the fused kernel's multiply-adds differ in the last bit)."""
+    params = list(model.encoder_q.parameters())
+    fused = params[0].device.type == "cuda"
+    return torch.optim.SGD(params, lr=cfg.scaled_lr(), momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay, foreach=not fused, fused=fused)
 
 
 def step_seed(cfg: RunConfig, global_step: int, rank: int) -> int:
