@@ -183,20 +183,19 @@ def decode_on_device(data: list, boxes: torch.Tensor, flips: torch.Tensor, size:
     CMYK/YCCK JPEGs (4 components, read from the header; nvjpeg refuses them: `cmyk`), every image of
     a batch whose batched decode failed (`batch_failed`, then each on its own), and files no decoder
     reads (`unreadable`: mid-gray, as large as its crop boxes reach)."""
+    fallbacks = fallbacks if fallbacks is not None else Counter()
+    with _decode_stream(device) as on_step_stream:
+        decoded = [on_step_stream(image) for image in _decode_all(data, boxes, device, fallbacks)]
+    return _crop_resize(decoded, boxes, flips, size)
+
+
+def _decode_all(data: list, boxes: torch.Tensor, device: torch.device, fallbacks: Counter) -> list:
+    """Every image of the batch decoded (CHW uint8 RGB on `device`): the JPEGs nvjpeg takes in one
+    batched call, the rest one by one (see decode_on_device)."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     from harness.run import faults
 
-    fallbacks = fallbacks if fallbacks is not None else Counter()
-    with _decode_stream(device) as on_step_stream:
-        decoded = _decode_all(data, boxes, fallbacks, device, decode_jpeg, decode_image, ImageReadMode, faults)
-        decoded = [on_step_stream(image) for image in decoded]
-    return _crop_resize(decoded, boxes, flips, size)
-
-
-def _decode_all(data, boxes, fallbacks, device, decode_jpeg, decode_image, ImageReadMode, faults) -> list:
-    """Every image of the batch decoded (CHW uint8 RGB on `device`): the JPEGs nvjpeg takes in one
-    batched call, the rest one by one (see decode_on_device)."""
     reach = (boxes[..., 0] + boxes[..., 2]).amax(1).tolist(), (boxes[..., 1] + boxes[..., 3]).amax(1).tolist()
     components = [jpeg_components(d) for d in data]
     jpegs = [i for i, c in enumerate(components) if c in (1, 3)]
