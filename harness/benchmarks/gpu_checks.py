@@ -235,11 +235,12 @@ def check_decode_order(device: torch.device, trials: int = 20) -> dict:
     flips = torch.zeros(n, 2, dtype=torch.bool)
     decoders = {"ours": lambda: decode_on_device(jpegs, boxes, flips, side, device),
                 "torchvision directly": lambda: decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)}
+    floats = 3 * side * side // 4  # fp32 tensors of a decoded image's bytes: blocks the decoder may be handed
     counts = {}
     for name, decode in decoders.items():
         corrupted = tested = 0
         for _ in range(trials):
-            held = [torch.full((3 * side * side // 4,), float(i + 1), device=device) for i in range(n)]  # a decoded image's bytes
+            held = [torch.full((floats,), float(i + 1), device=device) for i in range(n)]
             torch.cuda.synchronize(device)
             torch.cuda._sleep(100_000_000)  # a long kernel; the sums queue behind it
             sums = [t.sum() for t in held]
@@ -249,7 +250,7 @@ def check_decode_order(device: torch.device, trials: int = 20) -> dict:
             decode()
             tested += not queued.query()  # the sums had not run yet when the decode returned
             torch.cuda.synchronize(device)
-            corrupted += sum(float(total) != (i + 1) * 3 * side * side / 4 for i, total in enumerate(sums))
+            corrupted += sum(float(total) != (i + 1) * floats for i, total in enumerate(sums))
         counts[name] = {"trials_tested": tested, "corrupted_sums": corrupted}
     if counts["ours"]["trials_tested"] == 0:
         return {**row, **counts, "not_checked": "the queued kernels had finished before a decode returned"}

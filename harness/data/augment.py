@@ -11,6 +11,7 @@ cifar = v2 without blur (the CIFAR-10 Colab).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -122,17 +123,13 @@ def _adjust_hue(x: torch.Tensor, shift6: torch.Tensor) -> torch.Tensor:
     return maxc - delta * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
-_HUE_CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
-
-
+@functools.cache
 def _hue_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The hue offsets (0, 2, 4), the phases 5 - offsets, 1 and 0: made on the device once, not per
     call (a host tensor would be a copy per call, a Python scalar in `where` a tensor per call)."""
-    if (device, dtype) not in _HUE_CONSTANTS:
-        offsets = torch.arange(0.0, 6.0, 2.0, device=device, dtype=dtype).view(1, 3, 1, 1)
-        _HUE_CONSTANTS[device, dtype] = (offsets, 5.0 - offsets, torch.ones((), device=device, dtype=dtype),
-                                         torch.zeros((), device=device, dtype=dtype))
-    return _HUE_CONSTANTS[device, dtype]
+    offsets = torch.arange(0.0, 6.0, 2.0, device=device, dtype=dtype).view(1, 3, 1, 1)
+    return (offsets, 5.0 - offsets, torch.ones((), device=device, dtype=dtype),
+            torch.zeros((), device=device, dtype=dtype))
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, ksize: int) -> torch.Tensor:

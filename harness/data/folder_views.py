@@ -239,9 +239,7 @@ def _decode_stream(device: torch.device):
         yield lambda tensor: tensor
         return
     step_stream = torch.cuda.current_stream(device)
-    if device not in _DECODE_STREAMS:
-        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
-    side = _DECODE_STREAMS[device]
+    side = _decode_side_stream(device)
     side.wait_stream(step_stream)
 
     def on_step_stream(tensor: torch.Tensor) -> torch.Tensor:
@@ -253,7 +251,9 @@ def _decode_stream(device: torch.device):
     step_stream.wait_stream(side)
 
 
-_DECODE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+@functools.cache
+def _decode_side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)  # one per device for the run, not one per batch
 
 
 def _crop_resize(decoded: list, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
