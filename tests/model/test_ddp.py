@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import run_ranks
 from timing import scaled
 from torch import nn
 
@@ -70,7 +71,7 @@ def worker(rank, world, init_file, results):
 def test_ddp_shuffle_bn_fills_identical_queues_with_the_global_batch(tmp_path):
     world = 2
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    run_ranks(worker, (world, str(tmp_path / "init"), results), world)
     r0, r1 = results[0], results[1]
     assert torch.equal(r0["queue"], r1["queue"])
     global_batch = world * PER_RANK
@@ -103,7 +104,7 @@ def bank_worker(rank, world, init_file, results):
 def test_ddp_memory_bank_is_the_same_on_every_rank_and_updated_for_the_global_batch(tmp_path):
     world = 2
     results = mp.Manager().dict()
-    mp.spawn(bank_worker, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    run_ranks(bank_worker, (world, str(tmp_path / "init"), results), world)
     torch.manual_seed(0)
     initial = MoCo(encoder, dim=DIM, queue_size=K, key_encoder="memory_bank", bank_size=20).bank
     b0, b1 = results[0]["bank"], results[1]["bank"]
@@ -138,7 +139,7 @@ def test_ddp_does_not_broadcast_the_queue_or_the_bank_but_still_the_batchnorm_st
     step). The dictionary is equal on every rank by construction, so it is left out: a difference put
     into rank 1's copy survives a forward, while BatchNorm's statistics are still rank 0's."""
     results = mp.Manager().dict()
-    mp.spawn(broadcast_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    run_ranks(broadcast_worker, (2, str(tmp_path / "init"), results), 2)
     for key_encoder, names in (("momentum", ["queue", "queue_ptr"]), ("memory_bank", ["bank"])):
         r0, r1 = results[(0, key_encoder)], results[(1, key_encoder)]
         assert r0["names"] == names
@@ -195,7 +196,7 @@ def test_compiled_encoders_inside_ddp_train_as_eager_ones_and_split_at_the_gradi
     equal the eager run's to 1e-5 relative (aot_eager: the same kernels, another graph), over 3 steps
     of 2 gloo ranks."""
     results = mp.Manager().dict()
-    mp.spawn(compile_worker, args=(2, str(tmp_path / "init"), results), nprocs=2)
+    run_ranks(compile_worker, (2, str(tmp_path / "init"), results), 2)
     for rank in range(2):
         r = results[rank]
         assert r["compiled"] == pytest.approx(r["eager"], rel=1e-5), r

@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 from image_folders import fmnist_folder
+from ranks import run_ranks
 from timing import scaled
 
 from harness.run import runio
@@ -49,8 +50,7 @@ def _ddp_rank(rank, world, port, run_dir, overrides, env, prune_after, results):
 def ddp_train(run_dir: Path, *extra: str, env: dict | None = None, prune_after: int = 0, world: int = 2) -> dict:
     """`harness.training.pretrain.train` in `world` gloo processes, as a DDP trial job runs it; each rank's result."""
     results = mp.Manager().dict()
-    mp.spawn(_ddp_rank, args=(world, _free_port(), str(run_dir), [*DDP, *extra], env or {}, prune_after, results),
-             nprocs=world, join=True)
+    run_ranks(_ddp_rank, (world, _free_port(), str(run_dir), [*DDP, *extra], env or {}, prune_after, results), world)
     return dict(results)
 
 
@@ -153,7 +153,7 @@ def test_knn_monitor_on_an_image_folder_gives_one_value_on_1_and_2_processes(tmp
     values = {}
     for world in (1, 2):
         results = mp.Manager().dict()
-        mp.spawn(_knn_rank, args=(world, _free_port(), str(root), results), nprocs=world, join=True)
+        run_ranks(_knn_rank, (world, _free_port(), str(root), results), world)
         values[world] = dict(results)
     one = values[1][0]
     assert 0 < one <= 1
@@ -327,7 +327,7 @@ def _gather_rank(rank, world, port, results):
 
 def test_gathers_of_channels_last_and_uneven_tensors_equal_their_inputs():
     results = mp.Manager().dict()
-    mp.spawn(_gather_rank, args=(2, _free_port(), results), nprocs=2, join=True)
+    run_ranks(_gather_rank, (2, _free_port(), results), 2)
     x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
     for rank in (0, 1):
         gathered, rows = results[rank]
@@ -358,7 +358,7 @@ def test_a_rank_with_an_empty_evaluation_shard_still_gathers_and_nothing_hangs()
     """A 1-image kNN subset on 2 ranks: rank 1's shard is empty; it must send zero rows of the right
     width (it crashed in torch.cat([]) and left rank 0 waiting in the gather until the timeout)."""
     results = mp.Manager().dict()
-    mp.spawn(_empty_shard_rank, args=(2, _free_port(), results), nprocs=2, join=True)
+    run_ranks(_empty_shard_rank, (2, _free_port(), results), 2)
     assert results[0] == results[1] and results[0][0][0] == 1 and len(results[0][1]) == 1
 
 if __name__ == "__main__":
