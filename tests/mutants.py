@@ -157,7 +157,7 @@ MUTANTS = [
            ("tests/data/test_folder_views.py::test_device_decode_takes_cmyk_damaged_files_and_a_failed_batch_image_by_image",)),
     Mutant("trial-job-probes-itself", "harness/execution/driver.py",
            "probe=self.eval_resources is None)))", "probe=True)))",
-           ("tests/execution/test_evaluate.py::test_with_resources_eval_each_pretrained_run_is_evaluated_by_a_job_of_its_own",)),
+           ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
     Mutant("split-bn-evaluates-with-a-stale-estimate", "harness/model/batchnorm.py",
            "        if not mode:  # evaluation normalises with the shared estimate: the splits' mean, now\n            self._average_splits()",
            "        pass",

@@ -41,13 +41,32 @@ def _trained(run: Path) -> tuple:
 
 @pytest.mark.slow
 def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
-    """With resources.eval.trials_per_job: 2, the study's own evaluations and the added ones run two a job."""
-    (tmp_path / "evaluated.yaml").write_text(STUDY.replace("time_min: 10}", "time_min: 10, eval: {trials_per_job: 2}}"))
-    first = _study(tmp_path)
+    """resources.eval (trials_per_job: 2): the study's own evaluations and the added ones run two a job.
+    The trials' jobs end with pretraining (their devices freed) and the driver then submits the
+    evaluations as jobs of their own; one that fails (injected, once per run) is tried again and the
+    trial completes without a second pretraining. Then the standard probe is added to the finished runs."""
+    (tmp_path / "evaluated.yaml").write_text(
+        STUDY.replace("time_min: 10}", "time_min: 10, eval: {time_min: 5, trials_per_job: 2}}"))
+    first = _study(tmp_path, fault="evaluate")
     assert first.returncode == 0, first.stderr[-3000:]
     runs = {key: tmp_path / "results" / "evaluated" / "runs" / key for key in KEYS}
+    for key, run in runs.items():
+        assert f"{key}: pretrained; evaluation job" in first.stdout and f"{key}: evaluation failed (" in first.stdout
+        assert json.loads((run / "probe.json").read_text())["protocol"] == "fast"
+        assert len(read_jsonl(run / "attempts.jsonl")) == 1  # pretrained once: the retry only evaluated
+    assert "injected fault (HARNESS_FAULT=evaluate)" in first.stdout
+    import optuna
+
+    trials = optuna.load_study(study_name="evaluated", storage=f"sqlite:///{tmp_path / 'results' / 'evaluated' / 'study.db'}").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
+    assert all(t.user_attrs["eval_tries"] == 2 and t.value == t.user_attrs["probe_top1"] for t in trials)
+    # The evaluations ran in jobs of their own (their own folder and scheduler ids), after the trials' jobs.
+    eval_jobs = {t.user_attrs["eval_job_id"] for t in trials}
+    assert eval_jobs.isdisjoint({t.user_attrs["job_id"] for t in trials})
+    assert all(any((tmp_path / "results" / "evaluated" / "jobs-eval").glob(f"{job}_*")) for job in eval_jobs)
     before = {key: _trained(run) for key, run in runs.items()}
-    assert all(json.loads((run / "probe.json").read_text())["protocol"] == "fast" for run in runs.values())
+    for marker in (tmp_path / "results").rglob(".fault-evaluate"):
+        marker.unlink()  # the added protocol's first tries fail too
 
     # The first try of every evaluation fails (an injected error): each is tried again, nothing retrains.
     jobs = tmp_path / "results" / "evaluated" / "jobs-eval"
@@ -82,8 +101,6 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
             "this study's probe, which runs without training") in plan.stdout
     sibling = _study(tmp_path, "--no-report", name="sibling")
     assert sibling.returncode == 0, sibling.stderr[-3000:]
-    import optuna
-
     trials = optuna.load_study(study_name="sibling", storage=f"sqlite:///{tmp_path / 'results' / 'sibling' / 'study.db'}").trials
     assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
     for key, run in runs.items():
@@ -119,30 +136,3 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     never = _study(tmp_path, "--evaluate", "fast", "--epoch", "3", "--no-report")
     assert never.returncode == 2 and "--epoch 3: 2 run(s) kept no checkpoint of that epoch" in never.stderr
 
-
-@pytest.mark.slow
-def test_with_resources_eval_each_pretrained_run_is_evaluated_by_a_job_of_its_own(tmp_path):
-    """resources.eval: the trial's job ends with pretraining (its devices freed), the driver then submits
-    the evaluation as a job of its own; one that fails (injected, once per run) is tried again and the
-    trial completes without a second pretraining."""
-    study = STUDY.replace(
-        "resources: {cpus: 1, mem_gb: 2, time_min: 10}", "resources: {cpus: 1, mem_gb: 2, time_min: 10, eval: {time_min: 5, trials_per_job: 2}}")
-    (tmp_path / "evaluated.yaml").write_text(study)
-    ran = _study(tmp_path, "--no-report", fault="evaluate")
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    out = ran.stdout
-    for key in KEYS:
-        assert f"{key}: pretrained; evaluation job" in out and f"{key}: evaluation failed (" in out
-        assert "injected fault (HARNESS_FAULT=evaluate)" in out
-        run = tmp_path / "results" / "evaluated" / "runs" / key
-        assert json.loads((run / "probe.json").read_text())["protocol"] == "fast"
-        assert len(read_jsonl(run / "attempts.jsonl")) == 1  # pretrained once: the retry only evaluated
-    import optuna
-
-    trials = optuna.load_study(study_name="evaluated", storage=f"sqlite:///{tmp_path / 'results' / 'evaluated' / 'study.db'}").trials
-    assert sorted(t.state.name for t in trials) == ["COMPLETE", "COMPLETE"]
-    assert all(t.user_attrs["eval_tries"] == 2 and t.value == t.user_attrs["probe_top1"] for t in trials)
-    # The evaluation ran in jobs of its own (their own folder and scheduler ids), after the trial's job.
-    eval_jobs = {t.user_attrs["eval_job_id"] for t in trials}
-    assert eval_jobs.isdisjoint({t.user_attrs["job_id"] for t in trials})
-    assert all(any((tmp_path / "results" / "evaluated" / "jobs-eval").glob(f"{job}_*")) for job in eval_jobs)
