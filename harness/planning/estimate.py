@@ -51,7 +51,7 @@ def measured_seconds(results: Path, cfg: RunConfig, machine: str, threads: int) 
         if first.get("machine") != machine or (first.get("runtime") or {}).get("threads") != threads:
             continue
         try:
-            config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+            config = runio.read_config(run)
         except (OSError, yaml.YAMLError):
             continue
         if cost_key(config) == want:

@@ -70,7 +70,7 @@ class RunIndex:
         cached = self._digests.get(run_dir)
         if cached is None or cached[0] != mtime:
             try:
-                digest = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).digest()
+                digest = config_from_dict(runio.read_config(run_dir)).digest()
             except (OSError, ConfigError, yaml.YAMLError):  # a config the current code cannot read: not shared
                 digest = None
             self._digests[run_dir] = cached = (mtime, digest)

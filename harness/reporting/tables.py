@@ -70,9 +70,7 @@ def run_moco_config(study_dir: Path, run_dir: str | None) -> dict:
     config = study_dir / run_dir / "config.yaml" if run_dir else None
     if config is None or not config.exists():
         return {}
-    import yaml
-
-    return (yaml.safe_load(config.read_text()) or {}).get("moco") or {}
+    return runio.read_config(config.parent).get("moco") or {}
 
 
 def chance_loss(study_dir: Path, run_dir: str | None) -> float | None:

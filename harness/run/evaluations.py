@@ -103,7 +103,7 @@ def configured_result(run_dir: Path) -> dict | None:
 def _made_with(run_dir: Path) -> dict:
     """The config the run was first made with (its evaluation included), defaults filled in."""
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        data = runio.read_config(run_dir)
         return json.loads(json.dumps(config_from_dict(data).to_dict()))
     except (OSError, yaml.YAMLError, ValueError):
         return {}

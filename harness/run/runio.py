@@ -39,6 +39,15 @@ def write_json(path: Path, data: dict) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+def read_config(run_dir: Path) -> dict:
+    """A run's config.yaml as plain data ({} when empty). libyaml's loader where PyYAML has it: a
+    report or a scan for shared runs reads hundreds of these, ~7x faster than the pure-Python one."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load((Path(run_dir) / "config.yaml").read_text(), Loader=loader) or {}
+
+
 def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from harness.data.datasets import NUM_CLASSES, folder_classes, load_tensors, pretrain_views
@@ -91,7 +90,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, is_main: bool) -> None:
     it may be resumed under other runtime settings (threads, cadences: harness.run.identity.RUNTIME_ONLY)."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        changed = identity_diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+        changed = identity_diff(runio.read_config(run_dir), cfg.to_dict())
         if changed:
             raise ConfigError(f"--out {run_dir}: this directory holds a run with a different config "
                               f"({', '.join(changed[:6])}); resuming it would mix two runs. "

@@ -312,14 +312,12 @@ def load_trained_moco(run_dir: Path, epoch: int | None = None) -> tuple[RunConfi
     Raises:
         ProbeError: no config.yaml, no usable checkpoint (of that epoch), or a checkpoint that does not fit the config.
     """
-    import yaml
-
     from harness.model.moco import build_moco
 
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.exists():
         raise ProbeError(f"{run_dir}: no config.yaml; is this a run directory?")
-    cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()))
+    cfg = config_from_dict(runio.read_config(run_dir))
     state = ckpt.load_latest(run_dir / "checkpoints")
     if state is None:
         raise ProbeError(f"{run_dir}: no usable checkpoint in checkpoints/; there is no trained backbone to probe.")
