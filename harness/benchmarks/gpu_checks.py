@@ -114,8 +114,12 @@ def check_gather(device: torch.device) -> dict:
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         return {**row, "backend": "nccl", "ok": None, "not_checked": "one GPU here: a gather across ranks needs two"}
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # The ranks fork from a server that imported torch (a fresh interpreter, which never touched CUDA):
+    # not from this process, whose CUDA context a fork must not inherit; and without importing torch
+    # twice more on a device lease that is counted in minutes.
+    mp.set_forkserver_preload(["torch", "torch.distributed"])
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_gather_rank, args=(2, tmp, backend), nprocs=2, start_method="spawn")
+        mp.start_processes(_gather_rank, args=(2, tmp, backend), nprocs=2, start_method="forkserver")
         ok = all(Path(tmp, f"rank{r}").read_text() == "ok" for r in range(2))
     return {**row, "backend": backend, "world_size": 2, "ok": bool(ok)}
 
