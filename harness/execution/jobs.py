@@ -88,7 +88,7 @@ class PackedJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, str | None]:
         restore_cwd()
-        context = _trial_processes()
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter per trial: no shared torch state
         reasons = context.SimpleQueue()
         todo = [m for m in self.members if not _ended(m.spec.run_dir)]
         self._processes = [context.Process(target=_run_member, args=(m, reasons), name=m.spec.key) for m in todo]
@@ -115,16 +115,6 @@ class PackedJob(submitit.helpers.Checkpointable):
         for process in self._processes:
             process.join(timeout=30)
         return super().checkpoint(*args, **kwargs)
-
-
-def _trial_processes():
-    """Each packed trial is a process of its own, forked from a server that imported torch once for the
-    job: a trial otherwise spends its first seconds (more on a shared filesystem) importing it. The
-    server has only imported: no op ran, no CUDA context exists, no seed was drawn, so each trial's
-    torch state is as fresh as a new interpreter's."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "torchvision", "harness.training.pretrain"])
-    return context
 
 
 def _ended(run_dir) -> bool:
