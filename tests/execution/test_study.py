@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from timing import hang_s, wait_until
+from timing import hang_s, scaled, wait_until
 
 from harness.run.runio import read_jsonl
 
@@ -222,6 +222,69 @@ resources: {cpus: 2, mem_gb: 2, time_min: 10, trials_per_job: 2}
 
 def step_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    return [d for c in _children(pid) for d in (c, *_descendants(c))]
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+
+
+@pytest.mark.slow
+def test_a_packed_job_killed_alone_takes_its_trials_with_it(tmp_path, monkeypatch):
+    """Slurm ends a job by killing every process of its cgroup; a local executor, an out-of-memory kill
+    or a node agent may kill the job's process only. Its trials must not train on by themselves, in run
+    directories that a retry is about to resume. Both trials of a real pack (the local executor's job)
+    sleep after their first epoch (pace@600); the job's process is SIGKILLed; its trials end at once."""
+    import submitit
+    from processes import exited
+
+    from harness.execution.jobs import PackedJob, TrialJob
+    from harness.execution.trial import TrialSpec
+    from harness.run.config import make_config
+    from harness.run.runio import RunDirBusy, lock_run_dir
+
+    monkeypatch.setenv("HARNESS_FAULT", "pace@600")
+    specs = []
+    for momentum in (0.9, 0.99):
+        cfg = make_config("fmnist-tiny", ["model.tiny_widths=[8,16,32]", "data.train_subset=128", "data.test_subset=128",
+                                          "optim.batch_size=64", "optim.epochs=3", "moco.queue_size=128",
+                                          "moco.bn_splits=4", "eval.pixel_floor=false", "eval.knn_every=0",
+                                          f"moco.momentum={momentum}"])
+        key = f"momentum={momentum}"
+        specs.append(TrialSpec(key, {"moco.momentum": momentum}, tmp_path / "runs" / key, cfg, "probe_top1", 0))
+    executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(PackedJob([TrialJob(spec, None, "packed", i, None, threads=1) for i, spec in enumerate(specs)]))
+    first_epoch = lambda spec: any(r.get("kind") == "epoch" for r in read_jsonl(spec.run_dir / "metrics.jsonl"))  # noqa: E731
+
+    def freed(spec) -> bool:  # no process trains in the run directory any more: its lock can be taken
+        try:
+            lock_run_dir(spec.run_dir).close()
+        except RunDirBusy:
+            return False
+        return True
+
+    below: list[int] = []
+    try:
+        wait_until(lambda: all(first_epoch(spec) for spec in specs), "both packed trials past their first epoch")
+        (job_process,) = [c for c in _children(job._process.pid) if "submitit.core._submit" in _cmdline(c)]
+        below = [job_process, *_descendants(job_process)]
+        os.kill(job_process, signal.SIGKILL)
+        # They die with their job (PR_SET_PDEATHSIG); the ceiling only catches a trial left sleeping its 600 s.
+        wait_until(lambda: all(freed(spec) for spec in specs), "the packed trials to end with their job's process",
+                   ceiling=scaled(60))
+    finally:  # a failed test leaves nothing sleeping behind it
+        job.cancel(check=False)
+        for pid in below:
+            if not exited(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
