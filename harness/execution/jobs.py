@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
+import random
 import signal
 from pathlib import Path
 
@@ -44,7 +46,10 @@ class TrialJob(submitit.helpers.Checkpointable):
         restore_cwd()
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # DDP across the job's tasks
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            rendezvous = submitit.helpers.TorchDistributedEnvironment()
+            if "MASTER_PORT" not in os.environ:  # one the user set is submitit's to use
+                rendezvous.master_port = master_port(env.job_id)
+            rendezvous.export(set_cuda_visible_devices=False)
         reporter = None
         if self.pruner and env.global_rank == 0:
             # Older format: jobs pickled before the relay (b02cb9e, 2026-12-01) report themselves; can go with them.
@@ -70,6 +75,14 @@ class TrialJob(submitit.helpers.Checkpointable):
             return trial_handle(study, self.trial_id)
 
         return PruningReporter(open_trial)
+
+
+def master_port(job_id: str) -> int:
+    """The rank-0 rendezvous port of a DDP job, the same on every task (drawn from the job id).
+    submitit draws it from 20000-60000, mostly inside Linux's ephemeral range (32768-60999), where any
+    outgoing connection on the node may already hold it: the job then fails with EADDRINUSE before
+    training (seen on the local Slurm under load). Below that range only listening services compete."""
+    return random.Random(job_id).randint(20000, 32767)
 
 
 class PackedJob(submitit.helpers.Checkpointable):

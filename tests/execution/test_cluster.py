@@ -292,6 +292,18 @@ def test_a_grid_larger_than_max_array_size_is_submitted_as_several_arrays(tmp_pa
         subprocess.run(["scancel", *[job.job_id for job in jobs]], env=slurm.env, capture_output=True)
 
 
+def test_the_ddp_rendezvous_port_is_the_jobs_own_and_below_the_ephemeral_range():
+    """Every task of a DDP job derives rank 0's port from the job id. submitit's own choice falls
+    mostly inside the range the node hands out to outgoing connections, and the evaluation test
+    above failed once on it under load (EADDRINUSE before training)."""
+    from harness.execution.jobs import master_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [master_port(str(job)) for job in range(2000)] + [master_port("1234_5")]
+    assert all(20000 <= port < low for port in ports)
+    assert master_port("29") == master_port("29") and len(set(ports)) > 1000  # one per job, spread
+
+
 @pytest.mark.slow
 def test_a_ddp_trial_frees_its_allocation_before_its_evaluation_job_which_resumes_after_a_requeue(tmp_path, slurm):
     """resources.eval on the real cluster: a 2-task DDP pretraining job ends (sacct: COMPLETED) before
