@@ -67,10 +67,9 @@ def _relative(study_dir: Path, run_dir: str | None) -> str | None:
 
 def run_moco_config(study_dir: Path, run_dir: str | None) -> dict:
     """The `moco` section of a run's config.yaml ({} when the run has none)."""
-    config = study_dir / run_dir / "config.yaml" if run_dir else None
-    if config is None or not config.exists():
+    if not run_dir or not (study_dir / run_dir / "config.yaml").exists():
         return {}
-    return runio.read_config(config.parent).get("moco") or {}
+    return runio.read_config(study_dir / run_dir).get("moco") or {}
 
 
 def chance_loss(study_dir: Path, run_dir: str | None) -> float | None:

@@ -1,5 +1,6 @@
 """`python -m harness.study`: real Optuna storage, real submitit jobs, a real Slurm."""
 import json
+import math
 import os
 import re
 import signal
@@ -260,7 +261,7 @@ def test_a_packed_job_killed_alone_takes_its_trials_with_it(tmp_path, monkeypatc
         key = f"momentum={momentum}"
         specs.append(TrialSpec(key, {"moco.momentum": momentum}, tmp_path / "runs" / key, cfg, "probe_top1", 0))
     executor = submitit.LocalExecutor(folder=tmp_path / "jobs")
-    executor.update_parameters(timeout_min=10)
+    executor.update_parameters(timeout_min=math.ceil(hang_s() / 60))  # a limit that only catches a hang
     job = executor.submit(PackedJob([TrialJob(spec, None, "packed", i, None, threads=1) for i, spec in enumerate(specs)]))
     first_epoch = lambda spec: any(r.get("kind") == "epoch" for r in read_jsonl(spec.run_dir / "metrics.jsonl"))  # noqa: E731
 
