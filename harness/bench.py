@@ -16,7 +16,7 @@ from harness.benchmarks import devicecheck
 from harness.benchmarks.options import BenchOptions
 from harness.benchmarks.parts import PARTS as MEASUREMENTS
 from harness.benchmarks.parts import format_rows
-from harness.run import runio
+from harness.run import process, runio
 from harness.run.errors import HarnessError, require_at_least
 from harness.training.runtime import machine_description
 
@@ -78,4 +78,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    process.freeze_imports()
     sys.exit(main())

@@ -8,6 +8,7 @@ import sys
 
 from harness.planning.decide import SCENARIOS, RaceSpec, error_rates
 from harness.planning.spending import SPENDING
+from harness.run import process
 from harness.run.errors import HarnessError, require_at_least
 
 
@@ -42,4 +43,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    process.freeze_imports()
     sys.exit(main())

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from harness.run import process
 from harness.run.config import EVAL_ONLY, PROBE_PROTOCOLS, RunConfig, with_overrides
 from harness.run.errors import HarnessError, require_at_least
 from harness.training.probe import load_trained_encoder, probe_run
@@ -51,4 +52,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    process.freeze_imports()
     sys.exit(main())

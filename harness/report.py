@@ -14,7 +14,7 @@ from harness.planning.suitefile import suite_path
 from harness.reporting import latex
 from harness.reporting.study_report import build_report, stored_study
 from harness.reporting.suite_report import rebuild_suite_report
-from harness.run import runio
+from harness.run import process, runio
 from harness.run.errors import HarnessError
 
 
@@ -50,4 +50,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    process.freeze_imports()
     sys.exit(main())

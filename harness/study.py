@@ -28,7 +28,7 @@ from harness.planning.suitefile import load_suite, suite_path
 # Imported up front, not when the study ends: a driver that ran for days must not report with newer code.
 from harness.reporting.study_report import build_report
 from harness.reporting.suite_report import build_suite_report
-from harness.run import runio
+from harness.run import process, runio
 from harness.run.config import PROBE_PROTOCOLS
 from harness.run.errors import HarnessError, require_at_least
 
@@ -142,4 +142,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    process.freeze_imports()
     sys.exit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from harness.run import runio
+from harness.run import process, runio
 from harness.run.config import make_config
 from harness.run.datafiles import check_dataset
 from harness.run.errors import HarnessError
@@ -42,4 +42,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    process.freeze_imports()
     sys.exit(main())

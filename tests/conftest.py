@@ -53,6 +53,14 @@ def pytest_report_header(config):
            f"waits end at {timing.hang_s():.0f} s)"
 
 
+def pytest_collection_finish(session):
+    """What collection imported (torch, the harness, every test module) lives as long as the worker:
+    out of the garbage collector's full scans, as in the harness's own processes (harness.run.process)."""
+    from harness.run import process
+
+    process.freeze_imports()
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (the suite runs on three workers), every test of one server runs in the worker

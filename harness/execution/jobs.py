@@ -23,6 +23,7 @@ from harness.execution.trial import PruningReporter, TrialSpec, run_trial
 from harness.run import runio
 from harness.run.config import RunConfig
 from harness.run.outcome import Outcome
+from harness.run.process import freeze_imports
 from harness.run.snapshot import restore_cwd
 
 # ---------------------------------------------------------------- the job
@@ -195,6 +196,7 @@ class EvalJob(submitit.helpers.Checkpointable):
         from harness.training.probe import load_trained_moco, probe_run, probe_settings
         from harness.training.runtime import Runtime
 
+        freeze_imports()  # this job's process: what it imported lives until it exits
         run_dir = Path(self.run_dir)
         faults.raise_point("evaluate", run_dir)
         cfg, model, epoch = load_trained_moco(run_dir, getattr(self, "epoch", None))

@@ -20,7 +20,7 @@ import optuna
 from harness.execution.optuna_adapter import FAIL, PRUNED, set_running_attrs
 from harness.execution.storage import OUTAGE_ERRORS
 from harness.planning.studyfile import Study, trial_key
-from harness.run import evaluations, faults
+from harness.run import evaluations, faults, process
 from harness.run import trial_record as record
 from harness.run.config import RunConfig
 from harness.run.errors import StudyError
@@ -103,6 +103,7 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict],
     """
     from harness.training.pretrain import train  # the driver process never trains: torch's start-up stays in the jobs
 
+    process.freeze_imports()  # a job's process: torch, imported just now, lives until it exits
     cfg = spec.config
     if threads and not cfg.runtime.threads:
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=threads))
