@@ -241,7 +241,7 @@ def test_an_image_folder_study_runs_end_to_end_with_knn_monitor_and_probe(tmp_pa
     assert (results / "report" / "report.md").exists()
 
 
-def test_the_dry_run_of_a_gpu_folder_study_says_how_many_loader_cores_a_gpu_needs(tmp_path):
+def test_the_dry_run_of_a_gpu_folder_study_says_how_many_loader_cores_a_gpu_needs(tmp_path, study_cli):
     """From the benchmarks' JSON files (results/bench): the loader's images/s per core (bench data)
     and what a GPU trains (the device check), or which command measures what is missing."""
     root = fmnist_folder(tmp_path / "data", {"train": 40, "val": 6})
@@ -249,11 +249,9 @@ def test_the_dry_run_of_a_gpu_folder_study_says_how_many_loader_cores_a_gpu_need
     study.write_text(f"description: x\nrecipe: imagenet-r50-v2\noverrides: [data.root={root}]\n"
                      "factors: {moco.momentum: [0.99, 0.999]}\nseeds: [0]\n")
     results = tmp_path / "results"
-    env = {**os.environ, "HARNESS_RESULTS": str(results)}
 
-    def dry_run() -> str:
-        proc = subprocess.run([sys.executable, "-m", "harness.study", str(study), "--dry-run", "--executor", "local"],
-                              capture_output=True, text=True, timeout=hang_s(), env=env, cwd=ROOT)
+    def dry_run() -> str:  # in this process: a plan submits nothing
+        proc = study_cli(results, str(study), "--dry-run", "--executor", "local")
         assert proc.returncode == 0, proc.stderr[-2000:]
         return next(line for line in proc.stdout.splitlines() if line.startswith("input pipeline"))
 

@@ -40,7 +40,7 @@ def _trained(run: Path) -> tuple:
 
 
 @pytest.mark.slow
-def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
+def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path, study_cli):
     """resources.eval (trials_per_job: 2): the study's own evaluations and the added ones run two a job.
     The trials' jobs end with pretraining (their devices freed) and the driver then submits the
     evaluations as jobs of their own; one that fails (injected, once per run) is tried again and the
@@ -87,7 +87,9 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     assert "fast top-1" in section and "standard top-1" in section and "standard − fast" in section
     assert "Rank correlation (Spearman) of the levels' means between the protocols" in section
 
-    again = _study(tmp_path, "--evaluate", "standard", "--no-report")
+    quick = lambda *args, name="evaluated": study_cli(  # noqa: E731  commands that submit nothing: in this process
+        tmp_path / "results", str(tmp_path / f"{name}.yaml"), "--executor", "local", *args)
+    again = quick("--evaluate", "standard", "--no-report")
     assert again.returncode == 0 and "standard evaluation: 0 run(s) evaluated" in again.stdout
     assert "no training" not in again.stdout  # nothing was submitted
 
@@ -95,7 +97,7 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     # evaluation is not part of a run's identity, so it shares the pretraining and only probes it.
     (tmp_path / "sibling.yaml").write_text(STUDY.replace("eval.probe=fast", "eval.probe=standard, eval.knn_every=1")
                                            .replace("eval.probe_epochs=3", "eval.probe_epochs=2"))
-    plan = _study(tmp_path, "--dry-run", name="sibling")
+    plan = quick("--dry-run", name="sibling")
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert ("2 of the 2 trials are finished runs of other studies (shared): 0 to train; 2 of the shared runs lack "
             "this study's probe, which runs without training") in plan.stdout
@@ -119,7 +121,7 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
         assert status["status"] == "completed" and status["loss"] is not None  # the final figures kept
 
     # A learning curve: the fast probe of the checkpoint each run kept at epoch 1 (runtime.keep_epochs).
-    last = _study(tmp_path, "--evaluate", "fast", "--epoch", "2", "--no-report")  # the last epoch: already probed
+    last = quick("--evaluate", "fast", "--epoch", "2", "--no-report")  # the last epoch: already probed
     assert last.returncode == 0 and "fast evaluation of epoch 2: 0 run(s) evaluated" in last.stdout
     early = _study(tmp_path, "--evaluate", "fast", "--epoch", "1")
     assert early.returncode == 0, early.stderr[-3000:]
@@ -133,6 +135,6 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path):
     section = report.split("## Probe protocols")[1].split("\n## ")[0]
     assert "fast @ epoch 1 − fast" in section  # each protocol against the fast one: the part-way probe, and the
     assert section.count("The study's runs under two probe protocols") == 3  # two standard settings (by key)
-    never = _study(tmp_path, "--evaluate", "fast", "--epoch", "3", "--no-report")
+    never = quick("--evaluate", "fast", "--epoch", "3", "--no-report")
     assert never.returncode == 2 and "--epoch 3: 2 run(s) kept no checkpoint of that epoch" in never.stderr
 
