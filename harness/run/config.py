@@ -6,8 +6,10 @@ names the field and says how to fix it, and is raised before any training starts
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -17,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from harness.run import mechanisms
+from harness.run import mechanisms, runio
 from harness.run.errors import ConfigError
 
 # the identity's names are the config's too (re-exported): every caller asks the config
@@ -281,10 +283,18 @@ def load_recipe_data(name: str) -> dict:
     if "/" in name or "\\" in name or ".." in name or not path.is_file():
         raise ConfigError(f"unknown recipe '{name}'.{_suggest(name, recipe_names())} "
                           f"Available recipes: {', '.join(recipe_names())}.")
-    data = yaml.safe_load(path.read_text()) or {}
+    stat = path.stat()
+    data = _parsed_recipe(str(path), stat.st_mtime_ns, stat.st_size)
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: expected a mapping at the top level.")
-    return data
+    return copy.deepcopy(data)  # the caller's to change
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_recipe(path: str, mtime_ns: int, size: int):
+    """A recipe file parsed once per version of it (its time and size): a driver builds the config
+    of every point of a study from it, a plan or a report hundreds of times."""
+    return runio.load_yaml(Path(path).read_text()) or {}
 
 
 def parse_override(text: str) -> dict:
