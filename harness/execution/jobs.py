@@ -193,12 +193,13 @@ class EvalJob(submitit.helpers.Checkpointable):
         restore_cwd()
         from harness.run import evaluations, faults
         from harness.run.config import config_from_dict, with_overrides
+
+        run_dir = Path(self.run_dir)
+        faults.raise_point("evaluate", run_dir)  # an injected failure costs no torch start-up
         from harness.training.probe import load_trained_moco, probe_run, probe_settings
         from harness.training.runtime import Runtime
 
         freeze_imports()  # this job's process: what it imported lives until it exits
-        run_dir = Path(self.run_dir)
-        faults.raise_point("evaluate", run_dir)
         cfg, model, epoch = load_trained_moco(run_dir, getattr(self, "epoch", None))
         evaluation = getattr(self, "evaluation", None)  # older format: jobs pickled before 2026-12-03 have none
         if evaluation is not None:

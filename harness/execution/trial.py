@@ -101,13 +101,13 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict],
         ConfigError: a run directory that holds another run (train refuses to mix them).
         Exception: whatever the training raised (a crash); the driver records it as FAILED and retries.
     """
+    faults.raise_point("raise-once", spec.run_dir)  # an injected failure costs no torch start-up
     from harness.training.pretrain import train  # the driver process never trains: torch's start-up stays in the jobs
 
     process.freeze_imports()  # a job's process: torch, imported just now, lives until it exits
     cfg = spec.config
     if threads and not cfg.runtime.threads:
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=threads))
-    faults.raise_point("raise-once", spec.run_dir)
     train(cfg, spec.run_dir, on_epoch=reporter, attempt=attempt, wait_for_lock=True, probe=probe)
     return read_trial_result(spec.run_dir, spec.objective, spec.gpus, spec.probe)
 
