@@ -17,7 +17,6 @@ from pathlib import Path
 
 import submitit
 
-from harness.execution.optuna_adapter import trial_handle
 from harness.execution.pruning_relay import RelayReporter
 from harness.execution.trial import PruningReporter, TrialSpec, run_trial
 from harness.run import runio
@@ -68,6 +67,7 @@ class TrialJob(submitit.helpers.Checkpointable):
         def open_trial():  # on the first report: a database down at the job's start costs no training
             import optuna
 
+            from harness.execution.optuna_adapter import trial_handle
             from harness.execution.storage import open_storage
             from harness.planning.studyfile import make_pruner
 

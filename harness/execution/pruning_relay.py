@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness.execution.optuna_adapter import trial_id
 from harness.run import runio
 
 DIRECTORY = "pruning"
@@ -62,6 +61,8 @@ class RelayReporter:
 def relay(trial, run_dir: Path) -> int:
     """The driver's side, for one running trial (an optuna Trial): every unanswered report goes to the
     pruner, in epoch order, and its decision back to the run directory. Returns how many it answered."""
+    from harness.execution.optuna_adapter import trial_id  # the driver's side: jobs import no Optuna
+
     directory = Path(run_dir) / DIRECTORY
     if not directory.is_dir():
         return 0

@@ -13,12 +13,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
-
-from harness.execution.optuna_adapter import FAIL, PRUNED, set_running_attrs
-from harness.execution.storage import OUTAGE_ERRORS
 from harness.planning.studyfile import Study, trial_key
 from harness.run import evaluations, faults, process
 from harness.run import trial_record as record
@@ -26,6 +22,9 @@ from harness.run.config import RunConfig
 from harness.run.errors import StudyError
 from harness.run.outcome import Outcome
 from harness.run.trial_result import TrialResult, read_trial_result
+
+if TYPE_CHECKING:  # a job imports this module: Optuna and SQLAlchemy only where a storage is used
+    import optuna
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,10 @@ class PruningReporter:
     def __call__(self, epoch: int, record: dict) -> bool:
         if record.get("knn_top1") is None:
             return False
+        import optuna
+
+        from harness.execution.storage import OUTAGE_ERRORS
+
         try:
             if not isinstance(self._trial, optuna.trial.Trial):
                 self._trial = self._trial()
@@ -118,6 +121,8 @@ def failure_attrs(outcome: Outcome, reason: str | None) -> dict:
 
 def tell(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial, result: TrialResult) -> None:
     """The driver records a finished job's result on its RUNNING trial."""
+    from harness.execution.optuna_adapter import FAIL, PRUNED, set_running_attrs
+
     set_running_attrs(study, trial, {**result.attrs, **failure_attrs(result.outcome, result.reason)})
     if result.outcome is Outcome.COMPLETED:
         study.tell(trial.number, result.value)
@@ -145,6 +150,8 @@ def objective_result(trial: optuna.trial.Trial, result: TrialResult) -> float:
         assert result.value is not None  # read_trial_result: a completed run without its objective is FAILED
         return result.value
     if result.outcome is Outcome.PRUNED:
+        import optuna
+
         raise optuna.TrialPruned()
     if result.outcome is Outcome.DIVERGED:
         raise Diverged(result.reason)
