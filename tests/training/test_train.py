@@ -125,13 +125,14 @@ def test_rerun_with_a_different_config_refuses_to_mix_runs(tmp_path):
 
 @pytest.mark.slow
 def test_fmnist_tiny_recipe_learns(tmp_path):
-    """The CPU recipe on real Fashion-MNIST, shortened for CI (4096 training images, 3 epochs at batch
-    128, probed on 2k test images; the full recipe's figures are in the README): the loss falls, the
+    """The CPU recipe on real Fashion-MNIST, shortened for CI (2048 training images, 3 epochs at batch
+    64, probed on 2k test images; the full recipe's figures are in the README): the loss falls, the
     kNN monitor rises, the probe reports a pixel floor and beats the untrained encoder (measured:
-    0.798 vs 0.766)."""
+    0.785 vs 0.758; 4096 images at batch 128, the same 96 steps at twice the images, gave 0.798 vs 0.766
+    for twice the CPU)."""
     out = tmp_path / "fmnist-tiny"
-    short = ["optim.epochs=3", "optim.batch_size=128", "optim.lr_batch=128", "data.test_subset=2000",
-             "data.train_subset=4096", "eval.knn_every=1"]
+    short = ["optim.epochs=3", "optim.batch_size=64", "optim.lr_batch=64", "data.test_subset=2000",
+             "data.train_subset=2048", "eval.knn_every=1"]
     args = [sys.executable, "-m", "harness.train", "--recipe", "fmnist-tiny", "--out", str(out),
             *(a for key in short for a in ("--set", key))]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=hang_s())
