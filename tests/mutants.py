@@ -200,6 +200,8 @@ MUTANTS = [
     Mutant("a-part-way-probe-read-as-the-last", "harness/run/evaluations.py",
            '"epoch": epoch or config["optim"]["epochs"]', '"epoch": config["optim"]["epochs"]',
            ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
+    Mutant("sqlite-schema-race-not-retried", "harness/execution/storage.py", '"already exists" in str(exc)', "False",
+           ("tests/execution/test_storage.py::test_studies_opened_at_once_on_a_new_sqlite_file",)),
     Mutant("freeze-every-trial", "harness/run/process.py", "    if _frozen:\n        return\n", "",
            ("tests/run/test_process.py::test_a_process_freezes_its_imports_once_never_a_trials_garbage_for_the_next",)),
 ]

@@ -68,12 +68,14 @@ def open_storage(url: str, heartbeat_s: int | None = HEARTBEAT_S, max_retry: int
 def _rdb(cls, url: str, attempts: int = 5, **kwargs):
     """An RDBStorage. Its first use on an empty database creates the schema, which is not safe when
     two processes do it at once (PostgreSQL: a unique violation on pg_type as both create a table;
-    two studies launched together on a new database): the loser's next try finds the tables."""
+    SQLite: "table studies already exists"; two studies launched together on a new database, or a
+    `--status` while a driver starts): the loser's next try finds the tables."""
     for attempt in range(attempts):
         try:
             return cls(url, **kwargs)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == attempts - 1:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as exc:
+            collided = not isinstance(exc, sqlalchemy.exc.OperationalError) or "already exists" in str(exc)
+            if not collided or attempt == attempts - 1:  # an OperationalError is otherwise a database down
                 raise
             time.sleep(0.5 * (attempt + 1))
 

@@ -76,6 +76,29 @@ def test_two_drivers_started_at_once_on_a_journal_file_with_four_workers(tmp_pat
     assert len(trials) == 4
 
 
+def test_studies_opened_at_once_on_a_new_sqlite_file(tmp_path):
+    """The same race on SQLite: "table studies already exists" for the loser (seen when a test polled
+    the storage of a driver that was still creating it; a `--status` while a driver starts is the
+    same). Six openers at once, three new files (each round failed before the fix)."""
+    import threading
+
+    for round_ in range(3):
+        url, errors, start = f"sqlite:///{tmp_path / f'round{round_}' / 'study.db'}", [], threading.Barrier(6)
+
+        def open_one(url=url, errors=errors, start=start):
+            start.wait()
+            try:
+                open_storage(url, None)
+            except Exception as exc:  # noqa: BLE001 - the test reports whatever an opener met
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_one) for _ in range(6)]
+        [t.start() for t in threads]
+        [t.join(timeout=hang_s()) for t in threads]
+        assert errors == []
+        optuna.create_study(study_name="after", storage=open_storage(url, None))  # the schema is whole
+
+
 def test_studies_opened_at_once_on_a_new_postgres_database(postgres):
     """The first use of an empty database creates Optuna's schema, and two processes doing it at once
     collided (one study died: "cannot open (IntegrityError ... pg_type_typname_nsp_index)"), e.g. two
