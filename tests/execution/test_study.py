@@ -14,6 +14,7 @@ import optuna
 import pytest
 from timing import hang_s, scaled, wait_until
 
+from harness.run import trial_record as record
 from harness.run.runio import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -367,7 +368,8 @@ def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials
             return False
         try:
             with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-                return con.execute("SELECT 1 FROM trial_user_attributes WHERE key = 'job_id' LIMIT 1").fetchone() is not None
+                return con.execute("SELECT 1 FROM trial_user_attributes WHERE key = ? LIMIT 1",
+                                   (record.JOB_ID,)).fetchone() is not None
         except sqlite3.OperationalError:  # no such table yet, or the file is locked while the driver writes
             return False
 
