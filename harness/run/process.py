@@ -3,10 +3,9 @@
 A process that trains imports torch (some 2,400 modules: classes, functions, caches) and keeps all of
 it until it exits. CPython's full collections scan every tracked object each time, and one more runs
 at exit over objects the exit frees anyway. `gc.freeze()` moves what is alive into a generation that
-collections never scan. Measured on this project's CPU machines (docs/performance.md#a-process-starts-and-ends):
-~0.7 CPU-s less for each trial, evaluation or `harness.train` process, ~0.4 s for a driver; on a
-test suite of ~150 such processes it is ~100 s. What a run computes is untouched: frozen objects are
-still freed when their last reference goes; only reference cycles among them wait for the exit.
+collections never scan (what it saves, measured: docs/performance.md#a-process-starts-and-ends).
+What a run computes is untouched: frozen objects are still freed when their last reference goes;
+only reference cycles among them wait for the exit.
 """
 from __future__ import annotations
 
