@@ -162,24 +162,37 @@ class CliResult:
 
 
 @pytest.fixture
-def study_cli(monkeypatch, capsys):
-    """`python -m harness.study ARGS` in this process, for commands that only check their input or
-    print a plan (no interpreter start and torch import: ~3 s a call). Commands that run jobs, or
-    must be killed, stay subprocesses."""
-    from harness import study
-    from harness.run import runio
+def harness_cli(monkeypatch, capsys):
+    """`python -m harness.NAME ARGS` in this process: its `main`, what it prints captured. No
+    interpreter start and torch import (~3 s a call). A command that must be killed, needs its own
+    environment for torch (threads, devices) or is what a person runs as a whole (the device
+    check, the studies that run jobs) stays a subprocess; each face keeps at least one such test."""
+    import importlib
 
-    def run(results: Path, *argv: str, env: dict | None = None) -> CliResult:
-        monkeypatch.setattr(runio, "RESULTS", Path(results))
+    def run(name: str, *argv: str, env: dict | None = None) -> CliResult:
+        main = importlib.import_module(f"harness.{name}").main
         for key, value in (env or {}).items():
             monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
         capsys.readouterr()
         try:
-            code = study.main(list(argv))
+            code = main(list(argv))
         except SystemExit as exc:  # argparse
             code = exc.code
         out, err = capsys.readouterr()
         return CliResult(code, out, err)
+
+    return run
+
+
+@pytest.fixture
+def study_cli(monkeypatch, harness_cli):
+    """`python -m harness.study ARGS` in this process with results under `results`, for commands that
+    only check their input or print a plan. Commands that run jobs, or must be killed, stay subprocesses."""
+    from harness.run import runio
+
+    def run(results: Path, *argv: str, env: dict | None = None) -> CliResult:
+        monkeypatch.setattr(runio, "RESULTS", Path(results))
+        return harness_cli("study", *argv, env=env)
 
     return run
 
@@ -190,7 +203,8 @@ CPU_LOG = "HARNESS_TEST_CPU_LOG"  # a file: each test's CPU seconds appended (wh
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """With HARNESS_TEST_CPU_LOG set, each test's CPU: this worker's own and that of the processes it
-    waited for (drivers and the local jobs they reaped; jobs under slurmd and servers are not seen)."""
+    waited for (drivers and the local jobs they reaped; jobs under slurmd and servers are not seen),
+    and the worker's own alone (in_worker_s)."""
     path = os.environ.get(CPU_LOG)
     if not path:
         yield
@@ -198,11 +212,13 @@ def pytest_runtest_protocol(item, nextitem):
     import json
     import resource
 
-    def spent() -> float:
+    def spent() -> tuple[float, float]:
         own, reaped = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+        return own.ru_utime + own.ru_stime, reaped.ru_utime + reaped.ru_stime
 
-    before = spent()
+    own0, reaped0 = spent()
     yield
+    own, reaped = spent()
     with open(path, "a") as log:
-        log.write(json.dumps({"test": item.nodeid, "cpu_s": round(spent() - before, 2)}) + "\n")
+        log.write(json.dumps({"test": item.nodeid, "cpu_s": round(own + reaped - own0 - reaped0, 2),
+                              "in_worker_s": round(own - own0, 2)}) + "\n")

@@ -1,5 +1,6 @@
 """`python -m harness.bench`: the prepared device check, run here at its small size (the same code a
-lent GPU runs at full size), which also shows every recipe benchmarks on synthetic images."""
+lent GPU runs at full size, and as a person runs it: a command of its own), which also shows every
+recipe benchmarks on synthetic images. The other parts run the face's main in this process."""
 import json
 import subprocess
 import sys
@@ -54,13 +55,12 @@ def test_the_device_check_runs_every_part_at_small_size(tmp_path):
     assert "| decode stream order |" in proc.stdout and "not checked: no CUDA" in proc.stdout
 
 
-def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):
+def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path, harness_cli):
     """`python -m harness.bench diagnostics`: both subsets, every sampled age present (the queue filled
     first), a cost that is a fraction of the epoch (no figure asserted: speed is the bench's, not a test's)."""
-    cmd = [sys.executable, "-m", "harness.bench", "diagnostics", "--out", str(tmp_path), "--repeats", "1",
-           "--set", "data.train_subset=1024", "--set", "optim.batch_size=64", "--set", "moco.queue_size=256",
-           "--set", "moco.bn_splits=4", "--set", "runtime.threads=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
+    proc = harness_cli("bench", "diagnostics", "--out", str(tmp_path), "--repeats", "1",
+                       "--set", "data.train_subset=1024", "--set", "optim.batch_size=64", "--set", "moco.queue_size=256",
+                       "--set", "moco.bn_splits=4", "--set", "runtime.threads=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = tmp_path.glob("bench-diagnostics-*.json")
     rows = json.loads(report.read_text())["rows"]
@@ -68,13 +68,12 @@ def test_the_diagnostics_bench_times_them_against_an_epoch(tmp_path):
     assert all(r["ages"] == [1, 2, 4] and 0 < r["fraction_of_epoch"] < 1 and r["steps_per_epoch"] == 16 for r in rows)
 
 
-def test_the_data_bench_times_old_and_new_folder_pipelines_side_by_side(tmp_path):
+def test_the_data_bench_times_old_and_new_folder_pipelines_side_by_side(tmp_path, harness_cli):
     """`bench data` on an image-folder recipe (it died with KeyError: 'imagefolder'): photo-like JPEGs
     written for it, each path's loader images/s per core and the device side's images/s in one JSON."""
-    cmd = [sys.executable, "-m", "harness.bench", "data", "--recipe", "imagenet-r50-v2", "--synthetic-jpeg", "24",
-           "--set", "optim.batch_size=8", "--set", "data.image_size=64", "--set", "runtime.device=cpu",
-           "--steps", "1", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
+    proc = harness_cli("bench", "data", "--recipe", "imagenet-r50-v2", "--synthetic-jpeg", "24",
+                       "--set", "optim.batch_size=8", "--set", "data.image_size=64", "--set", "runtime.device=cpu",
+                       "--steps", "1", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (report,) = tmp_path.glob("bench-data-*.json")
     rows = json.loads(report.read_text())["rows"]
@@ -114,11 +113,9 @@ def test_the_device_checks_sync_row_counts_a_sync_added_to_the_augmentation(monk
     assert row["syncs_per_step"] >= 2 and row["ok"] is False  # two views a step
 
 
-def test_bench_census_counts_a_step(tmp_path):
-    cmd = [sys.executable, "-m", "harness.bench", "census", "--set", "optim.batch_size=64", "--set",
-           "moco.queue_size=256", "--set", "runtime.device=cpu", "--set", "model.tiny_widths=[8,16,32]",
-           "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
+def test_bench_census_counts_a_step(tmp_path, harness_cli):
+    proc = harness_cli("bench", "census", "--set", "optim.batch_size=64", "--set", "moco.queue_size=256",
+                       "--set", "runtime.device=cpu", "--set", "model.tiny_widths=[8,16,32]", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(next(tmp_path.glob("bench-census-*.json")).read_text())["rows"]
     assert row["ops_per_step"] > 100 and row["syncs_per_step"] == 0 and row["blocking_moves_per_step"] == 0
@@ -142,7 +139,7 @@ def test_the_batch_signature_bench_measures_how_keys_depend_on_their_batch(tmp_p
     assert rows[32] > rows[128] > 0
 
 
-def test_the_monitor_and_walltime_benches_read_finished_runs(tmp_path):
+def test_the_monitor_and_walltime_benches_read_finished_runs(tmp_path, harness_cli):
     """bench monitor: the kNN monitor's estimate on seeded banks against the whole training split's, its
     cost against a timed epoch, and whether banks order two runs as the whole split does; bench
     walltime: each run's pretraining wall time against its training seconds, from its own files."""
@@ -156,9 +153,8 @@ def test_the_monitor_and_walltime_benches_read_finished_runs(tmp_path):
     for run, m in zip(runs, (0.9, 0.99)):
         train(make_config("fmnist-tiny", [*tiny, f"moco.momentum={m}"]), run)
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "harness.bench", "monitor", "walltime", "--run", ",".join(map(str, runs)),
-           "--steps", "2", "--warmup", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=hang_s(), cwd=ROOT)
+    proc = harness_cli("bench", "monitor", "walltime", "--run", ",".join(map(str, runs)), "--steps", "2", "--warmup", "1",
+                       "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(next(out.glob("bench-*.json")).read_text())["rows"]
     monitor = [r for r in rows if r["part"] == "monitor" and "run" in r]

@@ -299,7 +299,7 @@ def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_ma
     """The committed momentum sweep (run with the diagnostics) gets a consistency table with a value per
     level and its plot; the mechanisms example (runs made before them) says 'not measured' for the
     queue and the bank, '1 by construction' for end-to-end, and never prints a number for them; the
-    suite page shows the section for its momentum and mechanism studies only."""
+    suite page (the committed suite's runs) shows the section for its momentum and mechanism studies only."""
     import shutil
     from pathlib import Path
 
@@ -330,7 +330,11 @@ def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_ma
     assert len(contrasts) == 3 and (contrasts["n"] == 2).all()  # end-to-end runs at one K: no 2 x 2 with it
     assert (tmp_path / "mechanisms" / "report" / "interaction.png").exists()
     assert not (tmp_path / "momentum_sweep" / "report" / "interaction.csv").exists()  # one factor
-    assert report.main(["moco_ablation"]) == 0
+    # The suite with the members the claim is about (and one without the section): each member's
+    # report is rebuilt with the suite's, and the other four would add only figures to draw.
+    members = tmp_path / "moco_ablation.yaml"
+    members.write_text("description: three of the suite's members\nsuite: [momentum_sweep, queue_sweep, mechanisms]\n")
+    assert report.main([str(members)]) == 0
     suite = (tmp_path / "moco_ablation" / "report" / "report.md").read_text()
     members = {part.split("\n", 1)[0]: part for part in suite.split("\n## ")[1:]}
     assert "key_consistency" in members["momentum_sweep"] and "key_consistency" in members["mechanisms"]

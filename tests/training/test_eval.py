@@ -148,25 +148,23 @@ def test_standard_probe_detects_a_backbone_that_changes(tiny):
         standard_probe(cfg, Drifting(), splits, torch.device("cpu"), 10)
 
 
-def test_probe_refuses_a_run_without_checkpoint(tmp_path):
+def test_probe_refuses_a_run_without_checkpoint(tmp_path, harness_cli):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("recipe: fmnist-tiny\n")
     with pytest.raises(ProbeError, match="no usable checkpoint"):
         load_trained_encoder(run, torch.device("cpu"))
-    proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run)], capture_output=True, text=True)
+    proc = harness_cli("probe", str(run))
     assert proc.returncode == 2 and "no usable checkpoint" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path, capsys):
+def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path, capsys, harness_cli):
     run = tmp_path / "run"
     small = ["data.train_subset=256", "data.test_subset=128", "optim.batch_size=64", "optim.epochs=1",
              "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none"]
-    args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
-    assert subprocess.run(args, capture_output=True, timeout=hang_s()).returncode == 0
+    assert harness_cli("train", "--out", str(run), *[a for o in small for a in ("--set", o)]).returncode == 0
     # Re-probing may change probe settings, never what the checkpoint was trained with.
-    proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--set", "moco.dim=64"],
-                          capture_output=True, text=True)
+    proc = harness_cli("probe", str(run), "--set", "moco.dim=64")
     assert proc.returncode == 2 and "only eval.*, data.test_subset can change" in proc.stderr
     # How this machine evaluates may be said (device, threads, how features are read), in one line when wrong.
     from harness import probe
@@ -198,7 +196,7 @@ def test_probe_rejects_a_checkpoint_of_another_architecture(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, tiny):
+def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, tiny, harness_cli):
     """The ImageNet layout (train/<class>/, val/<class>/), here with real Fashion-MNIST images of
     three classes saved as RGB PNGs: pretraining through the DataLoader path, then both probes."""
     from PIL import Image
@@ -216,8 +214,7 @@ def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, t
              "data.num_workers=1", "optim.batch_size=32", "optim.epochs=1", "moco.queue_size=128",
              "moco.bn_splits=4", "eval.knn_every=0", "eval.probe=standard", "eval.probe_epochs=2",
              "eval.probe_batch_size=32", "eval.probe_lr=1.0", "eval.probe_feature_bn=true"]
-    args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=hang_s())
+    proc = harness_cli("train", "--out", str(run), *[a for o in small for a in ("--set", o)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     standard = json.loads((run / "probe.json").read_text())
     n_train = sum(1 for _ in (tmp_path / "data" / "train").rglob("*.png"))
@@ -226,14 +223,13 @@ def test_image_folder_run_is_pretrained_and_probed_by_both_protocols(tmp_path, t
     assert (standard["train_size"], standard["test_size"]) == (n_train, n_val)
     # Trouser vs T-shirt vs pullover: linearly far apart even for a barely trained encoder (chance: 0.33).
     assert standard["top1"] > 0.6 and "pixel_floor_top1" not in standard
-    proc = subprocess.run([sys.executable, "-m", "harness.probe", str(run), "--protocol", "fast"],
-                          capture_output=True, text=True, timeout=hang_s())
+    proc = harness_cli("probe", str(run), "--protocol", "fast")
     assert proc.returncode == 0, proc.stderr[-2000:]
     fast = json.loads((run / "probe-fast.json").read_text())
     assert (fast["train_size"], fast["test_size"]) == (n_train, n_val) and fast["top1"] > 0.6
 
 
-def test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+def test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result(tmp_path, capsys, harness_cli):
     """The standard probe keeps each epoch's state (classifier, optimizer, schedule, best so far):
     killed after epoch 2 of 4, the same command goes on from there and gives the uninterrupted
     result; a probe with other settings never resumes from it; a finished probe leaves no state."""
@@ -242,8 +238,7 @@ def test_a_standard_probe_killed_mid_way_resumes_to_the_uninterrupted_result(tmp
     run = tmp_path / "run"
     small = ["data.train_subset=256", "data.test_subset=128", "optim.batch_size=64", "optim.epochs=1",
              "moco.queue_size=256", "eval.knn_every=0", "eval.probe=none", "model.tiny_widths=[8,16,32]"]
-    args = [sys.executable, "-m", "harness.train", "--out", str(run)] + [a for o in small for a in ("--set", o)]
-    assert subprocess.run(args, capture_output=True, timeout=hang_s()).returncode == 0
+    assert harness_cli("train", "--out", str(run), *[a for o in small for a in ("--set", o)]).returncode == 0
     standard = [str(run), "--protocol", "standard", "--set", "eval.probe_epochs=4", "--set", "eval.probe_batch_size=64"]
 
     def written() -> list:  # settings other than config.yaml's: probe-standard-<key>.json (harness.run.evaluations)
