@@ -23,7 +23,7 @@ import two_node_slurm  # noqa: E402
 # modules import it after this file); the jobs the tests start inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # One thread where a test leaves torch's default (work in the pytest workers, `harness.train` runs
-# without runtime.threads): three workers already share the 2 cores, and a second thread per process
+# without runtime.threads): two workers already share the 2 cores with their jobs, and a second thread per process
 # only adds synchronisation. Trials of studies get their share from the driver, as on a cluster.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -63,7 +63,7 @@ def pytest_collection_finish(session):
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (the suite runs on three workers), every test of one server runs in the worker
+    """Under pytest-xdist (the suite runs on two workers), every test of one server runs in the worker
     that started it: the Slurm tests in one group, the PostgreSQL tests in another (each stops or
     restarts its server, and a session fixture starts one server per worker). Tests sharing an
     expensive module-scoped fixture (the crash matrix's reference run) stay together too, so it is
