@@ -173,18 +173,19 @@ def test_device_decode_gives_the_worker_paths_views_up_to_the_resize_kernel(tmp_
 
 
 @pytest.mark.slow
-def test_a_run_on_an_image_folder_with_workers_resumes_mid_epoch_bit_identically(tmp_path):
+def test_a_run_on_an_image_folder_with_workers_resumes_mid_epoch_bit_identically(tmp_path, harness_cli):
     root = fmnist_folder(tmp_path / "data", {"train": 128, "val": 30})
     small = [*FOLDER, f"data.root={root}", "data.image_size=32", "data.num_workers=2", "optim.batch_size=32",
              "optim.epochs=2", "moco.queue_size=128", "moco.bn_splits=4", "model.arch=resnet_tiny",
              "model.stem=cifar", "moco.mlp=false", "moco.shuffle_bn=split", "eval.knn_every=0", "runtime.log_every=1",
              "runtime.checkpoint_every_steps=3", "runtime.threads=1"]
 
-    def train(out: Path, fault: str | None = None):
-        args = [sys.executable, "-m", "harness.train", "--recipe", "imagenet-r50-v2", "--no-probe", "--out", str(out)]
-        env = {**os.environ, **({"HARNESS_FAULT": fault} if fault else {})}
-        return subprocess.run([*args, *(a for o in small for a in ("--set", o))], capture_output=True, text=True,
-                              timeout=hang_s(), env=env)
+    def train(out: Path, fault: str | None = None):  # the run to be killed in a process of its own
+        args = ["--recipe", "imagenet-r50-v2", "--no-probe", "--out", str(out), *(a for o in small for a in ("--set", o))]
+        if fault is None:
+            return harness_cli("train", *args)
+        return subprocess.run([sys.executable, "-m", "harness.train", *args], capture_output=True, text=True,
+                              timeout=hang_s(), env={**os.environ, "HARNESS_FAULT": fault})
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(straight).returncode == 0

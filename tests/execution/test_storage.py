@@ -60,12 +60,12 @@ def test_postgres_workers_survive_a_killed_worker(tmp_path, postgres):
 
 
 @pytest.mark.slow
-def test_two_drivers_started_at_once_on_a_journal_file_with_four_workers(tmp_path):
-    """Two drivers of one study started at the same moment: one runs it (four worker-mode workers on a
-    journal file), the other is refused at once; every trial completes exactly once. (One smoke study
-    for both mechanisms: the lock and the journal under concurrent workers.)"""
+def test_two_drivers_started_at_once_on_a_journal_file_with_two_workers(tmp_path):
+    """Two drivers of one study started at the same moment: one runs it (two worker-mode workers on a
+    journal file, two trials each), the other is refused at once; every trial completes exactly once.
+    (One smoke study for both mechanisms: the lock and the journal under concurrent workers.)"""
     url = f"journal://{tmp_path / 'smoke.journal'}"
-    args, env = cmd(tmp_path, url, "--workers", "4")
+    args, env = cmd(tmp_path, url, "--workers", "2")
     first = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     second = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outs = [p.communicate(timeout=hang_s()) for p in (first, second)]
