@@ -3,13 +3,13 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/local_slurm.py, tests/local_postgres.py
 
+import faces  # noqa: E402
 import local_mlflow  # noqa: E402
 import local_postgres  # noqa: E402
 import local_slurm  # noqa: E402
@@ -154,32 +154,17 @@ def mlflow_server(tmp_path):
         server.stop()
 
 
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def harness_cli(monkeypatch, capsys):
-    """`python -m harness.NAME ARGS` in this process: its `main`, what it prints captured. No
-    interpreter start and torch import (~3 s a call). A command that must be killed, needs its own
-    environment for torch (threads, devices) or is what a person runs as a whole (the device
-    check, the studies that run jobs) stays a subprocess; each face keeps at least one such test."""
-    import importlib
+def harness_cli(monkeypatch):
+    """`python -m harness.NAME ARGS` in this process (faces.run_main), with `env` set for the call.
+    A command that must be killed, needs its own environment for torch (threads, devices) or is what
+    a person runs as a whole (the device check, the studies that run jobs) stays a subprocess; each
+    face keeps at least one such test."""
 
-    def run(name: str, *argv: str, env: dict | None = None) -> CliResult:
-        main = importlib.import_module(f"harness.{name}").main
+    def run(name: str, *argv: str, env: dict | None = None) -> faces.CliResult:
         for key, value in (env or {}).items():
             monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
-        capsys.readouterr()
-        try:
-            code = main(list(argv))
-        except SystemExit as exc:  # argparse
-            code = exc.code
-        out, err = capsys.readouterr()
-        return CliResult(code, out, err)
+        return faces.run_main(name, list(argv))
 
     return run
 
@@ -190,7 +175,7 @@ def study_cli(monkeypatch, harness_cli):
     only check their input or print a plan. Commands that run jobs, or must be killed, stay subprocesses."""
     from harness.run import runio
 
-    def run(results: Path, *argv: str, env: dict | None = None) -> CliResult:
+    def run(results: Path, *argv: str, env: dict | None = None) -> faces.CliResult:
         monkeypatch.setattr(runio, "RESULTS", Path(results))
         return harness_cli("study", *argv, env=env)
 

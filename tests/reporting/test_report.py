@@ -332,9 +332,9 @@ def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_ma
     assert not (tmp_path / "momentum_sweep" / "report" / "interaction.csv").exists()  # one factor
     # The suite with the members the claim is about (and one without the section): each member's
     # report is rebuilt with the suite's, and the other four would add only figures to draw.
-    members = tmp_path / "moco_ablation.yaml"
-    members.write_text("description: three of the suite's members\nsuite: [momentum_sweep, queue_sweep, mechanisms]\n")
-    assert report.main([str(members)]) == 0
+    suite_file = tmp_path / "moco_ablation.yaml"
+    suite_file.write_text("description: three of the suite's members\nsuite: [momentum_sweep, queue_sweep, mechanisms]\n")
+    assert report.main([str(suite_file)]) == 0
     suite = (tmp_path / "moco_ablation" / "report" / "report.md").read_text()
     members = {part.split("\n", 1)[0]: part for part in suite.split("\n## ")[1:]}
     assert "key_consistency" in members["momentum_sweep"] and "key_consistency" in members["mechanisms"]

@@ -1,6 +1,4 @@
 """Training runs on real Fashion-MNIST: exact resume after SIGKILL, checkpoint fallback, divergence."""
-import contextlib
-import io
 import json
 import os
 import signal
@@ -10,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faces import CliResult, run_main
 from timing import hang_s
 
 from harness.run.runio import read_jsonl
@@ -21,10 +20,10 @@ SMALL = ["model.tiny_widths=[8,16,32]", "data.train_subset=512", "data.test_subs
 
 
 def run_train(out: Path | None, *extra: str, fault: str | None = None, env: dict | None = None,
-              cwd: Path | None = None, subprocess_only: bool = False) -> subprocess.CompletedProcess:
+              cwd: Path | None = None, subprocess_only: bool = False) -> subprocess.CompletedProcess | CliResult:
     """`python -m harness.train` on fmnist-tiny at SMALL size. A run that is to be SIGKILLed (a fault),
-    or needs its own environment, is a subprocess; any other runs `harness.train.main` in this process
-    (no interpreter start and torch import: ~3 s a run; `runtime.threads=1` either way)."""
+    or needs its own environment, is a subprocess; any other runs in this process (faces.run_main;
+    `runtime.threads=1` either way)."""
     args = ["--recipe", "fmnist-tiny", "--no-probe", *(["--out", str(out)] if out else [])]
     for override in [*SMALL, *extra]:
         args += ["--set", override]
@@ -32,12 +31,7 @@ def run_train(out: Path | None, *extra: str, fault: str | None = None, env: dict
         env = {**os.environ, **(env or {}), **({"HARNESS_FAULT": fault} if fault else {})}
         return subprocess.run([sys.executable, "-m", "harness.train", *args], capture_output=True, text=True,
                               timeout=hang_s(), env=env, cwd=cwd)
-    from harness.train import main
-
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        code = main(args)
-    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+    return run_main("train", args)
 
 
 def final_state(out: Path) -> dict:
