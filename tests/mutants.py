@@ -204,6 +204,9 @@ MUTANTS = [
            ("tests/execution/test_storage.py::test_studies_opened_at_once_on_a_new_sqlite_file",)),
     Mutant("freeze-every-trial", "harness/run/process.py", "    if _frozen:\n        return\n", "",
            ("tests/run/test_process.py::test_a_process_freezes_its_imports_once_never_a_trials_garbage_for_the_next",)),
+    Mutant("a-run-reads-a-map-of-the-dataset-file", "harness/data/datasets.py",
+           "return (images.clone() if mapped else images), labels", "return images, labels",
+           ("tests/data/test_data.py::test_a_run_holds_its_images_in_memory_never_a_map_of_the_file",)),
 ]
 
 
