@@ -14,6 +14,8 @@ import argparse
 import shlex
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -24,10 +26,6 @@ from harness.execution.status import dry_run, status_text
 from harness.execution.storage import redact
 from harness.planning.studyfile import load_study
 from harness.planning.suitefile import load_suite, suite_path
-
-# Imported up front, not when the study ends: a driver that ran for days must not report with newer code.
-from harness.reporting.study_report import build_report
-from harness.reporting.suite_report import build_suite_report
 from harness.run import process, runio
 from harness.run.config import PROBE_PROTOCOLS
 from harness.run.errors import HarnessError, require_at_least
@@ -81,7 +79,25 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Options]:
     return args, opts
 
 
-def run_study(args, opts: Options) -> int:
+@dataclass(frozen=True)
+class Reporting:
+    study: Callable[..., Path]
+    suite: Callable[..., Path]
+
+
+def reporting(args, opts: Options) -> Reporting | None:
+    """The report's code, imported when the command starts, never when the study ends: a driver that
+    ran for days must not report with newer code. None where no report is built (--no-report,
+    --dry-run, --status): such a start does not import pandas."""
+    if not opts.report or args.dry_run or args.status:
+        return None
+    from harness.reporting.study_report import build_report
+    from harness.reporting.suite_report import build_suite_report
+
+    return Reporting(build_report, build_suite_report)
+
+
+def run_study(args, opts: Options, report: Reporting | None) -> int:
     driver = Driver(load_study(args.name), opts)
     if args.dry_run:
         print(dry_run(driver))
@@ -98,12 +114,12 @@ def run_study(args, opts: Options) -> int:
         at = f" of epoch {args.epoch}" if args.epoch else ""
         print(f"[study {driver.name}] {args.evaluate} evaluation{at}: {done} run(s) evaluated"
               + (f"; failed after every try: {'; '.join(failed)}" if failed else ""))
-        if opts.report:
-            print(f"report: {build_report(driver.name, driver.storage_url)}")
+        if report:
+            print(f"report: {report.study(driver.name, driver.storage_url)}")
         return 1 if failed else 0
     driver.open_and_run()
-    if opts.wait and opts.report:
-        out = build_report(driver.name, driver.storage_url)
+    if opts.wait and report:
+        out = report.study(driver.name, driver.storage_url)
         print(f"report: {out}")
         if driver.tracker is not None:
             driver.tracker.upload_report(out)
@@ -113,7 +129,7 @@ def run_study(args, opts: Options) -> int:
     return 0
 
 
-def run_suite(path: Path, args, opts: Options) -> int:
+def run_suite(path: Path, args, opts: Options, report: Reporting | None) -> int:
     """Every member validated, then run in order; then the suite report."""
     suite = load_suite(path)
     if args.dry_run or args.status:
@@ -123,10 +139,10 @@ def run_suite(path: Path, args, opts: Options) -> int:
                   else "\n".join(status_text(driver) for driver in drivers))
         return 0
     drivers = suites.member_drivers(suite, opts, runio.RESULTS / suite.name / "members")
-    if suites.run_members(suite, drivers, opts) and opts.report:
+    if suites.run_members(suite, drivers, opts) and report:
         for driver in drivers:
-            build_report(driver.name, driver.storage_url)
-        print(f"report: {build_suite_report(suite, [(d.name, d.storage_url) for d in drivers])}")
+            report.study(driver.name, driver.storage_url)
+        print(f"report: {report.suite(suite, [(d.name, d.storage_url) for d in drivers])}")
     return 0
 
 
@@ -135,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args, opts = parse_args(argv)
         suite = suite_path(args.name)
-        return run_suite(suite, args, opts) if suite is not None else run_study(args, opts)
+        report = reporting(args, opts)
+        return run_suite(suite, args, opts, report) if suite is not None else run_study(args, opts, report)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -575,11 +575,23 @@ def test_committed_examples_are_not_shared_into_a_users_studies(tmp_path):
 def test_a_driver_start_imports_no_torch(tmp_path):
     """`--status` and a driver's planning read study files, storage and JSON: torch (seconds to import,
     more on a cluster's shared file system) must not come in with them. `studyfile` once took
-    `pretrain_size` from `harness.data`, which imports torch."""
+    `pretrain_size` from `harness.data`, which imports torch. Nor does a start that builds no report
+    import the report's code (pandas); one that will build it imports it as it starts, not days later."""
     env = {**os.environ, "HARNESS_RESULTS": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness.study", "smoke", "--status"],
                           capture_output=True, text=True, timeout=hang_s(), env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert {"harness.planning.studyfile", "harness.execution.driver", "harness.reporting.study_report"} <= imported
+    assert {"harness.planning.studyfile", "harness.execution.driver"} <= imported
     assert not {name for name in imported if name == "torch" or name.startswith("torch.")}
+    assert not {name for name in imported if name.split(".")[0] == "pandas" or name.startswith("harness.reporting.")}
+    from harness import study
+
+    for argv, builds in ((["smoke"], True), (["smoke", "--no-report"], False), (["smoke", "--status"], False),
+                         (["smoke", "--dry-run"], False)):
+        args, opts = study.parse_args(argv)
+        report = study.reporting(args, opts)
+        assert (report is not None) == builds, argv
+    from harness.reporting.study_report import build_report
+
+    assert study.reporting(*study.parse_args(["smoke"])).study is build_report
