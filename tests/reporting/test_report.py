@@ -2,7 +2,9 @@
 import html
 import json
 import re
+import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -13,6 +15,7 @@ from timing import hang_s
 from harness.reporting.study_report import build_report
 
 LEVELS = [0.0, 0.9, 0.99]
+EXAMPLES = Path(__file__).resolve().parents[2] / "results" / "examples"
 
 
 @pytest.fixture()
@@ -117,8 +120,6 @@ window.addEventListener("load", () => {
 
 
 def _chromium() -> str:
-    import shutil
-
     from conftest import _require
 
     path = shutil.which("chromium")
@@ -267,75 +268,91 @@ def test_an_undecided_fixed_design_says_how_many_seeds_would_decide_it_and_how_t
     assert any(f"`seeds: {{initial: 2, max: {n}}}`" in line and "python -m harness.study sweep" in line for line in lines)
 
 
+class RebuiltExamples:
+    """Copies of results/examples/ (their storage and runs, not their reports) in one directory, each
+    report rebuilt by `python -m harness.report NAME` in this process, once for the module's tests."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.built: set[str] = set()
+
+    def report(self, name: str, monkeypatch) -> Path:
+        """The fresh report folder of the example `name` (built on the first call)."""
+        from harness import report
+        from harness.run import runio
+
+        monkeypatch.setattr(runio, "RESULTS", self.root)
+        if name not in self.built:
+            assert report.main([name]) == 0
+            self.built.add(name)
+        return self.root / name / "report"
+
+
+@pytest.fixture(scope="module")
+def rebuilt_examples(tmp_path_factory) -> RebuiltExamples:
+    root = tmp_path_factory.mktemp("examples")
+    for example in EXAMPLES.iterdir():
+        if example.is_dir():
+            shutil.copytree(example, root / example.name, ignore=shutil.ignore_patterns("report"))
+    return RebuiltExamples(root)
+
+
 @pytest.mark.parametrize("name, trials", [("momentum_sweep", 10), ("momentum_race", 25), ("mechanisms", 14),
                                           ("dictionary", 18), ("shuffle_bn", 6)])
-def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(tmp_path, monkeypatch, name, trials):
+def test_the_committed_example_rebuilds_from_its_storage_with_the_same_numbers(rebuilt_examples, monkeypatch, name,
+                                                                               trials):
     """results/examples/<study> carries its storage and run files: a fresh report of a copy gives the
     committed tables (what the README promises anyone who reruns it). `python -m harness.report NAME`
     is called in this process (its main, with HARNESS_RESULTS pointing at the copy)."""
-    import shutil
-    from pathlib import Path
-
-    from harness import report
-    from harness.run import runio
-
-    example = Path(__file__).resolve().parents[2] / "results" / "examples" / name
-    shutil.copytree(example, tmp_path / name, ignore=shutil.ignore_patterns("report"))
-    monkeypatch.setattr(runio, "RESULTS", tmp_path)
-    assert report.main([name]) == 0
+    example = EXAMPLES / name
+    fresh_report = rebuilt_examples.report(name, monkeypatch)
     tables = sorted(p.name for p in (example / "report").glob("*.csv"))
     assert {"summary.csv", "trials.csv", "curves.csv"} <= set(tables)
     for table in tables:
-        fresh = pd.read_csv(tmp_path / name / "report" / table)
+        fresh = pd.read_csv(fresh_report / table)
         committed = pd.read_csv(example / "report" / table)
         pd.testing.assert_frame_equal(fresh, committed)
     latex = sorted(p.name for p in (example / "report").glob("*.tex"))
     assert latex == ["table.tex"]  # the paper's table, committed and still what the report writes
-    assert (tmp_path / name / "report" / "table.tex").read_text() == (example / "report" / "table.tex").read_text()
+    assert (fresh_report / "table.tex").read_text() == (example / "report" / "table.tex").read_text()
     assert len(pd.read_csv(example / "report" / "trials.csv")) == trials
 
 
-def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_made_before(tmp_path, monkeypatch):
+def test_the_dictionary_section_reads_the_runs_and_says_not_measured_for_runs_made_before(rebuilt_examples,
+                                                                                          monkeypatch):
     """The committed momentum sweep (run with the diagnostics) gets a consistency table with a value per
     level and its plot; the mechanisms example (runs made before them) says 'not measured' for the
     queue and the bank, '1 by construction' for end-to-end, and never prints a number for them; the
     suite page (the committed suite's runs) shows the section for its momentum and mechanism studies only."""
-    import shutil
-    from pathlib import Path
-
     from harness import report
-    from harness.run import runio
 
-    examples = Path(__file__).resolve().parents[2] / "results" / "examples"
-    for name in ("momentum_sweep", "mechanisms", "moco_ablation"):
-        shutil.copytree(examples / name, tmp_path / name, ignore=shutil.ignore_patterns("report"))
-    monkeypatch.setattr(runio, "RESULTS", tmp_path)
-    assert report.main(["momentum_sweep"]) == 0 and report.main(["mechanisms"]) == 0
-    sweep = pd.read_csv(tmp_path / "momentum_sweep" / "report" / "diagnostics.csv")
+    sweep_report = rebuilt_examples.report("momentum_sweep", monkeypatch)
+    mechanisms_report = rebuilt_examples.report("mechanisms", monkeypatch)
+    sweep = pd.read_csv(sweep_report / "diagnostics.csv")
     assert len(sweep) == 5 and sweep["key_consistency"].between(0, 1.000001).all()
     assert (sweep["seeds measured"] == "2 of 2").all() and sweep["effective_rank"].gt(1).all()
-    assert (tmp_path / "momentum_sweep" / "report" / "consistency.png").exists()
-    ages = pd.read_csv(tmp_path / "momentum_sweep" / "report" / "consistency.csv")
+    assert (sweep_report / "consistency.png").exists()
+    ages = pd.read_csv(sweep_report / "consistency.csv")
     assert sorted(ages["key_age_steps"].unique()) == [1, 4, 8, 16]  # K / B = 16 blocks
-    md = (tmp_path / "mechanisms" / "report" / "report.md").read_text()
+    md = (mechanisms_report / "report.md").read_text()
     section = md.split("## Dictionary consistency", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| ") and "key_consistency" not in line
             and not line.startswith("|---")]
     assert len(rows) == 7 and all(line.count("not measured") >= 3 for line in rows)
     assert all(("1 by construction" in line) == ("end_to_end" in line) for line in rows)
-    assert not (tmp_path / "mechanisms" / "report" / "consistency.png").exists()
+    assert not (mechanisms_report / "consistency.png").exists()
     # a two-factor grid (K x key encoder): the interaction section, its table and figure
     assert "## Interaction" in md and "difference of differences" in md
-    contrasts = pd.read_csv(tmp_path / "mechanisms" / "report" / "interaction.csv")
+    contrasts = pd.read_csv(mechanisms_report / "interaction.csv")
     assert len(contrasts) == 3 and (contrasts["n"] == 2).all()  # end-to-end runs at one K: no 2 x 2 with it
-    assert (tmp_path / "mechanisms" / "report" / "interaction.png").exists()
-    assert not (tmp_path / "momentum_sweep" / "report" / "interaction.csv").exists()  # one factor
+    assert (mechanisms_report / "interaction.png").exists()
+    assert not (sweep_report / "interaction.csv").exists()  # one factor
     # The suite with the members the claim is about (and one without the section): each member's
     # report is rebuilt with the suite's, and the other four would add only figures to draw.
-    suite_file = tmp_path / "moco_ablation.yaml"
+    suite_file = rebuilt_examples.root / "moco_ablation.yaml"
     suite_file.write_text("description: three of the suite's members\nsuite: [momentum_sweep, queue_sweep, mechanisms]\n")
     assert report.main([str(suite_file)]) == 0
-    suite = (tmp_path / "moco_ablation" / "report" / "report.md").read_text()
+    suite = (rebuilt_examples.root / "moco_ablation" / "report" / "report.md").read_text()
     members = {part.split("\n", 1)[0]: part for part in suite.split("\n## ")[1:]}
     assert "key_consistency" in members["momentum_sweep"] and "key_consistency" in members["mechanisms"]
     assert "key_consistency" not in members["queue_sweep"]
