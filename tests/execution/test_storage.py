@@ -35,7 +35,7 @@ def assert_each_key_complete_once(storage: str) -> list:
 @pytest.mark.slow
 def test_postgres_workers_survive_a_killed_worker(tmp_path, postgres):
     url = postgres.url()
-    args, env = cmd(tmp_path, url, "--workers", "3", "--heartbeat", "2")
+    args, env = cmd(tmp_path, url, "--workers", "2", "--heartbeat", "2")
     driver = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = tmp_path / "smoke" / "runs"
     victim = None
