@@ -42,15 +42,25 @@ def _require(installed: bool, what: str, packages: list[str], install: str | Non
 
 
 def pytest_configure(config):
-    """This machine's speed, measured once in the process that starts the workers (they inherit it
-    through the environment): what the few times set against the machine's work scale by."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        timing.measure_speed()
+    """This machine's speed (what the few times set against the machine's work scale by) is measured
+    once per test run, by the first worker that needs it; the file they share is made here, in the
+    process that starts them (they inherit its name)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") and timing.SPEED_ENV not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="harness-test-speed-")
+        os.close(fd)
+        os.environ[timing.SPEED_FILE_ENV] = path
 
 
-def pytest_report_header(config):
-    return f"machine speed: {os.environ.get(timing.SPEED_ENV)}x slower than the reference (tests/timing.py; " \
-           f"waits end at {timing.hang_s():.0f} s)"
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(timing.SPEED_FILE_ENV):
+        Path(os.environ.pop(timing.SPEED_FILE_ENV)).unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    speed = timing.shared_speed()
+    if speed is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        terminalreporter.write_line(f"machine speed: {speed}x slower than the reference (tests/timing.py; waits end "
+                                    f"at {timing.BASE_CEILING_S * float(speed):.0f} s)")
 
 
 def pytest_collection_finish(session):

@@ -4,12 +4,13 @@ Machines of one kind differ 2x and more, and a suite may share them with other w
 waits for what it needs (the process ended, the file appeared, the state changed) and gives up only
 at a ceiling that catches hangs, never slowness: `HANG_S`. Where a test must set a time against the
 machine's work itself (a process group's timeout that a slow rank must not trip), it scales the time
-by `speed()`: how much slower than the reference machine a fixed computation ran here when the test
-run started (measured once, in the pytest process that starts the workers, which inherit it).
+by `speed()`: how much slower than the reference machine a fixed computation ran here (measured once
+per test run, by the first worker that asks; the others read it from the file the run shares).
 
 `HARNESS_TEST_SPEED` set by hand overrides the measurement (e.g. 3 on a machine shared with a build)."""
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from collections.abc import Callable
 # idle); `speed()` is this machine's time over it, never below 1 (a faster machine keeps the defaults).
 REFERENCE_S = 0.25
 SPEED_ENV = "HARNESS_TEST_SPEED"
+# The file one test run's workers share the measurement through (set by tests/conftest.py in the
+# process that starts them): the first to ask measures, under a lock, and the others read it.
+SPEED_FILE_ENV = "HARNESS_TEST_SPEED_FILE"
 
 # A test command or wait that has not finished after this long (times the speed) has hung: an
 # end-to-end study here takes a few minutes on the reference machine, the longest under 10.
@@ -43,11 +47,36 @@ def _reference_work() -> float:
     return best
 
 
+def _measured() -> str:
+    return f"{max(1.0, _reference_work() / REFERENCE_S):.2f}"
+
+
 def measure_speed() -> float:
-    """This machine's slowness against the reference (>= 1), set in the environment for the workers."""
+    """This machine's slowness against the reference (>= 1): set by hand, or measured once per test
+    run, not in the process that starts the workers (it would import torch for it alone: ~3 CPU-s)."""
     if SPEED_ENV not in os.environ:
-        os.environ[SPEED_ENV] = f"{max(1.0, _reference_work() / REFERENCE_S):.2f}"
+        shared = os.environ.get(SPEED_FILE_ENV)
+        if not shared:
+            os.environ[SPEED_ENV] = _measured()
+        else:
+            with open(shared, "a+") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)  # released when the file closes
+                fh.seek(0)
+                text = fh.read().strip()
+                if not text:
+                    text = _measured()
+                    fh.write(text)
+                os.environ[SPEED_ENV] = text
     return float(os.environ[SPEED_ENV])
+
+
+def shared_speed() -> str | None:
+    """The run's measurement, if a worker has made it (for the summary the starting process prints)."""
+    if SPEED_ENV in os.environ:
+        return os.environ[SPEED_ENV]
+    shared = os.environ.get(SPEED_FILE_ENV)
+    text = open(shared).read().strip() if shared and os.path.exists(shared) else ""
+    return text or None
 
 
 def speed() -> float:
