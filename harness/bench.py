@@ -12,20 +12,22 @@ import sys
 import time
 from pathlib import Path
 
-from harness.benchmarks import devicecheck
 from harness.benchmarks.options import BenchOptions
-from harness.benchmarks.parts import PARTS as MEASUREMENTS
-from harness.benchmarks.parts import format_rows
 from harness.run import process, runio
 from harness.run.errors import HarnessError, require_at_least
-from harness.training.runtime import machine_description
-
-PARTS = {**MEASUREMENTS, "device": devicecheck.run}
 
 
 def main(argv=None) -> int:
+    process.start_up()  # torch, imported now, lives until the process exits (harness.run.process)
+    from harness.benchmarks import devicecheck
+    from harness.benchmarks.parts import PARTS as MEASUREMENTS
+    from harness.benchmarks.parts import format_rows
+    from harness.training.runtime import machine_description
+
+    process.freeze_imports()
+    parts = {**MEASUREMENTS, "device": devicecheck.run}
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="*", default=["train", "data"], help=f"any of {', '.join(PARTS)}")
+    parser.add_argument("parts", nargs="*", default=["train", "data"], help=f"any of {', '.join(parts)}")
     parser.add_argument("--recipe", default="fmnist-tiny")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override (train, data); eval.* or data.test_subset of the run's config (probe)")
@@ -56,15 +58,15 @@ def main(argv=None) -> int:
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    unknown = [p for p in args.parts if p not in PARTS]
+    unknown = [p for p in args.parts if p not in parts]
     if unknown:
-        parser.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+        parser.error(f"unknown part(s) {unknown}; choose from {', '.join(parts)}")
     results = {"machine": machine_description(), "python": platform.python_version(), "argv": sys.argv[1:],
                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": []}
     print(f"machine: {results['machine']}")
     for part in args.parts:
         try:
-            rows = PARTS[part](options)
+            rows = parts[part](options)
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -78,5 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    process.freeze_imports()
     sys.exit(main())

@@ -11,8 +11,6 @@ from pathlib import Path
 from harness.run import process
 from harness.run.config import EVAL_ONLY, PROBE_PROTOCOLS, RunConfig, with_overrides
 from harness.run.errors import HarnessError, require_at_least
-from harness.training.probe import load_trained_encoder, probe_run
-from harness.training.runtime import Runtime, inference_precision
 
 PROBE_RUNTIME = ("runtime.device", "runtime.threads", "runtime.precision")  # what --set may say of this machine
 
@@ -27,6 +25,11 @@ def main(argv=None) -> int:
                         help="change how the run is evaluated (eval.*, data.test_subset; runtime.device, "
                              "runtime.threads, and runtime.precision: how features are read), e.g. --set eval.probe_lr=1")
     args = parser.parse_args(argv)
+    process.start_up()  # torch, imported now, lives until the process exits (harness.run.process)
+    from harness.training.probe import load_trained_encoder, probe_run
+    from harness.training.runtime import Runtime, inference_precision
+
+    process.freeze_imports()
     try:
         if args.epochs is not None:
             require_at_least("--epochs", args.epochs, 1, "epochs of the standard probe")
@@ -52,5 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    process.freeze_imports()
     sys.exit(main())

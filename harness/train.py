@@ -8,14 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from harness.run import process, runio
 from harness.run.config import make_config
 from harness.run.datafiles import check_dataset
 from harness.run.errors import HarnessError
 from harness.run.outcome import Outcome
-from harness.training.pretrain import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     parser.add_argument("--no-probe", action="store_true", help="skip the final linear probe")
     args = parser.parse_args(argv)
+    process.start_up()  # torch, imported now, lives until the process exits (harness.run.process)
+    import torch
+
+    from harness.training.pretrain import train
+
+    process.freeze_imports()
     try:
         cfg = make_config(args.recipe, args.overrides, gpus=torch.cuda.device_count())  # auto: what this machine runs
         check_dataset(cfg)
@@ -42,5 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    process.freeze_imports()
     sys.exit(main())

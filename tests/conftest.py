@@ -42,9 +42,16 @@ def _require(installed: bool, what: str, packages: list[str], install: str | Non
 
 
 def pytest_configure(config):
-    """This machine's speed (what the few times set against the machine's work scale by) is measured
+    """The process that collects (a worker, or pytest itself without workers) does it with the garbage
+    collector paused, as the harness's own processes start (harness.run.process); collection's end
+    freezes what it imported and resumes it.
+    This machine's speed (what the few times set against the machine's work scale by) is measured
     once per test run, by the first worker that needs it; the file they share is made here, in the
     process that starts them (they inherit its name)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        from harness.run import process
+
+        process.start_up()
     if not os.environ.get("PYTEST_XDIST_WORKER") and timing.SPEED_ENV not in os.environ:
         fd, path = tempfile.mkstemp(prefix="harness-test-speed-")
         os.close(fd)

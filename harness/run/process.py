@@ -1,11 +1,16 @@
 """A harness process's imports, kept out of the cyclic garbage collector's way.
 
-A process that trains imports torch (some 2,400 modules: classes, functions, caches) and keeps all of
-it until it exits. CPython's full collections scan every tracked object each time, and one more runs
-at exit over objects the exit frees anyway. `gc.freeze()` moves what is alive into a generation that
-collections never scan (what it saves, measured: docs/performance.md#a-process-starts-and-ends).
+A process that trains imports torch and `torch._dynamo` (some 2,400 modules: classes, functions,
+caches) and keeps all of it until it exits. Two costs follow, both paid for nothing:
+
+- While they are imported, the collector runs hundreds of collections over a heap that only grows
+  (every object it finds is alive): ~0.5 of a trial process's ~3.4 CPU-s start-up. `start_up()`
+  pauses it for the imports a command or a job makes before its work.
+- Afterwards, every full collection, and one more at exit, scans all of it. `freeze_imports()` moves
+  what is alive into a generation that collections never scan, and resumes a paused collector.
+
 What a run computes is untouched: frozen objects are still freed when their last reference goes;
-only reference cycles among them wait for the exit.
+only reference cycles among them wait for the exit (measured: docs/performance.md#a-process-starts-and-ends).
 """
 from __future__ import annotations
 
@@ -13,15 +18,31 @@ import atexit
 import gc
 
 _frozen = False
+_paused = False
+
+
+def start_up() -> None:
+    """Pause the collector until `freeze_imports()`: call it before the imports a process runs on.
+    A no-op once the process has frozen its imports (a worker's next trial, a face called in a
+    process that is already running, e.g. a test's), and where the collector was already off."""
+    global _paused
+    if _frozen or _paused or not gc.isenabled():
+        return
+    gc.disable()
+    _paused = True
 
 
 def freeze_imports() -> None:
     """Freeze what is alive now (call it once the process has imported what it runs) and again at
-    exit, before the interpreter's last collection. Once per process: a process that runs several
-    trials in turn (a worker, an evaluation pack) must not freeze one trial's garbage for the next."""
-    global _frozen
+    exit, before the interpreter's last collection; resume the collector `start_up()` paused. Once per
+    process: a process that runs several trials in turn (a worker, an evaluation pack) must not freeze
+    one trial's garbage for the next."""
+    global _frozen, _paused
     if _frozen:
         return
     _frozen = True
     gc.freeze()
     atexit.register(gc.freeze)
+    if _paused:
+        _paused = False
+        gc.enable()

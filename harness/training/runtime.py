@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch._dynamo  # noqa: F401  torch.optim imports it at an optimizer's first call; here it comes with the rest of a process's start-up (harness.run.process)
 from torch import nn
 
 from harness.run.config import RunConfig
