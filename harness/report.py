@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness.report", description="Report of a study or a suite.")
     parser.add_argument("name", help="the study's name (as in results/<name>), or a suite's")
     parser.add_argument("--storage", help="Optuna storage URL (default: sqlite in results/<name>/)")
-    parser.add_argument("--out", type=Path, help="output folder (default: results/<name>/report)")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/<name>/report; its TensorBoard logs go under it too)")
     parser.add_argument("--track", metavar="URI",
                         help="send the study's runs and this report to an MLflow server: what it lacks, nothing twice "
                              "(default: the study file's tracking.mlflow, if any)")

@@ -206,11 +206,15 @@ MUTANTS = [
            ("tests/run/test_process.py::test_a_process_freezes_its_imports_once_never_a_trials_garbage_for_the_next",)),
     Mutant("a-run-reads-a-map-of-the-dataset-file", "harness/data/datasets.py",
            "return (images.clone() if mapped else images), labels", "return images, labels",
-           ("tests/data/test_data.py::test_a_run_holds_its_images_in_memory_never_a_map_of_the_file",)),    Mutant("a-command-imports-with-the-collector-running", "harness/train.py",
+           ("tests/data/test_data.py::test_a_run_holds_its_images_in_memory_never_a_map_of_the_file",)),
+    Mutant("a-command-imports-with-the-collector-running", "harness/train.py",
            "    process.start_up()  # torch, imported now", "    # torch, imported now",
            ("tests/run/test_process.py::test_a_process_imports_with_the_collector_paused_then_resumes_it",)),
     Mutant("the-collector-never-resumed", "harness/run/process.py", "        gc.enable()", "        pass",
            ("tests/run/test_process.py::test_a_process_imports_with_the_collector_paused_then_resumes_it",)),
+    Mutant("a-report-elsewhere-writes-into-the-study", "harness/reporting/study_report.py",
+           "(out if out_dir else study_dir) / \"tensorboard\"", "study_dir / \"tensorboard\"",
+           ("tests/reporting/test_report.py::test_report_tables_match_independent_computation",)),
 ]
 
 

@@ -59,7 +59,9 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
         name: the study's name under the results directory (`results/<name>`; a suite member's is
             `<suite>/<study>`).
         storage_url: its Optuna storage (default: the study directory's SQLite database).
-        out_dir: where to write (default: `results/<name>/report`).
+        out_dir: where to write (default: `results/<name>/report`, and the TensorBoard logs beside it,
+            `results/<name>/tensorboard`; with out_dir, everything goes under it, `out_dir/tensorboard`:
+            a report written elsewhere never touches the study's directory).
 
     Returns:
         The report directory: trials, curves, summary and dictionary tables (CSV), figures (PNG and
@@ -117,7 +119,7 @@ def build_report(name: str, storage_url: str | None = None, out_dir: Path | None
                    consistency_report.markdown(diagnostics, md_table), hints, interaction_md, early_md, protocols_md)
     (out / "report.md").write_text(md)
     if tensorboard.available() and len(trials):  # rewritten whole from the runs' metrics: never doubled
-        tensorboard.write_study(trials, factors, study_dir, study_dir / "tensorboard")
+        tensorboard.write_study(trials, factors, study_dir, (out if out_dir else study_dir) / "tensorboard")
     if study_file.sampler == "grid" and len(summary):
         (out / "table.tex").write_text(paper_table(name, trials, study_file, factors, objective, summary,
                                                    ostudy.user_attrs.get(record.SIGNATURE, {})))

@@ -60,9 +60,17 @@ def synthetic_study(tmp_path):
     return storage, expected
 
 
-def test_report_tables_match_independent_computation(tmp_path, synthetic_study):
+def test_report_tables_match_independent_computation(tmp_path, synthetic_study, monkeypatch):
+    from harness.reporting import tensorboard
+    from harness.run import runio
+
+    monkeypatch.setattr(runio, "RESULTS", tmp_path / "results")
     storage, expected = synthetic_study
     out = build_report("momentum_sweep", storage, tmp_path / "report")
+    # Written elsewhere (`--out`), a report leaves the study's directory alone: its TensorBoard logs too
+    # (they went to results/momentum_sweep/tensorboard, where two such tests at once collided).
+    assert not (tmp_path / "results").exists()
+    assert (out / "tensorboard").is_dir() == tensorboard.available()
     summary = pd.read_csv(out / "summary.csv")
     for m, values in expected.items():
         row = summary[np.isclose(summary["moco.momentum"], m)].iloc[0]
