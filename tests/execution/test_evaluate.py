@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from timing import hang_s
 
+from harness.run import runio
 from harness.run.runio import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ def _trained(run: Path) -> tuple:
 
 
 @pytest.mark.slow
-def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path, study_cli):
+def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path, study_cli, harness_cli, monkeypatch):
     """resources.eval (trials_per_job: 2): the study's own evaluations and the added ones run two a job.
     The trials' jobs end with pretraining (their devices freed) and the driver then submits the
     evaluations as jobs of their own; one that fails (injected, once per run) is tried again and the
@@ -71,7 +72,7 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path, study
     # The first try of every evaluation fails (an injected error): each is tried again, nothing retrains.
     jobs = tmp_path / "results" / "evaluated" / "jobs-eval"
     packed_before = len(list(jobs.glob("*_submitted.pkl")))
-    added = _study(tmp_path, "--evaluate", "standard", fault="evaluate")
+    added = _study(tmp_path, "--evaluate", "standard", "--no-report", fault="evaluate")
     assert added.returncode == 0, added.stderr[-3000:]
     assert "standard evaluation of 2 finished run(s): no training" in added.stdout
     assert "standard evaluation of 2 finished run(s) (try 2): no training" in added.stdout
@@ -82,10 +83,11 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path, study
         assert standard["protocol"] == "standard" and len(standard["top1_per_epoch"]) == 3
         assert json.loads((run / "probe.json").read_text())["protocol"] == "fast"  # the first protocol stays
         assert _trained(run) == before[key]  # no pretraining ran: same attempts, metrics and checkpoints
+    monkeypatch.setattr(runio, "RESULTS", tmp_path / "results")
+    assert harness_cli("report", "evaluated").returncode == 0  # in this process (the driver's own: at the end)
     report = (tmp_path / "results" / "evaluated" / "report" / "report.md").read_text()
     section = report.split("## Probe protocols")[1].split("\n## ")[0]
     assert "fast top-1" in section and "standard top-1" in section and "standard − fast" in section
-    assert "Rank correlation (Spearman) of the levels' means between the protocols" in section
 
     quick = lambda *args, name="evaluated": study_cli(  # noqa: E731  commands that submit nothing: in this process
         tmp_path / "results", str(tmp_path / f"{name}.yaml"), "--executor", "local", *args)
@@ -133,6 +135,7 @@ def test_a_finished_study_gets_the_standard_probe_by_one_command(tmp_path, study
         assert _trained(run)[1:] == before[key][1:]  # metrics and checkpoints untouched
     report = (tmp_path / "results" / "evaluated" / "report" / "report.md").read_text()
     section = report.split("## Probe protocols")[1].split("\n## ")[0]
+    assert "Rank correlation (Spearman) of the levels' means between the protocols" in section
     assert "fast @ epoch 1 − fast" in section  # each protocol against the fast one: the part-way probe, and the
     assert section.count("The study's runs under two probe protocols") == 3  # two standard settings (by key)
     never = quick("--evaluate", "fast", "--epoch", "3", "--no-report")

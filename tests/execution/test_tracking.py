@@ -10,6 +10,7 @@ import optuna
 import pytest
 from timing import hang_s, wait_until
 
+from harness.execution import tracking
 from harness.run import curves, runio
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +45,7 @@ def _epochs_on_disk(results: Path, name: str) -> dict[str, list[int]]:
 
 
 @pytest.mark.slow
-def test_the_driver_relays_a_study_to_mlflow_through_an_outage(tmp_path, mlflow_server):
+def test_the_driver_relays_a_study_to_mlflow_through_an_outage(tmp_path, mlflow_server, monkeypatch, harness_cli):
     results, name = tmp_path / "results", "tracked"
     study = tmp_path / f"{name}.yaml"
     study.write_text(STUDY)
@@ -103,10 +104,11 @@ def test_the_driver_relays_a_study_to_mlflow_through_an_outage(tmp_path, mlflow_
     artifacts = {a.path for a in client.list_artifacts(runs["report"].info.run_id, "report")}
     assert {"report/report.html", "report/summary.csv", "report/table.tex"} <= artifacts
 
-    # A second process (the report's catch-up) reads the server's side first: it sends nothing again.
+    # Another process than the driver (this one: `python -m harness.report NAME --track URI` through its
+    # face) reads the server's side first: it sends nothing again.
     before = {key: len(client.get_metric_history(runs[key].info.run_id, "step/loss")) for key in KEYS}
-    again = subprocess.run([sys.executable, "-m", "harness.report", name, "--track", mlflow_server.uri],
-                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=hang_s())
+    monkeypatch.setattr(runio, "RESULTS", results)
+    again = harness_cli("report", name, "--track", mlflow_server.uri, env=dict(tracking.CLIENT_ENV))
     assert again.returncode == 0, again.stderr[-3000:]
     assert {key: len(client.get_metric_history(runs[key].info.run_id, "step/loss")) for key in KEYS} == before
 
