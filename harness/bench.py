@@ -18,13 +18,11 @@ from harness.run.errors import HarnessError, require_at_least
 
 
 def main(argv=None) -> int:
-    process.start_up()  # torch, imported now, lives until the process exits (harness.run.process)
-    from harness.benchmarks import devicecheck
-    from harness.benchmarks.parts import PARTS as MEASUREMENTS
-    from harness.benchmarks.parts import format_rows
-    from harness.training.runtime import machine_description
-
-    process.freeze_imports()
+    with process.start_up():  # torch, imported now, lives until the process exits (harness.run.process)
+        from harness.benchmarks import devicecheck
+        from harness.benchmarks.parts import PARTS as MEASUREMENTS
+        from harness.benchmarks.parts import format_rows
+        from harness.training.runtime import machine_description
     parts = {**MEASUREMENTS, "device": devicecheck.run}
     parser = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.splitlines()[0])
     parser.add_argument("parts", nargs="*", default=["train", "data"], help=f"any of {', '.join(parts)}")

@@ -25,11 +25,9 @@ def main(argv=None) -> int:
                         help="change how the run is evaluated (eval.*, data.test_subset; runtime.device, "
                              "runtime.threads, and runtime.precision: how features are read), e.g. --set eval.probe_lr=1")
     args = parser.parse_args(argv)
-    process.start_up()  # torch, imported now, lives until the process exits (harness.run.process)
-    from harness.training.probe import load_trained_encoder, probe_run
-    from harness.training.runtime import Runtime, inference_precision
-
-    process.freeze_imports()
+    with process.start_up():  # torch, imported now, lives until the process exits (harness.run.process)
+        from harness.training.probe import load_trained_encoder, probe_run
+        from harness.training.runtime import Runtime, inference_precision
     try:
         if args.epochs is not None:
             require_at_least("--epochs", args.epochs, 1, "epochs of the standard probe")

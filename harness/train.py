@@ -25,12 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="require a checkpoint to resume from")
     parser.add_argument("--no-probe", action="store_true", help="skip the final linear probe")
     args = parser.parse_args(argv)
-    process.start_up()  # torch, imported now, lives until the process exits (harness.run.process)
-    import torch
+    with process.start_up():  # torch, imported now, lives until the process exits (harness.run.process)
+        import torch
 
-    from harness.training.pretrain import train
-
-    process.freeze_imports()
+        from harness.training.pretrain import train
     try:
         cfg = make_config(args.recipe, args.overrides, gpus=torch.cuda.device_count())  # auto: what this machine runs
         check_dataset(cfg)

@@ -208,7 +208,7 @@ MUTANTS = [
            "return (images.clone() if mapped else images), labels", "return images, labels",
            ("tests/data/test_data.py::test_a_run_holds_its_images_in_memory_never_a_map_of_the_file",)),
     Mutant("a-command-imports-with-the-collector-running", "harness/train.py",
-           "    process.start_up()  # torch, imported now", "    # torch, imported now",
+           "    with process.start_up():  # torch, imported now", "    if True:  # torch, imported now",
            ("tests/run/test_process.py::test_a_process_imports_with_the_collector_paused_then_resumes_it",)),
     Mutant("the-collector-never-resumed", "harness/run/process.py", "        gc.enable()", "        pass",
            ("tests/run/test_process.py::test_a_process_imports_with_the_collector_paused_then_resumes_it",)),

@@ -22,7 +22,7 @@ from harness.execution.trial import PruningReporter, TrialSpec, run_trial
 from harness.run import runio
 from harness.run.config import RunConfig
 from harness.run.outcome import Outcome
-from harness.run.process import freeze_imports, start_up
+from harness.run.process import start_up
 from harness.run.snapshot import restore_cwd
 
 # ---------------------------------------------------------------- the job
@@ -196,11 +196,9 @@ class EvalJob(submitit.helpers.Checkpointable):
 
         run_dir = Path(self.run_dir)
         faults.raise_point("evaluate", run_dir)  # an injected failure costs no torch start-up
-        start_up()  # this job's process: what it imports now lives until it exits
-        from harness.training.probe import load_trained_moco, probe_run, probe_settings
-        from harness.training.runtime import Runtime
-
-        freeze_imports()
+        with start_up():  # this job's process: what it imports now lives until it exits
+            from harness.training.probe import load_trained_moco, probe_run, probe_settings
+            from harness.training.runtime import Runtime
         cfg, model, epoch = load_trained_moco(run_dir, getattr(self, "epoch", None))
         evaluation = getattr(self, "evaluation", None)  # older format: jobs pickled before 2026-12-03 have none
         if evaluation is not None:

@@ -105,10 +105,8 @@ def run_trial(spec: TrialSpec, threads: int = 0, reporter: Callable[[int, dict],
         Exception: whatever the training raised (a crash); the driver records it as FAILED and retries.
     """
     faults.raise_point("raise-once", spec.run_dir)  # an injected failure costs no torch start-up
-    process.start_up()  # a job's process: torch, imported now, lives until it exits
-    from harness.training.pretrain import train  # the driver process never trains: torch's start-up stays in the jobs
-
-    process.freeze_imports()
+    with process.start_up():  # a job's process: torch, imported now, lives until it exits
+        from harness.training.pretrain import train  # the driver process never trains: torch's start-up stays in the jobs
     cfg = spec.config
     if threads and not cfg.runtime.threads:
         cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=threads))

@@ -4,8 +4,8 @@ A process that trains imports torch and `torch._dynamo` (some 2,400 modules: cla
 caches) and keeps all of it until it exits. Two costs follow, both paid for nothing:
 
 - While they are imported, the collector runs hundreds of collections over a heap that only grows
-  (every object it finds is alive): ~0.5 of a trial process's ~3.4 CPU-s start-up. `start_up()`
-  pauses it for the imports a command or a job makes before its work.
+  (every object it finds is alive): ~0.5 of a trial process's ~3.4 CPU-s start-up. `with start_up():`
+  pauses it for the imports a command or a job makes before its work, then freezes them.
 - Afterwards, every full collection, and one more at exit, scans all of it. `freeze_imports()` moves
   what is alive into a generation that collections never scan, and resumes a paused collector.
 
@@ -16,15 +16,30 @@ from __future__ import annotations
 
 import atexit
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _frozen = False
 _paused = False
 
 
-def start_up() -> None:
-    """Pause the collector until `freeze_imports()`: call it before the imports a process runs on.
-    A no-op once the process has frozen its imports (a worker's next trial, a face called in a
-    process that is already running, e.g. a test's), and where the collector was already off."""
+@contextmanager
+def start_up() -> Iterator[None]:
+    """`with start_up():` around the imports a process runs on: the collector paused while they load,
+    what they left frozen after (freeze_imports), the collector resumed. In a process that has frozen
+    its imports already (a worker's next trial, a face called in a running process, e.g. a test's),
+    only the imports run."""
+    pause_collection()
+    try:
+        yield
+    finally:
+        freeze_imports()
+
+
+def pause_collection() -> None:
+    """Pause the collector until `freeze_imports()` (where the two cannot share a `with`: a pytest
+    worker pauses as it configures, freezes when collection ends). A no-op once the process has
+    frozen its imports, and where the collector was already off."""
     global _paused
     if _frozen or _paused or not gc.isenabled():
         return
@@ -34,7 +49,7 @@ def start_up() -> None:
 
 def freeze_imports() -> None:
     """Freeze what is alive now (call it once the process has imported what it runs) and again at
-    exit, before the interpreter's last collection; resume the collector `start_up()` paused. Once per
+    exit, before the interpreter's last collection; resume the collector `pause_collection()` paused. Once per
     process: a process that runs several trials in turn (a worker, an evaluation pack) must not freeze
     one trial's garbage for the next."""
     global _frozen, _paused

@@ -29,12 +29,12 @@ def test_a_process_freezes_its_imports_once_never_a_trials_garbage_for_the_next(
 PAUSED = """
 import gc
 from harness.run import process
-process.start_up()
+process.pause_collection()
 assert not gc.isenabled()
 garbage = [[i] for i in range(10_000)]
 process.freeze_imports()
 assert gc.isenabled() and gc.get_freeze_count() > 0
-process.start_up()                 # a process past its start-up (a worker's next trial): nothing paused
+process.pause_collection()         # a process past its start-up (a worker's next trial): nothing paused
 assert gc.isenabled()
 print("ok")
 """
@@ -43,7 +43,7 @@ LEFT_OFF = """
 import gc
 from harness.run import process
 gc.disable()                       # the embedding program's choice
-process.start_up()
+process.pause_collection()
 process.freeze_imports()
 assert not gc.isenabled()          # not turned on behind its back
 print("ok")
@@ -72,7 +72,7 @@ print("ok")
 
 @pytest.mark.parametrize("script", [PAUSED, LEFT_OFF, COMMAND], ids=["paused-then-resumed", "left-off", "command"])
 def test_a_process_imports_with_the_collector_paused_then_resumes_it(script):
-    """harness.run.process.start_up: the imports a process starts with run without the cyclic
+    """harness.run.process.start_up (pause_collection, then freeze_imports): the imports a process starts with run without the cyclic
     collector (~0.26 of a trial process's ~3.7 CPU-s, measured), freeze_imports resumes it; never in
     a process already running, never against a collector its program turned off."""
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=hang_s())
