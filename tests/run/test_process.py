@@ -73,7 +73,7 @@ print("ok")
 @pytest.mark.parametrize("script", [PAUSED, LEFT_OFF, COMMAND], ids=["paused-then-resumed", "left-off", "command"])
 def test_a_process_imports_with_the_collector_paused_then_resumes_it(script):
     """harness.run.process.start_up (pause_collection, then freeze_imports): the imports a process starts with run without the cyclic
-    collector (~0.26 of a trial process's ~3.7 CPU-s, measured), freeze_imports resumes it; never in
+    collector (what it saves: docs/performance.md), freeze_imports resumes it; never in
     a process already running, never against a collector its program turned off."""
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=hang_s())
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
