@@ -42,10 +42,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=runio.RESULTS / "bench", help="where the JSON goes (default: $HARNESS_RESULTS/bench)")
     parser.add_argument("--size", choices=["auto", "full", "small"], default="auto",
                         help="device part: full on a GPU, small (seconds, the same code) on a CPU; auto picks")
-    parser.add_argument("--batched-only", action="store_true", help=argparse.SUPPRESS)  # packing's processes
-    parser.add_argument("--barrier", help=argparse.SUPPRESS)  # PATH:K, packing's common start
     args = parser.parse_args(argv)
-    options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions)})
+    # packing's own options (batched_only, barrier) are set by the device check, not on the command line
+    options = BenchOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchOptions) if hasattr(args, f.name)})
     try:
         for flag, low, meaning in (("--steps", 1, "timed steps per repeat"), ("--warmup", 0, "untimed steps first"),
                                    ("--repeats", 1, "repeats, their median reported"),

@@ -22,8 +22,6 @@ there), which is how CI tests it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,23 +82,46 @@ def throughput(size: dict, recipe: str) -> list[dict]:
     return [{**row, "part": "device", "check": f"throughput {row['path']}"} for row in bench_train(args)]
 
 
+def _packed(options: BenchOptions, out: str) -> None:
+    """One of packing's processes: bench train's batched path, its row (or its failure) to `out`."""
+    import traceback
+
+    from harness.benchmarks.parts import bench_train
+
+    try:
+        Path(out).write_text(json.dumps(bench_train(options)[0]))
+    except BaseException:
+        Path(f"{out}.err").write_text(traceback.format_exc())
+        raise
+
+
 def packing(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
     """k benchmark processes on one device, started together and timed over the same window (a file
     barrier after warm-up): the aggregate images/s of k trials sharing the device."""
+    import torch.multiprocessing as mp
+
     rows = []
-    overrides = [x for o in size["overrides"].get(recipe, []) for x in ("--set", o)]
+    # Each process forks from a server that imported torch (as the gather ranks do, gpu_checks): k
+    # processes with their own device context, without k torch start-ups on a lease counted in minutes.
+    mp.set_forkserver_preload(["torch", "torch.distributed"])
+    context = mp.get_context("forkserver")
     for k in size["packing"]:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "harness.bench", "train", "--recipe", recipe, *overrides,
-                   "--synthetic", str(size["synthetic"]), "--steps", str(size["steps"] * 2), "--warmup",
-                   str(size["warmup"]), "--repeats", "1", "--batched-only", "--barrier", f"{tmp}/barrier:{k}"]
-            procs = [subprocess.Popen([*cmd, "--out", f"{tmp}/p{i}"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True) for i in range(k)]
+            options = BenchOptions(recipe=recipe, overrides=[*size["overrides"].get(recipe, [])],
+                                   steps=size["steps"] * 2, warmup=size["warmup"], repeats=1,
+                                   synthetic=size["synthetic"], batched_only=True, barrier=f"{tmp}/barrier:{k}")
+            procs = [context.Process(target=_packed, args=(options, f"{tmp}/p{i}.json")) for i in range(k)]
             for p in procs:
-                _, err = p.communicate(timeout=600)
-                if p.returncode != 0:
-                    raise RuntimeError(f"packing with {k} processes: a benchmark process failed: {err[-1500:]}")
-            results = [json.loads(next(Path(f"{tmp}/p{i}").glob("*.json")).read_text())["rows"][0] for i in range(k)]
+                p.start()
+            for i, p in enumerate(procs):
+                p.join(timeout=600)
+                if p.exitcode != 0:
+                    err = Path(f"{tmp}/p{i}.json.err")
+                    for q in procs:
+                        q.kill()
+                    raise RuntimeError(f"packing with {k} processes: a benchmark process failed (exit {p.exitcode}): "
+                                       f"{err.read_text()[-1500:] if err.exists() else 'no traceback'}")
+            results = [json.loads(Path(f"{tmp}/p{i}.json").read_text()) for i in range(k)]
         window = max(r["window"][1] for r in results) - min(r["window"][0] for r in results)
         images = sum(r["images"] for r in results)
         rows.append({"part": "device", "check": f"packing {k}", "recipe": recipe, "processes": k,
