@@ -66,7 +66,6 @@ def pytest_unconfigure(config):
 def pytest_terminal_summary(terminalreporter):
     speed = timing.shared_speed()
     if speed is not None and not os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ.setdefault(timing.SPEED_ENV, speed)  # what the workers measured: hang_s() as they had it
         terminalreporter.write_line(f"machine speed: {speed}x slower than the reference (tests/timing.py; waits end "
                                     f"at {timing.hang_s():.0f} s)")
 

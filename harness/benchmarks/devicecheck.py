@@ -98,13 +98,8 @@ def _packed(options: BenchOptions, out: str) -> None:
 def packing(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
     """k benchmark processes on one device, started together and timed over the same window (a file
     barrier after warm-up): the aggregate images/s of k trials sharing the device."""
-    import torch.multiprocessing as mp
-
     rows = []
-    # Each process forks from a server that imported torch (as the gather ranks do, gpu_checks): k
-    # processes with their own device context, without k torch start-ups on a lease counted in minutes.
-    mp.set_forkserver_preload(["torch", "torch.distributed"])
-    context = mp.get_context("forkserver")
+    context = gpu_checks.torch_forkserver()  # k processes, each with its own device context
     for k in size["packing"]:
         with tempfile.TemporaryDirectory() as tmp:
             options = BenchOptions(recipe=recipe, overrides=[*size["overrides"].get(recipe, [])],
@@ -119,7 +114,9 @@ def packing(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
                     err = Path(f"{tmp}/p{i}.json.err")
                     for q in procs:
                         q.kill()
-                    raise RuntimeError(f"packing with {k} processes: a benchmark process failed (exit {p.exitcode}): "
+                        q.join()
+                    how = "still running after 600 s" if p.exitcode is None else f"exit {p.exitcode}"
+                    raise RuntimeError(f"packing with {k} processes: a benchmark process failed ({how}): "
                                        f"{err.read_text()[-1500:] if err.exists() else 'no traceback'}")
             results = [json.loads(Path(f"{tmp}/p{i}.json").read_text()) for i in range(k)]
         window = max(r["window"][1] for r in results) - min(r["window"][0] for r in results)

@@ -89,7 +89,8 @@ def _step_flops(model, x_q, x_k, index) -> float:
 
 
 def _barrier(spec: str | None) -> None:
-    """`barrier` PATH:K (the device check's packing): wait until K processes have reached this point (packing runs time one window)."""
+    """`barrier` PATH:K, set by the device check's packing: wait until K processes have reached this
+    point, so that they time one window."""
     if not spec:
         return
     path, count = spec.rsplit(":", 1)

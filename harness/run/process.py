@@ -4,8 +4,8 @@ A process that trains imports torch and `torch._dynamo` (some 2,400 modules: cla
 caches) and keeps all of it until it exits. Two costs follow, both paid for nothing:
 
 - While they are imported, the collector runs hundreds of collections over a heap that only grows
-  (every object it finds is alive). `with start_up():`
-  pauses it for the imports a command or a job makes before its work, then freezes them.
+  (every object it finds is alive). `with start_up():` pauses it for the imports a command or a
+  job makes before its work, then freezes them.
 - Afterwards, every full collection, and one more at exit, scans all of it. `freeze_imports()` moves
   what is alive into a generation that collections never scan, and resumes a paused collector.
 
