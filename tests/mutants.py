@@ -177,7 +177,7 @@ MUTANTS = [
            "            except Exception:\n                raise",
            ("tests/execution/test_evaluate.py::test_a_finished_study_gets_the_standard_probe_by_one_command",)),
     Mutant("packed-trials-outlive-their-job", "harness/execution/jobs.py",
-           "    _die_with_parent()\n    try:\n        member()", "    try:\n        member()",
+           "    _die_with(job_pid)\n    try:\n        member()", "    try:\n        member()",
            ("tests/execution/test_study.py::test_a_packed_job_killed_alone_takes_its_trials_with_it",)),
     Mutant("evaluation-in-the-identity", "harness/run/identity.py",
            "    out.pop(EVALUATION, None)\n", "",

@@ -32,6 +32,7 @@ from harness.benchmarks import gpu_checks
 from harness.benchmarks.options import BenchOptions
 from harness.benchmarks.sizes import RECIPES, base_overrides, device_size
 from harness.data.datasets import pretrain_views
+from harness.run import process
 from harness.run.config import make_config
 from harness.training.runtime import Runtime
 
@@ -99,7 +100,7 @@ def packing(size: dict, recipe: str = "cifar10-r18") -> list[dict]:
     """k benchmark processes on one device, started together and timed over the same window (a file
     barrier after warm-up): the aggregate images/s of k trials sharing the device."""
     rows = []
-    context = gpu_checks.torch_forkserver()  # k processes, each with its own device context
+    context = process.torch_forkserver()  # k processes, each with its own device context
     for k in size["packing"]:
         with tempfile.TemporaryDirectory() as tmp:
             options = BenchOptions(recipe=recipe, overrides=[*size["overrides"].get(recipe, [])],

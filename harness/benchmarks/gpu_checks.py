@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from harness.run import process
 from harness.run.config import make_config
 
 RECIPE = "cifar10-r18"
@@ -105,17 +106,6 @@ def _gather_rank(rank: int, world: int, tmp: str, backend: str) -> None:
         dist.destroy_process_group()
 
 
-def torch_forkserver():
-    """The context the check's extra processes (the gather ranks, packing's trials) start in: they fork
-    from a server that imported torch, a fresh interpreter which never touched CUDA. Not from this
-    process, whose CUDA context a fork must not inherit; and without a torch start-up each on a device
-    lease counted in minutes. One preload for all: the first process started sets the server up."""
-    import torch.multiprocessing as mp
-
-    mp.set_forkserver_preload(["torch", "torch.distributed"])
-    return mp.get_context("forkserver")
-
-
 def check_gather(device: torch.device) -> dict:
     """concat_all_gather of a channels_last batch and gather_rows across 2 ranks: NCCL on 2 GPUs, gloo
     on a CPU; on a single GPU across ranks cannot be checked, and the row says so."""
@@ -125,7 +115,7 @@ def check_gather(device: torch.device) -> dict:
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         return {**row, "backend": "nccl", "ok": None, "not_checked": "one GPU here: a gather across ranks needs two"}
     backend = "nccl" if device.type == "cuda" else "gloo"
-    torch_forkserver()
+    process.torch_forkserver()  # the ranks fork from a torch-preloaded server: not this process, which may hold CUDA
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_gather_rank, args=(2, tmp, backend), nprocs=2, start_method="forkserver")
         ok = all(Path(tmp, f"rank{r}").read_text() == "ok" for r in range(2))

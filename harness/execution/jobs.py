@@ -9,10 +9,11 @@ The driver side (executors, job states) is harness.execution.executors; it never
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 import os
 import random
+import select
 import signal
+import threading
 from pathlib import Path
 
 import submitit
@@ -22,8 +23,10 @@ from harness.execution.trial import PruningReporter, TrialSpec, run_trial
 from harness.run import runio
 from harness.run.config import RunConfig
 from harness.run.outcome import Outcome
-from harness.run.process import start_up
+from harness.run.process import start_up, torch_forkserver
 from harness.run.snapshot import restore_cwd
+
+TRAINING = "harness.training.pretrain"  # what a trial imports before it trains (harness.execution.trial)
 
 # ---------------------------------------------------------------- the job
 
@@ -102,10 +105,13 @@ class PackedJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict[str, str | None]:
         restore_cwd()
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter per trial: no shared torch state
+        # Each trial forks from a server that imported torch and the training code once, and never ran
+        # them: its own threads, device and state, without a torch start-up per trial.
+        context = torch_forkserver(TRAINING)
         reasons = context.SimpleQueue()
         todo = [m for m in self.members if not _ended(m.spec.run_dir)]
-        self._processes = [context.Process(target=_run_member, args=(m, reasons), name=m.spec.key) for m in todo]
+        self._processes = [context.Process(target=_run_member, args=(m, reasons, os.getpid()), name=m.spec.key)
+                           for m in todo]
         for process in self._processes:
             process.start()
         for process in self._processes:
@@ -135,13 +141,13 @@ def _ended(run_dir) -> bool:
     return runio.read_status(run_dir).get("status") in (Outcome.COMPLETED, Outcome.DIVERGED, Outcome.PRUNED)
 
 
-def _run_member(member: TrialJob, reasons) -> None:
+def _run_member(member: TrialJob, reasons, job_pid: int) -> None:
     """One packed trial, in its own process. Signals are the job's to handle, as for an unpacked
     trial (submitit's handler in the job process stops this one in `checkpoint`), and the trial dies
     with its job: a job SIGKILLed leaves no trial training on its own."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # submitit bypasses it: Slurm's SIGKILL follows
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with(job_pid)
     try:
         member()
     except BaseException as exc:
@@ -149,13 +155,22 @@ def _run_member(member: TrialJob, reasons) -> None:
         raise
 
 
-def _die_with_parent() -> None:
+def _die_with(job_pid: int) -> None:
+    """SIGKILL this process when the job's process ends, however it ends. The trial is the fork
+    server's child, not the job's: the kernel's parent-death signal would wait for the server, and
+    the server waits for its children."""
     try:
-        import ctypes
+        job = os.pidfd_open(job_pid)
+    except ProcessLookupError:  # already gone
+        os.kill(os.getpid(), signal.SIGKILL)
+    except (OSError, AttributeError):  # no pidfd (not Linux 5.3+): on SLURM the job's end still stops it (cgroup)
+        return
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):  # not Linux: the job's end still stops it on SLURM (cgroup)
-        pass
+    def wait() -> None:
+        select.select([job], [], [])  # readable once the process has ended
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=wait, name="die-with-job", daemon=True).start()
 
 
 def pack(jobs: list[TrialJob], size: int) -> list:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import atexit
 import gc
+import multiprocessing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing.context import ForkServerContext
 
 _frozen = False
 _paused = False
@@ -61,3 +63,19 @@ def freeze_imports() -> None:
     if _paused:
         _paused = False
         gc.enable()
+
+
+TORCH = ("torch", "torch.distributed")  # what every torch process of the harness imports first
+
+
+def torch_forkserver(*modules: str) -> ForkServerContext:
+    """The context a process's own torch processes start in (a packed job's trials, the device
+    check's ranks): they fork from a server that imported torch and `modules` once, an interpreter
+    that never ran an op nor touched CUDA, so each skips torch's start-up (docs/performance.md) and
+    still starts its own threads and device context. Not forked from the caller, whose CUDA context
+    and thread pools a child must not inherit. Module names, not modules: the caller imports no torch.
+    One server a process: the preload of the first call that starts a process is the one it has."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([*TORCH, *modules])
+    return context
+
