@@ -160,24 +160,47 @@ resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10}
 """
 
 
-def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slurm_env: dict, prefix=()) -> Path:
+@pytest.fixture(scope="session")
+def uninterrupted_ddp(tmp_path_factory):
+    """DDP_PAIR's trial run uninterrupted by the local executor (2 ranks on this machine): what the
+    requeued DDP trials on Slurm and on two nodes must end with. Trained once, from the first test's
+    start, while that test's own run goes on (both tests stay in the Slurm worker); each waits for it
+    only when it compares. Calling it gives the reference's checkpoint directory."""
+    root = tmp_path_factory.mktemp("uninterrupted-ddp")
+    (root / "local.yaml").write_text(DDP_PAIR)
+    reference = subprocess.Popen([sys.executable, "-m", "harness.study", str(root / "local.yaml"), "--poll", "1",
+                                  "--no-report", "--no-share", "--executor", "local"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                 env={**os.environ, "HARNESS_CLUSTER": "", "HARNESS_RESULTS": str(root / "results")})
+    ended: dict = {}
+
+    def checkpoints() -> Path:
+        if not ended:
+            ended["err"] = reference.communicate(timeout=hang_s())[1]
+        assert reference.returncode == 0, ended["err"][-2000:]
+        return root / "results" / "local" / "runs" / "momentum=0.99,seed=0" / "checkpoints"
+
+    try:
+        yield checkpoints
+    finally:
+        reference.kill()
+        reference.wait()
+
+
+def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slurm_env: dict, reference,
+                                           prefix=()) -> Path:
     """Run the one-trial DDP study `study_text` on Slurm (the driver's command after `prefix`), requeue its
-    job after the first checkpoint, and the same trial uninterrupted by the local executor (2 ranks on
-    this machine) meanwhile. Asserts both complete, every epoch ran once, and the final states are
-    bit-identical (queue included). Returns the Slurm run's directory."""
+    job after the first checkpoint. Asserts it completes, every epoch ran once, and its final state is
+    bit-identical (queue included) to the same trial uninterrupted (`reference`: uninterrupted_ddp).
+    Returns the Slurm run's directory."""
     import torch
 
     from harness.run.runio import read_jsonl
     from harness.training import checkpoint as ckpt
 
     (tmp_path / "ddp.yaml").write_text(study_text)
-    (tmp_path / "local.yaml").write_text(DDP_PAIR)  # same trial: 2 ranks on one node
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": ""}
     options = ["--poll", "1", "--no-report", "--no-share"]
-    # The uninterrupted twin trains meanwhile (the Slurm tests run one after another: no waiting for it first).
-    reference = subprocess.Popen([sys.executable, "-m", "harness.study", str(tmp_path / "local.yaml"), *options,
-                                  "--executor", "local"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 text=True, cwd=ROOT, env={**base, "HARNESS_RESULTS": str(tmp_path / "local")})
     env = {**base, **slurm_env, "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
     driver = subprocess.Popen([*prefix, sys.executable, "-m", "harness.study", str(tmp_path / "ddp.yaml"), *options,
                                "--executor", "slurm"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -191,12 +214,9 @@ def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slur
         job_id = read_jsonl(run / "attempts.jsonl")[0]["job_id"]
         subprocess.run([*prefix, "scontrol", "requeue", job_id], env=slurm_env, check=True)
         out, _ = driver.communicate(timeout=hang_s())
-        _, reference_err = reference.communicate(timeout=hang_s())
     finally:
         driver.kill()
-        reference.kill()
     assert driver.returncode == 0, out[-3000:]
-    assert reference.returncode == 0, reference_err[-2000:]
     attempts = read_jsonl(run / "attempts.jsonl")
     assert len(attempts) >= 2 and all("(1 cores available to the job)" in a["machine"] for a in attempts)
     epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
@@ -204,29 +224,32 @@ def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slur
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "completed" and status["world_size"] == 2
     mine = ckpt.load_latest(run / "checkpoints")
-    theirs = ckpt.load_latest(tmp_path / "local" / "local" / "runs" / "momentum=0.99,seed=0" / "checkpoints")
+    theirs = ckpt.load_latest(reference())
     assert mine["global_step"] == theirs["global_step"]
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # queue included
     return run
 
 
 @pytest.mark.slow
-def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_path, slurm):
+def test_a_ddp_trial_launched_by_srun_resumes_on_both_ranks_after_a_requeue(tmp_path, slurm, uninterrupted_ddp):
     """resources.tasks: 2 on the real cluster: submitit's srun starts two ranks (gloo, Shuffle BN across
     them), each bound to its own core. `scontrol requeue` after the first checkpoint: both ranks start
     again and resume; the final state equals the same trial run uninterrupted by the local executor."""
-    _requeued_ddp_run_equals_the_local_one(tmp_path, DDP_PAIR, slurm.env)
+    _requeued_ddp_run_equals_the_local_one(tmp_path, DDP_PAIR, slurm.env, uninterrupted_ddp)
 
 
 @pytest.mark.slow
-def test_a_two_node_ddp_trial_rendezvouses_from_the_allocation_and_resumes_after_a_requeue(tmp_path, two_nodes):
+@pytest.mark.xdist_group("slurm")  # with the test above: one uninterrupted_ddp for both
+def test_a_two_node_ddp_trial_rendezvouses_from_the_allocation_and_resumes_after_a_requeue(tmp_path, two_nodes,
+                                                                                         uninterrupted_ddp):
     """resources.nodes: 2 on a cluster of two slurmd, each in its own network namespace (tests/two_node_slurm.py):
     one rank per node, rendezvous at the allocation's first node by name (submitit's environment), gloo
     across the veth link, Shuffle BN across nodes. Requeued after the first checkpoint, it ends
     bit-identical to the same 2-rank trial on one machine."""
     two_node_study = DDP_PAIR.replace("{cpus: 2, tasks: 2,", "{cpus: 1, nodes: 2, tasks: 1,")
     assert two_node_study != DDP_PAIR
-    run = _requeued_ddp_run_equals_the_local_one(tmp_path, two_node_study, two_nodes.env, prefix=two_nodes.exec())
+    run = _requeued_ddp_run_equals_the_local_one(tmp_path, two_node_study, two_nodes.env, uninterrupted_ddp,
+                                                 prefix=two_nodes.exec())
     # Each attempt's two ranks ran on the two nodes (submitit's JobEnvironment line in each rank's log).
     logs = " ".join(p.read_text() for p in (run.parents[1] / "jobs").glob("*_log.out"))
     assert re.search(r"node=0\(2\), global_rank=0\(2\)", logs) and re.search(r"node=1\(2\), global_rank=1\(2\)", logs)
