@@ -162,26 +162,27 @@ resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10}
 
 @pytest.fixture(scope="session")
 def uninterrupted_ddp(tmp_path_factory):
-    """DDP_PAIR's trial run uninterrupted by the local executor (2 ranks on this machine): what the
-    requeued DDP trials on Slurm and on two nodes must end with. Trained once, from the first test's
-    start, while that test's own run goes on (both tests stay in the Slurm worker); each waits for it
-    only when it compares. Calling it gives the reference's checkpoint directory."""
+    """DDP_PAIR's trial run uninterrupted by the local executor (2 ranks on this machine), then probed
+    (evaluation is not part of what the trials compare): what the requeued DDP trials on Slurm and on
+    two nodes must end with. Trained once, from the first test's start, while that test's own run goes
+    on (its tests stay in the Slurm worker); each waits for it only when it reads it. Calling it gives
+    the reference's run directory."""
     root = tmp_path_factory.mktemp("uninterrupted-ddp")
-    (root / "local.yaml").write_text(DDP_PAIR)
+    (root / "local.yaml").write_text(DDP_PAIR.replace("eval.probe=none", "eval.probe=fast"))
     reference = subprocess.Popen([sys.executable, "-m", "harness.study", str(root / "local.yaml"), "--poll", "1",
                                   "--no-report", "--no-share", "--executor", "local"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                  env={**os.environ, "HARNESS_CLUSTER": "", "HARNESS_RESULTS": str(root / "results")})
     ended: dict = {}
 
-    def checkpoints() -> Path:
+    def run() -> Path:
         if not ended:
             ended["err"] = reference.communicate(timeout=hang_s())[1]
         assert reference.returncode == 0, ended["err"][-2000:]
-        return root / "results" / "local" / "runs" / "momentum=0.99,seed=0" / "checkpoints"
+        return root / "results" / "local" / "runs" / "momentum=0.99,seed=0"
 
     try:
-        yield checkpoints
+        yield run
     finally:
         reference.kill()
         reference.wait()
@@ -224,10 +225,20 @@ def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slur
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "completed" and status["world_size"] == 2
     mine = ckpt.load_latest(run / "checkpoints")
-    theirs = ckpt.load_latest(reference())
+    theirs = ckpt.load_latest(reference() / "checkpoints")
     assert mine["global_step"] == theirs["global_step"]
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])  # queue included
     return run
+
+
+@pytest.mark.xdist_group("slurm")  # with the Slurm DDP tests: one uninterrupted_ddp for all
+def test_a_trial_with_two_processes_runs_ddp_through_the_local_executor(uninterrupted_ddp):
+    """resources.tasks: 2 with the local executor: submitit starts both ranks (gloo, keys shuffled across
+    them by Shuffle BN 'ddp'); the trial completes at world size 2 and rank 0 probes it."""
+    run = uninterrupted_ddp()
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["world_size"] == 2
+    assert json.loads((run / "probe.json").read_text())["protocol"] == "fast"
 
 
 @pytest.mark.slow

@@ -401,27 +401,6 @@ def test_smoke_study_on_slurm_survives_a_killed_driver_and_retries_failed_trials
     assert sacct.count("COMPLETED") == 2, sacct
 
 
-@pytest.mark.slow
-def test_trial_with_two_processes_runs_ddp_through_submitit(tmp_path):
-    study = tmp_path / "ddp.yaml"
-    study.write_text("""\
-description: one trial as 2 DDP processes on CPU (gloo), keys shuffled across them (Shuffle BN 'ddp')
-recipe: fmnist-tiny
-overrides: ["model.tiny_widths=[8,16,32]", data.train_subset=512, data.test_subset=256, optim.batch_size=64, optim.epochs=1,
-            moco.queue_size=256, moco.shuffle_bn=ddp, eval.pixel_floor=false]
-factors: {moco.momentum: [0.99]}
-seeds: [0]
-retries: 0
-resources: {tasks: 2, cpus: 2, time_min: 10}
-""")
-    proc = run_study(tmp_path / "results", str(study), "--executor", "local")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = tmp_path / "results" / "ddp" / "runs" / "momentum=0.99,seed=0"
-    status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "completed" and status["world_size"] == 2
-    assert (run / "probe.json").exists()
-
-
 PRUNING_STUDY = """\
 description: TPE over tau with a pruner every trial fails
 recipe: fmnist-tiny
