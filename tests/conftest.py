@@ -108,8 +108,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
-    """The raw-pixel floor cache of the tests' own, never the user's ~/.cache/harness (jobs inherit it)."""
-    os.environ["HARNESS_CACHE"] = str(tmp_path_factory.mktemp("harness-cache"))
+    """The harness cache (raw-pixel floors, timed steps, decompressed datasets) of this test run's own,
+    never the user's ~/.cache/harness; jobs inherit it. One for the run's workers, in the directory
+    they share: what one measured the other reads (its entries are written whole, harness.run.runio)."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "harness-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["HARNESS_CACHE"] = str(cache)
 
 
 @contextmanager
