@@ -163,6 +163,7 @@ def _die_with(job_pid: int) -> None:
         job = os.pidfd_open(job_pid)
     except ProcessLookupError:  # already gone
         os.kill(os.getpid(), signal.SIGKILL)
+        return
     except (OSError, AttributeError):  # no pidfd (not Linux 5.3+): on SLURM the job's end still stops it (cgroup)
         return
 

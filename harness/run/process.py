@@ -78,4 +78,3 @@ def torch_forkserver(*modules: str) -> ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([*TORCH, *modules])
     return context
-

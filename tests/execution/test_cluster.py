@@ -160,6 +160,9 @@ resources: {cpus: 2, tasks: 2, mem_gb: 2, time_min: 10}
 """
 
 
+DDP_OPTIONS = ["--poll", "1", "--no-report", "--no-share"]  # the DDP trial's drivers, on Slurm and the reference
+
+
 @pytest.fixture(scope="session")
 def uninterrupted_ddp(tmp_path_factory):
     """DDP_PAIR's trial run uninterrupted by the local executor (2 ranks on this machine), then probed
@@ -169,16 +172,13 @@ def uninterrupted_ddp(tmp_path_factory):
     the reference's run directory."""
     root = tmp_path_factory.mktemp("uninterrupted-ddp")
     (root / "local.yaml").write_text(DDP_PAIR.replace("eval.probe=none", "eval.probe=fast"))
-    reference = subprocess.Popen([sys.executable, "-m", "harness.study", str(root / "local.yaml"), "--poll", "1",
-                                  "--no-report", "--no-share", "--executor", "local"], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                 env={**os.environ, "HARNESS_CLUSTER": "", "HARNESS_RESULTS": str(root / "results")})
-    ended: dict = {}
+    with open(root / "driver.err", "w") as err:
+        reference = subprocess.Popen([sys.executable, "-m", "harness.study", str(root / "local.yaml"), *DDP_OPTIONS,
+                                      "--executor", "local"], stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                                     env={**os.environ, "HARNESS_CLUSTER": "", "HARNESS_RESULTS": str(root / "results")})
 
     def run() -> Path:
-        if not ended:
-            ended["err"] = reference.communicate(timeout=hang_s())[1]
-        assert reference.returncode == 0, ended["err"][-2000:]
+        assert reference.wait(timeout=hang_s()) == 0, (root / "driver.err").read_text()[-2000:]
         return root / "results" / "local" / "runs" / "momentum=0.99,seed=0"
 
     try:
@@ -200,10 +200,9 @@ def _requeued_ddp_run_equals_the_local_one(tmp_path: Path, study_text: str, slur
     from harness.training import checkpoint as ckpt
 
     (tmp_path / "ddp.yaml").write_text(study_text)
-    base = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": ""}
-    options = ["--poll", "1", "--no-report", "--no-share"]
-    env = {**base, **slurm_env, "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
-    driver = subprocess.Popen([*prefix, sys.executable, "-m", "harness.study", str(tmp_path / "ddp.yaml"), *options,
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_CLUSTER": "", **slurm_env,
+           "HARNESS_RESULTS": str(tmp_path / "slurm"), "HARNESS_FAULT": "pace@2"}
+    driver = subprocess.Popen([*prefix, sys.executable, "-m", "harness.study", str(tmp_path / "ddp.yaml"), *DDP_OPTIONS,
                                "--executor", "slurm"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     run = tmp_path / "slurm" / "ddp" / "runs" / "momentum=0.99,seed=0"

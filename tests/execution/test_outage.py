@@ -38,12 +38,16 @@ def start(results: Path, study: Path, *args: str, env: dict | None = None) -> su
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def levels(name: str) -> tuple[float, ...]:
+    return LEVELS.get(name, (0.99,))  # STUDY's own
+
+
 def study_text(name: str) -> str:
-    return STUDY.replace("[0.99]", str(list(LEVELS.get(name, (0.99,)))))
+    return STUDY.replace("[0.99]", str(list(levels(name))))
 
 
 def runs(results: Path, name: str) -> list[Path]:
-    return [results / name / "runs" / f"momentum={m},seed=0" for m in LEVELS.get(name, (0.99,))]
+    return [results / name / "runs" / f"momentum={m},seed=0" for m in levels(name)]
 
 
 def epochs(run: Path) -> list[int]:
